@@ -1,0 +1,1 @@
+"""Generated protobuf / gRPC code (``make proto``); only ``fedfms_secure.transport`` imports it."""
