@@ -1,0 +1,216 @@
+"""Site side front door: turn a flat float vector into payloads and back.
+
+``make_site_codec("ckks", ctx, fingerprint)`` gives a ``CkksCodec`` (CKKS under the federation's
+key, one ciphertext per ``slots`` values); ``make_site_codec("plain", None, "plain")`` gives the
+``--no-he`` baseline, ``PlainCodec``, whose payloads are float64 little-endian bytes.
+
+Chunking is explicit: ``encrypt_vector`` returns one payload per ``chunk_values`` values, the last
+one shorter. The server side (``PayloadSummer``) lives in ``summer.py`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import tenseal as ts
+
+from fedfms_secure.crypto import payload as _payload
+from fedfms_secure.crypto.ckks import context_fingerprint, params_of
+from fedfms_secure.crypto.summer import (
+    CkksSummer,
+    PayloadSummer,
+    PlainSummer,
+    make_summer,
+    plain_from_bytes,
+)
+from fedfms_secure.errors import ConfigError, CryptoError, KeyMaterialError
+
+__all__ = [
+    "CkksCodec",
+    "CkksSummer",
+    "PayloadSummer",
+    "PlainCodec",
+    "PlainSummer",
+    "UpdateCodec",
+    "make_site_codec",
+    "make_summer",
+]
+
+PLAIN_CHUNK_VALUES = 4096
+# A legitimate aggregate stays within value_bound per site; decrypted magnitudes far beyond it mean
+# the ciphertext is corrupt or was made under another key (its decryption is uniform noise ~q/scale).
+_DECRYPTED_SLACK = 1024.0
+
+
+@runtime_checkable
+class UpdateCodec(Protocol):
+    """Encrypts and decrypts flat vectors and scalars at a site."""
+
+    scheme: str
+    fingerprint: str
+    chunk_values: int
+
+    def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
+        """One payload per ``chunk_values`` values of a non-empty 1-D vector."""
+        ...
+
+    def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
+        """float64 vector of exactly ``length`` values from ``encrypt_vector``-shaped payloads."""
+        ...
+
+    def encrypt_scalar(self, x: float) -> bytes:
+        """One payload holding one value."""
+        ...
+
+    def decrypt_scalar(self, payload: bytes) -> float:
+        """Inverse of ``encrypt_scalar``."""
+        ...
+
+
+class CkksCodec:
+    """CKKS codec of a site; ``ctx`` must hold the secret key, ``fingerprint`` is its fingerprint."""
+
+    scheme = "ckks"
+
+    def __init__(self, ctx: ts.Context, fingerprint: str) -> None:
+        if not ctx.has_secret_key() or not ctx.has_public_key():
+            raise KeyMaterialError(
+                "a site codec needs the CKKS context with its secret and public key; this one lacks them "
+                "(is it the server's params-only ckks.ctx?). Use the client bundle's ckks.ctx"
+            )
+        actual = context_fingerprint(ctx)
+        if fingerprint != actual:
+            raise KeyMaterialError(
+                f"fingerprint {fingerprint[:16]!r}... does not belong to this CKKS context ({actual[:16]}...): "
+                "take both from the same client bundle (Bundle.context() and Bundle.fingerprint)"
+            )
+        self._ctx = ctx
+        self.fingerprint = fingerprint
+        self.params = params_of(ctx)
+        self.chunk_values = self.params.slots
+        self.bound = self.params.value_bound
+
+    def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
+        values = _as_vector(vec, bound=self.bound)
+        step = self.chunk_values
+        return [self._encrypt(values[i : i + step]) for i in range(0, values.size, step)]
+
+    def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
+        out = np.empty(_check_layout(payloads, length, self.chunk_values), dtype=np.float64)
+        for i, item in enumerate(payloads):
+            chunk = self._parse(item)
+            expected = min(self.chunk_values, length - i * self.chunk_values)
+            if chunk.size != expected:
+                raise CryptoError(f"ciphertext chunk {i} holds {chunk.size} values, expected {expected}")
+            out[i * self.chunk_values : i * self.chunk_values + expected] = self._decrypt(chunk)
+        return out
+
+    def encrypt_scalar(self, x: float) -> bytes:
+        return self._encrypt(_as_vector(np.array([x], dtype=np.float64), bound=self.bound))
+
+    def decrypt_scalar(self, payload: bytes) -> float:
+        chunk = self._parse(payload)
+        if chunk.size != 1:
+            raise CryptoError(f"expected an encrypted scalar (1 value), the ciphertext holds {chunk.size}")
+        return float(self._decrypt(chunk)[0])
+
+    def _decrypt(self, chunk: _payload.CkksChunk) -> np.ndarray:
+        values = np.asarray(chunk.vector.decrypt(), dtype=np.float64)
+        peak = float(np.max(np.abs(values)))
+        if not np.isfinite(peak) or peak > _DECRYPTED_SLACK * self.bound:
+            raise CryptoError(
+                f"decrypted values reach {peak:.3g}, far beyond the CKKS bound {self.bound:.6g}: the ciphertext is "
+                "corrupt or was encrypted under another key"
+            )
+        return values
+
+    def _encrypt(self, values: np.ndarray) -> bytes:
+        return _payload.pack(ts.ckks_vector(self._ctx, values.tolist()), self.fingerprint)
+
+    def _parse(self, item: bytes) -> _payload.CkksChunk:
+        return _payload.parse(item, self._ctx, expected_fingerprint=self.fingerprint)
+
+
+class PlainCodec:
+    """The ``--no-he`` baseline: payloads are float64 little-endian bytes, no encryption."""
+
+    scheme = "plain"
+    fingerprint = "plain"
+
+    def __init__(self, chunk_values: int = PLAIN_CHUNK_VALUES) -> None:
+        if chunk_values < 1:
+            raise ConfigError(f"chunk_values={chunk_values} must be at least 1")
+        self.chunk_values = chunk_values
+
+    def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
+        values = _as_vector(vec, bound=None)
+        return [
+            values[i : i + self.chunk_values].astype("<f8").tobytes()
+            for i in range(0, values.size, self.chunk_values)
+        ]
+
+    def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
+        _check_layout(payloads, length, self.chunk_values)
+        parts = [plain_from_bytes(item) for item in payloads]
+        for i, part in enumerate(parts):
+            expected = min(self.chunk_values, length - i * self.chunk_values)
+            if part.size != expected:
+                raise CryptoError(f"plain chunk {i} holds {part.size} values, expected {expected}")
+        return np.concatenate(parts)
+
+    def encrypt_scalar(self, x: float) -> bytes:
+        return _as_vector(np.array([x], dtype=np.float64), bound=None).astype("<f8").tobytes()
+
+    def decrypt_scalar(self, payload: bytes) -> float:
+        values = plain_from_bytes(payload)
+        if values.size != 1:
+            raise CryptoError(f"expected a scalar payload (8 bytes), got {values.size} values")
+        return float(values[0])
+
+
+def make_site_codec(scheme: str, ctx: ts.Context | None, fingerprint: str) -> UpdateCodec:
+    """The site codec for ``scheme`` ("ckks" needs the site context; "plain" ignores ``ctx``)."""
+    if scheme == "ckks":
+        if ctx is None:
+            raise KeyMaterialError(
+                "scheme 'ckks' needs the site's CKKS context (ckks.ctx of the client bundle)"
+            )
+        return CkksCodec(ctx, fingerprint)
+    if scheme == "plain":
+        return PlainCodec()
+    raise ConfigError(f"unknown update scheme {scheme!r}: use 'ckks' or 'plain' (--no-he)")
+
+
+def _as_vector(vec: np.ndarray, *, bound: float | None) -> np.ndarray:
+    values = np.asarray(vec, dtype=np.float64)
+    if values.ndim != 1:
+        raise CryptoError(f"expected a flat 1-D vector, got shape {values.shape}; flatten it first")
+    if values.size == 0:
+        raise CryptoError("refusing to encode an empty vector: there is nothing to send")
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise CryptoError(
+            f"vector holds a non-finite value ({values[bad]}) at index {bad}; check training for divergence"
+        )
+    if bound is not None:
+        peak = float(np.max(np.abs(values)))
+        if peak > bound:
+            raise CryptoError(
+                f"max |value| {peak:.6g} exceeds the CKKS bound {bound:.6g} (2^(q0_bits - scale_bits - 1)); "
+                "beyond it CKKS wraps silently. Clip or rescale the update, or use larger first-prime/"
+                "smaller scale_bits parameters"
+            )
+    return values
+
+
+def _check_layout(payloads: Sequence[bytes], length: int, chunk_values: int) -> int:
+    if length < 1:
+        raise CryptoError(f"vector length must be at least 1, got {length}")
+    expected = -(-length // chunk_values)
+    if len(payloads) != expected:
+        raise CryptoError(
+            f"{len(payloads)} payloads arrived for {length} values; {expected} chunks of {chunk_values} were expected"
+        )
+    return length

@@ -1,0 +1,206 @@
+"""Provisioning (init_federation), bundle export and the checks of load_bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedfms_secure.crypto import pki
+from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, serialize_site_context
+from fedfms_secure.crypto.codec import make_site_codec
+from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.summer import make_summer
+from fedfms_secure.errors import ConfigError, KeyMaterialError
+
+CLIENTS = ["site-a", "site_b.2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return init_federation(
+        tmp_path_factory.mktemp("fed") / "keys", federation="demo", server_host="localhost", clients=CLIENTS
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles(store: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    out = {"server": export_bundle("server", None, store, root / "server")}
+    for name in CLIENTS:
+        out[name] = export_bundle("client", name, store, root / name)
+    return out
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_init_layout_and_modes(store: Path) -> None:
+    files = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
+    assert files == sorted(
+        ["federation.json", "ca/ca.crt", "ca/ca.key", "server/tls.crt", "server/tls.key", "he/site.ctx",
+         "he/server.ctx"] + [f"clients/{c}/{f}" for c in CLIENTS for f in ("tls.crt", "tls.key")]
+    )
+    for secret in ["ca/ca.key", "server/tls.key", "he/site.ctx"] + [f"clients/{c}/tls.key" for c in CLIENTS]:
+        assert _mode(store / secret) == 0o600, secret
+    meta = json.loads((store / "federation.json").read_text())
+    assert meta["federation"] == "demo" and meta["clients"] == CLIENTS and meta["algorithm"] == "ecdsa-p256"
+    assert CkksParams.from_dict(meta["ckks"]["params"]) == CkksParams()
+    assert len(meta["ckks"]["fingerprint"]) == 64
+    server_cert = pki.load_cert(store / "server" / "tls.crt")
+    assert pki.common_name(pki.load_cert(store / "clients" / "site-a" / "tls.crt")) == "site-a"
+    pki.verify_issued_by(server_cert, pki.load_cert(store / "ca" / "ca.crt"), source="server/tls.crt")
+
+
+def test_init_refusals(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(KeyMaterialError, match="use another --out or delete it"):
+        init_federation(store, federation="demo", server_host="localhost", clients=["a"])
+    bad = [
+        ({"clients": []}, "client list is empty"),
+        ({"clients": ["a", "b", "a"]}, r"duplicate client names \['a'\]"),
+        ({"clients": ["a/b"]}, "client name 'a/b' is not allowed"),
+        ({"clients": [".."]}, "is not allowed"),
+        ({"clients": ["x" * 65]}, "is not allowed"),
+        ({"clients": ["a"], "algorithm": "ed25519"}, "Ed25519"),
+        ({"clients": ["a"], "server_host": ""}, "server_host is empty"),
+    ]
+    for kwargs, message in bad:
+        args = {"federation": "demo", "server_host": "localhost", **kwargs}
+        with pytest.raises(ConfigError, match=message):
+            init_federation(tmp_path / "new", **args)
+        assert not (tmp_path / "new").exists()
+
+
+def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path]) -> None:
+    for role, path in bundles.items():
+        assert sorted(p.name for p in path.iterdir()) == ["ca.crt", "ckks.ctx", "manifest.json", "tls.crt", "tls.key"]
+        assert _mode(path / "tls.key") == 0o600
+        manifest = json.loads((path / "manifest.json").read_text())
+        assert manifest["role"] == ("server" if role == "server" else "client")
+        assert manifest["name"] == role and manifest["clients"] == CLIENTS
+        assert manifest["ckks"]["has_secret_key"] is (role != "server")
+        assert set(manifest["files"]) == {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"}
+    assert _mode(bundles["site-a"] / "ckks.ctx") == 0o600
+    with pytest.raises(KeyMaterialError, match="known clients: site-a, site_b.2"):
+        export_bundle("client", "site-z", store, store.parent / "z")
+    with pytest.raises(KeyMaterialError, match="use another --out"):
+        export_bundle("server", None, store, bundles["site-a"])
+
+
+def test_server_bundle_holds_no_secret_key(bundles: dict[str, Path]) -> None:
+    server = load_bundle(bundles["server"], role="server")
+    ctx = server.context()
+    assert not ctx.has_secret_key() and not ctx.has_public_key()
+    assert len(server.context_bytes) < 200
+    client = load_bundle(bundles["site-a"], role="client")
+    assert client.context().has_secret_key()
+    assert server.fingerprint == client.fingerprint == context_fingerprint(client.context())
+    assert (server.federation, server.server_host, server.clients) == ("demo", "localhost", tuple(CLIENTS))
+    assert client.name == "site-a" and client.params == CkksParams()
+
+
+def test_bundles_work_end_to_end_for_ckks(bundles: dict[str, Path]) -> None:
+    server = load_bundle(bundles["server"], role="server")
+    sites = [load_bundle(bundles[c], role="client") for c in CLIENTS]
+    summer = make_summer("ckks", server.context(), server.fingerprint)
+    codecs = [make_site_codec("ckks", s.context(), s.fingerprint) for s in sites]
+    total = summer.add(*(summer.parse(c.encrypt_vector(np.full(5, i + 1.0))[0]) for i, c in enumerate(codecs)))
+    assert np.allclose(codecs[1].decrypt_vector([summer.dump(total)], 5), 3.0, atol=1e-6)
+
+
+def test_wrong_role_is_refused(bundles: dict[str, Path]) -> None:
+    with pytest.raises(KeyMaterialError, match="is a client bundle .* `fedfms-secure keys export server`"):
+        load_bundle(bundles["site-a"], role="server")
+    with pytest.raises(KeyMaterialError, match="is a server bundle .* keys export client"):
+        load_bundle(bundles["server"], role="client")
+
+
+def test_tampered_and_missing_files_are_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
+    tampered = _copy(bundles["site-a"], tmp_path)
+    (tampered / "tls.crt").write_bytes((tampered / "tls.crt").read_bytes() + b"\n")
+    with pytest.raises(KeyMaterialError, match="tls.crt does not match the checksum"):
+        load_bundle(tampered, role="client")
+
+    missing = _copy(bundles["server"], tmp_path / "m")
+    (missing / "ca.crt").unlink()
+    with pytest.raises(KeyMaterialError, match="ca.crt is missing from the bundle"):
+        load_bundle(missing, role="server")
+    with pytest.raises(KeyMaterialError, match="bundle folder .*nowhere does not exist"):
+        load_bundle(tmp_path / "nowhere", role="client")
+    no_manifest = _copy(bundles["server"], tmp_path / "n")
+    (no_manifest / "manifest.json").unlink()
+    with pytest.raises(KeyMaterialError, match="manifest.json is missing"):
+        load_bundle(no_manifest, role="server")
+
+    loose = _copy(bundles["site-a"], tmp_path / "p")
+    os.chmod(loose / "ckks.ctx", 0o644)
+    with pytest.raises(KeyMaterialError, match="chmod 600"):
+        load_bundle(loose, role="client")
+
+
+def test_server_bundle_with_secret_key_is_refused_loudly(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """Even with consistent checksums, a secret key in the server's context is refused."""
+    bad = _copy(bundles["server"], tmp_path)
+    site_ctx = load_bundle(bundles["site-a"], role="client").context()
+    _replace(bad, "ckks.ctx", serialize_site_context(site_ctx))
+    with pytest.raises(KeyMaterialError, match="REFUSING .*SECRET KEY"):
+        load_bundle(bad, role="server")
+
+
+def test_mixed_federation_files_are_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
+    other = init_federation(tmp_path / "other", federation="other", server_host="localhost", clients=["site-a"])
+    mixed = _copy(bundles["site-a"], tmp_path / "x")
+    _replace(mixed, "ca.crt", (other / "ca" / "ca.crt").read_bytes())
+    with pytest.raises(KeyMaterialError, match="tls.crt was not issued by this federation's CA"):
+        load_bundle(mixed, role="client")
+    ctx_swap = _copy(bundles["site-a"], tmp_path / "y")
+    _replace(ctx_swap, "ckks.ctx", (other / "he" / "site.ctx").read_bytes())
+    with pytest.raises(KeyMaterialError, match="another federation"):
+        load_bundle(ctx_swap, role="client")
+
+
+def _replace(bundle: Path, name: str, data: bytes) -> None:
+    """Swap a file and fix its checksum, as an attacker or a careless operator could."""
+    pki.write_private(bundle / name, data)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_bundle_tls_material_gives_mutual_tls(bundles: dict[str, Path]) -> None:
+    server_b = load_bundle(bundles["server"], role="server")
+    client_b = load_bundle(bundles["site_b.2"], role="client")
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return context.auth_context()["x509_common_name"][0]
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.S", {"Who": grpc.unary_unary_rpc_method_handler(who)}),)
+    )
+    creds = grpc.ssl_server_credentials(
+        [(server_b.key_pem, server_b.cert_pem)], root_certificates=server_b.ca_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        channel_creds = grpc.ssl_channel_credentials(client_b.ca_pem, client_b.key_pem, client_b.cert_pem)
+        with grpc.secure_channel(f"{client_b.server_host}:{port}", channel_creds) as channel:
+            assert channel.unary_unary("/t.S/Who")(b"", timeout=10) == b"site_b.2"
+    finally:
+        server.stop(grace=None)
