@@ -1,0 +1,9 @@
+"""Site datasets (MSD / nnU-Net layout, NIfTI or PNG) and a synthetic multi-site generator."""
+
+from __future__ import annotations
+
+from fedfms_secure.data.layout import find_sites
+from fedfms_secure.data.loader import SiteData, SliceDataset, load_site
+from fedfms_secure.data.synth import synth_federation
+
+__all__ = ["SiteData", "SliceDataset", "find_sites", "load_site", "synth_federation"]

@@ -1,0 +1,122 @@
+"""Site folders in the Medical Segmentation Decathlon / nnU-Net layout.
+
+A *site folder* holds one dataset::
+
+    site_1/
+        dataset.json          optional here (MSD / nnU-Net metadata)
+        imagesTr/case_000.nii.gz    (or .nii, or .png)
+        labelsTr/case_000.nii.gz    same name as the image
+
+nnU-Net v2 channel suffixes are understood: ``imagesTr/case_000_0000.nii.gz`` pairs with
+``labelsTr/case_000.nii.gz``; further channels (``_0001`` ...) are ignored, since SAM takes one
+intensity channel. Hidden files (``.DS_Store``, the ``._*`` AppleDouble files shipped inside the
+MSD tarballs) are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedfms_secure.errors import DataError
+
+IMAGES_DIR = "imagesTr"
+LABELS_DIR = "labelsTr"
+SUFFIXES = (".nii.gz", ".nii", ".png")
+_NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_EXPECTED = (
+    "expected either a site folder containing imagesTr/ and labelsTr/ (Medical Segmentation "
+    "Decathlon / nnU-Net layout), or a folder whose sub-folders are such site folders"
+)
+
+log = logging.getLogger("fedfms_secure.data")
+
+
+@dataclass(frozen=True)
+class CasePair:
+    """One training case of a site: an image file and its label file (None if it has none)."""
+
+    name: str
+    image: Path
+    label: Path | None
+
+
+def is_site_dir(path: Path) -> bool:
+    """True if ``path`` is a folder with an ``imagesTr/`` sub-folder."""
+    return (Path(path) / IMAGES_DIR).is_dir()
+
+
+def find_sites(data_dir: Path) -> list[Path]:
+    """Return the site folders under ``data_dir``.
+
+    ``data_dir`` is either a site folder itself (it has ``imagesTr/``), giving ``[data_dir]``, or a
+    folder of site folders, giving them sorted by name. Raises :class:`DataError` if the folder is
+    missing or holds no site.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist or is not a folder; {_EXPECTED}.")
+    if is_site_dir(data_dir):
+        return [data_dir]
+    sites = sorted(p for p in data_dir.iterdir() if p.is_dir() and is_site_dir(p))
+    if not sites:
+        raise DataError(
+            f"no site found in {data_dir}: {_EXPECTED}. "
+            "Run `fedfms-secure demo` or synth_federation() to create an example."
+        )
+    return sites
+
+
+def list_cases(site_dir: Path) -> list[CasePair]:
+    """Pair every image in ``imagesTr/`` with the label of the same name in ``labelsTr/``.
+
+    Returns the cases sorted by name; an image without a label gets ``label=None`` (the caller
+    decides whether that is fatal). Raises :class:`DataError` if either folder is missing or
+    ``imagesTr/`` holds no image.
+    """
+    site_dir = Path(site_dir)
+    images_dir, labels_dir = site_dir / IMAGES_DIR, site_dir / LABELS_DIR
+    for folder in (images_dir, labels_dir):
+        if not folder.is_dir():
+            raise DataError(
+                f"site {site_dir} has no {folder.name}/ folder; {_EXPECTED} "
+                f"(images in {IMAGES_DIR}/, labels with the same file names in {LABELS_DIR}/)."
+            )
+    labels = {_stem(p): p for p in _image_files(labels_dir)}
+    cases: dict[str, CasePair] = {}
+    for image in _image_files(images_dir):
+        stem = _stem(image)
+        if stem in labels:
+            name = stem
+        elif (m := _NNUNET_CHANNEL.match(stem)) and m["case"] in labels:
+            if m["channel"] != "0000":
+                log.debug("ignoring extra nnU-Net channel %s (SAM uses channel 0000)", image)
+                continue
+            name = m["case"]
+        else:
+            name = stem
+        cases[name] = CasePair(name=name, image=image, label=labels.get(name))
+    if not cases:
+        raise DataError(
+            f"{images_dir} holds no image ({', '.join(SUFFIXES)}); put the training images there "
+            f"and their labels under the same names in {labels_dir}."
+        )
+    return [cases[name] for name in sorted(cases)]
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
+    )
+
+
+def _stem(path: Path) -> str:
+    lower = path.name.lower()
+    for suffix in SUFFIXES:
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem

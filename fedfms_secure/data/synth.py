@@ -1,0 +1,193 @@
+"""A synthetic multi-site federation written in the Medical Segmentation Decathlon layout.
+
+Each volume holds a body (tissue with smooth texture, air around it) and one or two organs:
+ellipsoids deformed by a smooth random field, short enough along z that the end slices are empty.
+Each site has its own *scanner*: intensity curve (gamma), gain and offset, noise level, bias field
+amplitude, voxel spacing (written in the affine) and the blur that goes with it, and its own
+number of volumes (3 to 8), so the federation is non-IID in both appearance and size.
+Everything derives from ``seed``: the same seed writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from fedfms_secure.errors import ConfigError, DataError
+
+MIN_VOLUMES, MAX_VOLUMES = 3, 8
+_MARKER = "fedfms_secure.synth"  # in dataset.json: this folder may be overwritten
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one site's scanner turns tissue into intensities."""
+
+    gamma: float  # intensity curve applied to the [0, 1] tissue image
+    gain: float  # scanner units per tissue unit
+    offset: float  # scanner units added
+    noise: float  # std of additive Gaussian noise, in tissue units
+    bias: float  # amplitude of the smooth multiplicative bias field (log scale)
+    blur: float  # in-plane Gaussian sigma in voxels (lower effective resolution)
+    spacing: tuple[float, float, float]  # voxel size in mm, written in the affine
+
+
+def synth_federation(
+    out_dir: Path, *, sites: int = 3, seed: int = 0, shape: tuple[int, int, int] = (64, 64, 12)
+) -> list[Path]:
+    """Write ``out_dir/site_1 .. site_K``, each an MSD-style site folder, and return them.
+
+    A site folder that a previous call wrote is replaced; any other existing ``site_k`` folder
+    raises :class:`DataError` rather than being overwritten.
+    """
+    if sites < 1:
+        raise ConfigError(f"sites={sites} must be at least 1.")
+    if len(shape) != 3 or min(shape[:2]) < 16 or shape[2] < 3:
+        raise ConfigError(f"shape={shape} must be (X, Y, Z) with X, Y >= 16 and Z >= 3.")
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    profiles = _scanner_profiles(rng, sites)
+    counts = _volume_counts(rng, sites)
+    paths = []
+    for k in range(sites):
+        site_dir = out_dir / f"site_{k + 1}"
+        _prepare_folder(site_dir)
+        site_rng = np.random.default_rng([seed, k + 1])
+        _write_site(site_dir, profiles[k], counts[k], tuple(shape), site_rng)
+        paths.append(site_dir)
+    return paths
+
+
+def _scanner_profiles(rng: np.random.Generator, sites: int) -> list[ScannerProfile]:
+    # Stratified draws: each parameter's range is cut into `sites` strata, shuffled independently,
+    # so sites are guaranteed to differ instead of differing only by chance.
+    def strata(lo: float, hi: float) -> np.ndarray:
+        u = (rng.permutation(sites) + rng.uniform(0.15, 0.85, sites)) / sites
+        return lo + (hi - lo) * u
+
+    gamma, gain, offset = strata(0.6, 1.6), strata(300.0, 1500.0), strata(-300.0, 400.0)
+    noise, bias, res = strata(0.01, 0.06), strata(0.05, 0.35), strata(0.0, 1.0)
+    slice_mm = strata(1.5, 5.0)
+    return [
+        ScannerProfile(
+            gamma=float(gamma[k]),
+            gain=float(gain[k]),
+            offset=float(offset[k]),
+            noise=float(noise[k]),
+            bias=float(bias[k]),
+            blur=float(0.3 + 1.2 * res[k]),
+            spacing=(float(0.6 + 0.9 * res[k]),) * 2 + (float(slice_mm[k]),),
+        )
+        for k in range(sites)
+    ]
+
+
+def _volume_counts(rng: np.random.Generator, sites: int) -> list[int]:
+    choices = np.arange(MIN_VOLUMES, MAX_VOLUMES + 1)
+    return [int(c) for c in rng.choice(choices, size=sites, replace=sites > len(choices))]
+
+
+def _prepare_folder(site_dir: Path) -> None:
+    if site_dir.exists():
+        meta = site_dir / "dataset.json"
+        try:
+            ours = json.loads(meta.read_text()).get("generator") == _MARKER
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise DataError(
+                f"{site_dir} already exists and was not written by synth_federation; choose an "
+                "empty output folder or delete it."
+            )
+        shutil.rmtree(site_dir)
+    (site_dir / "imagesTr").mkdir(parents=True)
+    (site_dir / "labelsTr").mkdir()
+
+
+def _write_site(
+    site_dir: Path,
+    profile: ScannerProfile,
+    n_volumes: int,
+    shape: tuple[int, int, int],
+    rng: np.random.Generator,
+) -> None:
+    affine = np.diag([*profile.spacing, 1.0])
+    training = []
+    for i in range(n_volumes):
+        tissue, label = _phantom(rng, shape)
+        image = _scan(rng, tissue, profile)
+        name = f"case_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(image, affine), site_dir / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), site_dir / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {
+        "name": f"synthetic {site_dir.name}",
+        "description": "Synthetic organ phantoms with a per-site scanner shift",
+        "generator": _MARKER,
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "labels": {"0": "background", "1": "organ"},
+        "numTraining": n_volumes,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+        "scanner": asdict(profile),
+    }
+    (site_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _phantom(
+    rng: np.random.Generator, shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue image in [0, 1] and a uint8 organ label for one volume."""
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
+    nx, ny, nz = shape
+    body_r = rng.uniform(0.36, 0.46, 2) * (nx, ny)
+    body = ((x - nx / 2) / body_r[0]) ** 2 + ((y - ny / 2) / body_r[1]) ** 2 < 1.0
+    warp = np.clip(_smooth_noise(rng, shape, sigma=(nx / 8, ny / 8, nz / 4)), -1.5, 1.5)
+    organ = np.zeros(shape, dtype=bool)
+    for _ in range(rng.integers(1, 3)):
+        radii = np.array([*rng.uniform(0.1, 0.2, 2) * (nx, ny), rng.uniform(0.12, 0.25) * nz])
+        centre = np.array([*rng.uniform(0.35, 0.65, 2) * (nx, ny), rng.uniform(0.4, 0.6) * nz])
+        angle = rng.uniform(0, np.pi)
+        u = np.cos(angle) * (x - centre[0]) + np.sin(angle) * (y - centre[1])
+        v = -np.sin(angle) * (x - centre[0]) + np.cos(angle) * (y - centre[1])
+        dist = (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
+        organ |= dist + 0.35 * warp < 1.0
+    texture = _smooth_noise(rng, shape, sigma=(1.5, 1.5, 0.7))
+    tissue = body * (0.4 + 0.06 * texture) + organ * (0.35 + 0.04 * np.roll(texture, 3, axis=0))
+    return tissue.astype(np.float32), organ.astype(np.uint8)
+
+
+def _scan(rng: np.random.Generator, tissue: np.ndarray, p: ScannerProfile) -> np.ndarray:
+    """Apply a scanner profile: blur, bias field, gamma, noise, gain and offset (float32)."""
+    img = _gaussian_blur(tissue, (p.blur, p.blur, 0.3 * p.blur))
+    nx, ny, nz = tissue.shape
+    bias = np.exp(p.bias * _smooth_noise(rng, tissue.shape, sigma=(nx / 3, ny / 3, nz)))
+    img = np.clip(img * bias, 0.0, None) ** p.gamma
+    img = img + p.noise * rng.standard_normal(tissue.shape, dtype=np.float32)
+    return (img * p.gain + p.offset).astype(np.float32)
+
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]
+) -> np.ndarray:
+    """Gaussian-smoothed white noise scaled to zero mean and unit standard deviation."""
+    field = _gaussian_blur(rng.standard_normal(shape, dtype=np.float32), sigma)
+    field -= field.mean()  # else the unfiltered DC term dominates wide kernels
+    return field / max(float(field.std()), 1e-6)
+
+
+def _gaussian_blur(volume: np.ndarray, sigma: tuple[float, ...]) -> np.ndarray:
+    """Gaussian blur by FFT (periodic borders: fine for noise and for air-framed phantoms)."""
+    spectrum = np.fft.rfftn(volume)
+    freqs = [np.fft.fftfreq(n) for n in volume.shape[:-1]] + [np.fft.rfftfreq(volume.shape[-1])]
+    grids = np.meshgrid(*freqs, indexing="ij")
+    exponent = sum((2 * np.pi * f * s) ** 2 for f, s in zip(grids, sigma)) / 2
+    blurred = np.fft.irfftn(spectrum * np.exp(-exponent), s=volume.shape, axes=range(volume.ndim))
+    return blurred.astype(np.float32)

@@ -1,0 +1,89 @@
+"""Broken sites: corrupt files, missing labels, shape mismatches, nothing usable."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fedfms_secure.data import load_site
+from fedfms_secure.errors import DataError
+
+SIZE = 16
+
+
+@pytest.fixture
+def site(small_federation: list[Path], tmp_path: Path) -> Path:
+    """A writable copy of a synthetic site."""
+    return Path(shutil.copytree(small_federation[0], tmp_path / "site"))
+
+
+def _n_cases(site: Path) -> int:
+    return len(list((site / "imagesTr").iterdir()))
+
+
+def test_corrupt_volume_named_and_skippable(
+    site: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = site / "imagesTr" / "case_001.nii.gz"
+    bad.write_bytes(b"this is not a NIfTI file" * 20)
+    with pytest.raises(DataError, match=r"case_001\.nii\.gz") as err:
+        load_site(site, image_size=SIZE)
+    assert "corrupt" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="fedfms_secure.data"):
+        data = load_site(site, image_size=SIZE, skip_bad=True)
+    assert data.num_volumes == _n_cases(site) - 1
+    assert "case_001" not in data.train.cases + data.val.cases
+    assert any("case_001" in r.getMessage() for r in caplog.records)
+
+
+def test_truncated_label_is_reported(site: Path) -> None:
+    label = site / "labelsTr" / "case_000.nii.gz"
+    label.write_bytes(label.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"labelsTr.case_000\.nii\.gz"):
+        load_site(site, image_size=SIZE)
+
+
+def test_image_without_label(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (site / "labelsTr" / "case_002.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"case_002\.nii\.gz has no label"):
+        load_site(site, image_size=SIZE)
+    with caplog.at_level(logging.WARNING, logger="fedfms_secure.data"):
+        data = load_site(site, image_size=SIZE, skip_bad=True)
+    assert data.num_volumes == _n_cases(site) - 1
+    assert any("case_002" in r.getMessage() for r in caplog.records)
+
+
+def test_shape_mismatch(site: Path) -> None:
+    label = site / "labelsTr" / "case_000.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 4), np.uint8), np.eye(4)), label)
+    with pytest.raises(DataError, match=r"shape mismatch.*labelsTr.case_000\.nii\.gz"):
+        load_site(site, image_size=SIZE)
+    assert load_site(site, image_size=SIZE, skip_bad=True).num_volumes == _n_cases(site) - 1
+
+
+def test_missing_labels_folder(site: Path) -> None:
+    shutil.rmtree(site / "labelsTr")
+    with pytest.raises(DataError, match="labelsTr"):
+        load_site(site, image_size=SIZE)
+
+
+def test_site_without_usable_slices(tmp_path: Path) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        name = f"case_{i}.nii.gz"
+        nib.save(nib.Nifti1Image(np.random.rand(8, 8, 3).astype(np.float32), np.eye(4)),
+                 tmp_path / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.uint8), np.eye(4)),
+                 tmp_path / "labelsTr" / name)
+    with pytest.raises(DataError, match="no usable training slice"):
+        load_site(tmp_path, image_size=SIZE, keep_empty_every=0)
+    for i in range(2):
+        (tmp_path / "imagesTr" / f"case_{i}.nii.gz").write_bytes(b"junk")
+    with pytest.raises(DataError, match="no usable training slice"):
+        load_site(tmp_path, image_size=SIZE, skip_bad=True)
