@@ -1,0 +1,136 @@
+"""Typed, validated configuration of the daemons, loaded once at the edge.
+
+Precedence: built-in defaults < ``--config FILE.toml`` < command-line flags. A TOML file holds the
+same keys as the flags, with underscores (``round_timeout``, ``max_grad_norm``, ...), at top level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+from fedfms_secure.errors import ConfigError
+
+MODES = ("fedmsa", "fedsam")
+SCHEMES = ("ckks", "plain")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the coordinator needs; the plan part is sent to every site when it joins."""
+
+    keys: Path
+    state: Path
+    address: str = "127.0.0.1:50051"
+    insecure: bool = False
+    rounds: int = 3
+    mode: str = "fedmsa"
+    preset: str = "tiny"
+    seed: int = 0
+    local_epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    he: bool = True
+    exit_when_done: bool = False
+    # Seconds the server waits, once done, for every site to fetch the final state and report.
+    linger: float = 120.0
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds must be at least 1")
+        _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        _require(self.local_epochs >= 1, "local_epochs must be at least 1")
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+        _require(self.learning_rate > 0, "learning_rate must be positive")
+        _require(":" in self.address, f"address must be HOST:PORT, not {self.address!r}")
+
+    @property
+    def scheme(self) -> str:
+        return "ckks" if self.he else "plain"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What a site needs: its key bundle, its private data and its own privacy budget."""
+
+    keys: Path
+    data: Path
+    state: Path
+    server: str = "127.0.0.1:50051"
+    insecure: bool = False
+    # Only with --insecure: the site name that a certificate would otherwise carry.
+    site: str | None = None
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    # Keep each round's delta, weight and decrypted aggregate in STATE/updates (for audits/tests).
+    save_updates: bool = False
+    connect_timeout: float = 60.0
+    round_timeout: float = 1800.0
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")
+        _require(0 < self.delta < 1, "delta must be in (0, 1)")
+        _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
+        _require(self.accountant in ("rdp", "prv"), "accountant must be rdp or prv")
+        _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
+        _require(self.site is None or self.insecure, "site is only set with --insecure; "
+                 "otherwise the name comes from the site's certificate")
+
+    @property
+    def dp(self) -> bool:
+        return not math.isinf(self.epsilon)
+
+
+C = TypeVar("C", ServerConfig, ClientConfig)
+
+
+def load_config(cls: type[C], file: Path | None, overrides: Mapping[str, Any]) -> C:
+    """Build ``cls`` from a TOML file (optional) and flag overrides (``None`` means not given)."""
+    values: dict[str, Any] = {}
+    if file is not None:
+        values.update(_read_toml(file, cls))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in fields(cls)}
+    missing = [n for n, f in known.items() if _required(f) and n not in values]
+    if missing:
+        raise ConfigError(
+            f"missing {', '.join('--' + m.replace('_', '-') for m in missing)}: "
+            "give it as a flag or in the --config file"
+        )
+    for name in ("keys", "state", "data"):
+        if name in values and name in known:
+            values[name] = Path(values[name]).expanduser()
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _read_toml(file: Path, cls: type) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist: check the path given to --config")
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"config file {file}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+        )
+    return data
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,93 @@
+"""The round protocol as plain dataclasses.
+
+Only ``fedfms_secure.transport`` converts between these and the generated protobuf messages;
+the coordinator and the site work on these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PHASE_COMMIT = "commit"
+PHASE_UPLOAD = "upload"
+PHASE_DONE = "done"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The federation's plan, fixed by the coordinator and sent to every site on join."""
+
+    federation: str
+    rounds: int
+    mode: str
+    preset: str
+    seed: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    scheme: str
+
+
+@dataclass(frozen=True)
+class Joined:
+    site: str
+    plan: Plan
+    round: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One ciphertext (or plaintext block) of a streamed vector."""
+
+    round: int
+    index: int
+    total: int
+    num_values: int
+    fingerprint: str
+    payload: bytes
+    vector_length: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    round: int
+    chunks: int
+    bytes: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class CommitAck:
+    round: int
+    committed: int
+    expected: int
+
+
+@dataclass(frozen=True)
+class WeightTotal:
+    round: int
+    ready: bool
+    payload: bytes = b""
+    participants: int = 0
+
+
+@dataclass(frozen=True)
+class SiteStatus:
+    name: str
+    joined: bool = False
+    committed: bool = False
+    uploaded: bool = False
+    last_seen: float = 0.0
+
+
+@dataclass(frozen=True)
+class Status:
+    federation: str
+    round: int
+    total_rounds: int
+    phase: str
+    sites: tuple[SiteStatus, ...] = field(default_factory=tuple)
+
+    @property
+    def done(self) -> bool:
+        return self.phase == PHASE_DONE

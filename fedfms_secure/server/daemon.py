@@ -1,0 +1,98 @@
+"""``fedfms-secure server``: the coordinator daemon."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedfms_secure.config import ServerConfig
+from fedfms_secure.crypto.codec import make_summer
+from fedfms_secure.crypto.keystore import load_bundle
+from fedfms_secure.errors import ConfigError
+from fedfms_secure.protocol import Plan
+from fedfms_secure.server.coordinator import Coordinator
+from fedfms_secure.server.store import StateStore
+from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
+from fedfms_secure.transport.servicer import FederationServicer
+from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedfms_secure.server")
+
+
+def build_coordinator(config: ServerConfig) -> tuple[Coordinator, object]:
+    """Loads the server bundle (refusing any that can decrypt) and builds the coordinator."""
+    bundle = load_bundle(config.keys, role="server")
+    if config.he:
+        context = bundle.context()
+        if context.is_private():  # load_bundle checks this too; the server must never hold it
+            raise ConfigError(f"{bundle.path}: the server's CKKS context holds a secret key; re-export the server bundle")
+        summer, fingerprint = make_summer("ckks", context, bundle.fingerprint), bundle.fingerprint
+    else:
+        summer, fingerprint = make_summer("plain", None), "plain"
+    plan = Plan(
+        federation=bundle.federation,
+        rounds=config.rounds,
+        mode=config.mode,
+        preset=config.preset,
+        seed=config.seed,
+        local_epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        scheme=config.scheme,
+    )
+    coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, StateStore(config.state))
+    return coordinator, bundle
+
+
+def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
+    """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
+    coordinator, bundle = build_coordinator(config)
+    store = StateStore(config.state)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS)
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if config.insecure:
+        log.warning("serving WITHOUT TLS (--insecure): for local experiments only")
+        port = server.add_insecure_port(config.address)
+    else:
+        port = server.add_secure_port(
+            config.address, server_credentials(bundle.ca_pem, bundle.cert_pem, bundle.key_pem)
+        )
+    if port == 0:
+        raise ConfigError(f"cannot listen on {config.address}: is the port in use? choose another --address")
+    host = config.address.rsplit(":", 1)[0]
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    store.write_json("address.json", {"address": f"{host}:{port}"})
+    log.info(
+        "server listening",
+        extra={"address": f"{host}:{port}", "scheme": coordinator.plan.scheme, "rounds": config.rounds,
+               "sites": len(bundle.clients), "mtls": not config.insecure},
+    )
+    stop = stop or threading.Event()
+    _on_signals(stop)
+    while not stop.is_set():
+        if config.exit_when_done and coordinator.status().done:
+            if coordinator.finished.wait(timeout=config.linger):
+                log.info("federation finished: every site reported its final metrics")
+            else:
+                log.warning("federation finished; not every site reported final metrics in time")
+            break
+        stop.wait(0.2)
+    health_servicer.enter_graceful_shutdown()
+    server.stop(grace=5).wait()
+    log.info("server stopped", extra={"round": coordinator.status().round})
+    return 0
+
+
+def _on_signals(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())

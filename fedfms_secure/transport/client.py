@@ -1,0 +1,152 @@
+"""The site's stub: plain-dataclass calls to the coordinator, gRPC errors mapped to ours.
+
+It counts the bytes it sends and receives (serialized message sizes) for the round metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import grpc
+
+from fedfms_secure.errors import FederationError, ServerUnreachable
+from fedfms_secure.protocol import Chunk, CommitAck, Joined, Receipt, Status, WeightTotal
+from fedfms_secure.transport import serde
+from fedfms_secure.transport.channel import client_channel
+from fedfms_secure.transport.servicer import SITE_METADATA_KEY, STATUS_CODES
+from fedfms_secure.v1 import federation_pb2 as pb
+from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+_CODES = {v: k for k, v in STATUS_CODES.items()}
+
+
+class FederationClient:
+    """One site's connection to the coordinator."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        ca_pem: bytes | None = None,
+        cert_pem: bytes | None = None,
+        key_pem: bytes | None = None,
+        server_name: str | None = None,
+        insecure: bool = False,
+        site: str | None = None,
+        call_timeout: float = 120.0,
+    ) -> None:
+        self.address = address
+        self._channel = client_channel(
+            address, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, server_name=server_name, insecure=insecure
+        )
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self._metadata = ((SITE_METADATA_KEY, site),) if insecure and site else None
+        self._timeout = call_timeout
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "FederationClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- calls ----------------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> None:
+        """Blocks until the channel connects; ServerUnreachable after ``timeout`` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise ServerUnreachable(
+                f"cannot reach the server at {self.address} after {timeout:.0f} s: is `fedfms-secure server` "
+                "running there, and do --server and the server's --address match? (with TLS, a wrong "
+                "bundle shows up the same way: check it with the server's CA)"
+            ) from None
+
+    def join(self, fingerprint: str, version: str) -> Joined:
+        req = pb.JoinRequest(context_fingerprint=fingerprint, client_version=version)
+        return serde.joined_from_proto(self._unary(self._stub.Join, req))
+
+    def status(self) -> Status:
+        return serde.status_from_proto(self._unary(self._stub.GetStatus, pb.GetStatusRequest()))
+
+    def global_state(self, round_: int) -> list[Chunk]:
+        def fetch() -> list[Chunk]:
+            chunks = []
+            for msg in self._stub.GetGlobalState(
+                pb.GetGlobalStateRequest(round=round_), timeout=self._timeout, metadata=self._metadata
+            ):
+                self.bytes_down += msg.ByteSize()
+                chunks.append(serde.chunk_from_proto(msg))
+            return chunks
+
+        return self._call(fetch)
+
+    def commit_weight(self, round_: int, fingerprint: str, payload: bytes) -> CommitAck:
+        req = pb.CommitWeightRequest(round=round_, context_fingerprint=fingerprint, encrypted_weight=payload)
+        return serde.commit_ack_from_proto(self._unary(self._stub.CommitWeight, req))
+
+    def weight_total(self, round_: int) -> WeightTotal:
+        req = pb.GetWeightTotalRequest(round=round_)
+        return serde.weight_total_from_proto(self._unary(self._stub.GetWeightTotal, req))
+
+    def upload(self, chunks: Iterable[Chunk]) -> Receipt:
+        def messages() -> Iterator[pb.Chunk]:
+            for chunk in chunks:
+                msg = serde.chunk_to_proto(chunk)
+                self.bytes_up += msg.ByteSize()
+                yield msg
+
+        return serde.receipt_from_proto(self._unary(self._stub.UploadUpdate, messages()))
+
+    def report_metrics(self, round_: int, metrics: dict[str, float]) -> None:
+        self._unary(self._stub.ReportMetrics, pb.ReportMetricsRequest(round=round_, metrics=metrics))
+
+    # --- plumbing -------------------------------------------------------------------------------
+    def _unary(self, method: Callable, request: object) -> object:
+        def call() -> object:
+            if not hasattr(request, "ByteSize"):  # a request stream counts itself
+                return method(request, timeout=self._timeout, metadata=self._metadata)
+            self.bytes_up += request.ByteSize()
+            response = method(request, timeout=self._timeout, metadata=self._metadata)
+            self.bytes_down += response.ByteSize()
+            return response
+
+        return self._call(call)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            raise _translate(exc, self.address) from None
+
+
+def _translate(exc: grpc.RpcError, address: str) -> FederationError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ServerUnreachable(
+            f"the server at {address} is unavailable ({details}); check that it runs and that the site's "
+            "bundle was exported from the same federation as the server's"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServerUnreachable(f"the server at {address} did not answer in time ({details})")
+    return FederationError(f"server refused: {details}", _CODES.get(code, "failed_precondition"))
+
+
+def poll(fn: Callable[[], T], done: Callable[[T], bool], *, timeout: float, interval: float = 0.2,
+         what: str = "the server") -> T:
+    """Calls ``fn`` until ``done(result)``; FederationError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fn()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            raise FederationError(f"timed out after {timeout:.0f} s waiting for {what}", "unavailable")
+        time.sleep(interval)

@@ -1,0 +1,125 @@
+"""The gRPC face of the coordinator: thin methods that identify the site, call one coordinator
+method and map its errors to gRPC status codes (never ``UNKNOWN``)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from fedfms_secure.errors import FederationError
+from fedfms_secure.server.coordinator import Coordinator
+from fedfms_secure.transport import serde
+from fedfms_secure.v1 import federation_pb2 as pb
+from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedfms_secure.server")
+
+SITE_METADATA_KEY = "fedfms-site"  # identity header, honoured only on an --insecure server
+
+STATUS_CODES = {
+    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def site_identity(context: grpc.ServicerContext, insecure: bool) -> str:
+    """The calling site's name: its certificate's common name (or a header on an insecure server)."""
+    if insecure:
+        for key, value in context.invocation_metadata():
+            if key == SITE_METADATA_KEY:
+                return value
+        raise FederationError(f"insecure server: send the site name in the {SITE_METADATA_KEY!r} header",
+                              "permission_denied")
+    names = context.auth_context().get("x509_common_name") or []
+    if len(names) != 1:
+        raise FederationError("no client certificate common name: connect with mutual TLS", "permission_denied")
+    return names[0].decode()
+
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: "FederationServicer", request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            site = site_identity(context, self.insecure)
+            return method(self, site, request, context)
+        except FederationError as exc:
+            context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except grpc.RpcError:
+            raise
+        except Exception as exc:  # a bug, not bad input: say so instead of gRPC's UNKNOWN
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
+
+    return wrapper
+
+
+def _stream_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    @functools.wraps(method)
+    def wrapper(self: "FederationServicer", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            site = site_identity(context, self.insecure)
+            yield from method(self, site, request, context)
+        except FederationError as exc:
+            context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except Exception as exc:
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
+
+    return wrapper
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    def __init__(self, coordinator: Coordinator, insecure: bool = False) -> None:
+        self.coordinator = coordinator
+        self.insecure = insecure
+
+    @_rpc
+    def Join(self, site: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
+        round_ = self.coordinator.join(site, request.context_fingerprint)
+        return pb.JoinResponse(site=site, plan=serde.plan_to_proto(self.coordinator.plan), round=round_)
+
+    @_stream_rpc
+    def GetGlobalState(self, site: str, request: pb.GetGlobalStateRequest, context: grpc.ServicerContext):
+        length, total = self.coordinator.global_state(site, request.round)
+        for index in range(total):
+            payload = self.coordinator.global_chunk(request.round, index)
+            yield pb.Chunk(
+                round=request.round,
+                index=index,
+                total=total,
+                num_values=0,
+                context_fingerprint=self.coordinator.fingerprint,
+                payload=payload,
+                vector_length=length,
+            )
+
+    @_rpc
+    def CommitWeight(self, site: str, request: pb.CommitWeightRequest, context: grpc.ServicerContext):
+        ack = self.coordinator.commit_weight(site, request.round, request.context_fingerprint, request.encrypted_weight)
+        return serde.commit_ack_to_proto(ack)
+
+    @_rpc
+    def GetWeightTotal(self, site: str, request: pb.GetWeightTotalRequest, context: grpc.ServicerContext):
+        total = self.coordinator.weight_total(site, request.round)
+        return serde.weight_total_to_proto(total, self.coordinator.fingerprint)
+
+    @_rpc
+    def UploadUpdate(self, site: str, request_iterator: Iterator[pb.Chunk], context: grpc.ServicerContext):
+        receipt = self.coordinator.receive_upload(site, (serde.chunk_from_proto(c) for c in request_iterator))
+        return serde.receipt_to_proto(receipt)
+
+    @_rpc
+    def ReportMetrics(self, site: str, request: pb.ReportMetricsRequest, context: grpc.ServicerContext):
+        self.coordinator.report_metrics(site, request.round, dict(request.metrics))
+        return pb.ReportMetricsResponse()
+
+    @_rpc
+    def GetStatus(self, site: str, request: pb.GetStatusRequest, context: grpc.ServicerContext):
+        return serde.status_to_proto(self.coordinator.status(site))

@@ -1,0 +1,130 @@
+"""The coordinator's round state machine, with real CKKS ciphertexts and no network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, load_context, new_secret_context, serialize_params_only
+from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.errors import FederationError
+from fedfms_secure.protocol import PHASE_COMMIT, PHASE_DONE, PHASE_UPLOAD, Chunk, Plan
+from fedfms_secure.server.coordinator import Coordinator
+from fedfms_secure.server.store import StateStore
+
+SITES = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def keys():
+    ctx = new_secret_context(CkksParams())
+    fp = context_fingerprint(ctx)
+    server_ctx = load_context(serialize_params_only(ctx), source="test")
+    return make_site_codec("ckks", ctx, fp), server_ctx, fp
+
+
+@pytest.fixture(scope="module")
+def plain_keys():
+    return make_site_codec("plain", None, "plain"), None, "plain"
+
+
+def make_coordinator(tmp_path, keys, rounds=2):
+    codec, server_ctx, fp = keys
+    plan = Plan("t", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, codec.scheme)
+    return Coordinator(plan, SITES, make_summer(codec.scheme, server_ctx, fp if server_ctx else None), fp,
+                       StateStore(tmp_path))
+
+
+def chunks(codec, round_, vec):
+    payloads = codec.encrypt_vector(vec)
+    step = codec.chunk_values
+    return [
+        Chunk(round_, i, len(payloads), min(step, vec.size - i * step), codec.fingerprint, p, vec.size)
+        for i, p in enumerate(payloads)
+    ]
+
+
+def run_round(coord, codec, round_, deltas, counts):
+    for site, n in zip(SITES, counts):
+        coord.commit_weight(site, round_, codec.fingerprint, codec.encrypt_scalar(n))
+    big_n = codec.decrypt_scalar(coord.weight_total("a", round_).payload)
+    assert big_n == pytest.approx(sum(counts), abs=1e-3)
+    for site, n, delta in zip(SITES, counts, deltas):
+        coord.receive_upload(site, chunks(codec, round_, delta * (n / round(big_n))))
+
+
+def global_vector(coord, codec, round_):
+    length, total = coord.global_state("a", round_)
+    return codec.decrypt_vector([coord.global_chunk(round_, i) for i in range(total)], length)
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "plain"])
+def test_two_rounds_sum_to_the_weighted_mean(tmp_path, keys, plain_keys, scheme):
+    keys = keys if scheme == "ckks" else plain_keys
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    rng = np.random.default_rng(0)
+    size = codec.chunk_values + 17  # two chunks, the last one partial
+    expected = np.zeros(size)
+    for r, counts in enumerate([(10, 30), (25, 5)]):
+        assert coord.status().phase == PHASE_COMMIT
+        deltas = [rng.normal(0, 0.01, size) for _ in SITES]
+        run_round(coord, codec, r, deltas, counts)
+        expected += sum(n / sum(counts) * d for n, d in zip(counts, deltas))
+        np.testing.assert_allclose(global_vector(coord, codec, r + 1), expected, atol=1e-6)
+    assert coord.status().phase == PHASE_DONE
+    assert [rec["round"] for rec in StateStore(tmp_path).read_records("rounds.jsonl")] == [0, 1]
+
+
+def test_weight_total_waits_for_every_commit(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    coord.commit_weight("a", 0, codec.fingerprint, codec.encrypt_scalar(3))
+    assert not coord.weight_total("a", 0).ready
+    coord.commit_weight("b", 0, codec.fingerprint, codec.encrypt_scalar(4))
+    assert coord.weight_total("a", 0).ready
+    assert coord.status().phase == PHASE_UPLOAD
+
+
+def test_rejections_name_the_problem(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    with pytest.raises(FederationError, match="not a site") as exc:
+        coord.join("mallory", codec.fingerprint)
+    assert exc.value.code == "permission_denied"
+    with pytest.raises(FederationError, match="context mismatch") as exc:
+        coord.commit_weight("a", 0, "0" * 16, codec.encrypt_scalar(1))
+    assert exc.value.code == "invalid_argument"
+    with pytest.raises(FederationError, match="round 1"):
+        coord.commit_weight("a", 1, codec.fingerprint, codec.encrypt_scalar(1))
+    with pytest.raises(FederationError, match="not a valid ciphertext") as exc:
+        coord.commit_weight("a", 0, codec.fingerprint, b"garbage")
+    assert exc.value.code == "invalid_argument"
+    # uploading before the commit phase is over is refused
+    with pytest.raises(FederationError, match="commit phase"):
+        coord.receive_upload("a", chunks(codec, 0, np.zeros(3)))
+    with pytest.raises(FederationError, match="empty upload"):
+        coord.receive_upload("a", [])
+
+
+def test_bad_streams_are_rejected_and_leave_nothing_behind(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    good = chunks(codec, 0, np.zeros(codec.chunk_values * 2))
+    with pytest.raises(FederationError, match="expected"):
+        coord.receive_upload("a", [good[1], good[0]])
+    with pytest.raises(FederationError, match="ended after 1 of 2"):
+        coord.receive_upload("a", good[:1])
+    truncated = [good[0], Chunk(**{**good[1].__dict__, "payload": good[1].payload[:1000]})]
+    with pytest.raises(FederationError, match="not a valid ciphertext"):
+        coord.receive_upload("a", truncated)
+    assert not coord.status().sites[0].uploaded
+    assert not (tmp_path / "uploads" / "round_0" / "a").exists()
+    # the same upload twice gets the same receipt; a different one is refused
+    first = coord.receive_upload("a", good)
+    assert coord.receive_upload("a", good) == first
+    other = chunks(codec, 0, np.ones(codec.chunk_values * 2) * 0.1)
+    with pytest.raises(FederationError, match="different update"):
+        coord.receive_upload("a", other)
