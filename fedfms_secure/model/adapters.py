@@ -1,0 +1,127 @@
+"""Medical SAM Adapter (Wu et al., "Medical SAM Adapter", 2023) for SAM's image encoder.
+
+Every image-encoder ``Block`` becomes an :class:`MSABlock` that keeps the block's own submodules
+under their original names (so official SAM checkpoints load unchanged) and adds two adapters:
+
+* a *space adapter* on the attention output, after ``window_unpartition`` (outside the window
+  partition, so every trainable module sees the true batch dimension, as Opacus requires), and
+* an *MLP adapter* in parallel to the MLP, scaled by 0.5:
+  ``x = x + mlp(norm2(x)) + 0.5 * mlp_adapter(norm2(x))``.
+
+Attention is evaluated with ``qkv`` and ``proj`` applied to the whole ``[B, H, W, C]`` grid and
+only the attention product inside windows. The result equals segment_anything's windowed
+``Attention`` exactly (padding included), but the linear layers see batch ``B`` rather than
+``B * windows``, which makes their Opacus per-sample gradients correct when they train (FedSAM).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import (
+    Attention,
+    Block,
+    add_decomposed_rel_pos,
+    window_partition,
+    window_unpartition,
+)
+from torch import Tensor, nn
+
+MLP_ADAPTER_SCALE = 0.5
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter ``x + up(GELU(down(x)))``; without ``x +`` if ``skip_connect`` is off.
+
+    ``up`` starts at zero, so an injected adapter is the identity (or zero) until it trains and
+    the adapted model starts exactly at the pretrained SAM.
+    """
+
+    def __init__(self, dim: int, ratio: float = 0.25, skip_connect: bool = True) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        if hidden < 1:
+            raise ValueError(f"adapter ratio {ratio} leaves no hidden unit for dim {dim}")
+        self.skip_connect = skip_connect
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.up(self.act(self.down(x)))
+        return x + out if self.skip_connect else out
+
+
+class MSABlock(nn.Module):
+    """A segment_anything ``Block`` with a space adapter and a parallel MLP adapter."""
+
+    def __init__(self, block: Block, ratio: float = 0.25) -> None:
+        super().__init__()
+        dim = block.norm1.normalized_shape[0]
+        # Same attribute names as Block: checkpoint keys stay "blocks.<i>.attn.qkv.weight" etc.
+        self.norm1 = block.norm1
+        self.attn = block.attn
+        self.norm2 = block.norm2
+        self.mlp = block.mlp
+        self.window_size = block.window_size
+        self.space_adapter = Adapter(dim, ratio, skip_connect=True)
+        self.mlp_adapter = Adapter(dim, ratio, skip_connect=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        x = batch_first_attention(self.attn, self.norm1(x), self.window_size)
+        x = shortcut + self.space_adapter(x)
+        xn = self.norm2(x)
+        return x + self.mlp(xn) + MLP_ADAPTER_SCALE * self.mlp_adapter(xn)
+
+
+def inject_adapters(blocks: nn.ModuleList, ratio: float) -> None:
+    """Replace every ``Block`` in ``blocks`` (in place) by an :class:`MSABlock`."""
+    for i, block in enumerate(blocks):
+        if not isinstance(block, MSABlock):
+            blocks[i] = MSABlock(block, ratio)
+
+
+def batch_first_attention(attn: Attention, x: Tensor, window_size: int) -> Tensor:
+    """segment_anything's (windowed) attention with ``qkv``/``proj`` outside the partition."""
+    _, height, width, _ = x.shape
+    if window_size > 0:
+        pad_h = (window_size - height % window_size) % window_size
+        pad_w = (window_size - width % window_size) % window_size
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # as window_partition pads the qkv input
+    qkv = attn.qkv(x)
+    if window_size > 0:
+        qkv, pad_hw = window_partition(qkv, window_size)
+    b, h, w, three_c = qkv.shape
+    heads = attn.num_heads
+    head_dim = three_c // (3 * heads)  # explicit sizes: "-1" is ambiguous for an empty batch
+    qkv = qkv.reshape(b, h * w, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * heads, h * w, head_dim).unbind(0)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if attn.use_rel_pos:
+        scores = add_decomposed_rel_pos(scores, q, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+    out = (scores.softmax(dim=-1) @ v).view(b, heads, h, w, head_dim)
+    out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, heads * head_dim)
+    if window_size > 0:
+        out = window_unpartition(out, window_size, pad_hw, (height, width))
+    return attn.proj(out)
+
+
+def adapter_parameter_names(module: nn.Module) -> set[str]:
+    """Names (relative to ``module``) of every parameter that belongs to an :class:`Adapter`."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, Adapter):
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters())
+    return names
+
+
+__all__ = [
+    "MLP_ADAPTER_SCALE",
+    "Adapter",
+    "MSABlock",
+    "adapter_parameter_names",
+    "batch_first_attention",
+    "inject_adapters",
+]

@@ -1,0 +1,110 @@
+"""Noise calibration and the persisted per-site accountant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opacus.accountants import create_accountant
+
+from fedfms_secure.errors import ConfigError
+from fedfms_secure.privacy import (
+    STATE_FILE,
+    PrivacyConfig,
+    SitePrivacy,
+    calibrate_noise,
+    epsilon_of,
+)
+from fedfms_secure.privacy.accounting import RDP_ALPHAS
+
+
+def _open(tmp_path, **kw) -> SitePrivacy:
+    config = kw.pop("config", PrivacyConfig(target_epsilon=4.0))
+    return SitePrivacy.open(tmp_path, config, sample_rate=kw.pop("sample_rate", 0.1),
+                            planned_steps=kw.pop("planned_steps", 100))  # fmt: skip
+
+
+def _step(site: SitePrivacy, n: int) -> None:
+    for _ in range(n):
+        site.accountant.step(noise_multiplier=site.noise_multiplier, sample_rate=site.sample_rate)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibrated_noise_spends_the_target_at_the_planned_step(tmp_path, accountant) -> None:
+    site = _open(tmp_path, config=PrivacyConfig(target_epsilon=4.0, accountant=accountant),
+                 planned_steps=60)  # fmt: skip
+    assert site.epsilon() == 0.0 and site.steps_taken == 0
+    assert site.noise_multiplier > 0.3
+    assert 3.9 <= site.epsilon_after(60) <= 4.0
+    assert not site.would_exceed(60)
+    assert site.would_exceed(70)
+    _step(site, 30)
+    assert 0 < site.epsilon() < 4.0
+    assert not site.would_exceed(30) and site.would_exceed(40)
+
+
+def test_more_planned_steps_need_more_noise() -> None:
+    kw = dict(target_epsilon=8.0, delta=1e-5, sample_rate=0.1, accountant="rdp")
+    assert calibrate_noise(steps=1000, **kw) > calibrate_noise(steps=100, **kw)
+
+
+def test_state_survives_reopen_and_equals_a_fresh_accountant(tmp_path) -> None:
+    site = _open(tmp_path)
+    _step(site, 25)
+    site.save()
+    again = _open(tmp_path)
+    assert again.noise_multiplier == site.noise_multiplier
+    assert again.steps_taken == 25
+    assert again.epsilon() == pytest.approx(site.epsilon(), rel=1e-12)
+    fresh = create_accountant(mechanism="rdp")
+    for _ in range(25):
+        fresh.step(noise_multiplier=site.noise_multiplier, sample_rate=0.1)
+    assert again.epsilon() == pytest.approx(fresh.get_epsilon(delta=1e-5, alphas=RDP_ALPHAS))
+    # and the budget only grows from there
+    _step(again, 5)
+    assert again.epsilon() > site.epsilon()
+
+
+def test_persisted_file_holds_the_whole_state(tmp_path) -> None:
+    site = _open(tmp_path)
+    _step(site, 3)
+    site.save()
+    data = json.loads((tmp_path / STATE_FILE).read_text())
+    assert data["noise_multiplier"] == site.noise_multiplier
+    assert data["sample_rate"] == 0.1 and data["planned_steps"] == 100
+    assert data["config"]["target_epsilon"] == 4.0
+    assert data["accountant"] == {"mechanism": "rdp",
+                                  "history": [[site.noise_multiplier, 0.1, 3]]}  # fmt: skip
+
+
+def test_reopen_with_other_settings_is_refused(tmp_path) -> None:
+    _open(tmp_path)
+    with pytest.raises(ConfigError, match="original settings"):
+        _open(tmp_path, planned_steps=200)
+    with pytest.raises(ConfigError, match="original settings"):
+        _open(tmp_path, config=PrivacyConfig(target_epsilon=8.0))
+
+
+def test_corrupt_state_is_a_config_error_that_warns_against_deleting(tmp_path) -> None:
+    _open(tmp_path)
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match="reset the spent budget"):
+        _open(tmp_path)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="target_epsilon"):
+        PrivacyConfig(target_epsilon=0)
+    with pytest.raises(ConfigError, match="delta"):
+        PrivacyConfig(delta=1.5)
+    with pytest.raises(ConfigError, match="rdp, prv"):
+        PrivacyConfig(accountant="gdp2")
+    with pytest.raises(ConfigError, match="sample_rate"):
+        calibrate_noise(target_epsilon=1, delta=1e-5, sample_rate=0, steps=10, accountant="rdp")
+    with pytest.raises(ConfigError, match="cannot reach"):
+        calibrate_noise(target_epsilon=1e-9, delta=1e-5, sample_rate=1.0, steps=10**6,
+                        accountant="rdp")  # fmt: skip
+
+
+def test_epsilon_of_an_empty_history_is_zero() -> None:
+    assert epsilon_of([], delta=1e-5, accountant="rdp") == 0.0

@@ -1,0 +1,142 @@
+"""Local training, with and without DP-SGD, on the tiny preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+
+from fedfms_secure.errors import ModelError, PrivacyBudgetExhausted
+from fedfms_secure.model import MODES, apply_mode, build_model, flatten, load_vector
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.privacy.accounting import RDP_ALPHAS
+from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
+
+OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad")
+
+
+def _site(tmp_path, n: int, batch: int, steps: int, epsilon: float = 8.0) -> SitePrivacy:
+    return SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=epsilon),
+                            sample_rate=batch / n, planned_steps=steps)  # fmt: skip
+
+
+def _assert_plain_module(model) -> None:
+    for p in model.parameters():
+        assert not any(hasattr(p, a) for a in OPACUS_PARAM_ATTRS)
+        assert p.grad is None
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks
+        assert not hasattr(m, "activations") and not hasattr(m, "ft_compute_sample_grad")
+    assert not hasattr(model, "autograd_grad_sample_hooks")
+
+
+def test_steps_per_epoch() -> None:
+    assert steps_per_epoch(60, 8) == 8
+    assert steps_per_epoch(64, 8) == 8
+    assert steps_per_epoch(3, 8) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dp_training_runs_moves_only_trainable_params_and_leaves_a_plain_model(
+    mode, tmp_path, ellipses
+) -> None:
+    data = ellipses(24)
+    model = build_model()
+    names = apply_mode(model, mode)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if n not in names}
+    before = flatten(model, names)
+    site = _site(tmp_path, 24, 8, steps=2 * steps_per_epoch(24, 8))
+    result = train_local(model, data, TrainConfig(batch_size=8, max_physical_batch=4), site)
+    assert result.num_samples == 24 and result.steps == 3
+    assert site.steps_taken == 3  # physical batches of 4 still make one accounted step per batch
+    assert result.epsilon is not None and 0 < result.epsilon < 8.0
+    assert result.seconds > 0 and result.loss == result.loss  # not NaN
+    assert (flatten(model, names) != before).mean() > 0.5  # DP noise moves every coordinate
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    _assert_plain_module(model)
+    # the lead's round loop: load the aggregate, train again on the same object
+    load_vector(model, names, before)
+    again = train_local(model, data, TrainConfig(batch_size=8), site)
+    assert again.epsilon > result.epsilon
+    _assert_plain_module(model)
+
+
+def test_epsilon_grows_across_calls_and_survives_reopen(tmp_path, ellipses) -> None:
+    data = ellipses(16)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    per_call = steps_per_epoch(16, 4)
+    site = _site(tmp_path, 16, 4, steps=3 * per_call)
+    first = train_local(model, data, TrainConfig(batch_size=4), site)
+    second = train_local(model, data, TrainConfig(batch_size=4), site)
+    assert 0 < first.epsilon < second.epsilon <= 8.0
+    reopened = _site(tmp_path, 16, 4, steps=3 * per_call)  # as after a restart
+    assert reopened.steps_taken == 2 * per_call
+    assert reopened.epsilon() == pytest.approx(second.epsilon, rel=1e-12)
+    fresh = create_accountant(mechanism="rdp")
+    for _ in range(2 * per_call):
+        fresh.step(noise_multiplier=site.noise_multiplier, sample_rate=4 / 16)
+    assert reopened.epsilon() == pytest.approx(fresh.get_epsilon(delta=1e-5, alphas=RDP_ALPHAS))
+    third = train_local(model, data, TrainConfig(batch_size=4), reopened)
+    assert second.epsilon < third.epsilon <= 8.0
+    with pytest.raises(PrivacyBudgetExhausted, match="past the target"):
+        train_local(model, data, TrainConfig(batch_size=4), reopened)
+    assert reopened.steps_taken == 3 * per_call  # the refused call spent nothing
+
+
+def test_empty_poisson_batches_still_take_noised_accounted_steps(tmp_path, ellipses) -> None:
+    model = build_model()
+    names = apply_mode(model, "fedmsa")
+    before = flatten(model, names)
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4,
+                            planned_steps=5)  # fmt: skip
+    result = train_local(model, ellipses(4), TrainConfig(epochs=5, batch_size=4), site)
+    assert site.steps_taken == result.steps == 5
+    assert (flatten(model, names) != before).mean() > 0.5  # noise-only steps still move
+    _assert_plain_module(model)
+
+
+def test_plain_training_learns_the_easy_task(ellipses) -> None:
+    train, test = ellipses(48, seed=0), ellipses(16, seed=1)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    dice_before = evaluate_dice(model, test)
+    losses = [train_local(model, train, TrainConfig(lr=3e-3, seed=e)).loss for e in range(6)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert evaluate_dice(model, test) > max(0.7, dice_before + 0.3)
+
+
+def test_dp_training_with_a_generous_budget_learns(tmp_path, ellipses) -> None:
+    train, test = ellipses(48, seed=0), ellipses(16, seed=1)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    dice_before = evaluate_dice(model, test)
+    epochs = 6
+    site = _site(tmp_path, 48, 8, steps=epochs * steps_per_epoch(48, 8), epsilon=1e5)
+    losses = [train_local(model, train, TrainConfig(lr=3e-3), site).loss for _ in range(epochs)]
+    assert losses[-1] < 0.7 * losses[0]
+    assert evaluate_dice(model, test) > dice_before + 0.3
+
+
+def test_plain_training_is_reproducible_per_seed(ellipses) -> None:
+    data = ellipses(16)
+    vecs = []
+    for _ in range(2):
+        model = build_model()
+        names = apply_mode(model, "fedmsa")
+        train_local(model, data, TrainConfig(batch_size=4, seed=7), None)
+        vecs.append(flatten(model, names))
+    assert (vecs[0] == vecs[1]).all()
+
+
+def test_errors_say_what_to_do(ellipses) -> None:
+    model = build_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ModelError, match="apply_mode"):
+        train_local(model, ellipses(4), TrainConfig())
+    apply_mode(model, "fedmsa")
+    with pytest.raises(ModelError, match="empty"):
+        train_local(model, torch.utils.data.TensorDataset(torch.zeros(0, 1, 64, 64)), TrainConfig())
