@@ -71,3 +71,14 @@ def packed_varints(data: bytes) -> list[int]:
 def as_double(bits: int) -> float:
     """Reinterpret a FIXED64 field value as an IEEE double."""
     return struct.unpack("<d", bits.to_bytes(8, "little"))[0]
+
+
+def varint(value: int) -> bytes:
+    """Encode a non-negative int as a base-128 varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)

@@ -26,6 +26,9 @@ from fedfms_secure.crypto import _wire
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 _FINGERPRINT_DOMAIN = b"fedfms-secure/ckks-context/v1\x00"
+# How many values at the bound one ciphertext may accumulate (the sites of a round plus theta)
+# before its sum could pass the capacity. Cross-silo federations are far smaller.
+MAX_SUMMANDS = 64
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ class CkksParams:
                 f"CKKS scale_bits={self.scale_bits} is invalid: it must be at least 10 and below the first "
                 f"prime's {bits[0]} bits (e.g. 40 with [60, 40, 60])"
             )
+        if self.value_bound < 1.0:
+            raise ConfigError(
+                f"CKKS coeff_mod_bit_sizes={list(bits)} with scale_bits={self.scale_bits} leave no headroom: "
+                f"a ciphertext holds values up to 2^{self.data_bits - self.scale_bits - 2} "
+                f"(2^(data bits {self.data_bits} - scale_bits - 2)), too little to sum {MAX_SUMMANDS} values of "
+                "magnitude 1. Lower scale_bits or add a middle prime (e.g. [60, 40, 60] with scale_bits 40)"
+            )
 
     @property
     def slots(self) -> int:
@@ -71,14 +81,31 @@ class CkksParams:
         return float(2**self.scale_bits)
 
     @property
-    def value_bound(self) -> float:
-        """Largest magnitude a site may encrypt: ``2**(q0_bits - scale_bits - 1)``.
+    def data_bits(self) -> int:
+        """Bits of the modulus a fresh ciphertext lives under (every prime but the special one)."""
+        return sum(self.coeff_mod_bit_sizes[:-1])
 
-        Beyond the modulus CKKS wraps *silently*. This bound is conservative: it is the exact
-        capacity when the data level holds one prime (e.g. ``(60, 60)``); with more primes the
-        real capacity is far larger, which leaves room for sums of many sites' values.
+    @property
+    def capacity(self) -> float:
+        """Largest magnitude one ciphertext slot may hold: ``2**(data_bits - scale_bits - 2)``.
+
+        SEAL refuses to encode a value whose scaled coefficient needs ``data_bits - 1`` bits or
+        more, which for a value replicated over the slots is ``|x| * scale >= 2**(data_bits - 2)``.
+        A *sum* of ciphertexts is not checked by anyone: it wraps silently once it passes about
+        ``2**(data_bits - scale_bits - 1)`` (twice this capacity). E.g. ``(60, 60)`` at ``2**40``:
+        the data level is the single 60-bit prime, so the capacity is ``2**18`` = 262144 and a sum
+        wraps past about 5.2e5; ``(60, 40, 60)`` has 100 data bits and a capacity of ``2**58``.
         """
-        return float(2 ** (self.coeff_mod_bit_sizes[0] - self.scale_bits - 1))
+        return float(2.0 ** (self.data_bits - self.scale_bits - 2))
+
+    @property
+    def value_bound(self) -> float:
+        """Largest magnitude a site may encrypt (or the server add as plaintext): ``capacity / MAX_SUMMANDS``.
+
+        A sum of up to ``MAX_SUMMANDS`` values within this bound stays within ``capacity``, so it
+        neither wraps nor loses its sign. The codec and the summer refuse anything larger.
+        """
+        return self.capacity / MAX_SUMMANDS
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for ``federation.json`` and bundle manifests)."""
@@ -152,13 +179,16 @@ def load_context(data: bytes, *, source: str) -> ts.Context:
         _wire.read_fields(bytes(data))
         ctx = ts.context_from(bytes(data))
         _chain_bits(ctx)
+        scheme = ctx.seal_context().data.key_context_data().parms().scheme()
+        if getattr(scheme, "name", None) != "CKKS":
+            raise ValueError(f"its scheme is {getattr(scheme, 'name', scheme)}, not CKKS")
+        if not ctx.global_scale > 0:  # a context without a scale raises ValueError here
+            raise ValueError("it has no positive CKKS scale")
     except (ValueError, RuntimeError, TypeError) as exc:
         raise KeyMaterialError(
             f"{source} is not a valid TenSEAL CKKS context ({exc}); "
             "export the bundle again with `fedfms-secure keys export`"
         ) from None
-    if not ctx.global_scale or ctx.global_scale <= 0:
-        raise KeyMaterialError(f"{source} is a TenSEAL context without a CKKS scale; it is not a CKKS context")
     return ctx
 
 
@@ -179,6 +209,11 @@ def context_fingerprint(ctx: ts.Context) -> str:
         digest.update(len(part).to_bytes(8, "little"))
         digest.update(part)
     return digest.hexdigest()
+
+
+def is_fingerprint(text: object) -> bool:
+    """Whether ``text`` has the form of ``context_fingerprint``'s result (64 lowercase hex digits)."""
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def params_of(ctx: ts.Context) -> CkksParams:

@@ -39,9 +39,6 @@ __all__ = [
 ]
 
 PLAIN_CHUNK_VALUES = 4096
-# A legitimate aggregate stays within value_bound per site; decrypted magnitudes far beyond it mean
-# the ciphertext is corrupt or was made under another key (its decryption is uniform noise ~q/scale).
-_DECRYPTED_SLACK = 1024.0
 
 
 @runtime_checkable
@@ -91,6 +88,10 @@ class CkksCodec:
         self.params = params_of(ctx)
         self.chunk_values = self.params.slots
         self.bound = self.params.value_bound
+        # A sum wraps once it passes about twice the capacity, so no correct decryption is larger;
+        # a ciphertext that is corrupt or made under another key decrypts to noise ~ sqrt(N) * q / scale,
+        # far beyond it in almost every slot.
+        self._decrypt_limit = 2.0 * self.params.capacity
 
     def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
         values = _as_vector(vec, bound=self.bound)
@@ -98,13 +99,14 @@ class CkksCodec:
         return [self._encrypt(values[i : i + step]) for i in range(0, values.size, step)]
 
     def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
-        out = np.empty(_check_layout(payloads, length, self.chunk_values), dtype=np.float64)
-        for i, item in enumerate(payloads):
-            chunk = self._parse(item)
-            expected = min(self.chunk_values, length - i * self.chunk_values)
-            if chunk.size != expected:
-                raise CryptoError(f"ciphertext chunk {i} holds {chunk.size} values, expected {expected}")
-            out[i * self.chunk_values : i * self.chunk_values + expected] = self._decrypt(chunk)
+        sizes = _check_layout(payloads, length, self.chunk_values)
+        out = np.empty(length, dtype=np.float64)
+        start = 0
+        for i, (item, expected) in enumerate(zip(payloads, sizes)):
+            chunk = self._parse(item)  # one ciphertext in memory at a time
+            _check_size(i, chunk.size, expected, what="ciphertext")
+            out[start : start + expected] = self._decrypt(chunk)
+            start += expected
         return out
 
     def encrypt_scalar(self, x: float) -> bytes:
@@ -117,17 +119,28 @@ class CkksCodec:
         return float(self._decrypt(chunk)[0])
 
     def _decrypt(self, chunk: _payload.CkksChunk) -> np.ndarray:
-        values = np.asarray(chunk.vector.decrypt(), dtype=np.float64)
-        peak = float(np.max(np.abs(values)))
-        if not np.isfinite(peak) or peak > _DECRYPTED_SLACK * self.bound:
+        # a short chunk (the last of a vector, a scalar) is checked over all its slots: one noise
+        # value stays below the limit about once in 50, thousands of them never do
+        vector = chunk.vector if chunk.size == self.chunk_values else _payload.full_width(chunk, self._ctx)
+        slots = np.asarray(vector.decrypt(), dtype=np.float64)
+        values = slots[: chunk.size]
+        peak = float(np.max(np.abs(slots)))
+        if not np.isfinite(peak) or peak > self._decrypt_limit:
             raise CryptoError(
-                f"decrypted values reach {peak:.3g}, far beyond the CKKS bound {self.bound:.6g}: the ciphertext is "
-                "corrupt or was encrypted under another key"
+                f"decrypted values reach {peak:.3g}, beyond {self._decrypt_limit:.6g} where CKKS sums wrap: the "
+                "ciphertext is corrupt or was encrypted under another key"
             )
         return values
 
     def _encrypt(self, values: np.ndarray) -> bytes:
-        return _payload.pack(ts.ckks_vector(self._ctx, values.tolist()), self.fingerprint)
+        try:
+            vector = ts.ckks_vector(self._ctx, values.tolist())
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CryptoError(
+                f"TenSEAL cannot encrypt this chunk ({exc}); max |value| is {float(np.max(np.abs(values))):.6g}, the "
+                f"CKKS bound {self.bound:.6g}"
+            ) from None
+        return _payload.pack(vector, self.fingerprint)
 
     def _parse(self, item: bytes) -> _payload.CkksChunk:
         return _payload.parse(item, self._ctx, expected_fingerprint=self.fingerprint)
@@ -152,12 +165,10 @@ class PlainCodec:
         ]
 
     def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
-        _check_layout(payloads, length, self.chunk_values)
+        sizes = _check_layout(payloads, length, self.chunk_values)
         parts = [plain_from_bytes(item) for item in payloads]
-        for i, part in enumerate(parts):
-            expected = min(self.chunk_values, length - i * self.chunk_values)
-            if part.size != expected:
-                raise CryptoError(f"plain chunk {i} holds {part.size} values, expected {expected}")
+        for i, (part, expected) in enumerate(zip(parts, sizes)):
+            _check_size(i, part.size, expected, what="plain")
         return np.concatenate(parts)
 
     def encrypt_scalar(self, x: float) -> bytes:
@@ -198,14 +209,16 @@ def _as_vector(vec: np.ndarray, *, bound: float | None) -> np.ndarray:
         peak = float(np.max(np.abs(values)))
         if peak > bound:
             raise CryptoError(
-                f"max |value| {peak:.6g} exceeds the CKKS bound {bound:.6g} (2^(q0_bits - scale_bits - 1)); "
-                "beyond it CKKS wraps silently. Clip or rescale the update, or use larger first-prime/"
-                "smaller scale_bits parameters"
+                f"max |value| {peak:.6g} exceeds the CKKS bound {bound:.6g} (CkksParams.value_bound: the "
+                "capacity 2^(data_bits - scale_bits - 2) shared by up to MAX_SUMMANDS summands); beyond it sums "
+                "wrap silently. Clip or rescale the update, or use a smaller scale_bits or more primes in "
+                "coeff_mod_bit_sizes"
             )
     return values
 
 
-def _check_layout(payloads: Sequence[bytes], length: int, chunk_values: int) -> int:
+def _check_layout(payloads: Sequence[bytes], length: int, chunk_values: int) -> list[int]:
+    """The value count each payload must hold, after checking that the payload count fits ``length``."""
     if length < 1:
         raise CryptoError(f"vector length must be at least 1, got {length}")
     expected = -(-length // chunk_values)
@@ -213,4 +226,9 @@ def _check_layout(payloads: Sequence[bytes], length: int, chunk_values: int) -> 
         raise CryptoError(
             f"{len(payloads)} payloads arrived for {length} values; {expected} chunks of {chunk_values} were expected"
         )
-    return length
+    return [min(chunk_values, length - start) for start in range(0, length, chunk_values)]
+
+
+def _check_size(index: int, got: int, expected: int, *, what: str) -> None:
+    if got != expected:
+        raise CryptoError(f"{what} chunk {index} holds {got} values, expected {expected}")

@@ -6,7 +6,7 @@
                                  ckks {params, fingerprint}
     out/ca/ca.crt                federation CA certificate
     out/ca/ca.key         0600   CA private key (keep it offline)
-    out/server/tls.crt, tls.key  server certificate (SANs = server_host, + localhost/127.0.0.1
+    out/server/tls.crt, tls.key  server certificate (SANs = server_host, + localhost/127.0.0.1/::1
                                  for a loopback host) and its key (0600)
     out/clients/<name>/tls.crt, tls.key
                                  one per site: CN = SAN = site name, EKU clientAuth; key 0600
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import re
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfms_secure.crypto import pki
+from fedfms_secure.crypto._jsonfile import read_json_object
 from fedfms_secure.crypto.bundle import MANIFEST, Bundle, load_bundle
 from fedfms_secure.crypto.ckks import (
     CkksParams,
@@ -48,7 +50,8 @@ from fedfms_secure.crypto.ckks import (
 )
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
-__all__ = ["Bundle", "export_bundle", "init_federation", "load_bundle", "validate_name"]
+# Bundle and load_bundle are re-exported: callers import them from here.
+__all__ = ["Bundle", "export_bundle", "init_federation", "load_bundle", "validate_host", "validate_name"]
 
 FEDERATION_JSON = "federation.json"
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -61,6 +64,28 @@ def validate_name(name: str, *, what: str) -> str:
             f"{what} {name!r} is not allowed: use 1-64 characters from A-Z a-z 0-9 _ . - (not '.' or '..')"
         )
     return name
+
+
+def validate_host(host: str) -> str:
+    """Return ``host`` if it can be the server's certificate SAN: a DNS name or an IP address.
+
+    ConfigError for an empty host, one with a port or path (``host:50051``, ``https://host``) or
+    with whitespace; a ':' is only allowed inside an IPv6 address (``::1``).
+    """
+    if not isinstance(host, str) or not host:
+        raise ConfigError("server_host is empty: give the DNS name or IP address that sites dial")
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if ":" in host or "/" in host or any(c.isspace() for c in host):
+        raise ConfigError(
+            f"server_host {host!r} is not a bare DNS name or IP address: give the host alone (e.g. "
+            "'coordinator.example.org', '10.0.0.5' or '::1'), without a port, scheme or path; the port is "
+            "set when the server starts"
+        )
+    return host
 
 
 def init_federation(
@@ -77,8 +102,7 @@ def init_federation(
     out = Path(out)
     _refuse_non_empty(out, flag="--out")
     validate_name(federation, what="federation name")
-    if not server_host or not isinstance(server_host, str):
-        raise ConfigError("server_host is empty: give the DNS name or IP address that sites dial")
+    validate_host(server_host)
     clients = [validate_name(c, what="client name") for c in clients]
     if not clients:
         raise ConfigError("the client list is empty: name at least one site (e.g. --client site-a)")
@@ -209,17 +233,16 @@ def _refuse_non_empty(out: Path, *, flag: str) -> None:
 
 def _read_federation(src: Path) -> dict[str, Any]:
     path = src / FEDERATION_JSON
-    try:
-        meta = json.loads(path.read_text())
-        for key in ("federation", "server_host", "clients", "ckks"):
-            meta[key]
-        return meta
-    except FileNotFoundError:
-        raise KeyMaterialError(
-            f"{path} does not exist: {src} is not a provisioning folder; create one with `fedfms-secure keys init`"
-        ) from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise KeyMaterialError(
-            f"{path} is unreadable or incomplete ({exc!r}); run `fedfms-secure keys init` again"
-        ) from None
-
+    redo = "run `fedfms-secure keys init` again"
+    meta = read_json_object(
+        path,
+        ("federation", "server_host", "clients", "ckks"),
+        missing=f"{path} does not exist: {src} is not a provisioning folder; create one with `fedfms-secure keys init`",
+        remedy=redo,
+    )
+    clients, ckks = meta["clients"], meta["ckks"]
+    if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+        raise KeyMaterialError(f"{path}: clients {clients!r} is not a list of site names; {redo}")
+    if not isinstance(ckks, dict) or "params" not in ckks or "fingerprint" not in ckks:
+        raise KeyMaterialError(f"{path}: ckks is not an object with params and fingerprint; {redo}")
+    return meta

@@ -84,6 +84,23 @@ def parse(payload: bytes, ctx: ts.Context, *, expected_fingerprint: str | None) 
     return CkksChunk(vector=vector, fingerprint=fingerprint)
 
 
+def full_width(chunk: CkksChunk, ctx: ts.Context) -> ts.CKKSVector:
+    """The chunk's ciphertext re-declared to hold every slot, so that decryption shows them all.
+
+    A chunk of ``n`` values still encrypts ``slots`` of them (the rest replicate or are zero);
+    decrypting all of them tells a real ciphertext from noise far more reliably than ``n`` values.
+    """
+    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+    sizes = _wire.varint(slots)
+    body = bytearray(b"\x0a" + _wire.varint(len(sizes)) + sizes)  # field 1 (sizes), packed
+    for number, _, value in _wire.read_fields(chunk.vector.serialize()):
+        if number == 2:  # the ciphertext
+            body += b"\x12" + _wire.varint(len(value)) + value  # type: ignore[arg-type]
+        elif number == 3:  # the scale
+            body += b"\x19" + value.to_bytes(8, "little")  # type: ignore[union-attr]
+    return ts.ckks_vector_from(ctx, bytes(body))
+
+
 def _check_header(payload: bytes) -> str:
     if len(payload) <= HEADER_LEN:
         raise CryptoError(

@@ -14,9 +14,11 @@ key store refuses it (``GRPC_ALGORITHMS``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
@@ -33,7 +35,7 @@ from fedfms_secure.errors import ConfigError, KeyMaterialError
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 ALGORITHMS = ("ecdsa-p256", "ed25519")
 GRPC_ALGORITHMS = ("ecdsa-p256",)
-_LOOPBACK = {"localhost", "127.0.0.1"}
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
 
@@ -77,7 +79,7 @@ def issue_certificate(
     """A leaf certificate signed by the CA.
 
     ``role="server"``: SANs are ``hosts`` (or ``common_name`` when empty), DNS names or IPs; a
-    loopback host adds both ``localhost`` and ``127.0.0.1``; EKU serverAuth.
+    loopback host adds ``localhost``, ``127.0.0.1`` and ``::1``; EKU serverAuth.
     ``role="client"``: CN and SAN DNS are the site name; EKU clientAuth.
     """
     if role == "server":
@@ -160,13 +162,25 @@ def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write secret material readable by its owner only (mode 0600, also when the file existed)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Write secret material readable by its owner only (mode 0600), atomically.
+
+    The bytes go to a fresh temporary file (``mkstemp``: 0600, never a followed link) in the same
+    folder, are flushed to disk and then renamed over ``path``. A crash leaves either the old file
+    or the new one, never a truncated key; a symlink at ``path`` is replaced, not written through.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(data)  # a buffered write writes everything or raises
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, *, source: str) -> None:

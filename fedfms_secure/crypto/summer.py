@@ -14,7 +14,7 @@ import numpy as np
 import tenseal as ts
 
 from fedfms_secure.crypto import payload as _payload
-from fedfms_secure.crypto.ckks import params_of
+from fedfms_secure.crypto.ckks import is_fingerprint, params_of
 from fedfms_secure.errors import ConfigError, ContextMismatchError, CryptoError, KeyMaterialError
 
 
@@ -51,7 +51,7 @@ class CkksSummer:
     """
 
     def __init__(self, params_only_ctx: ts.Context, fingerprint: str | None = None) -> None:
-        if fingerprint is not None and not _is_fingerprint(fingerprint):
+        if fingerprint is not None and not is_fingerprint(fingerprint):
             raise KeyMaterialError(
                 f"{fingerprint!r} is not a CKKS context fingerprint (64 hex digits); read it from the server "
                 "bundle (Bundle.fingerprint)"
@@ -77,11 +77,14 @@ class CkksSummer:
         chunk = self._chunk(obj)
         plain = _finite(values)
         _same_size(chunk.size, plain.size)
-        if plain.size and float(np.max(np.abs(plain))) > self.bound:
-            raise CryptoError(
-                f"plaintext addend max |value| {float(np.max(np.abs(plain))):.6g} exceeds the CKKS bound {self.bound:.6g}"
-            )
-        return _payload.CkksChunk(vector=chunk.vector + plain.tolist(), fingerprint=chunk.fingerprint)
+        peak = float(np.max(np.abs(plain))) if plain.size else 0.0
+        if peak > self.bound:
+            raise CryptoError(f"plaintext addend max |value| {peak:.6g} exceeds the CKKS bound {self.bound:.6g}")
+        try:
+            vector = chunk.vector + plain.tolist()
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise CryptoError(f"TenSEAL cannot add the plaintext vector to the ciphertext ({exc})") from None
+        return _payload.CkksChunk(vector=vector, fingerprint=chunk.fingerprint)
 
     def dump(self, obj: object) -> bytes:
         chunk = self._chunk(obj)
@@ -150,10 +153,6 @@ def plain_from_bytes(payload: bytes) -> np.ndarray:
     if not np.all(np.isfinite(values)):
         raise CryptoError("plain payload holds non-finite values")
     return values
-
-
-def _is_fingerprint(text: str) -> bool:
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:

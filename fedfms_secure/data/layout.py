@@ -73,8 +73,9 @@ def list_cases(site_dir: Path) -> list[CasePair]:
     """Pair every image in ``imagesTr/`` with the label of the same name in ``labelsTr/``.
 
     Returns the cases sorted by name; an image without a label gets ``label=None`` (the caller
-    decides whether that is fatal). Raises :class:`DataError` if either folder is missing or
-    ``imagesTr/`` holds no image.
+    decides whether that is fatal). Raises :class:`DataError` if either folder is missing,
+    ``imagesTr/`` holds no image, or two files would be the same case (``a.nii.gz`` and ``a.png``;
+    ``b.nii.gz`` and ``b_0000.nii.gz``; labels ``a.nii`` and ``a.nii.gz``).
     """
     site_dir = Path(site_dir)
     images_dir, labels_dir = site_dir / IMAGES_DIR, site_dir / LABELS_DIR
@@ -84,7 +85,10 @@ def list_cases(site_dir: Path) -> list[CasePair]:
                 f"site {site_dir} has no {folder.name}/ folder; {_EXPECTED} "
                 f"(images in {IMAGES_DIR}/, labels with the same file names in {LABELS_DIR}/)."
             )
-    labels = {_stem(p): p for p in _image_files(labels_dir)}
+    labels: dict[str, Path] = {}
+    for label in _image_files(labels_dir):
+        _refuse_duplicate(labels.get(_stem(label)), label, _stem(label))
+        labels[_stem(label)] = label
     cases: dict[str, CasePair] = {}
     for image in _image_files(images_dir):
         stem = _stem(image)
@@ -97,6 +101,7 @@ def list_cases(site_dir: Path) -> list[CasePair]:
             name = m["case"]
         else:
             name = stem
+        _refuse_duplicate(cases[name].image if name in cases else None, image, name)
         cases[name] = CasePair(name=name, image=image, label=labels.get(name))
     if not cases:
         raise DataError(
@@ -104,6 +109,24 @@ def list_cases(site_dir: Path) -> list[CasePair]:
             f"and their labels under the same names in {labels_dir}."
         )
     return [cases[name] for name in sorted(cases)]
+
+
+def expected_label(image: Path) -> Path:
+    """Where the label of ``image`` belongs: ``labelsTr/`` beside its ``imagesTr/``, same name
+    without the nnU-Net channel suffix (``imagesTr/b_0000.nii.gz`` -> ``labelsTr/b.nii.gz``)."""
+    stem = _stem(image)
+    suffix = image.name[len(stem) :]
+    match = _NNUNET_CHANNEL.match(stem)
+    case = match["case"] if match else stem
+    return image.parent.parent / LABELS_DIR / f"{case}{suffix}"
+
+
+def _refuse_duplicate(first: Path | None, second: Path, name: str) -> None:
+    if first is not None:
+        raise DataError(
+            f"{first} and {second} are both case {name!r}; keep one file per case in {second.parent} "
+            "(remove or rename the other)."
+        )
 
 
 def _image_files(folder: Path) -> list[Path]:

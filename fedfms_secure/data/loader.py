@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from fedfms_secure.data.layout import CasePair, list_cases
+from fedfms_secure.data.layout import CasePair, expected_label, list_cases
 from fedfms_secure.data.preprocess import load_pair_slices
 from fedfms_secure.data.split import resolve_split
 from fedfms_secure.errors import ConfigError, DataError
@@ -120,7 +120,7 @@ def _usable_pairs(pairs: list[CasePair], *, skip_bad: bool) -> list[CasePair]:
         if pair.label is not None:
             usable.append(pair)
             continue
-        expected = pair.image.parent.parent / "labelsTr" / pair.image.name
+        expected = expected_label(pair.image)
         message = (
             f"image {pair.image} has no label (expected {expected}); add the label or remove "
             "the image."

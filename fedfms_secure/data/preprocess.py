@@ -29,7 +29,7 @@ def load_pair_slices(
 
     Returns ``(images, labels)``: images float32 ``[n, 1, S, S]`` in [0, 1], labels bool
     ``[n, 1, S, S]``. Raises
-    :class:`DataError` naming the file if it is unreadable or the shapes do not match.
+    :class:`DataError` naming the file if it is unreadable or empty, or the shapes do not match.
     """
     assert pair.label is not None
     image = _to_single_channel(read_array(pair.image), pair.image, is_label=False)
@@ -50,7 +50,10 @@ def load_pair_slices(
 
 
 def read_array(path: Path) -> np.ndarray:
-    """Read an image file through MONAI ``LoadImage`` (channel first) as a numpy array."""
+    """Read an image file through MONAI ``LoadImage`` (channel first) as a numpy array.
+
+    DataError naming ``path`` if it cannot be read or holds no voxel at all.
+    """
     loader = _png_loader() if path.name.lower().endswith(".png") else _nifti_loader()
     try:
         data = loader(str(path))
@@ -59,11 +62,19 @@ def read_array(path: Path) -> np.ndarray:
             f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt or not an "
             "image: re-export or re-download it, or remove it (and its pair) from the site."
         ) from exc
-    return np.asarray(data, dtype=np.float32)
+    array = np.asarray(data, dtype=np.float32)
+    if array.size == 0:
+        raise DataError(
+            f"{path} holds no voxels (a dimension of size 0); re-export it, or remove it (and its pair) "
+            "from the site."
+        )
+    return array
 
 
 def normalize_intensity(volume: np.ndarray) -> np.ndarray:
     """Clip at the 0.5 / 99.5 percentiles of the volume and scale to [0, 1] (float32)."""
+    if volume.size == 0:
+        raise DataError(f"cannot normalize an empty volume (shape {volume.shape}): it holds no voxels")
     volume = np.nan_to_num(volume.astype(np.float32, copy=False))
     lo, hi = np.percentile(volume, CLIP_PERCENTILES)
     if hi - lo <= 1e-8 * max(1.0, abs(hi)):
@@ -75,10 +86,9 @@ def slices_to_keep(label: np.ndarray, keep_empty_every: int) -> np.ndarray:
     """Mask over the first axis: all foreground slices, every k-th empty one (k=0: none)."""
     foreground = label.reshape(label.shape[0], -1).any(axis=1)
     empty_rank = np.cumsum(~foreground) - 1  # 0, 1, 2, ... over the empty slices
-    keep_empty = ~foreground & (keep_empty_every > 0)
-    if keep_empty_every > 0:
-        keep_empty &= empty_rank % keep_empty_every == 0
-    return foreground | keep_empty
+    if keep_empty_every <= 0:
+        return foreground
+    return foreground | (~foreground & (empty_rank % keep_empty_every == 0))
 
 
 def resize_slices(

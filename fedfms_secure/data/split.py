@@ -101,13 +101,25 @@ def _write(path: Path, split: Split, *, val_fraction: float, seed: int) -> None:
 def _read(path: Path) -> Split:
     try:
         doc = json.loads(path.read_text())
-        train, val = doc["train"], doc["val"]
-        if not all(isinstance(x, str) for x in train + val):
-            raise TypeError("case names must be strings")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"split file {path} is unreadable ({exc}); delete it to draw a new split.") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"split file {path} is not a JSON object; delete it to draw a new split.")
+    version = doc.get("format")
+    if isinstance(version, bool) or version != SPLIT_FORMAT:
         raise DataError(
-            f"split file {path} is unreadable ({exc}); delete it to draw a new split."
-        ) from exc
+            f"split file {path} has format {version!r}, this version reads format {SPLIT_FORMAT}; "
+            "delete it to draw a new split."
+        )
+    train, val = doc.get("train"), doc.get("val")
+    for key, names in (("train", train), ("val", val)):
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            raise DataError(
+                f"split file {path}: {key!r} must be a list of case names (strings), got {names!r}; "
+                "delete it to draw a new split."
+            )
+        if len(set(names)) != len(names):
+            raise DataError(f"split file {path} names a case twice in {key!r}; delete it to draw a new split.")
     overlap = set(train) & set(val)
     if overlap:
         raise DataError(

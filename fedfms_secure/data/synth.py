@@ -11,6 +11,7 @@ Everything derives from ``seed``: the same seed writes byte-identical files.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from fedfms_secure.errors import ConfigError, DataError
 
 MIN_VOLUMES, MAX_VOLUMES = 3, 8
 _MARKER = "fedfms_secure.synth"  # in dataset.json: this folder may be overwritten
+_STAGING = ".fedfms-synth-staging"  # sites are written here, then renamed into place
+_SITE_NAME = re.compile(r"site_(?P<k>[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -42,25 +45,76 @@ def synth_federation(
 ) -> list[Path]:
     """Write ``out_dir/site_1 .. site_K``, each an MSD-style site folder, and return them.
 
-    A site folder that a previous call wrote is replaced; any other existing ``site_k`` folder
-    raises :class:`DataError` rather than being overwritten.
+    A site folder that a previous call wrote is replaced, and one it wrote beyond ``site_K`` (by a
+    run with more sites) is removed, so ``find_sites(out_dir)`` finds exactly these sites. If any
+    ``site_k`` (k <= K) exists and was not written here, :class:`DataError` is raised before
+    anything is written or removed. Sites are generated in a hidden staging folder and renamed
+    into place, so an interrupted run leaves no half-written site behind.
     """
     if sites < 1:
         raise ConfigError(f"sites={sites} must be at least 1.")
     if len(shape) != 3 or min(shape[:2]) < 16 or shape[2] < 3:
         raise ConfigError(f"shape={shape} must be (X, Y, Z) with X, Y >= 16 and Z >= 3.")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a folder; choose another output folder.")
+    targets = [out_dir / f"site_{k + 1}" for k in range(sites)]
+    foreign = [t for t in targets if (t.exists() or t.is_symlink()) and not _is_ours(t)]
+    if foreign:
+        raise DataError(
+            f"{', '.join(map(str, foreign))} already exist(s) and was not written by synth_federation; choose "
+            "an empty output folder or delete it. Nothing was written."
+        )
+    staging = out_dir / _STAGING
+    _remove(staging)  # left by an interrupted run
+    staging.mkdir(parents=True)
+
     rng = np.random.default_rng(seed)
     profiles = _scanner_profiles(rng, sites)
     counts = _volume_counts(rng, sites)
-    paths = []
-    for k in range(sites):
-        site_dir = out_dir / f"site_{k + 1}"
-        _prepare_folder(site_dir)
-        site_rng = np.random.default_rng([seed, k + 1])
-        _write_site(site_dir, profiles[k], counts[k], tuple(shape), site_rng)
-        paths.append(site_dir)
-    return paths
+    try:
+        for k, target in enumerate(targets):
+            site_dir = staging / target.name
+            (site_dir / "imagesTr").mkdir(parents=True)
+            (site_dir / "labelsTr").mkdir()
+            _write_site(site_dir, profiles[k], counts[k], tuple(shape), np.random.default_rng([seed, k + 1]))
+    except BaseException:
+        _remove(staging)
+        raise
+    for target in targets:
+        if target.exists():
+            shutil.rmtree(target)
+        (staging / target.name).rename(target)
+    for stale in _own_sites_beyond(out_dir, sites):
+        shutil.rmtree(stale)
+    staging.rmdir()
+    return targets
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _is_ours(site_dir: Path) -> bool:
+    """Whether ``site_dir`` is a real folder whose dataset.json carries this generator's marker."""
+    if site_dir.is_symlink() or not site_dir.is_dir():
+        return False
+    try:
+        return json.loads((site_dir / "dataset.json").read_text()).get("generator") == _MARKER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _own_sites_beyond(out_dir: Path, sites: int) -> list[Path]:
+    """Folders ``site_k`` with k > ``sites`` that an earlier, larger run wrote."""
+    return sorted(
+        p
+        for p in out_dir.iterdir()
+        if (m := _SITE_NAME.fullmatch(p.name)) and int(m["k"]) > sites and _is_ours(p)
+    )
 
 
 def _scanner_profiles(rng: np.random.Generator, sites: int) -> list[ScannerProfile]:
@@ -90,23 +144,6 @@ def _scanner_profiles(rng: np.random.Generator, sites: int) -> list[ScannerProfi
 def _volume_counts(rng: np.random.Generator, sites: int) -> list[int]:
     choices = np.arange(MIN_VOLUMES, MAX_VOLUMES + 1)
     return [int(c) for c in rng.choice(choices, size=sites, replace=sites > len(choices))]
-
-
-def _prepare_folder(site_dir: Path) -> None:
-    if site_dir.exists():
-        meta = site_dir / "dataset.json"
-        try:
-            ours = json.loads(meta.read_text()).get("generator") == _MARKER
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise DataError(
-                f"{site_dir} already exists and was not written by synth_federation; choose an "
-                "empty output folder or delete it."
-            )
-        shutil.rmtree(site_dir)
-    (site_dir / "imagesTr").mkdir(parents=True)
-    (site_dir / "labelsTr").mkdir()
 
 
 def _write_site(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tenseal as ts
 
 from fedfms_secure.crypto.ckks import (
+    MAX_SUMMANDS,
     CkksParams,
     context_fingerprint,
     load_context,
@@ -47,7 +50,8 @@ def test_params_dict_round_trip_and_validation() -> None:
     p = CkksParams(poly_modulus_degree=4096, coeff_mod_bit_sizes=(40, 20, 40), scale_bits=20)
     assert CkksParams.from_dict(p.to_dict()) == p
     assert p.slots == 2048
-    assert PARAMS.value_bound == 2.0**19
+    assert PARAMS.data_bits == 100 and PARAMS.capacity == 2.0**58
+    assert PARAMS.value_bound == 2.0**58 / MAX_SUMMANDS
     with pytest.raises(ConfigError, match="poly_modulus_degree=3000"):
         CkksParams(poly_modulus_degree=3000)
     with pytest.raises(ConfigError, match="scale_bits=60"):
@@ -81,6 +85,13 @@ def test_load_context_rejects_garbage() -> None:
     for junk in (b"", b"\x00" * 10, b"hello world, not a context", bytes(range(256)) * 4):
         with pytest.raises(KeyMaterialError, match="bundle-x/ckks.ctx"):
             load_context(junk, source="bundle-x/ckks.ctx")
+
+
+def test_load_context_refuses_a_valid_bfv_context() -> None:
+    bfv = ts.context(ts.SCHEME_TYPE.BFV, poly_modulus_degree=4096, plain_modulus=1032193)
+    for data in (bfv.serialize(save_secret_key=True), bfv.serialize()):
+        with pytest.raises(KeyMaterialError, match=r"bundle-x/ckks.ctx is not a valid TenSEAL CKKS context.*BFV"):
+            load_context(data, source="bundle-x/ckks.ctx")
 
 
 @pytest.mark.parametrize("length", [1, 7, SLOTS, SLOTS + 1, 2 * SLOTS + 123])
@@ -125,11 +136,60 @@ def test_scalars_and_vector_errors(codec: CkksCodec) -> None:
 def test_bound_check_names_value_and_bound(codec: CkksCodec) -> None:
     bound = PARAMS.value_bound
     ok = np.array([bound, -bound, 0.5])
-    assert np.allclose(codec.decrypt_vector(codec.encrypt_vector(ok), 3), ok, atol=1e-4)
-    with pytest.raises(CryptoError, match=r"max \|value\| 600000 exceeds the CKKS bound 524288"):
-        codec.encrypt_vector(np.array([0.0, -600000.0]))
+    out = codec.decrypt_vector(codec.encrypt_vector(ok), 3)
+    # no wrap: every value comes back to float64 precision of the chunk's largest magnitude
+    assert np.max(np.abs(out - ok)) < 1e-12 * bound
+    message = re.escape(f"max |value| {2 * bound:.6g} exceeds the CKKS bound {bound:.6g}")
+    with pytest.raises(CryptoError, match=message):
+        codec.encrypt_vector(np.array([0.0, -2 * bound]))
     with pytest.raises(CryptoError, match="exceeds the CKKS bound"):
-        codec.encrypt_scalar(1e9)
+        codec.encrypt_scalar(1e30)
+
+
+SIXTY_SIXTY = CkksParams(coeff_mod_bit_sizes=(60, 60), scale_bits=40)
+
+
+@pytest.fixture(scope="module")
+def small_ctx() -> ts.Context:
+    return new_secret_context(SIXTY_SIXTY)
+
+
+def test_capacity_is_what_tenseal_encodes_for_one_prime(small_ctx: ts.Context) -> None:
+    """(60, 60): the data level is one 60-bit prime, so a slot holds 2^(60 - 40 - 2), not 2^19."""
+    assert SIXTY_SIXTY.data_bits == 60 and SIXTY_SIXTY.capacity == 2.0**18
+    cap = SIXTY_SIXTY.capacity
+    assert abs(ts.ckks_vector(small_ctx, [0.99 * cap]).decrypt()[0] - 0.99 * cap) < 1e-3
+    with pytest.raises(ValueError, match="too large"):
+        ts.ckks_vector(small_ctx, [1.01 * cap])
+
+
+def test_sixty_sixty_bound_keeps_every_sum_of_max_summands_exact(small_ctx: ts.Context) -> None:
+    fp = context_fingerprint(small_ctx)
+    codec = CkksCodec(small_ctx, fp)
+    summer = CkksSummer(load_context(serialize_params_only(small_ctx), source="server.ctx"), fp)
+    bound = SIXTY_SIXTY.value_bound
+    assert codec.bound == bound == 2.0**18 / MAX_SUMMANDS
+    # 2.6e5 passed the old 2^19 bound: three sites of it wrapped silently past ~5.2e5
+    with pytest.raises(CryptoError, match=rf"max \|value\| 260000 exceeds the CKKS bound {bound:.6g}"):
+        codec.encrypt_vector(np.array([2.6e5]))
+    chunk = summer.parse(codec.encrypt_scalar(bound))
+    total = chunk
+    for _ in range(MAX_SUMMANDS - 1):
+        total = summer.add(total, chunk)
+    assert abs(codec.decrypt_scalar(summer.dump(total)) - MAX_SUMMANDS * bound) < 1e-3
+
+
+def test_tenseal_encoding_errors_become_crypto_errors(small_ctx: ts.Context) -> None:
+    codec = CkksCodec(small_ctx, context_fingerprint(small_ctx))
+    codec.bound = float("inf")  # past the codec's own check, TenSEAL refuses to encode
+    with pytest.raises(CryptoError, match="TenSEAL cannot encrypt"):
+        codec.encrypt_vector(np.array([4.0 * SIXTY_SIXTY.capacity]))
+
+
+def test_params_without_headroom_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"leave no headroom.*2\^3"):
+        CkksParams(coeff_mod_bit_sizes=(40, 40), scale_bits=35)
+    assert CkksParams(coeff_mod_bit_sizes=(40, 40), scale_bits=30).value_bound == 2.0**8 / MAX_SUMMANDS
 
 
 def test_k_site_sum_matches_plaintext_sum(site_ctx: ts.Context, fingerprint: str, server_ctx: ts.Context) -> None:

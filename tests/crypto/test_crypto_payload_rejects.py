@@ -129,6 +129,13 @@ def test_ciphertext_of_another_key_is_refused(setup) -> None:
     forged = good[: payload.HEADER_LEN] + foreign[payload.HEADER_LEN :]
     with pytest.raises(CryptoError, match="another key"):
         codec.decrypt_vector([forged], 10)
+    # a lone value of noise stays under the limit about once in 50; every slot is checked, so a
+    # forged scalar (the encrypted sample count) is refused every time
+    for _ in range(30):
+        scalar = codec.encrypt_scalar(1.0)
+        forged = scalar[: payload.HEADER_LEN] + stranger.encrypt_scalar(1.0)[payload.HEADER_LEN :]
+        with pytest.raises(CryptoError, match="another key"):
+            codec.decrypt_scalar(forged)
 
 
 @pytest.mark.parametrize(
@@ -151,7 +158,7 @@ def test_summer_refuses_mismatched_chunks(setup) -> None:
     with pytest.raises(CryptoError, match="10 and 1 values"):
         summer.add(summer.parse(good), summer.parse(codec.encrypt_scalar(1.0)))
     with pytest.raises(CryptoError, match="exceeds the CKKS bound"):
-        summer.add_plain(summer.parse(codec.encrypt_scalar(1.0)), [1e12])
+        summer.add_plain(summer.parse(codec.encrypt_scalar(1.0)), [2 * CkksParams().value_bound])
     with pytest.raises(CryptoError):
         PlainSummer().parse(good[:-3])
 

@@ -110,7 +110,7 @@ def test_certificate_extensions() -> None:
                                    hosts=["fl.example.org", "10.0.0.5", "127.0.0.1"])
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
-    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5", "127.0.0.1", "::1"]
     eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
     client = pki.issue_certificate(ca, ca_key, "site-b", pki.new_private_key(), role="client")

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
 
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, serialize_site_context
@@ -83,7 +84,45 @@ def test_init_refusals(store: Path, tmp_path: Path) -> None:
         args = {"federation": "demo", "server_host": "localhost", **kwargs}
         with pytest.raises(ConfigError, match=message):
             init_federation(tmp_path / "new", **args)
-        assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("host", ["fl.example.org:50051", "https://fl.example.org", "fl/example", "a b", "[::1]"])
+def test_init_refuses_a_host_with_port_scheme_or_path(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match="not a bare DNS name or IP address"):
+        init_federation(tmp_path / "k", federation="demo", server_host=host, clients=["a"])
+
+
+def test_ipv6_loopback_host_gets_all_loopback_names(tmp_path: Path) -> None:
+    store = init_federation(tmp_path / "k", federation="demo", server_host="::1", clients=["a"])
+    cert = pki.load_cert(store / "server" / "tls.crt")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert sorted(str(ip) for ip in san.get_values_for_type(x509.IPAddress)) == ["127.0.0.1", "::1"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_init_rolls_back_when_provisioning_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    out = tmp_path / "keys"
+    if existing:
+        out.mkdir()
+    real, calls = pki.issue_certificate, []
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        if len(calls) == 2:  # CA and server certificate are on disk by now
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pki, "issue_certificate", failing)
+    with pytest.raises(OSError, match="disk full"):
+        init_federation(out, federation="demo", server_host="localhost", clients=["a", "b"])
+    assert len(calls) == 2
+    if existing:  # the operator's empty folder stays, emptied again
+        assert out.is_dir() and list(out.iterdir()) == []
+    else:
+        assert not out.exists()
 
 
 def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path]) -> None:
@@ -102,6 +141,33 @@ def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path])
         export_bundle("server", None, store, bundles["site-a"])
 
 
+def test_export_refuses_a_server_context_with_the_secret_key(store: Path, tmp_path: Path) -> None:
+    leaky = _copy(store, tmp_path)
+    (leaky / "he" / "server.ctx").write_bytes((leaky / "he" / "site.ctx").read_bytes())
+    with pytest.raises(KeyMaterialError, match=r"server.ctx holds the CKKS secret key"):
+        export_bundle("server", None, leaky, tmp_path / "server-bundle")
+    assert not (tmp_path / "server-bundle").exists()
+
+
+def test_export_refuses_a_malformed_federation_json(store: Path, tmp_path: Path) -> None:
+    broken = _copy(store, tmp_path)
+    meta = json.loads((broken / "federation.json").read_text())
+    for change, message in [
+        ({"clients": "site-a"}, "clients 'site-a' is not a list"),
+        ({"ckks": {"params": {}}}, "ckks is not an object with params and fingerprint"),
+    ]:
+        (broken / "federation.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(KeyMaterialError, match=rf"federation.json: {message}.*keys init"):
+            export_bundle("server", None, broken, tmp_path / "out")
+    del meta["server_host"]
+    (broken / "federation.json").write_text(json.dumps(meta))
+    with pytest.raises(KeyMaterialError, match="federation.json is incomplete: it lacks server_host"):
+        export_bundle("server", None, broken, tmp_path / "out")
+    (broken / "federation.json").write_text("[1, 2]")
+    with pytest.raises(KeyMaterialError, match="federation.json holds a JSON list"):
+        export_bundle("server", None, broken, tmp_path / "out")
+
+
 def test_server_bundle_holds_no_secret_key(bundles: dict[str, Path]) -> None:
     server = load_bundle(bundles["server"], role="server")
     ctx = server.context()
@@ -112,6 +178,16 @@ def test_server_bundle_holds_no_secret_key(bundles: dict[str, Path]) -> None:
     assert server.fingerprint == client.fingerprint == context_fingerprint(client.context())
     assert (server.federation, server.server_host, server.clients) == ("demo", "localhost", tuple(CLIENTS))
     assert client.name == "site-a" and client.params == CkksParams()
+
+
+def test_bundle_repr_hides_private_key_and_context(bundles: dict[str, Path]) -> None:
+    for name in ("server", "site-a"):
+        bundle = load_bundle(bundles[name], role="server" if name == "server" else "client")
+        text = repr(bundle)
+        assert bundle.name in text and bundle.fingerprint in text
+        assert "key_pem" not in text and "context_bytes" not in text
+        assert repr(bundle.key_pem) not in text and repr(bundle.context_bytes)[:40] not in text
+        assert b"PRIVATE KEY" in bundle.key_pem  # still there, just not printed
 
 
 def test_bundles_work_end_to_end_for_ckks(bundles: dict[str, Path]) -> None:
@@ -151,6 +227,43 @@ def test_tampered_and_missing_files_are_refused(bundles: dict[str, Path], tmp_pa
     os.chmod(loose / "ckks.ctx", 0o644)
     with pytest.raises(KeyMaterialError, match="chmod 600"):
         load_bundle(loose, role="client")
+    loose_server = _copy(bundles["server"], tmp_path / "q")
+    os.chmod(loose_server / "tls.key", 0o644)
+    with pytest.raises(KeyMaterialError, match=r"tls.key is readable by others \(mode 644\).*chmod 600"):
+        load_bundle(loose_server, role="server")
+
+
+def _edit_manifest(bundle: Path, edit) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("role", "edit", "message"),
+    [
+        ("server", lambda m: m["ckks"].update(params={"poly_modulus_degree": 3000}), r"ckks.params are invalid"),
+        ("server", lambda m: m["ckks"]["params"].update(scale_bits=60), "ckks.params are invalid"),
+        ("server", lambda m: m["ckks"].update(fingerprint="ab" * 16), "is not a context fingerprint"),
+        ("server", lambda m: m["ckks"].update(fingerprint=m["ckks"]["fingerprint"].upper()), "not a context"),
+        ("client", lambda m: m.update(clients="site-a"), "clients 'site-a' is not a list of site names"),
+        ("client", lambda m: m.update(clients=["site-a", 3]), "is not a list of site names"),
+        ("server", lambda m: m["ckks"].update(has_secret_key=True), "has_secret_key is True in a server bundle"),
+        ("client", lambda m: m["ckks"].update(has_secret_key=False), "has_secret_key is False in a client bundle"),
+        ("client", lambda m: m["ckks"].pop("has_secret_key"), "ckks is not an object with"),
+        ("client", lambda m: m.update(role="admin"), "role 'admin' is neither"),
+        ("client", lambda m: m.update(files=["ca.crt"]), "files is not a mapping"),
+        ("server", lambda m: m.pop("server_host"), "incomplete: it lacks server_host"),
+    ],
+)
+def test_malformed_manifest_is_refused_naming_it(
+    bundles: dict[str, Path], tmp_path: Path, role: str, edit, message: str
+) -> None:
+    bundle = _copy(bundles["server" if role == "server" else "site-a"], tmp_path)
+    _edit_manifest(bundle, edit)
+    with pytest.raises(KeyMaterialError, match=rf"manifest.json.*{message}.*export the bundle again with") as err:
+        load_bundle(bundle, role=role)
+    assert str(bundle / "manifest.json") in str(err.value)
 
 
 def test_server_bundle_with_secret_key_is_refused_loudly(bundles: dict[str, Path], tmp_path: Path) -> None:

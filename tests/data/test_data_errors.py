@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedfms_secure.data import load_site
+from fedfms_secure.data.preprocess import normalize_intensity
 from fedfms_secure.errors import DataError
 
 SIZE = 16
@@ -56,6 +57,27 @@ def test_image_without_label(site: Path, caplog: pytest.LogCaptureFixture) -> No
         data = load_site(site, image_size=SIZE, skip_bad=True)
     assert data.num_volumes == _n_cases(site) - 1
     assert any("case_002" in r.getMessage() for r in caplog.records)
+
+
+def test_nnunet_image_without_label_names_the_expected_label(tmp_path: Path) -> None:
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    volume = nib.Nifti1Image(np.random.rand(8, 8, 3).astype(np.float32), np.eye(4))
+    nib.save(volume, tmp_path / "imagesTr" / "case_7_0000.nii.gz")
+    expected = tmp_path / "labelsTr" / "case_7.nii.gz"
+    with pytest.raises(DataError, match="has no label") as err:
+        load_site(tmp_path, image_size=SIZE)
+    assert f"(expected {expected})" in str(err.value)
+
+
+def test_zero_size_volume_is_named(site: Path) -> None:
+    bad = site / "imagesTr" / "case_001.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 0, 3), np.float32), np.eye(4)), bad)
+    with pytest.raises(DataError, match=r"imagesTr.case_001\.nii\.gz holds no voxels"):
+        load_site(site, image_size=SIZE)
+    assert load_site(site, image_size=SIZE, skip_bad=True).num_volumes == _n_cases(site) - 1
+    with pytest.raises(DataError, match="empty volume"):
+        normalize_intensity(np.zeros((0, 4), np.float32))
 
 
 def test_shape_mismatch(site: Path) -> None:

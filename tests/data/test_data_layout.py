@@ -57,3 +57,21 @@ def test_missing_labels_folder(tmp_path: Path) -> None:
     (tmp_path / "imagesTr").mkdir()
     with pytest.raises(DataError, match="labelsTr"):
         list_cases(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "first", "second"),
+    [
+        (["a.nii.gz", "a.png"], ["a.nii.gz"], "a.nii.gz", "a.png"),  # two formats of one case
+        (["b.nii.gz", "b_0000.nii.gz"], ["b.nii.gz"], "b.nii.gz", "b_0000.nii.gz"),  # MSD and nnU-Net names
+        (["a.nii.gz"], ["a.nii", "a.nii.gz"], "a.nii", "a.nii.gz"),  # two labels of one case
+    ],
+)
+def test_two_files_of_one_case_are_refused(
+    tmp_path: Path, images: list[str], labels: list[str], first: str, second: str
+) -> None:
+    site = _site(tmp_path / "s", images, labels)
+    with pytest.raises(DataError, match="are both case") as err:
+        list_cases(site)
+    message = str(err.value)
+    assert f"/{first} and " in message and f"/{second} are both case" in message

@@ -89,8 +89,29 @@ def test_different_seeds_give_different_splits(small_federation: list[Path]) -> 
 
 def test_split_file_naming_a_missing_volume(small_federation: list[Path], tmp_path: Path) -> None:
     split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps({"train": ["case_000", "case_999"], "val": ["case_001"]}))
+    split_file.write_text(json.dumps({"format": 1, "train": ["case_000", "case_999"], "val": ["case_001"]}))
     with pytest.raises(DataError, match="case_999.*delete the split file"):
+        load_site(small_federation[0], image_size=SIZE, split_file=split_file)
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"format": 1, "train": "case_000", "val": []}, r"'train' must be a list of case names"),
+        ({"format": 1, "train": ["case_000"], "val": [1]}, r"'val' must be a list of case names"),
+        ({"format": 1, "train": ["case_000", "case_000"], "val": []}, "names a case twice"),
+        ({"format": 2, "train": ["case_000"], "val": []}, "has format 2, this version reads format 1"),
+        ({"train": ["case_000"], "val": []}, "has format None"),
+        ({"format": True, "train": ["case_000"], "val": []}, "has format True"),
+        (["case_000"], "is not a JSON object"),
+    ],
+)
+def test_malformed_split_file_is_refused(
+    small_federation: list[Path], tmp_path: Path, doc: object, message: str
+) -> None:
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=rf"split file .*split.json.*{message}.*delete it"):
         load_site(small_federation[0], image_size=SIZE, split_file=split_file)
 
 
