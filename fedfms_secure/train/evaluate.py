@@ -37,11 +37,19 @@ def predict_masks(
 
 
 def evaluate_dice(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:
-    """Mean Dice over the images of ``dataset`` (threshold 0.5 on the sigmoid)."""
+    """Mean Dice over the images of ``dataset`` whose label has foreground (threshold 0.5 on the
+    sigmoid); NaN if there is none.
+
+    Images with an empty label are left out, as MONAI's ``DiceMetric(ignore_empty=True)`` does:
+    counting them would let a model that predicts nothing score the fraction of empty slices.
+    """
     if len(dataset) == 0:  # type: ignore[arg-type]
         return float("nan")
     pred, target = predict_masks(model, dataset, batch_size)
-    return float(dice_per_image(pred, target).mean())
+    has_foreground = target.flatten(1).any(dim=1)
+    if not bool(has_foreground.any()):
+        return float("nan")
+    return float(dice_per_image(pred[has_foreground], target[has_foreground]).mean())
 
 
 def evaluate_hd95(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:

@@ -48,6 +48,17 @@ def test_evaluate_dice_and_hd95_against_an_oracle(ellipses) -> None:
     assert math.isclose(evaluate_hd95(_Oracle(shifted), data, batch_size=2), 3.0, abs_tol=0.5)
 
 
+def test_empty_labels_do_not_reward_predicting_nothing(ellipses) -> None:
+    data = ellipses(4)
+    images, labels = data.tensors
+    labels = labels.clone()
+    labels[:2] = 0  # two slices without foreground
+    mixed = torch.utils.data.TensorDataset(images, labels)
+    assert evaluate_dice(_Oracle(torch.zeros_like(labels)), mixed, batch_size=2) == 0.0
+    assert evaluate_dice(_Oracle(labels), mixed, batch_size=2) == 1.0
+    assert math.isnan(evaluate_dice(_Oracle(labels[:2]), torch.utils.data.TensorDataset(images[:2], labels[:2])))
+
+
 def test_evaluate_restores_training_mode(ellipses) -> None:
     model = build_model().train()
     score = evaluate_dice(model, ellipses(3))
