@@ -1,0 +1,221 @@
+"""``fedfms-secure``: the command line. Each command is a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fedfms_secure import __version__
+from fedfms_secure.errors import ConfigError, FedFmsError
+
+log = logging.getLogger("fedfms_secure.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    from fedfms_secure.logs import setup_logging
+
+    setup_logging(args.log_level, prefix=getattr(args, "log_prefix", "") or "")
+    try:
+        return int(args.handler(args) or 0)
+    except FedFmsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# --- commands ----------------------------------------------------------------------------------
+def _cmd_server(args: argparse.Namespace) -> int:
+    from fedfms_secure.config import ServerConfig, load_config
+    from fedfms_secure.server.daemon import serve
+
+    config = load_config(
+        ServerConfig,
+        args.config,
+        {
+            "keys": args.keys,
+            "state": args.state,
+            "address": args.address,
+            "insecure": True if args.insecure else None,
+            "rounds": args.rounds,
+            "mode": args.mode,
+            "preset": args.preset,
+            "seed": args.seed,
+            "local_epochs": args.local_epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "he": False if args.no_he else None,
+            "exit_when_done": True if args.exit_when_done else None,
+        },
+    )
+    return serve(config)
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedfms_secure.client.site import run_site
+    from fedfms_secure.config import ClientConfig, load_config
+
+    config = load_config(
+        ClientConfig,
+        args.config,
+        {
+            "keys": args.keys,
+            "data": args.data,
+            "state": args.state,
+            "server": args.server,
+            "insecure": True if args.insecure else None,
+            "site": args.site,
+            "epsilon": args.epsilon,
+            "delta": args.delta,
+            "max_grad_norm": args.max_grad_norm,
+            "save_updates": True if args.save_updates else None,
+            "connect_timeout": args.connect_timeout,
+        },
+    )
+    run_site(config)
+    return 0
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from fedfms_secure.crypto.keystore import init_federation
+
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    out = init_federation(
+        args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days
+    )
+    print(f"provisioned federation {args.federation!r} with {len(clients)} site(s) in {out}")
+    print(f"next: fedfms-secure keys export server --from {out} --out SERVER_BUNDLE")
+    return 0
+
+
+def _cmd_keys_export(args: argparse.Namespace) -> int:
+    from fedfms_secure.crypto.keystore import export_bundle
+
+    if args.role == "client" and not args.name:
+        raise ConfigError("keys export client needs the site NAME: fedfms-secure keys export client NAME --from DIR --out DIR")
+    out = export_bundle(args.role, args.name, args.source, args.out)
+    print(f"wrote {args.role} bundle{' for ' + args.name if args.name else ''} to {out}")
+    return 0
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from fedfms_secure.data import synth_federation
+
+    sites = synth_federation(args.out, sites=args.sites, seed=args.seed)
+    for site in sites:
+        print(site)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedfms_secure.demo import DemoOptions, run_demo
+
+    options = DemoOptions(
+        out=args.out,
+        clients=args.clients,
+        rounds=args.rounds,
+        epsilon=args.epsilon,
+        he=not args.no_he,
+        mode=args.mode,
+        data=args.data,
+        preset=args.preset,
+        seed=args.seed,
+        local_epochs=args.local_epochs,
+    )
+    report = run_demo(options)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedfms-secure", description=__doc__)
+    p.add_argument("--version", action="version", version=f"fedfms-secure {__version__}")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    s = sub.add_parser("server", help="run the coordinator (it only ever holds ciphertexts)")
+    s.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    s.add_argument("--keys", type=Path, help="server bundle from `keys export server`")
+    s.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one; default 127.0.0.1:50051)")
+    s.add_argument("--state", type=Path, help="folder for the server's state")
+    s.add_argument("--rounds", type=int)
+    s.add_argument("--mode", choices=["fedmsa", "fedsam"])
+    s.add_argument("--preset", help="model preset (default tiny)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--local-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--lr", type=float)
+    s.add_argument("--no-he", action="store_true", help="sum plaintext updates (a baseline, not private)")
+    s.add_argument("--insecure", action="store_true", help="serve without TLS (local experiments only)")
+    s.add_argument("--exit-when-done", action="store_true", help="exit once every round is done")
+    s.set_defaults(handler=_cmd_server, log_prefix="server")
+
+    c = sub.add_parser("client", help="run one site")
+    c.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
+    c.add_argument("--keys", type=Path, help="client bundle from `keys export client NAME`")
+    c.add_argument("--server", help="the coordinator's HOST:PORT")
+    c.add_argument("--data", type=Path, help="the site's folder (imagesTr/, labelsTr/)")
+    c.add_argument("--state", type=Path, help="folder for the site's state (privacy ledger, split)")
+    c.add_argument("--epsilon", type=float, help="target epsilon over the whole run (inf: no DP)")
+    c.add_argument("--delta", type=float)
+    c.add_argument("--max-grad-norm", type=float)
+    c.add_argument("--site", help="site name, only with --insecure")
+    c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
+    c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")
+    c.add_argument("--connect-timeout", type=float)
+    c.set_defaults(handler=_cmd_client, log_prefix="client")
+
+    k = sub.add_parser("keys", help="provision the federation's certificates and CKKS keys")
+    ksub = k.add_subparsers(metavar="ACTION")
+    ki = ksub.add_parser("init", help="make a CA, server and site certificates, and the CKKS context")
+    ki.add_argument("--out", type=Path, required=True)
+    ki.add_argument("--federation", default="fedfms")
+    ki.add_argument("--server-host", required=True, help="the host name the sites connect to")
+    ki.add_argument("--clients", required=True, help="comma-separated site names")
+    ki.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    ki.set_defaults(handler=_cmd_keys_init)
+    ke = ksub.add_parser("export", help="write the bundle one party needs, and nothing more")
+    ke.add_argument("role", choices=["server", "client"])
+    ke.add_argument("name", nargs="?", help="site name (for a client bundle)")
+    ke.add_argument("--from", dest="source", type=Path, required=True, help="the provisioning folder")
+    ke.add_argument("--out", type=Path, required=True)
+    ke.set_defaults(handler=_cmd_keys_export)
+
+    d = sub.add_parser("data", help="site datasets")
+    dsub = d.add_subparsers(metavar="ACTION")
+    ds = dsub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
+    ds.add_argument("--out", type=Path, required=True)
+    ds.add_argument("--sites", type=int, default=3)
+    ds.add_argument("--seed", type=int, default=0)
+    ds.set_defaults(handler=_cmd_data_synth)
+
+    m = sub.add_parser("demo", help="a whole secure federation on loopback, with a report")
+    m.add_argument("--out", type=Path, default=Path("demo-out"))
+    m.add_argument("--clients", type=int, default=3)
+    m.add_argument("--rounds", type=int, default=5)
+    m.add_argument("--epsilon", type=float, default=8.0, help="each site's target epsilon (inf: no DP)")
+    m.add_argument("--no-he", action="store_true", help="sum plaintext updates instead of CKKS ciphertexts")
+    m.add_argument("--mode", choices=["fedmsa", "fedsam"], default="fedmsa")
+    m.add_argument("--data", type=Path, help="existing site folders instead of generated ones")
+    m.add_argument("--preset", default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--local-epochs", type=int, default=5)
+    m.add_argument("--json", action="store_true", help="also print report.json")
+    m.set_defaults(handler=_cmd_demo)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

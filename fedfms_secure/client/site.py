@@ -1,0 +1,258 @@
+"""``fedfms-secure client``: one site's side of every round.
+
+For round r the site (see DESIGN.md, "One round")::
+
+    theta_r = theta_0 + Dec(E(theta_r - theta_0))          theta_0 is public: built from the plan's seed
+    local DP-SGD on its own slices  -> theta_k, epsilon so far
+    commit E(n_k); wait for E(N); decrypt N
+    upload E(n_k / N * (theta_k - theta_r)), chunk by chunk
+    wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices, report
+
+Only the parameters that the mode communicates travel. The sample count n_k never leaves the site
+in plaintext, and neither does any update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedfms_secure import __version__
+from fedfms_secure.config import ClientConfig
+from fedfms_secure.crypto.codec import UpdateCodec, make_site_codec
+from fedfms_secure.crypto.keystore import Bundle, load_bundle
+from fedfms_secure.data import find_sites, load_site
+from fedfms_secure.errors import ConfigError, DataError, FederationError, PrivacyBudgetExhausted
+from fedfms_secure.model.modes import apply_mode
+from fedfms_secure.model.registry import build_model
+from fedfms_secure.model.vector import flatten, load_vector
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.protocol import Chunk, Joined, Plan
+from fedfms_secure.train.evaluate import evaluate_dice
+from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
+from fedfms_secure.transport.client import FederationClient, poll
+
+log = logging.getLogger("fedfms_secure.client")
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    dice: float
+    epsilon: float | None
+    seconds: float
+
+
+def run_site(config: ClientConfig) -> list[RoundOutcome]:
+    """Joins the federation and takes part in every remaining round."""
+    bundle = None if config.insecure and not config.keys.exists() else load_bundle(config.keys, role="client")
+    site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
+    client = _connect(config, bundle)
+    with client:
+        client.wait_ready(config.connect_timeout)
+        codec_ctx = bundle.context() if bundle is not None else None
+        fingerprint = bundle.fingerprint if bundle is not None else "plain"
+        joined = client.join(fingerprint, __version__)
+        plan = joined.plan
+        if plan.scheme == "plain":
+            fingerprint = "plain"
+        elif codec_ctx is None:
+            raise ConfigError("the federation runs under CKKS: give the site's key bundle with --keys")
+        codec = make_site_codec(plan.scheme, codec_ctx, fingerprint)
+        log.info("joined", extra={"site": joined.site, "round": joined.round, "rounds": plan.rounds,
+                                  "mode": plan.mode, "scheme": plan.scheme})
+        return _Site(config, client, codec, joined, site_dir).run()
+
+
+def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
+    if config.insecure:
+        return FederationClient(config.server, insecure=True, site=config.site or (bundle.name if bundle else None))
+    assert bundle is not None
+    return FederationClient(
+        config.server,
+        ca_pem=bundle.ca_pem,
+        cert_pem=bundle.cert_pem,
+        key_pem=bundle.key_pem,
+        server_name=bundle.server_host,
+    )
+
+
+class _Site:
+    def __init__(
+        self, config: ClientConfig, client: FederationClient, codec: UpdateCodec, joined: Joined, site_dir: Path
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.codec = codec
+        self.joined = joined
+        self.plan: Plan = joined.plan
+        config.state.mkdir(parents=True, exist_ok=True)
+        self.model = build_model(self.plan.preset, seed=self.plan.seed)
+        self.data = load_site(
+            site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed
+        )
+        self.names = apply_mode(self.model, self.plan.mode)
+        self.theta0 = flatten(self.model, self.names)
+        self.train_config = TrainConfig(
+            epochs=self.plan.local_epochs,
+            batch_size=min(self.plan.batch_size, len(self.data.train)),
+            lr=self.plan.learning_rate,
+            seed=self.plan.seed,
+        )
+        self.privacy = self._open_privacy()
+
+    def _open_privacy(self) -> SitePrivacy | None:
+        if not self.config.dp:
+            log.warning("training WITHOUT differential privacy (epsilon = inf)")
+            return None
+        n = len(self.data.train)
+        per_epoch = steps_per_epoch(n, self.train_config.batch_size)
+        privacy = SitePrivacy.open(
+            self.config.state,
+            PrivacyConfig(
+                target_epsilon=self.config.epsilon,
+                delta=self.config.delta,
+                max_grad_norm=self.config.max_grad_norm,
+                accountant=self.config.accountant,
+            ),
+            sample_rate=self.train_config.batch_size / n,
+            planned_steps=self.plan.rounds * self.plan.local_epochs * per_epoch,
+        )
+        log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier,
+                                               "target_epsilon": self.config.epsilon, "delta": self.config.delta})
+        return privacy
+
+    def run(self) -> list[RoundOutcome]:
+        outcomes = []
+        start = self.joined.round
+        theta = self._fetch_theta(start)
+        load_vector(self.model, self.names, theta)
+        if start == 0:
+            dice0 = evaluate_dice(self.model, self.data.val)
+            self._write_json("initial.json", {"dice": dice0})
+            log.info("initial model evaluated", extra={"dice": dice0})
+        for round_ in range(start, self.plan.rounds):
+            outcome, theta = self._round(round_, theta)
+            outcomes.append(outcome)
+        log.info("federation finished", extra={"rounds": self.plan.rounds})
+        return outcomes
+
+    def _round(self, round_: int, theta: np.ndarray) -> tuple[RoundOutcome, np.ndarray]:
+        t0 = time.monotonic()
+        up0, down0 = self.client.bytes_up, self.client.bytes_down
+        self._wait_for_round(round_)
+        load_vector(self.model, self.names, theta)
+        if self.privacy is not None:
+            steps = self.plan.local_epochs * steps_per_epoch(len(self.data.train), self.train_config.batch_size)
+            if self.privacy.would_exceed(steps):
+                raise PrivacyBudgetExhausted(
+                    f"round {round_} would take this site past epsilon={self.config.epsilon} "
+                    f"(spent {self.privacy.epsilon():.3f}); it stops contributing"
+                )
+        result = train_local(self.model, self.data.train, self.train_config, self.privacy)
+        dice_local = evaluate_dice(self.model, self.data.val)
+        delta = flatten(self.model, self.names).astype(np.float64) - theta
+        weight = self._exchange_weight(round_, result.num_samples)
+        payloads = self.codec.encrypt_vector(delta * weight)
+        receipt = self.client.upload(self._chunks(round_, payloads, delta.size))
+        log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
+        self._wait_for_round(round_ + 1)
+        new_theta = self._fetch_theta(round_ + 1)
+        if self.config.save_updates:
+            self._save_update(round_, delta, result.num_samples, weight, new_theta - theta)
+        load_vector(self.model, self.names, new_theta)
+        dice = evaluate_dice(self.model, self.data.val)
+        epsilon = self.privacy.epsilon() if self.privacy is not None else None
+        seconds = time.monotonic() - t0
+        metrics = {
+            "dice": dice,
+            "dice_local": dice_local,
+            "loss": result.loss,
+            "epsilon": epsilon if epsilon is not None else math.inf,
+            "bytes_up": float(self.client.bytes_up - up0),
+            "bytes_down": float(self.client.bytes_down - down0),
+            "seconds": seconds,
+            "train_seconds": result.seconds,
+        }
+        self.client.report_metrics(round_, metrics)
+        log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
+                                      "seconds": seconds})
+        return RoundOutcome(round_, dice, epsilon, seconds), new_theta
+
+    def _exchange_weight(self, round_: int, n: int) -> float:
+        """Commit E(n_k), wait for E(N), decrypt it: returns n_k / N."""
+        self.client.commit_weight(round_, self.codec.fingerprint, self.codec.encrypt_scalar(float(n)))
+        total = poll(
+            lambda: self.client.weight_total(round_),
+            lambda t: t.ready,
+            timeout=self.config.round_timeout,
+            what=f"all sites to commit in round {round_}",
+        )
+        big_n = self.codec.decrypt_scalar(total.payload)
+        if not big_n >= n - 0.5:
+            raise FederationError(f"decrypted total weight {big_n:.3f} is below this site's own {n}: "
+                                  "a site may be using another CKKS context", "invalid_argument")
+        return n / round(big_n)
+
+    def _chunks(self, round_: int, payloads: list[bytes], length: int):
+        step = self.codec.chunk_values
+        for index, payload in enumerate(payloads):
+            yield Chunk(
+                round=round_,
+                index=index,
+                total=len(payloads),
+                num_values=min(step, length - index * step),
+                fingerprint=self.codec.fingerprint,
+                payload=payload,
+                vector_length=length,
+            )
+
+    def _fetch_theta(self, round_: int) -> np.ndarray:
+        if round_ == 0:
+            return self.theta0.astype(np.float64)
+        chunks = self.client.global_state(round_)
+        if not chunks:
+            raise FederationError(f"the server sent no global state for round {round_}", "not_found")
+        for chunk in chunks:
+            if chunk.fingerprint != self.codec.fingerprint:
+                raise FederationError(
+                    f"global state was made under context {chunk.fingerprint}, this site uses "
+                    f"{self.codec.fingerprint}", "invalid_argument")
+        length = chunks[0].vector_length
+        if length != self.theta0.size:
+            raise FederationError(
+                f"global state has {length} values, this site's {self.plan.mode} model communicates "
+                f"{self.theta0.size}", "invalid_argument")
+        return self.theta0.astype(np.float64) + self.codec.decrypt_vector([c.payload for c in chunks], length)
+
+    def _wait_for_round(self, round_: int) -> None:
+        poll(
+            self.client.status,
+            lambda s: s.round >= round_,
+            timeout=self.config.round_timeout,
+            what=f"round {round_} to open",
+        )
+
+    def _save_update(self, round_: int, delta, n: int, weight: float, aggregate) -> None:
+        folder = self.config.state / "updates"
+        folder.mkdir(exist_ok=True)
+        np.savez(folder / f"round_{round_}.npz", delta=delta, n=n, weight=weight, aggregate=aggregate)
+
+    def _write_json(self, name: str, data: dict) -> None:
+        (self.config.state / name).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _site_folder(data: Path) -> Path:
+    sites = find_sites(data)
+    if len(sites) != 1:
+        raise DataError(
+            f"{data} holds {len(sites)} sites; a client trains on exactly one: pass its folder "
+            f"(e.g. {sites[0]}) to --data"
+        )
+    return sites[0]

@@ -1,0 +1,218 @@
+"""``fedfms-secure demo``: a whole secure federation on loopback, then a report.
+
+In order: synthetic NIfTI sites in the MSD layout (or ``--data``), keys provisioned in a temporary
+folder, one server process and one process per site on 127.0.0.1 under mutual TLS, DP-SGD at each
+site, CKKS aggregation at the server, a live progress line, a per-round table, ``OUT/report.json``
+and ``OUT/report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedfms_secure.errors import ConfigError, FedFmsError
+from fedfms_secure.report import build_report, plot_report
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path = Path("demo-out")
+    clients: int = 3
+    rounds: int = 5
+    epsilon: float = 8.0
+    he: bool = True
+    mode: str = "fedmsa"
+    data: Path | None = None
+    preset: str = "tiny"
+    seed: int = 0
+    local_epochs: int = 5
+    # (H, W, slices) of each generated volume
+    synth_shape: tuple[int, int, int] = (64, 64, 40)
+    timeout: float = 1800.0
+    # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
+    save_updates: bool = False
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
+    """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
+    from fedfms_secure.crypto.keystore import export_bundle, init_federation
+    from fedfms_secure.data import find_sites, synth_federation
+
+    console = console or Console(stderr=True)
+    if options.clients < 1 or options.rounds < 1:
+        raise ConfigError("--clients and --rounds must be at least 1")
+    out = options.out
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    if options.data is None:
+        data_dir = out / "data"
+        shutil.rmtree(data_dir, ignore_errors=True)
+        sites = synth_federation(data_dir, sites=options.clients, seed=options.seed, shape=options.synth_shape)
+        console.print(f"[1/5] wrote {len(sites)} synthetic NIfTI sites (MSD layout) to {data_dir}")
+    else:
+        sites = find_sites(options.data)[: options.clients]
+        console.print(f"[1/5] using {len(sites)} site folder(s) from {options.data}")
+    names = [site.name for site in sites]
+
+    with tempfile.TemporaryDirectory(prefix="fedfms-keys-") as tmp:
+        provision = init_federation(Path(tmp) / "provision", federation="demo", server_host="localhost", clients=names)
+        bundles = run_dir / "bundles"
+        export_bundle("server", None, provision, bundles / "server")
+        for name in names:
+            export_bundle("client", name, provision, bundles / name)
+        console.print(f"[2/5] provisioned CA, mTLS certificates and a CKKS context for {len(names)} sites "
+                      "(the server bundle holds no CKKS secret key)")
+        # the provisioning folder (with the CA key) is deleted here; each party keeps only its bundle
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    server_state = run_dir / "server"
+    cmd = [sys.executable, "-m", "fedfms_secure", "server", "--keys", str(bundles / "server"),
+           "--address", "127.0.0.1:0", "--state", str(server_state), "--rounds", str(options.rounds),
+           "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
+           "--local-epochs", str(options.local_epochs), "--exit-when-done"]
+    if not options.he:
+        cmd.append("--no-he")
+    procs: dict[str, subprocess.Popen] = {}
+    started = time.monotonic()
+    try:
+        procs["server"] = _spawn(cmd, logs / "server.log", env)
+        address = _wait_for_address(server_state, procs["server"], logs / "server.log")
+        console.print(f"[3/5] server on {address} (mutual TLS); starting {len(names)} site processes")
+        for name, site in zip(names, sites):
+            procs[name] = _spawn(
+                [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
+                 "--server", address, "--data", str(site), "--state", str(run_dir / name),
+                 "--epsilon", str(options.epsilon), *(["--save-updates"] if options.save_updates else [])],
+                logs / f"{name}.log",
+                env,
+            )
+        _follow(procs, server_state, options, logs, console)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    report = build_report(server_state, {n: run_dir / n for n in names}, asdict(options), time.monotonic() - started)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    plot_report(report, out / "report.png")
+    console.print(_table(report))
+    console.print(f"[5/5] wrote {out / 'report.json'} and {out / 'report.png'}; logs in {logs}")
+    return report
+
+
+def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
+    fh = open(log_file, "w")
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for_address(state: Path, proc: subprocess.Popen, log_file: Path, timeout: float = 120.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = state / "address.json"
+        if path.exists():
+            return json.loads(path.read_text())["address"]
+        if proc.poll() is not None:
+            raise FedFmsError(f"the server exited during start-up:\n{_tail(log_file)}")
+        time.sleep(0.2)
+    raise FedFmsError(f"the server did not start within {timeout:.0f} s; see {log_file}")
+
+
+def _follow(procs: dict[str, subprocess.Popen], state: Path, options: DemoOptions, logs: Path,
+            console: Console) -> None:
+    """Shows progress until the server exits; any process failing stops the demo with its log."""
+    deadline = time.monotonic() + options.timeout
+    with Progress(TextColumn("[4/5] {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("federating", total=options.rounds)
+        while procs["server"].poll() is None:
+            for name, proc in procs.items():
+                if name != "server" and proc.returncode is None and proc.poll() not in (None, 0):
+                    raise FedFmsError(f"site {name} failed (exit {proc.returncode}):\n{_tail(logs / f'{name}.log')}")
+            status = _read_json(state / "status.json")
+            if status:
+                done_rounds = min(status["round"], options.rounds)
+                progress.update(task, completed=done_rounds,
+                                description=f"round {min(status['round'] + 1, options.rounds)}: {status['phase']}")
+            if time.monotonic() > deadline:
+                raise FedFmsError(f"the demo did not finish within {options.timeout:.0f} s; see the logs in {logs}")
+            time.sleep(0.3)
+        progress.update(task, completed=options.rounds, description="done")
+    if procs["server"].returncode != 0:
+        raise FedFmsError(f"the server failed (exit {procs['server'].returncode}):\n{_tail(logs / 'server.log')}")
+    for name, proc in procs.items():
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise FedFmsError(f"site {name} did not finish; see {logs / f'{name}.log'}") from None
+        if code != 0:
+            raise FedFmsError(f"{name} failed (exit {code}):\n{_tail(logs / f'{name}.log')}")
+
+
+def _table(report: dict[str, Any]) -> Table:
+    sites = report["sites"]
+    table = Table(title=f"fedfms-secure demo: {report['options']['mode']}, "
+                        f"{'CKKS' if report['options']['he'] else 'plaintext'} aggregation, "
+                        f"target epsilon {report['options']['epsilon']}")
+    table.add_column("round", justify="right")
+    table.add_column("Dice (mean)", justify="right")
+    for name in sites:
+        table.add_column(f"eps {name}", justify="right")
+    table.add_column("bytes up", justify="right")
+    table.add_column("bytes down", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_row("0", f"{report['dice_initial']:.4f}", *["0" for _ in sites], "-", "-", "-")
+    for row in report["rounds"]:
+        eps = [_fmt_eps(row["epsilon"].get(name)) for name in sites]
+        table.add_row(str(row["round"]), f"{row['dice_mean']:.4f}", *eps, _fmt_bytes(row["bytes_up_total"]),
+                      _fmt_bytes(row["bytes_down_total"]), f"{row['seconds']:.1f}")
+    return table
+
+
+def _fmt_eps(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) else f"{value:.2f}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no log at {path})"

@@ -1,0 +1,96 @@
+"""The federation report: per-round Dice, epsilon, bytes and seconds, from the files the daemons wrote.
+
+Sources: the server's ``metrics.jsonl`` (what each site chose to report after each round: Dice of
+the new global model on its validation slices, epsilon spent, bytes, seconds) and ``rounds.jsonl``
+(round durations), and each site's ``initial.json`` (Dice of theta_0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedfms_secure.server.store import StateStore
+
+
+def build_report(server_state: Path, site_states: Mapping[str, Path], options: Mapping[str, Any],
+                 wall_seconds: float) -> dict[str, Any]:
+    """Collects the report of one federation run."""
+    store = StateStore(server_state)
+    metrics = store.read_records("metrics.jsonl")
+    durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl")}
+    sites = list(site_states)
+    initial = [_initial_dice(path) for path in site_states.values()]
+    initial = [d for d in initial if d is not None]
+    rounds = []
+    for r in sorted({m["round"] for m in metrics}):
+        rows = {m["site"]: m for m in metrics if m["round"] == r}
+        dice = [rows[s]["dice"] for s in sites if s in rows]
+        eps = {s: _finite(rows[s]["epsilon"]) for s in sites if s in rows}
+        finite_eps = [e for e in eps.values() if e is not None]
+        rounds.append({
+            "round": r + 1,
+            "dice_mean": statistics.fmean(dice),
+            "dice_std": statistics.pstdev(dice) if len(dice) > 1 else 0.0,
+            "dice": {s: rows[s]["dice"] for s in sites if s in rows},
+            "dice_local_mean": statistics.fmean(rows[s]["dice_local"] for s in rows),
+            "epsilon": eps,
+            "epsilon_max": max(finite_eps) if finite_eps else None,
+            "bytes_up_total": sum(rows[s]["bytes_up"] for s in rows),
+            "bytes_down_total": sum(rows[s]["bytes_down"] for s in rows),
+            "seconds": durations.get(r, max(rows[s]["seconds"] for s in rows)),
+            "sites_reporting": len(rows),
+        })
+    return {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
+        "sites": sites,
+        "dice_initial": statistics.fmean(initial) if initial else float("nan"),
+        "rounds": rounds,
+        "dice_final": rounds[-1]["dice_mean"] if rounds else None,
+        "epsilon_final_max": rounds[-1]["epsilon_max"] if rounds else None,
+        "seconds_total": wall_seconds,
+    }
+
+
+def plot_report(report: Mapping[str, Any], path: Path) -> None:
+    """Dice and epsilon per round, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [0] + [r["round"] for r in report["rounds"]]
+    dice = [report["dice_initial"]] + [r["dice_mean"] for r in report["rounds"]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(rounds, dice, marker="o")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("mean validation Dice of the global model")
+    ax1.set_xticks(rounds)
+    for site in report["sites"]:
+        eps = [0.0] + [r["epsilon"].get(site) for r in report["rounds"]]
+        if all(e is not None for e in eps):
+            ax2.plot(rounds, eps, marker="o", label=site)
+    ax2.set_xlabel("round")
+    ax2.set_ylabel("epsilon spent (cumulative)")
+    ax2.set_xticks(rounds)
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no DP (epsilon = inf)", ha="center", va="center", transform=ax2.transAxes)
+    opts = report["options"]
+    fig.suptitle(f"{opts.get('mode')} | {'CKKS' if opts.get('he') else 'plaintext'} | target epsilon {opts.get('epsilon')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _initial_dice(state: Path) -> float | None:
+    path = Path(state) / "initial.json"
+    return json.loads(path.read_text())["dice"] if path.exists() else None
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isinf(value) else float(value)
