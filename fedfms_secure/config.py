@@ -73,6 +73,8 @@ class ClientConfig:
     save_updates: bool = False
     connect_timeout: float = 60.0
     round_timeout: float = 1800.0
+    # deadline of one RPC, streams included (a whole FedSAM upload is one call)
+    call_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")
@@ -106,11 +108,12 @@ def load_config(cls: type[C], file: Path | None, overrides: Mapping[str, Any]) -
         )
     for name in ("keys", "state", "data"):
         if name in values and name in known:
+            if not isinstance(values[name], (str, Path)):
+                raise ConfigError(f"{name} must be a path, not {values[name]!r}")
             values[name] = Path(values[name]).expanduser()
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    for name, value in values.items():
+        _check_type(name, value, known[name])
+    return cls(**values)
 
 
 def _read_toml(file: Path, cls: type) -> dict[str, Any]:
@@ -127,6 +130,19 @@ def _read_toml(file: Path, cls: type) -> dict[str, Any]:
             f"config file {file}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
         )
     return data
+
+
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str,)}
+
+
+def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:
+    expected = _TYPES.get(str(f.type))
+    if expected is None or value is None:
+        return
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        raise ConfigError(
+            f"{name} must be {str(f.type).replace(' | None', '')}, not {type(value).__name__} {value!r}"
+        )
 
 
 def _required(f: dataclasses.Field) -> bool:

@@ -12,9 +12,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,7 +70,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         sites = synth_federation(data_dir, sites=options.clients, seed=options.seed, shape=options.synth_shape)
         console.print(f"[1/5] wrote {len(sites)} synthetic NIfTI sites (MSD layout) to {data_dir}")
     else:
-        sites = find_sites(options.data)[: options.clients]
+        sites = find_sites(options.data)
+        if len(sites) < options.clients:
+            raise ConfigError(
+                f"{options.data} holds {len(sites)} site folder(s) but --clients is {options.clients}: "
+                f"lower --clients or add sites"
+            )
+        sites = sites[: options.clients]
         console.print(f"[1/5] using {len(sites)} site folder(s) from {options.data}")
     names = [site.name for site in sites]
 
@@ -92,6 +100,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         cmd.append("--no-he")
     procs: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
+    # a SIGTERM to the demo unwinds through `finally`, so no server or site is left behind
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _raise_exit) if in_main else None
     try:
         procs["server"] = _spawn(cmd, logs / "server.log", env)
         address = _wait_for_address(server_state, procs["server"], logs / "server.log")
@@ -106,14 +117,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             )
         _follow(procs, server_state, options, logs, console)
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        _stop_all(procs)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_handler)
     report = build_report(server_state, {n: run_dir / n for n in names}, asdict(options), time.monotonic() - started)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot_report(report, out / "report.png")
@@ -123,8 +129,25 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
 
 
 def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:
-    fh = open(log_file, "w")
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    with open(log_file, "w") as fh:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
+    """Terminates every child still running, then kills whichever ignores that."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _wait_for_address(state: Path, proc: subprocess.Popen, log_file: Path, timeout: float = 120.0) -> str:

@@ -40,7 +40,7 @@ def test_server_refuses_a_bundle_that_can_decrypt(provisioned, tmp_path, capsys)
     root, _ = provisioned
     code = main(["server", "--keys", str(root / "site_1"), "--state", str(tmp_path), "--address", "127.0.0.1:0"])
     assert code == 1
-    assert "server" in capsys.readouterr().err
+    assert "keys export server" in capsys.readouterr().err
 
 
 def test_missing_data_folder(provisioned, tmp_path, capsys):

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -72,7 +73,8 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
 
 def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
     if config.insecure:
-        return FederationClient(config.server, insecure=True, site=config.site or (bundle.name if bundle else None))
+        return FederationClient(config.server, insecure=True, site=config.site or (bundle.name if bundle else None),
+                                call_timeout=config.call_timeout)
     assert bundle is not None
     return FederationClient(
         config.server,
@@ -80,6 +82,7 @@ def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
         cert_pem=bundle.cert_pem,
         key_pem=bundle.key_pem,
         server_name=bundle.server_host,
+        call_timeout=config.call_timeout,
     )
 
 
@@ -159,8 +162,7 @@ class _Site:
         dice_local = evaluate_dice(self.model, self.data.val)
         delta = flatten(self.model, self.names).astype(np.float64) - theta
         weight = self._exchange_weight(round_, result.num_samples)
-        payloads = self.codec.encrypt_vector(delta * weight)
-        receipt = self.client.upload(self._chunks(round_, payloads, delta.size))
+        receipt = self.client.upload(self._chunks(round_, delta * weight))
         log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
         self._wait_for_round(round_ + 1)
         new_theta = self._fetch_theta(round_ + 1)
@@ -178,8 +180,8 @@ class _Site:
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
             "seconds": seconds,
-            "train_seconds": result.seconds,
         }
+        # not reported: training time (a proxy for n_k, which the server must never learn)
         self.client.report_metrics(round_, metrics)
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
                                       "seconds": seconds})
@@ -193,6 +195,7 @@ class _Site:
             lambda t: t.ready,
             timeout=self.config.round_timeout,
             what=f"all sites to commit in round {round_}",
+            waiting_on=lambda: self._missing("committed"),
         )
         big_n = self.codec.decrypt_scalar(total.payload)
         if not big_n >= n - 0.5:
@@ -200,17 +203,20 @@ class _Site:
                                   "a site may be using another CKKS context", "invalid_argument")
         return n / round(big_n)
 
-    def _chunks(self, round_: int, payloads: list[bytes], length: int):
+    def _chunks(self, round_: int, vector: np.ndarray) -> Iterator[Chunk]:
+        """Encrypts chunk by chunk while streaming, so at most one ciphertext is held at a time."""
         step = self.codec.chunk_values
-        for index, payload in enumerate(payloads):
+        total = math.ceil(vector.size / step)
+        for index in range(total):
+            part = vector[index * step : (index + 1) * step]
             yield Chunk(
                 round=round_,
                 index=index,
-                total=len(payloads),
-                num_values=min(step, length - index * step),
+                total=total,
+                num_values=part.size,
                 fingerprint=self.codec.fingerprint,
-                payload=payload,
-                vector_length=length,
+                payload=self.codec.encrypt_vector(part)[0],
+                vector_length=vector.size,
             )
 
     def _fetch_theta(self, round_: int) -> np.ndarray:
@@ -237,7 +243,12 @@ class _Site:
             lambda s: s.round >= round_,
             timeout=self.config.round_timeout,
             what=f"round {round_} to open",
+            waiting_on=lambda: self._missing("uploaded"),
         )
+
+    def _missing(self, field: str) -> str:
+        status = self.client.status()
+        return ", ".join(s.name for s in status.sites if not getattr(s, field)) or "nobody"
 
     def _save_update(self, round_: int, delta, n: int, weight: float, aggregate) -> None:
         folder = self.config.state / "updates"

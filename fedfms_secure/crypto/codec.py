@@ -19,6 +19,7 @@ import tenseal as ts
 from fedfms_secure.crypto import payload as _payload
 from fedfms_secure.crypto.ckks import context_fingerprint, params_of
 from fedfms_secure.crypto.summer import (
+    PLAIN_CHUNK_VALUES,
     CkksSummer,
     PayloadSummer,
     PlainSummer,
@@ -37,8 +38,6 @@ __all__ = [
     "make_site_codec",
     "make_summer",
 ]
-
-PLAIN_CHUNK_VALUES = 4096
 
 
 @runtime_checkable

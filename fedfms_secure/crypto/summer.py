@@ -17,10 +17,16 @@ from fedfms_secure.crypto import payload as _payload
 from fedfms_secure.crypto.ckks import is_fingerprint, params_of
 from fedfms_secure.errors import ConfigError, ContextMismatchError, CryptoError, KeyMaterialError
 
+#: values per plaintext chunk (the same as one CKKS ciphertext at N=8192)
+PLAIN_CHUNK_VALUES = 4096
+
 
 @runtime_checkable
 class PayloadSummer(Protocol):
     """Adds payloads of one scheme; never needs a secret key."""
+
+    #: values per full chunk: a vector of L values travels as ceil(L / chunk_values) chunks
+    chunk_values: int
 
     def parse(self, payload: bytes) -> object:
         """Validate and deserialize; CryptoError on malformed, truncated or foreign data."""
@@ -58,7 +64,9 @@ class CkksSummer:
             )
         self._ctx = params_only_ctx
         self.fingerprint = fingerprint
-        self.bound = params_of(params_only_ctx).value_bound
+        params = params_of(params_only_ctx)
+        self.bound = params.value_bound
+        self.chunk_values = params.slots
 
     def parse(self, payload: bytes) -> _payload.CkksChunk:
         return _payload.parse(payload, self._ctx, expected_fingerprint=self.fingerprint)
@@ -102,6 +110,8 @@ class CkksSummer:
 
 class PlainSummer:
     """Adds float64 little-endian payloads (the ``--no-he`` baseline)."""
+
+    chunk_values = PLAIN_CHUNK_VALUES
 
     def parse(self, payload: bytes) -> np.ndarray:
         return plain_from_bytes(payload)

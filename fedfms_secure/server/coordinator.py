@@ -6,22 +6,28 @@ It never imports gRPC and never sees a plaintext update: it adds payloads throug
 One round r, for the sites S of the federation::
 
     commit   every site in S sends E(n_k)            -> E(N) = sum E(n_k) becomes available
-    upload   every committed site streams E(n_k/N * delta_k), chunk by chunk; each finished
-             upload is folded into a running sum (memory O(model), not O(sites x model))
+    upload   every committed site streams E(n_k/N * delta_k), chunk by chunk, into a staging
+             folder of its own; a complete, valid upload is folded into the round's running sum
+             (memory O(model), not O(sites x model))
     close    E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + sum      -> round r+1 opens
 
-Errors are ``FederationError`` with a code that the transport maps to a gRPC status.
+State changes only after every check and every addition of a request has succeeded, so a
+malformed or interrupted request leaves nothing behind. On start-up the coordinator resumes
+at the newest round whose global state is complete on disk. Errors are ``FederationError``
+with a code that the transport maps to a gRPC status.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from fedfms_secure.crypto.summer import PayloadSummer
 from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import (
     PHASE_COMMIT,
@@ -40,19 +46,8 @@ from fedfms_secure.server.store import StateStore
 log = logging.getLogger("fedfms_secure.server")
 
 MAX_CHUNKS = 1 << 20
-
-
-class PayloadSummer:  # the protocol the coordinator needs (see fedfms_secure.crypto.codec)
-    def parse(self, payload: bytes) -> Any: ...
-    def add(self, a: Any, b: Any) -> Any: ...
-    def dump(self, obj: Any) -> bytes: ...
-    def size(self, obj: Any) -> int: ...
-
-
-@dataclass
-class _Site:
-    joined: bool = False
-    last_seen: float = 0.0
+RESERVED_METRICS = frozenset({"site", "round", "time"})
+MAX_METRICS = 64
 
 
 class Coordinator:
@@ -73,25 +68,30 @@ class Coordinator:
         self._store = store
         self._clock = clock
         self._lock = threading.Lock()
-        self._sites = {name: _Site() for name in sites}
-        self._round = 0
-        self._phase = PHASE_COMMIT
-        self._vector_length: int | None = None
-        self._chunks: int | None = None
+        self._joined: dict[str, bool] = {name: False for name in sites}
+        self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
+        self._uploading: set[str] = set()
         self.finished = threading.Event()
+        self._round = store.latest_global_round()
+        meta = store.global_meta(self._round) if self._round > 0 else None
+        self._vector_length: int | None = meta["vector_length"] if meta else None
+        self._chunks: int | None = meta["chunks"] if meta else None
+        self._phase = PHASE_DONE if self._round >= plan.rounds else PHASE_COMMIT
+        if self._round > 0:
+            log.info("resumed from the state folder", extra={"round": self._round, "phase": self._phase})
         self._reset_round()
 
     # --- join and status ----------------------------------------------------------------------
     def join(self, site: str, fingerprint: str) -> int:
         """Registers ``site``; returns the round now open."""
         with self._lock:
-            record = self._touch(site)
+            self._touch(site)
             if self.plan.scheme != "plain":
                 self._check_fingerprint(fingerprint)
-            if not record.joined:
+            if not self._joined[site]:
                 log.info("site joined", extra={"site": site, "round": self._round})
-            record.joined = True
+            self._joined[site] = True
             return self._round
 
     def status(self, site: str | None = None) -> Status:
@@ -102,18 +102,18 @@ class Coordinator:
             sites = tuple(
                 SiteStatus(
                     name=name,
-                    joined=rec.joined,
+                    joined=self._joined[name],
                     committed=name in self._commits,
                     uploaded=name in self._receipts,
-                    last_seen=rec.last_seen,
+                    last_seen=self._last_seen[name],
                 )
-                for name, rec in sorted(self._sites.items())
+                for name in sorted(self._joined)
             )
             return Status(self.plan.federation, self._round, self.plan.rounds, self._phase, sites)
 
     # --- global state -------------------------------------------------------------------------
-    def global_state(self, site: str, round_: int) -> tuple[int, int]:
-        """(vector_length, chunks) of the state that opens ``round_``; (0, 0) for round 0."""
+    def global_state(self, site: str, round_: int) -> int:
+        """Number of chunks of the state that opens ``round_`` (0 for round 0: theta_0 is public)."""
         with self._lock:
             self._touch(site)
             if round_ > self._round:
@@ -123,47 +123,65 @@ class Coordinator:
                     "failed_precondition",
                 )
         if round_ == 0:
-            return 0, 0
+            return 0
         meta = self._store.global_meta(round_)
         if meta is None:
-            raise FederationError(f"no global state is kept for round {round_}", "not_found")
-        return meta["vector_length"], meta["chunks"]
+            raise FederationError(
+                f"the server keeps no global state for round {round_}; ask for round {self._round}",
+                "not_found",
+            )
+        return meta["chunks"]
 
-    def global_chunk(self, round_: int, index: int) -> bytes:
-        return self._store.read_global_chunk(round_, index)
+    def global_chunk(self, round_: int, index: int) -> Chunk:
+        meta = self._store.global_meta(round_)
+        assert meta is not None
+        length, total = meta["vector_length"], meta["chunks"]
+        return Chunk(
+            round=round_,
+            index=index,
+            total=total,
+            num_values=self._expected_values(index, length),
+            fingerprint=self.fingerprint,
+            payload=self._store.read_global_chunk(round_, index),
+            vector_length=length,
+        )
 
     # --- commit -------------------------------------------------------------------------------
     def commit_weight(self, site: str, round_: int, fingerprint: str, payload: bytes) -> CommitAck:
-        """Records E(n_k) of ``site``; once every site has committed, E(N) is formed."""
+        """Records E(n_k) of ``site``; once every site has committed, E(N) is formed.
+
+        A site may commit again while the commit phase lasts (the newest weight counts); once
+        E(N) is formed, a repeated commit of a committed site is answered with the same ack.
+        """
         with self._lock:
             self._touch(site)
             self._check_fingerprint(fingerprint)
+            if round_ == self._round and self._phase == PHASE_UPLOAD and site in self._commits:
+                return CommitAck(round_, len(self._commits), len(self._joined))
             self._check_round(round_, PHASE_COMMIT, "commit")
-            if site in self._commits:
-                if self._commits[site][0] != payload:
-                    raise FederationError(
-                        f"site {site} already committed a different weight for round {round_}",
-                        "failed_precondition",
-                    )
-            else:
-                self._commits[site] = (payload, self._parse(payload, what="encrypted weight"))
-                log.info("weight committed", extra={"site": site, "round": round_})
-            if len(self._commits) == len(self._sites):
-                total = None
-                for _, obj in self._commits.values():
-                    total = obj if total is None else self._summer.add(total, obj)
+            obj = self._parse(payload, what="encrypted weight")
+            if self._summer.size(obj) != 1:
+                raise FederationError(
+                    f"an encrypted weight holds one value, this one holds {self._summer.size(obj)}",
+                    "invalid_argument",
+                )
+            commits = {**self._commits, site: obj}
+            if len(commits) == len(self._joined):
+                total = self._sum(commits.values(), what="the committed weights")
                 self._weight_total = self._summer.dump(total)
                 self._phase = PHASE_UPLOAD
-                self._write_status()
-            return CommitAck(round_, len(self._commits), len(self._sites))
+            self._commits = commits
+            log.info("weight committed", extra={"site": site, "round": round_})
+            self._write_status()
+            return CommitAck(round_, len(commits), len(self._joined))
 
     def weight_total(self, site: str, round_: int) -> WeightTotal:
         """E(N) for ``round_``, or ``ready=False`` while commits are missing."""
         with self._lock:
             self._touch(site)
-            if round_ != self._round or self._weight_total is None:
-                if round_ > self._round or (round_ == self._round and self._phase == PHASE_COMMIT):
-                    return WeightTotal(round_, ready=False)
+            if round_ > self._round or (round_ == self._round and self._phase == PHASE_COMMIT):
+                return WeightTotal(round_, ready=False)
+            if round_ < self._round or self._weight_total is None:
                 raise FederationError(f"round {round_} is closed", "failed_precondition")
             if site not in self._commits:
                 raise FederationError(
@@ -186,45 +204,61 @@ class Coordinator:
                     f"site {site} must commit its weight before uploading in round {first.round}",
                     "failed_precondition",
                 )
-        staging = self._store.start_upload(first.round, site)
-        try:
-            receipt = self._stage(site, first, it, staging)
-        except BaseException:
-            self._store.discard_upload(staging)
-            raise
-        with self._lock:
-            self._check_round(first.round, PHASE_UPLOAD, "upload")
-            previous = self._receipts.get(site)
-            if previous is not None:
-                self._store.discard_upload(staging)
-                if previous == receipt:
-                    return previous
+            if site in self._uploading:
                 raise FederationError(
-                    f"site {site} already uploaded a different update for round {first.round}",
+                    f"an upload from site {site} is still in progress; retry when it has ended",
                     "failed_precondition",
                 )
-            if self._vector_length is None:  # the first upload fixes the vector's shape
-                self._vector_length, self._chunks = first.vector_length, first.total
-            try:
-                self._check_chunk(first, first, first.index)
-            except FederationError:
-                self._store.discard_upload(staging)
-                raise
-            self._store.finish_upload(staging, first.round, site, receipt.__dict__)
-            self._fold(site, receipt)
-            self._receipts[site] = receipt
-            log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-            if set(self._receipts) == set(self._commits):
-                self._close_round()
-            return receipt
+            self._check_layout(first)
+            self._uploading.add(site)
+        staging = self._store.start_upload(first.round, site)
+        try:
+            receipt = self._stage(first, it, staging)
+            with self._lock:
+                return self._accept(site, first, receipt, staging)
+        finally:
+            self._store.discard_upload(staging)  # a no-op once accepted (the folder was moved)
+            with self._lock:
+                self._uploading.discard(site)
 
-    def _stage(self, site: str, first: Chunk, rest: Iterable[Chunk], staging) -> Receipt:
+    def _accept(self, site: str, first: Chunk, receipt: Receipt, staging: Path) -> Receipt:
+        self._check_round(first.round, PHASE_UPLOAD, "upload")
+        previous = self._receipts.get(site)
+        if previous is not None:
+            if previous == receipt:
+                return previous
+            raise FederationError(
+                f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
+            )
+        self._check_layout(first)  # another site's upload may have fixed the shape meanwhile
+        round_sum = dict(self._round_sum)
+        for index, payload in enumerate(self._store.iter_chunks(staging, receipt.chunks)):
+            obj = self._parse(payload, what=f"chunk {index}")
+            round_sum[index] = obj if index not in round_sum else self._sum([round_sum[index], obj], what=f"chunk {index}")
+        receipts = {**self._receipts, site: receipt}
+        closes = set(receipts) == set(self._commits)
+        if closes:
+            self._write_next_global(round_sum, first)
+        self._store.finish_upload(staging, first.round, site, receipt.__dict__)
+        self._vector_length, self._chunks = first.vector_length, first.total
+        self._round_sum, self._receipts = round_sum, receipts
+        log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
+        if closes:
+            self._advance()
+        return receipt
+
+    def _stage(self, first: Chunk, rest: Iterable[Chunk], staging: Path) -> Receipt:
         digest = hashlib.sha256()
         size = 0
         expected_index = 0
         for chunk in _chain(first, rest):
             self._check_chunk(chunk, first, expected_index)
-            self._parse_chunk(chunk)
+            obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
+            if self._summer.size(obj) != chunk.num_values:
+                raise FederationError(
+                    f"chunk {chunk.index} holds {self._summer.size(obj)} values, its header says {chunk.num_values}",
+                    "invalid_argument",
+                )
             self._store.stage_chunk(staging, chunk.index, chunk.payload)
             digest.update(chunk.payload)
             size += len(chunk.payload)
@@ -235,6 +269,25 @@ class Coordinator:
                 "invalid_argument",
             )
         return Receipt(first.round, first.total, size, digest.hexdigest())
+
+    def _check_layout(self, first: Chunk) -> None:
+        """A vector of L values travels as ceil(L / chunk_values) chunks; L is the federation's."""
+        length, total = first.vector_length, first.total
+        if not 0 < length <= MAX_CHUNKS * self._summer.chunk_values:
+            raise FederationError(f"vector_length {length} is out of range", "invalid_argument")
+        expected = math.ceil(length / self._summer.chunk_values)
+        if total != expected:
+            raise FederationError(
+                f"a vector of {length} values travels in {expected} chunks of {self._summer.chunk_values}, "
+                f"not {total}",
+                "invalid_argument",
+            )
+        if self._vector_length is not None and length != self._vector_length:
+            raise FederationError(
+                f"update has {length} values, the federation's vector has {self._vector_length}: "
+                "are all sites on the same plan and version?",
+                "invalid_argument",
+            )
 
     def _check_chunk(self, chunk: Chunk, first: Chunk, expected_index: int) -> None:
         self._check_fingerprint(chunk.fingerprint)
@@ -247,54 +300,52 @@ class Coordinator:
                 f"chunk {chunk.index} arrived where chunk {expected_index} was expected: send chunks in order",
                 "invalid_argument",
             )
-        if not 0 < first.total <= MAX_CHUNKS or first.vector_length <= 0:
-            raise FederationError("total and vector_length must be positive", "invalid_argument")
-        if self._vector_length is not None and (first.vector_length, first.total) != (
-            self._vector_length,
-            self._chunks,
-        ):
+        expected_values = self._expected_values(chunk.index, chunk.vector_length)
+        if chunk.num_values != expected_values:
             raise FederationError(
-                f"update has {first.vector_length} values in {first.total} chunks, the federation's "
-                f"vector has {self._vector_length} in {self._chunks}: are all sites on the same plan?",
+                f"chunk {chunk.index} of a {chunk.vector_length}-value vector holds {expected_values} values, "
+                f"not {chunk.num_values}",
                 "invalid_argument",
             )
 
-    def _parse_chunk(self, chunk: Chunk) -> None:
-        obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
-        if self._summer.size(obj) != chunk.num_values:
-            raise FederationError(
-                f"chunk {chunk.index} holds {self._summer.size(obj)} values, its header says {chunk.num_values}",
-                "invalid_argument",
-            )
-
-    def _fold(self, site: str, receipt: Receipt) -> None:
-        for index, payload in enumerate(self._store.iter_upload(receipt.round, site, receipt.chunks)):
-            obj = self._summer.parse(payload)
-            current = self._round_sum.get(index)
-            self._round_sum[index] = obj if current is None else self._summer.add(current, obj)
+    def _expected_values(self, index: int, length: int) -> int:
+        step = self._summer.chunk_values
+        return min(step, length - index * step)
 
     # --- metrics ------------------------------------------------------------------------------
     def report_metrics(self, site: str, round_: int, metrics: dict[str, float]) -> None:
+        """Appends the public metrics a site chose to report (never sample counts or updates)."""
+        reserved = RESERVED_METRICS & set(metrics)
+        if reserved or len(metrics) > MAX_METRICS:
+            raise FederationError(
+                f"metrics may not be named {', '.join(sorted(reserved))}" if reserved
+                else f"at most {MAX_METRICS} metrics per report",
+                "invalid_argument",
+            )
         with self._lock:
             self._touch(site)
-            if round_ > self._round:
-                raise FederationError(f"round {round_} has not started", "failed_precondition")
+            if round_ >= self._round:
+                raise FederationError(
+                    f"round {round_} has not closed yet: report its metrics after it has", "failed_precondition"
+                )
             record = {"site": site, "round": round_, "time": self._clock(), **metrics}
             self._store.append_record("metrics.jsonl", record)
             self._reported.setdefault(round_, set()).add(site)
-            if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= set(self._sites):
+            if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= set(self._joined):
                 self.finished.set()
 
     # --- internals ----------------------------------------------------------------------------
-    def _close_round(self) -> None:
-        previous = self._store.global_meta(self._round) if self._round > 0 else None
+    def _write_next_global(self, round_sum: dict[int, Any], first: Chunk) -> None:
         chunks = []
-        for index in range(self._chunks or 0):
-            total = self._round_sum[index]
-            if previous is not None:
-                total = self._summer.add(self._summer.parse(self._store.read_global_chunk(self._round, index)), total)
+        for index in range(first.total):
+            total = round_sum[index]
+            if self._round > 0:
+                previous = self._parse(self._store.read_global_chunk(self._round, index), what="stored global state")
+                total = self._sum([previous, total], what=f"global chunk {index}")
             chunks.append(self._summer.dump(total))
-        self._store.write_global(self._round + 1, chunks, self._vector_length or 0)
+        self._store.write_global(self._round + 1, chunks, first.vector_length)
+
+    def _advance(self) -> None:
         self._store.append_record(
             "rounds.jsonl",
             {
@@ -310,7 +361,7 @@ class Coordinator:
         self._reset_round()
 
     def _reset_round(self) -> None:
-        self._commits: dict[str, tuple[bytes, Any]] = {}
+        self._commits: dict[str, Any] = {}
         self._weight_total: bytes | None = None
         self._receipts: dict[str, Receipt] = {}
         self._round_sum: dict[int, Any] = {}
@@ -320,19 +371,18 @@ class Coordinator:
     def _write_status(self) -> None:
         self._store.write_json(
             "status.json",
-            {"round": self._round, "phase": self._phase, "total_rounds": self.plan.rounds},
+            {"round": self._round, "phase": self._phase, "total_rounds": self.plan.rounds,
+             "committed": sorted(self._commits), "uploaded": sorted(self._receipts)},
         )
 
-    def _touch(self, site: str) -> _Site:
-        record = self._sites.get(site)
-        if record is None:
+    def _touch(self, site: str) -> None:
+        if site not in self._joined:
             raise FederationError(
                 f"{site!r} is not a site of federation {self.plan.federation!r}; "
-                "ask the operator to add it (`fedfms-secure keys add-client`)",
+                "ask the operator to provision it",
                 "permission_denied",
             )
-        record.last_seen = self._clock()
-        return record
+        self._last_seen[site] = self._clock()
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
@@ -362,6 +412,15 @@ class Coordinator:
             return self._summer.parse(payload)
         except CryptoError as exc:
             raise FederationError(f"{what} is not a valid ciphertext: {exc}", "invalid_argument") from exc
+
+    def _sum(self, objs: Iterable[Any], *, what: str) -> Any:
+        total = None
+        try:
+            for obj in objs:
+                total = obj if total is None else self._summer.add(total, obj)
+        except CryptoError as exc:
+            raise FederationError(f"cannot add {what}: {exc}", "invalid_argument") from exc
+        return total
 
 
 def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:

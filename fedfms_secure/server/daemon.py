@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.codec import make_summer
-from fedfms_secure.crypto.keystore import load_bundle
+from fedfms_secure.crypto.keystore import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
@@ -24,14 +24,12 @@ from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 log = logging.getLogger("fedfms_secure.server")
 
 
-def build_coordinator(config: ServerConfig) -> tuple[Coordinator, object]:
+def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateStore]:
     """Loads the server bundle (refusing any that can decrypt) and builds the coordinator."""
     bundle = load_bundle(config.keys, role="server")
     if config.he:
-        context = bundle.context()
-        if context.is_private():  # load_bundle checks this too; the server must never hold it
-            raise ConfigError(f"{bundle.path}: the server's CKKS context holds a secret key; re-export the server bundle")
-        summer, fingerprint = make_summer("ckks", context, bundle.fingerprint), bundle.fingerprint
+        # load_bundle(role="server") has refused any context that holds a secret key
+        summer, fingerprint = make_summer("ckks", bundle.context(), bundle.fingerprint), bundle.fingerprint
     else:
         summer, fingerprint = make_summer("plain", None), "plain"
     plan = Plan(
@@ -45,25 +43,27 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, object]:
         learning_rate=config.learning_rate,
         scheme=config.scheme,
     )
-    coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, StateStore(config.state))
-    return coordinator, bundle
+    store = StateStore(config.state)
+    return Coordinator(plan, bundle.clients, summer, fingerprint, store), bundle, store
 
 
 def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
-    coordinator, bundle = build_coordinator(config)
-    store = StateStore(config.state)
+    coordinator, bundle, store = build_coordinator(config)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS)
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if config.insecure:
-        log.warning("serving WITHOUT TLS (--insecure): for local experiments only")
-        port = server.add_insecure_port(config.address)
-    else:
-        port = server.add_secure_port(
-            config.address, server_credentials(bundle.ca_pem, bundle.cert_pem, bundle.key_pem)
-        )
+    try:
+        if config.insecure:
+            log.warning("serving WITHOUT TLS (--insecure): for local experiments only")
+            port = server.add_insecure_port(config.address)
+        else:
+            port = server.add_secure_port(
+                config.address, server_credentials(bundle.ca_pem, bundle.cert_pem, bundle.key_pem)
+            )
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise ConfigError(f"cannot listen on {config.address}: is the port in use? choose another --address")
     host = config.address.rsplit(":", 1)[0]

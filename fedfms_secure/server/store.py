@@ -2,7 +2,7 @@
 
 Layout under ``--state DIR``::
 
-    address                       the HOST:PORT the server is bound to (written once listening)
+    address.json                  the HOST:PORT the server is bound to (written once listening)
     global/round_<r>/<i>.ct       E(theta_r - theta_0), chunk i (absent for round 0: theta_0 is public)
     global/round_<r>/meta.json    {"vector_length", "chunks"}
     uploads/round_<r>/<site>/<i>.ct   each site's received update chunks, as they arrived
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -59,11 +60,10 @@ class StateStore:
         return self.root / "uploads" / f"round_{round_}" / site
 
     def start_upload(self, round_: int, site: str) -> Path:
-        """An empty staging folder for a site's upload stream (a previous partial one is dropped)."""
-        staging = self.upload_dir(round_, site).with_name(f".{site}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        return staging
+        """A fresh staging folder of its own for one upload stream."""
+        parent = self.root / "uploads" / f"round_{round_}"
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{site}.", suffix=".partial", dir=parent))
 
     def stage_chunk(self, staging: Path, index: int, payload: bytes) -> None:
         _write_bytes(staging / f"{index}.ct", payload)
@@ -77,10 +77,19 @@ class StateStore:
     def discard_upload(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
-    def iter_upload(self, round_: int, site: str, total: int) -> Iterator[bytes]:
-        folder = self.upload_dir(round_, site)
+    @staticmethod
+    def iter_chunks(folder: Path, total: int) -> Iterator[bytes]:
         for i in range(total):
             yield (folder / f"{i}.ct").read_bytes()
+
+    def latest_global_round(self) -> int:
+        """The highest round whose global state is complete on disk (0 when none is)."""
+        rounds = [
+            int(p.parent.name.removeprefix("round_"))
+            for p in (self.root / "global").glob("round_*/meta.json")
+            if p.parent.name.removeprefix("round_").isdigit()
+        ]
+        return max(rounds, default=0)
 
     # --- records ------------------------------------------------------------------------------
     def append_record(self, name: str, record: dict[str, Any]) -> None:

@@ -135,18 +135,29 @@ def _translate(exc: grpc.RpcError, address: str) -> FederationError:
             "bundle was exported from the same federation as the server's"
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return ServerUnreachable(f"the server at {address} did not answer in time ({details})")
+        return ServerUnreachable(
+            f"the server at {address} did not answer in time ({details}); for large models raise "
+            "call_timeout in the client's --config file"
+        )
     return FederationError(f"server refused: {details}", _CODES.get(code, "failed_precondition"))
 
 
 def poll(fn: Callable[[], T], done: Callable[[T], bool], *, timeout: float, interval: float = 0.2,
-         what: str = "the server") -> T:
-    """Calls ``fn`` until ``done(result)``; FederationError after ``timeout`` seconds."""
+         what: str = "the server", waiting_on: Callable[[], str] | None = None) -> T:
+    """Calls ``fn`` until ``done(result)``; FederationError after ``timeout`` seconds.
+
+    ``waiting_on`` (called once, on time-out) names whoever the wait is for, for the message.
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = fn()
         if done(result):
             return result
         if time.monotonic() > deadline:
-            raise FederationError(f"timed out after {timeout:.0f} s waiting for {what}", "unavailable")
+            who = f" (still waiting on: {waiting_on()})" if waiting_on else ""
+            raise FederationError(
+                f"timed out after {timeout:.0f} s waiting for {what}{who}; check those sites' logs, or "
+                "raise round_timeout in the client's --config file",
+                "unavailable",
+            )
         time.sleep(interval)

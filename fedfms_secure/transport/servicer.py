@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
-from fedfms_secure.errors import FederationError
+from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.transport import serde
 from fedfms_secure.v1 import federation_pb2 as pb
@@ -43,19 +43,25 @@ def site_identity(context: grpc.ServicerContext, insecure: bool) -> str:
     return names[0].decode()
 
 
+def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
+    """Every failure leaves with a deliberate status and a message (never gRPC's UNKNOWN)."""
+    if isinstance(exc, FederationError):
+        context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+    if isinstance(exc, CryptoError):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unusable ciphertext: {exc}")
+    log.error("internal error in %s", method, exc_info=exc)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
+
+
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(self: "FederationServicer", request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            site = site_identity(context, self.insecure)
-            return method(self, site, request, context)
-        except FederationError as exc:
-            context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+            return method(self, site_identity(context, self.insecure), request, context)
         except grpc.RpcError:
             raise
-        except Exception as exc:  # a bug, not bad input: say so instead of gRPC's UNKNOWN
-            log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
 
     return wrapper
 
@@ -64,13 +70,11 @@ def _stream_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[
     @functools.wraps(method)
     def wrapper(self: "FederationServicer", request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            site = site_identity(context, self.insecure)
-            yield from method(self, site, request, context)
-        except FederationError as exc:
-            context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+            yield from method(self, site_identity(context, self.insecure), request, context)
+        except grpc.RpcError:
+            raise
         except Exception as exc:
-            log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__}); see the server log")
+            _abort(context, exc, method.__name__)
 
     return wrapper
 
@@ -87,18 +91,8 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @_stream_rpc
     def GetGlobalState(self, site: str, request: pb.GetGlobalStateRequest, context: grpc.ServicerContext):
-        length, total = self.coordinator.global_state(site, request.round)
-        for index in range(total):
-            payload = self.coordinator.global_chunk(request.round, index)
-            yield pb.Chunk(
-                round=request.round,
-                index=index,
-                total=total,
-                num_values=0,
-                context_fingerprint=self.coordinator.fingerprint,
-                payload=payload,
-                vector_length=length,
-            )
+        for index in range(self.coordinator.global_state(site, request.round)):
+            yield serde.chunk_to_proto(self.coordinator.global_chunk(request.round, index))
 
     @_rpc
     def CommitWeight(self, site: str, request: pb.CommitWeightRequest, context: grpc.ServicerContext):

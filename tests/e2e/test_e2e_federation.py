@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfms_secure.crypto import payload
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 
@@ -35,7 +36,16 @@ def test_report_has_every_round(run):
 def test_server_never_held_a_secret_key(run):
     out, _ = run
     server = load_bundle(out / "run" / "bundles" / "server", role="server")
-    assert not server.context().is_private()
+    context = server.context()
+    assert not context.is_private()
+    # the context the server ran with cannot decrypt the global state it built
+    stored = (out / "run" / "server" / "global" / "round_2" / "0.ct").read_bytes()
+    chunk = payload.parse(stored, context, expected_fingerprint=server.fingerprint)
+    with pytest.raises(ValueError):
+        chunk.vector.decrypt()
+    # while a site's bundle can
+    site = load_bundle(out / "run" / "bundles" / "site_1", role="client")
+    assert len(payload.parse(stored, site.context(), expected_fingerprint=site.fingerprint).vector.decrypt()) > 0
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
     names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file()}
     assert names <= {".ct", ".json", ".jsonl"}

@@ -54,8 +54,11 @@ def run_round(coord, codec, round_, deltas, counts):
 
 
 def global_vector(coord, codec, round_):
-    length, total = coord.global_state("a", round_)
-    return codec.decrypt_vector([coord.global_chunk(round_, i) for i in range(total)], length)
+    chunks = [coord.global_chunk(round_, i) for i in range(coord.global_state("a", round_))]
+    assert [c.num_values for c in chunks] == [
+        min(codec.chunk_values, chunks[0].vector_length - i * codec.chunk_values) for i in range(len(chunks))
+    ]
+    return codec.decrypt_vector([c.payload for c in chunks], chunks[0].vector_length)
 
 
 @pytest.mark.parametrize("scheme", ["ckks", "plain"])
@@ -128,3 +131,90 @@ def test_bad_streams_are_rejected_and_leave_nothing_behind(tmp_path, keys):
     other = chunks(codec, 0, np.ones(codec.chunk_values * 2) * 0.1)
     with pytest.raises(FederationError, match="different update"):
         coord.receive_upload("a", other)
+
+
+def test_chunk_layout_must_match_the_vector_length(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    good = chunks(codec, 0, np.zeros(10))
+    lying_length = [Chunk(**{**good[0].__dict__, "vector_length": 100, "num_values": 10})]
+    with pytest.raises(FederationError, match="100-value vector holds 100 values, not 10"):
+        coord.receive_upload("a", lying_length)
+    too_many = [Chunk(**{**good[0].__dict__, "total": 2})]
+    with pytest.raises(FederationError, match="travels in 1 chunks"):
+        coord.receive_upload("a", too_many)
+    coord.receive_upload("a", good)
+    other_length = chunks(codec, 0, np.zeros(11))
+    with pytest.raises(FederationError, match="federation's vector has 10"):
+        coord.receive_upload("b", other_length)
+    assert coord.status().round == 0  # nothing half-folded closed the round
+
+
+def test_a_malformed_commit_is_refused_and_the_round_goes_on(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    two_values = codec.encrypt_vector(np.array([1.0, 2.0]))[0]
+    with pytest.raises(FederationError, match="holds one value") as exc:
+        coord.commit_weight("a", 0, codec.fingerprint, two_values)
+    assert exc.value.code == "invalid_argument"
+    coord.commit_weight("a", 0, codec.fingerprint, codec.encrypt_scalar(3))
+    coord.commit_weight("a", 0, codec.fingerprint, codec.encrypt_scalar(4))  # a re-commit replaces it
+    ack = coord.commit_weight("b", 0, codec.fingerprint, codec.encrypt_scalar(5))
+    assert (ack.committed, ack.expected) == (2, 2)
+    assert codec.decrypt_scalar(coord.weight_total("b", 0).payload) == pytest.approx(9, abs=1e-3)
+    # once E(N) is formed, a retried commit gets the same ack and changes nothing
+    assert coord.commit_weight("a", 0, codec.fingerprint, codec.encrypt_scalar(100)).committed == 2
+    assert codec.decrypt_scalar(coord.weight_total("b", 0).payload) == pytest.approx(9, abs=1e-3)
+
+
+def test_reserved_metric_names_are_refused(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys, rounds=1)
+    run_round(coord, codec, 0, [np.zeros(4), np.zeros(4)], (1, 1))
+    with pytest.raises(FederationError, match="may not be named round"):
+        coord.report_metrics("a", 0, {"round": 7.0, "dice": 0.5})
+    coord.report_metrics("a", 0, {"dice": 0.5})
+    records = StateStore(tmp_path).read_records("metrics.jsonl")
+    assert [(r["site"], r["round"], r["dice"]) for r in records] == [("a", 0, 0.5)]
+    with pytest.raises(FederationError, match="has not closed"):
+        make_coordinator(tmp_path / "other", keys).report_metrics("a", 0, {"dice": 0.1})
+
+
+def test_a_restarted_coordinator_resumes_at_the_stored_round(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys, rounds=3)
+    delta = np.full(5, 0.25)
+    run_round(coord, codec, 0, [delta, delta], (2, 2))
+    restarted = make_coordinator(tmp_path, keys, rounds=3)
+    assert (restarted.status().round, restarted.status().phase) == (1, PHASE_COMMIT)
+    run_round(restarted, codec, 1, [delta, delta], (1, 3))
+    np.testing.assert_allclose(global_vector(restarted, codec, 2), 2 * delta, atol=1e-6)
+    with pytest.raises(FederationError, match="federation's vector has 5"):
+        for site in SITES:
+            restarted.commit_weight(site, 2, codec.fingerprint, codec.encrypt_scalar(1))
+        restarted.receive_upload("a", chunks(codec, 2, np.zeros(6)))
+
+
+def test_a_second_stream_from_the_same_site_waits_for_the_first(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    first = chunks(codec, 0, np.ones(codec.chunk_values + 1))
+    second = chunks(codec, 0, np.full(codec.chunk_values + 1, 5.0))
+    refusals = []
+
+    def slow_stream():
+        yield first[0]
+        try:  # the same site retries while its first stream is still open
+            coord.receive_upload("a", second)
+        except FederationError as exc:
+            refusals.append(str(exc))
+        yield first[1]
+
+    coord.receive_upload("a", slow_stream())
+    assert refusals and "still in progress" in refusals[0]
+    coord.receive_upload("b", chunks(codec, 0, np.zeros(codec.chunk_values + 1)))
+    np.testing.assert_allclose(global_vector(coord, codec, 1), np.ones(codec.chunk_values + 1), atol=1e-6)

@@ -64,6 +64,8 @@ def test_site_identity_comes_from_its_certificate(federation):
 
 def test_a_certificate_from_another_ca_is_refused(federation):
     root, address = federation
+    with connect(root, address, "a") as good:  # the server is up and answers a genuine site
+        assert good.status().federation == "t"
     b = load_bundle(root / "foreign_a", role="client")
     client = FederationClient(address, ca_pem=load_bundle(root / "a", role="client").ca_pem, cert_pem=b.cert_pem,
                               key_pem=b.key_pem, server_name="localhost", call_timeout=5)
@@ -72,7 +74,9 @@ def test_a_certificate_from_another_ca_is_refused(federation):
 
 
 def test_plaintext_connection_is_refused(federation):
-    _, address = federation
+    root, address = federation
+    with connect(root, address, "a") as good:
+        assert good.status().round == 0
     with FederationClient(address, insecure=True, site="a", call_timeout=5) as client, pytest.raises(FederationError):
         client.status()
 
