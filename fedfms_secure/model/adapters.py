@@ -26,6 +26,8 @@ from segment_anything.modeling.image_encoder import (
 )
 from torch import Tensor, nn
 
+from fedfms_secure.errors import ModelError
+
 MLP_ADAPTER_SCALE = 0.5
 
 
@@ -40,7 +42,10 @@ class Adapter(nn.Module):
         super().__init__()
         hidden = int(dim * ratio)
         if hidden < 1:
-            raise ValueError(f"adapter ratio {ratio} leaves no hidden unit for dim {dim}")
+            raise ModelError(
+                f"adapter_ratio {ratio} leaves no hidden unit for width {dim}; use a larger "
+                "adapter_ratio (e.g. 0.25)"
+            )
         self.skip_connect = skip_connect
         self.down = nn.Linear(dim, hidden)
         self.act = nn.GELU()

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from torch import Tensor, nn
 
+from fedfms_secure.errors import ModelError
+
 if TYPE_CHECKING:
     from fedfms_secure.model.registry import SamPreset
 
@@ -28,11 +30,21 @@ class SamSegmenter(nn.Module):
         self.preset = preset
 
     def forward(self, images: Tensor) -> Tensor:
-        """``images`` ``[B, 1, S, S]`` in [0, 1] -> mask logits ``[B, 1, S, S]``."""
-        if images.dim() != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected gray images [B, 1, S, S], got {tuple(images.shape)}")
+        """``images`` ``[B, 1, S, S]`` in [0, 1] -> mask logits ``[B, 1, S, S]``.
+
+        Any square size ``S`` is accepted: it is resized to the preset's ``img_size`` for SAM and
+        the logits are resized back. Non-square or non-gray input raises :class:`ModelError`.
+        """
+        if images.dim() != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+            raise ModelError(
+                f"expected square gray images [B, 1, S, S] (S = {self.preset.img_size} for preset "
+                f"{self.preset.name!r}; other square sizes are resized), got "
+                f"{tuple(images.shape)}; resample or pad slices to a square in preprocessing"
+            )
         out_size = images.shape[-2:]
-        if images.shape[0] == 0:  # SAM's window reshapes cannot take an empty batch
+        # Training never passes B = 0 (empty Poisson batches take PrivateTrainer.empty_step); kept
+        # so a direct call returns [0, 1, S, S] instead of failing in SAM's window reshapes.
+        if images.shape[0] == 0:
             return images.new_zeros(images.shape)
         embeddings = self.sam.image_encoder(self._preprocess(images))
         low_res = self._decode(embeddings)

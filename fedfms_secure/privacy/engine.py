@@ -1,11 +1,13 @@
 """Opacus wiring: one front door, :func:`make_private_trainer`, that turns a model, an optimizer
 and a dataset into DP-SGD pieces bound to a site's persisted accountant, and undoes it all after.
 
-Opacus' own components are used directly (``GradSampleModule``, ``DPOptimizer``,
-``DPDataLoader``, ``BatchMemoryManager``) rather than ``PrivacyEngine.make_private``, because the
-latter derives the sampling rate from the loader length (``1 / ceil(n / batch)``), which differs
-from the ``batch / n`` the site's noise was calibrated for. Here the Poisson sampler, the
-optimizer's expected batch size and the accountant all use ``SitePrivacy.sample_rate``.
+Opacus' own components are used directly (``GradSampleModule``, ``DPOptimizer``, the Poisson
+``UniformWithReplacementSampler`` with its empty-batch collate and ``BatchSplittingSampler``, i.e.
+what ``DPDataLoader`` and ``BatchMemoryManager`` assemble) rather than
+``PrivacyEngine.make_private``, because the latter derives the sampling rate from the loader
+length (``1 / ceil(n / batch)``), which differs from the ``batch / n`` the site's noise was
+calibrated for. Here the Poisson sampler, the optimizer's expected batch size and the accountant
+all use ``SitePrivacy.sample_rate``, and the sampler is built with its number of steps.
 
 The sampler and the noise draw from generators seeded by the OS entropy pool, never from a
 configured seed: noise that a peer could regenerate would give no privacy.
@@ -18,24 +20,74 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer
-from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
 
-from fedfms_secure.errors import ModelError
+from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
 from fedfms_secure.privacy.site import SitePrivacy
+
+
+def check_trainable(model: nn.Module, dataset: Dataset) -> list[nn.Parameter]:
+    """The trainable parameters of ``model``; :class:`ModelError` if there is nothing to train
+    (an empty ``dataset`` or no parameter with ``requires_grad``). Shared by plain and DP training.
+    """
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ModelError("the site dataset is empty; check its imagesTr/labelsTr folders")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("no parameter requires grad; call apply_mode(model, mode) first")
+    return params
+
+
+def check_budget(privacy: SitePrivacy, steps: int) -> None:
+    """:class:`PrivacyBudgetExhausted` if ``steps`` more DP steps would pass the target epsilon."""
+    if privacy.would_exceed(steps):
+        raise PrivacyBudgetExhausted(
+            f"{steps} more DP steps would take epsilon from {privacy.epsilon():.3f} to "
+            f"{privacy.epsilon_after(steps):.3f}, past the target "
+            f"{privacy.config.target_epsilon} (state in {privacy.state_dir}); this site's budget "
+            "for its data is spent: leave it out of further rounds"
+        )
+
+
+class SingleUseBatches:
+    """The physical batches of exactly ``steps`` logical steps; iterable once only.
+
+    A second pass would take ``steps`` more accounted steps that no budget check allowed.
+    """
+
+    def __init__(self, loader: DataLoader, steps: int) -> None:
+        self._loader = loader
+        self._used = False
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._used:
+            raise RuntimeError(
+                f"PrivateTrainer.batches was already iterated: its {self.steps} DP steps were "
+                "budget-checked once; open a new make_private_trainer(...) for more steps"
+            )
+        self._used = True
+        return iter(self._loader)
 
 
 @dataclass
 class PrivateTrainer:
     """The DP-SGD pieces for one local training; valid only inside :func:`make_private_trainer`.
 
-    Iterate ``batches`` (physical batches of at most ``max_physical_batch`` images), run
+    Iterate ``batches`` once (physical batches of at most ``max_physical_batch`` images), run
     ``module`` on each, ``backward()`` a *mean* loss of independent per-image terms, then call
     ``optimizer.step()`` and ``optimizer.zero_grad()``. For an empty batch call
     :meth:`empty_step` instead: Poisson sampling can draw none, and that step must still add noise
@@ -44,7 +96,7 @@ class PrivateTrainer:
 
     module: GradSampleModule
     optimizer: DPOptimizer
-    batches: DataLoader
+    batches: SingleUseBatches
 
     def empty_step(self) -> None:
         """A noise-only step for an empty Poisson batch."""
@@ -65,6 +117,33 @@ def _entropy_generator(device: torch.device | None = None) -> torch.Generator:
     return gen
 
 
+def _poisson_loader(
+    dataset: Dataset, sample_rate: float, steps: int, optimizer: DPOptimizer, max_physical: int
+) -> DataLoader:
+    """Opacus' ``DPDataLoader`` + ``BatchMemoryManager`` pipeline, built with ``steps`` up front.
+
+    ``steps`` Poisson batches at ``sample_rate``, each split into physical batches of at most
+    ``max_physical`` items (the splitter tells ``optimizer`` which one ends a logical step);
+    empty batches collate to zero-length tensors shaped like the dataset's items.
+    """
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(dataset),  # type: ignore[arg-type]
+        sample_rate=sample_rate,
+        generator=_entropy_generator(),
+        steps=steps,
+    )
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
+    splitter = BatchSplittingSampler(
+        sampler=sampler, max_batch_size=max_physical, optimizer=optimizer
+    )
+    return DataLoader(dataset, batch_sampler=splitter, collate_fn=collate)
+
+
 @contextmanager
 def make_private_trainer(
     model: nn.Module,
@@ -77,14 +156,16 @@ def make_private_trainer(
 ) -> Iterator[PrivateTrainer]:
     """DP-SGD over ``dataset`` for ``steps`` logical steps, accounted in ``privacy``.
 
-    On exit (also on error) the model is left a plain module again (no Opacus hooks or per-sample
+    Raises :class:`PrivacyBudgetExhausted` before touching the model if ``steps`` more steps would
+    pass the site's target epsilon, and :class:`ModelError` if there is nothing to train. On exit
+    (also on error) the model is left a plain module again (no Opacus hooks or per-sample
     attributes) and the accountant's state is saved to disk.
     """
+    if steps < 1:
+        raise ConfigError(f"make_private_trainer needs steps >= 1, got {steps}")
+    check_trainable(model, dataset)
+    check_budget(privacy, steps)
     num_samples = len(dataset)  # type: ignore[arg-type]
-    if num_samples == 0:
-        raise ModelError("cannot train on an empty dataset")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError("no parameter requires grad; call apply_mode(model, mode) first")
     device = next(p for p in model.parameters() if p.requires_grad).device
     module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     try:
@@ -100,19 +181,18 @@ def make_private_trainer(
         dp_optimizer.attach_step_hook(
             privacy.accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate)
         )
-        loader = DPDataLoader(dataset, sample_rate=privacy.sample_rate,
-                              generator=_entropy_generator())  # fmt: skip
-        loader.batch_sampler.steps = steps  # type: ignore[union-attr]
-        with (
-            warnings.catch_warnings(),
-            BatchMemoryManager(
-                data_loader=loader, max_physical_batch_size=max_physical_batch,
-                optimizer=dp_optimizer,
-            ) as batches,
-        ):  # fmt: skip
+        with warnings.catch_warnings():
             # Frozen layers before the first trainable one give it inputs without grad: harmless.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            yield PrivateTrainer(module=module, optimizer=dp_optimizer, batches=batches)
+            yield PrivateTrainer(
+                module=module,
+                optimizer=dp_optimizer,
+                batches=SingleUseBatches(
+                    _poisson_loader(dataset, privacy.sample_rate, steps, dp_optimizer,
+                                    max_physical_batch),
+                    steps,
+                ),
+            )  # fmt: skip
     finally:
         module.to_standard_module()
         for sub in model.modules():
@@ -126,4 +206,5 @@ def make_private_trainer(
         privacy.save()
 
 
-__all__ = ["PrivateTrainer", "make_private_trainer"]
+__all__ = ["PrivateTrainer", "SingleUseBatches", "check_budget", "check_trainable",
+           "make_private_trainer"]

@@ -114,8 +114,13 @@ class SitePrivacy:
         }
         path = self.state_dir / STATE_FILE
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
+        # Durable as well as atomic: the spent budget must not roll back after a power cut.
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+        _fsync_dir(self.state_dir)
 
     @classmethod
     def _load(cls, path: Path) -> SitePrivacy:
@@ -141,17 +146,35 @@ class SitePrivacy:
             ) from exc
 
     def _check_same(self, config: PrivacyConfig, sample_rate: float, planned_steps: int) -> None:
-        if (
-            config != self.config
-            or not math.isclose(sample_rate, self.sample_rate, rel_tol=1e-9)
-            or planned_steps != self.planned_steps
-        ):
+        rate_changed = not math.isclose(sample_rate, self.sample_rate, rel_tol=1e-9)
+        if config != self.config or rate_changed or planned_steps != self.planned_steps:
+            hint = ""
+            if rate_changed:
+                hint = (
+                    ". The sample rate is batch_size / number of training slices, so a changed "
+                    "dataset or preprocessing (e.g. keep_empty_every, the split) or a changed "
+                    "batch size is the usual cause: restore them"
+                )
             raise ConfigError(
                 f"{self.state_dir / STATE_FILE} was started with {self.config}, sample_rate="
                 f"{self.sample_rate:.6g}, planned_steps={self.planned_steps}; it was re-opened "
-                f"with {config}, sample_rate={sample_rate:.6g}, planned_steps={planned_steps}. "
-                "Use the original settings: a run's budget is fixed when it starts"
+                f"with {config}, sample_rate={sample_rate:.6g}, planned_steps={planned_steps}"
+                f"{hint}. Use the original settings: a run's budget is fixed when it starts. "
+                f"Deleting {STATE_FILE} would start a new run but resets (forfeits) the spent "
+                "budget accounting, voiding the site's privacy guarantee for data already used"
             )
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 __all__ = ["STATE_FILE", "SitePrivacy"]

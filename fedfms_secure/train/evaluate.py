@@ -54,9 +54,11 @@ def evaluate_dice(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> f
 
 def evaluate_hd95(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:
     """Mean 95th-percentile Hausdorff distance in pixels (MONAI) over images where both the
-    prediction and the label are non-empty; NaN if there is no such image."""
+    prediction and the label are non-empty; NaN if there is no such image (or no image at all)."""
     from monai.metrics import compute_hausdorff_distance
 
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return float("nan")
     pred, target = predict_masks(model, dataset, batch_size)
     keep = (pred.flatten(1).any(dim=1)) & (target.flatten(1).any(dim=1))
     if not bool(keep.any()):

@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
+from fedfms_secure.errors import ConfigError
 from fedfms_secure.model.segmenter import SamSegmenter
-from fedfms_secure.privacy.engine import make_private_trainer
+from fedfms_secure.privacy.engine import check_trainable, make_private_trainer
 from fedfms_secure.privacy.site import SitePrivacy
 from fedfms_secure.train.losses import dice_bce_loss
 
@@ -44,8 +44,9 @@ class TrainConfig:
 class TrainResult:
     """What one call of :func:`train_local` did.
 
-    ``loss`` is the mean training loss over its last epoch (NaN if DP's Poisson sampling drew
-    only empty batches); ``epsilon`` is the site's total spent budget after it (None without DP).
+    ``loss`` is the mean training loss over the steps of its last epoch (NaN if DP's Poisson
+    sampling drew only empty batches in that epoch); ``epsilon`` is the site's total spent
+    budget after it (None without DP).
     """
 
     num_samples: int
@@ -78,31 +79,31 @@ def train_local(
 
     With ``privacy`` the run takes ``epochs * steps_per_epoch`` Poisson-sampled steps at the
     site's sample rate and noise, raises :class:`PrivacyBudgetExhausted` *before* training if that
-    would pass the target epsilon, and persists the accountant afterwards. The model is a plain
+    would pass the target epsilon (checked by :func:`make_private_trainer`), and persists the
+    accountant afterwards. The site's sample rate must be ``config.batch_size / len(dataset)``,
+    the rate its noise was planned for, else :class:`ConfigError`. The model is a plain
     ``SamSegmenter`` again on return.
     """
+    params = check_trainable(model, dataset)
     num_samples = len(dataset)  # type: ignore[arg-type]
-    if num_samples == 0:
-        raise ModelError("the site dataset is empty; check its imagesTr/labelsTr folders")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ModelError("no parameter requires grad; call apply_mode(model, mode) first")
-    steps = config.epochs * steps_per_epoch(num_samples, config.batch_size)
+    if privacy is not None:
+        _check_sample_rate(privacy, config, num_samples)
+    per_epoch = steps_per_epoch(num_samples, config.batch_size)
+    steps = config.epochs * per_epoch
     optimizer = torch.optim.Adam(params, lr=config.lr)
     was_training = model.training
     model.train()
     start = time.perf_counter()
     try:
         if privacy is None:
-            losses = _train_plain(model, dataset, config, optimizer)
+            epoch_losses = _train_plain(model, dataset, config, optimizer)
         else:
-            _check_budget(privacy, steps)
-            losses = _train_private(model, dataset, config, optimizer, privacy, steps)
+            epoch_losses = _train_private(model, dataset, config, optimizer, privacy, per_epoch)
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
-    last = losses[-max(1, len(losses) // config.epochs) :]
+    last = [v for v in epoch_losses[-1] if not math.isnan(v)] if epoch_losses else []
     return TrainResult(
         num_samples=num_samples,
         steps=steps,
@@ -112,13 +113,15 @@ def train_local(
     )
 
 
-def _check_budget(privacy: SitePrivacy, steps: int) -> None:
-    if privacy.would_exceed(steps):
-        raise PrivacyBudgetExhausted(
-            f"{steps} more DP steps would take epsilon from {privacy.epsilon():.3f} to "
-            f"{privacy.epsilon_after(steps):.3f}, past the target "
-            f"{privacy.config.target_epsilon} (state in {privacy.state_dir}); this site's budget "
-            "for its data is spent: leave it out of further rounds"
+def _check_sample_rate(privacy: SitePrivacy, config: TrainConfig, num_samples: int) -> None:
+    rate = config.batch_size / num_samples
+    if not math.isclose(rate, privacy.sample_rate, rel_tol=1e-6):
+        raise ConfigError(
+            f"batch_size / training slices = {config.batch_size} / {num_samples} = {rate:.6g}, "
+            f"but the site's privacy state ({privacy.state_dir}) has sample_rate="
+            f"{privacy.sample_rate:.6g}: sample_rate was planned from batch_size / training "
+            "slices, and the noise is only valid at that rate. Train with the batch size and "
+            "dataset the privacy state was opened for"
         )
 
 
@@ -132,12 +135,14 @@ def _physical_chunks(images: Tensor, labels: Tensor, size: int) -> list[tuple[Te
 
 def _train_plain(
     model: SamSegmenter, dataset: Dataset, config: TrainConfig, optimizer: torch.optim.Optimizer
-) -> list[float]:
+) -> list[list[float]]:
+    """Losses of every step, grouped by epoch."""
     gen = torch.Generator().manual_seed(config.seed)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
-    losses: list[float] = []
+    epoch_losses: list[list[float]] = []
     device = _device_of(model)
     for _ in range(config.epochs):
+        losses: list[float] = []
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
             optimizer.zero_grad(set_to_none=True)
@@ -148,7 +153,8 @@ def _train_plain(
                 total += float(loss.detach())
             optimizer.step()
             losses.append(total)
-    return losses
+        epoch_losses.append(losses)
+    return epoch_losses
 
 
 def _train_private(
@@ -157,20 +163,23 @@ def _train_private(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     privacy: SitePrivacy,
-    steps: int,
-) -> list[float]:
-    losses: list[float] = []
+    per_epoch: int,
+) -> list[list[float]]:
+    """Losses of every logical step (NaN for an empty Poisson batch), grouped by epoch."""
+    epoch_losses: list[list[float]] = [[] for _ in range(config.epochs)]
+    done = 0  # logical steps finished; step ``done`` belongs to epoch ``done // per_epoch``
     batch_loss, batch_count = 0.0, 0
     with make_private_trainer(
         model, optimizer, dataset, privacy,
-        steps=steps, max_physical_batch=config.max_physical_batch,
+        steps=config.epochs * per_epoch, max_physical_batch=config.max_physical_batch,
     ) as dp:  # fmt: skip
         device = _device_of(model)
         for images, labels in dp.batches:
             images, labels = images.to(device), labels.to(device)
             if len(images) == 0:
                 dp.empty_step()
-                losses.append(float("nan"))
+                epoch_losses[done // per_epoch].append(float("nan"))
+                done += 1
                 continue
             loss = dice_bce_loss(dp.module(images), labels)
             loss.backward()
@@ -179,9 +188,10 @@ def _train_private(
             batch_loss += float(loss.detach()) * len(images)
             batch_count += len(images)
             if dp.logical_step_done:
-                losses.append(batch_loss / batch_count)
+                epoch_losses[done // per_epoch].append(batch_loss / batch_count)
+                done += 1
                 batch_loss, batch_count = 0.0, 0
-    return [v for v in losses if not math.isnan(v)]
+    return epoch_losses
 
 
 __all__ = ["TrainConfig", "TrainResult", "steps_per_epoch", "train_local"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from segment_anything import sam_model_registry
-from segment_anything.modeling.image_encoder import Block
+from segment_anything.modeling.image_encoder import Block, window_partition, window_unpartition
 
 from fedfms_secure.errors import ModelError
 from fedfms_secure.model import (
@@ -87,6 +88,85 @@ def test_msa_block_with_fresh_adapters_equals_the_sam_block(window: int) -> None
     assert not torch.allclose(wrapped(x), expected, atol=1e-3)
 
 
+def _explicit_adapter(x: torch.Tensor, adapter, skip: bool) -> torch.Tensor:
+    hidden = F.gelu(F.linear(x, adapter.down.weight, adapter.down.bias))
+    out = F.linear(hidden, adapter.up.weight, adapter.up.bias)
+    return x + out if skip else out
+
+
+@pytest.mark.parametrize("window", [0, 3, 4])
+def test_msa_block_equals_the_msa_formula_with_trained_adapters(window: int) -> None:
+    """Medical SAM Adapter: the space adapter (with skip) acts on the attention branch before the
+    residual add, the MLP adapter (no skip) runs in parallel to the MLP, scaled by 0.5."""
+    torch.manual_seed(1)
+    block = Block(dim=32, num_heads=4, use_rel_pos=True, window_size=window, input_size=(8, 8))
+    wrapped = MSABlock(block, ratio=0.25)
+    with torch.no_grad():
+        for p in wrapped.parameters():
+            p.normal_(0, 0.2)  # every adapter weight and bias non-zero
+    x = torch.randn(2, 8, 8, 32)
+    # segment_anything's own windowed attention, as Block.forward runs it
+    h = block.norm1(x)
+    if window > 0:
+        h, pad_hw = window_partition(h, window)
+    h = block.attn(h)
+    if window > 0:
+        h = window_unpartition(h, window, pad_hw, (8, 8))
+    x1 = x + _explicit_adapter(h, wrapped.space_adapter, skip=True)
+    xn = block.norm2(x1)
+    expected = x1 + block.mlp(xn) + 0.5 * _explicit_adapter(xn, wrapped.mlp_adapter, skip=False)
+    torch.testing.assert_close(wrapped(x), expected, rtol=1e-5, atol=1e-5)
+    # both adapters matter: zeroing either one's output changes the block
+    for adapter in (wrapped.space_adapter, wrapped.mlp_adapter):
+        saved = adapter.up.weight.detach().clone(), adapter.up.bias.detach().clone()
+        with torch.no_grad():
+            adapter.up.weight.zero_()
+            adapter.up.bias.zero_()
+        assert not torch.allclose(wrapped(x), expected, atol=1e-3)
+        with torch.no_grad():
+            adapter.up.weight.copy_(saved[0])
+            adapter.up.bias.copy_(saved[1])
+
+
+def _randomised_model(seed: int = 0):
+    model = build_model(seed=seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():  # adapters and decoder away from their init
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_batched_decode_equals_segment_anythings_mask_decoder_per_image() -> None:
+    model = _randomised_model()
+    sam = model.sam
+    images = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        embeddings = sam.image_encoder(model._preprocess(images))
+        batched = model._decode(embeddings)
+        dim = sam.prompt_encoder.embed_dim
+        grid = PRESETS["tiny"].embedding_size
+        for i in range(len(images)):
+            low_res, _ = sam.mask_decoder(
+                image_embeddings=embeddings[i : i + 1],
+                image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=torch.empty(1, 0, dim),
+                dense_prompt_embeddings=sam.prompt_encoder.no_mask_embed.weight.reshape(
+                    1, -1, 1, 1
+                ).expand(1, -1, grid, grid),
+                multimask_output=False,
+            )
+            torch.testing.assert_close(batched[i : i + 1], low_res, rtol=1e-5, atol=1e-5)
+        # and with Sam.forward itself, prompts left out (its own prompt encoder and preprocess)
+        outputs = sam(
+            [{"image": img.expand(3, -1, -1) * 255.0, "original_size": (64, 64)} for img in images],
+            multimask_output=False,
+        )
+    for i, out in enumerate(outputs):
+        torch.testing.assert_close(batched[i : i + 1], out["low_res_logits"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1])
+
+
 def test_forward_is_batched_and_matches_per_image_outputs() -> None:
     model = build_model().eval()
     with torch.no_grad():
@@ -101,13 +181,23 @@ def test_forward_is_batched_and_matches_per_image_outputs() -> None:
     assert not torch.allclose(batched[0], batched[1])
 
 
-def test_forward_resizes_other_image_sizes_and_returns_input_size() -> None:
+def test_forward_resizes_other_square_sizes_and_refuses_non_square_or_colour() -> None:
     model = build_model().eval()
     with torch.no_grad():
         out = model(torch.rand(2, 1, 48, 48))
     assert out.shape == (2, 1, 48, 48)
-    with pytest.raises(ValueError, match="gray images"):
+    with pytest.raises(ModelError, match=r"square gray images .*S = 64.*\(2, 3, 64, 64\)"):
         model(torch.rand(2, 3, 64, 64))
+    with pytest.raises(ModelError, match=r"square gray images .*\(2, 1, 64, 48\)"):
+        model(torch.rand(2, 1, 64, 48))
+    with pytest.raises(ModelError, match="square gray images"):
+        model(torch.rand(1, 64, 64))
+
+
+def test_forward_of_an_empty_batch_is_an_empty_batch() -> None:
+    with torch.no_grad():
+        out = build_model()(torch.rand(0, 1, 64, 64))
+    assert out.shape == (0, 1, 64, 64)
 
 
 def test_checkpoint_round_trip_and_official_format(tmp_path) -> None:
@@ -125,6 +215,23 @@ def test_checkpoint_round_trip_and_official_format(tmp_path) -> None:
     for name, value in loaded.sam.state_dict().items():
         ref = fresh.sam.state_dict()[name] if "adapter" in name else official[name]
         assert torch.equal(value, ref), name
+
+
+def test_checkpoint_with_other_adapter_ratio_names_adapter_ratio(tmp_path) -> None:
+    path = tmp_path / "ratio.pth"
+    save_sam_checkpoint(build_model(adapter_ratio=0.5), path)
+    with pytest.raises(ModelError, match=r"adapter_ratio.*0\.25.*0\.5") as info:
+        load_sam_checkpoint(build_model(adapter_ratio=0.25), path)
+    assert "pick the preset" not in str(info.value)  # the preset is right; the ratio is not
+
+
+def test_checkpoint_with_non_tensor_values_names_the_key(tmp_path) -> None:
+    state = build_model().sam.state_dict()
+    state["image_encoder.neck.0.weight"] = [1.0, 2.0]
+    path = tmp_path / "lists.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match=r"non-tensor.*image_encoder\.neck\.0\.weight"):
+        load_sam_checkpoint(build_model(), path)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from opacus.accountants import create_accountant
@@ -83,6 +84,48 @@ def test_reopen_with_other_settings_is_refused(tmp_path) -> None:
         _open(tmp_path, planned_steps=200)
     with pytest.raises(ConfigError, match="original settings"):
         _open(tmp_path, config=PrivacyConfig(target_epsilon=8.0))
+
+
+def test_reopen_with_another_sample_rate_explains_the_cause_and_the_cost_of_deleting(
+    tmp_path,
+) -> None:
+    _open(tmp_path, sample_rate=0.1)
+    with pytest.raises(ConfigError) as info:
+        _open(tmp_path, sample_rate=0.125)
+    message = str(info.value)
+    assert "batch_size / number of training slices" in message
+    assert "keep_empty_every" in message and "batch size" in message
+    assert f"Deleting {STATE_FILE}" in message and "forfeits" in message
+    with pytest.raises(ConfigError) as other:
+        _open(tmp_path, planned_steps=200)
+    assert "keep_empty_every" not in str(other.value)  # the hint is for the sample rate only
+
+
+def test_save_fsyncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+) -> None:
+    site = _open(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _step(site, 2)
+    site.save()
+    folder = os.path.realpath(tmp_path)
+    state = os.path.join(folder, STATE_FILE)
+    events = [(kind, os.path.realpath(path)) for kind, path in events]
+    assert events == [("fsync", state + ".tmp"), ("replace", state), ("fsync", folder)]
+    assert json.loads((tmp_path / STATE_FILE).read_text())["accountant"]["history"][0][2] == 2
+    assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
 
 
 def test_corrupt_state_is_a_config_error_that_warns_against_deleting(tmp_path) -> None:

@@ -59,6 +59,14 @@ def test_empty_labels_do_not_reward_predicting_nothing(ellipses) -> None:
     assert math.isnan(evaluate_dice(_Oracle(labels[:2]), torch.utils.data.TensorDataset(images[:2], labels[:2])))
 
 
+def test_an_empty_dataset_scores_nan_without_running_the_model() -> None:
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, 1, 8, 8))
+    oracle = _Oracle(torch.zeros(0, 1, 8, 8))
+    assert math.isnan(evaluate_hd95(oracle, empty))
+    assert math.isnan(evaluate_dice(oracle, empty))
+    assert oracle.pos == 0
+
+
 def test_evaluate_restores_training_mode(ellipses) -> None:
     model = build_model().train()
     score = evaluate_dice(model, ellipses(3))

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus.accountants import create_accountant
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from fedfms_secure.errors import ModelError, PrivacyBudgetExhausted
+from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
 from fedfms_secure.model import MODES, apply_mode, build_model, flatten, load_vector
+import fedfms_secure.privacy.engine as engine
+import fedfms_secure.train.local as local
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.accounting import RDP_ALPHAS
 from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
+from fedfms_secure.train.losses import dice_bce_loss
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad")
 
@@ -86,15 +92,65 @@ def test_epsilon_grows_across_calls_and_survives_reopen(tmp_path, ellipses) -> N
     assert reopened.steps_taken == 3 * per_call  # the refused call spent nothing
 
 
-def test_empty_poisson_batches_still_take_noised_accounted_steps(tmp_path, ellipses) -> None:
+class _ScriptedSampler(UniformWithReplacementSampler):
+    """Poisson sampler stand-in that yields a fixed list of index batches (empties included)."""
+
+    script: list[list[int]] = []
+
+    def __iter__(self):
+        assert self.steps == len(self.script)
+        yield from (list(b) for b in self.script)
+
+
+def test_loss_is_the_mean_of_the_last_epoch_with_empty_batches(
+    tmp_path, ellipses, monkeypatch
+) -> None:
+    # 2 epochs x 2 steps; epoch 1 has an empty batch, epoch 2 two real ones (one split in two)
+    _ScriptedSampler.script = [[0, 1], [], [2, 3, 0], [1]]
+    monkeypatch.setattr(engine, "UniformWithReplacementSampler", _ScriptedSampler)
+    seen: list[tuple[float, int]] = []
+
+    def recording_loss(logits, labels):
+        loss = dice_bce_loss(logits, labels)
+        seen.append((float(loss.detach()), len(labels)))
+        return loss
+
+    monkeypatch.setattr(local, "dice_bce_loss", recording_loss)
     model = build_model()
     names = apply_mode(model, "fedmsa")
     before = flatten(model, names)
-    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4,
-                            planned_steps=5)  # fmt: skip
-    result = train_local(model, ellipses(4), TrainConfig(epochs=5, batch_size=4), site)
-    assert site.steps_taken == result.steps == 5
-    assert (flatten(model, names) != before).mean() > 0.5  # noise-only steps still move
+    site = _site(tmp_path, 4, 2, steps=4, epsilon=50.0)
+    result = train_local(model, ellipses(4), TrainConfig(epochs=2, batch_size=2,
+                                                         max_physical_batch=2), site)  # fmt: skip
+    assert [n for _, n in seen] == [2, 2, 1, 1]  # [2,3,0] split into physical batches 2 + 1
+    assert site.steps_taken == result.steps == 4  # the empty batch is a noised, accounted step
+    step3 = (seen[1][0] * 2 + seen[2][0] * 1) / 3  # logical step of 3 images
+    step4 = seen[3][0]
+    assert result.loss == pytest.approx((step3 + step4) / 2, rel=1e-9)
+    assert (flatten(model, names) != before).mean() > 0.5
+    _assert_plain_module(model)
+
+
+def test_last_epoch_of_only_empty_batches_reports_nan(tmp_path, ellipses, monkeypatch) -> None:
+    _ScriptedSampler.script = [[0, 1], [], [], []]
+    monkeypatch.setattr(engine, "UniformWithReplacementSampler", _ScriptedSampler)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    site = _site(tmp_path, 4, 2, steps=4, epsilon=50.0)
+    result = train_local(model, ellipses(4), TrainConfig(epochs=2, batch_size=2), site)
+    assert math.isnan(result.loss) and site.steps_taken == 4
+
+
+def test_a_sample_rate_other_than_batch_over_slices_is_refused(tmp_path, ellipses) -> None:
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    site = _site(tmp_path, 24, 8, steps=30)  # planned for 8 / 24
+    with pytest.raises(ConfigError, match=r"4 / 24 = 0\.166667.*sample_rate=0\.333333.*"
+                                          r"planned from batch_size / training slices"):
+        train_local(model, ellipses(24), TrainConfig(batch_size=4), site)
+    with pytest.raises(ConfigError, match=r"8 / 20"):
+        train_local(model, ellipses(20), TrainConfig(batch_size=8), site)
+    assert site.steps_taken == 0
     _assert_plain_module(model)
 
 

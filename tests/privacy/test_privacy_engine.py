@@ -1,0 +1,117 @@
+"""make_private_trainer: budget check, single-use batches, per-sample clipping, empty batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedfms_secure.errors import ModelError, PrivacyBudgetExhausted
+from fedfms_secure.model import apply_mode, build_model, flatten
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy, make_private_trainer
+from fedfms_secure.train import dice_bce_loss
+
+
+def _model():
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    return model
+
+
+def _adam(model) -> torch.optim.Optimizer:
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+
+def _no_opacus_left(model) -> bool:
+    return all(not hasattr(p, "grad_sample") and p.grad is None for p in model.parameters())
+
+
+def test_the_budget_is_checked_before_anything_is_wrapped(tmp_path, ellipses) -> None:
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=2.0), sample_rate=0.5,
+                            planned_steps=4)  # fmt: skip
+    model = _model()
+    with pytest.raises(PrivacyBudgetExhausted, match="past the target 2.0"):
+        with make_private_trainer(model, _adam(model), ellipses(4), site, steps=8):
+            pytest.fail("entered a trainer the budget does not allow")
+    assert site.steps_taken == 0
+    assert _no_opacus_left(model) and not any(m._forward_hooks for m in model.modules())
+
+
+def test_nothing_to_train_is_refused_on_the_dp_path(tmp_path, ellipses) -> None:
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(), sample_rate=0.5, planned_steps=4)
+    model = _model()
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 64, 64), torch.zeros(0, 1, 64, 64))
+    with pytest.raises(ModelError, match="empty"):
+        with make_private_trainer(model, _adam(model), empty, site, steps=1):
+            pass
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ModelError, match="apply_mode"):
+        with make_private_trainer(model, torch.optim.SGD([torch.zeros(1)], lr=1.0),
+                                  ellipses(4), site, steps=1):  # fmt: skip
+            pass
+
+
+def test_batches_can_be_iterated_only_once(tmp_path, ellipses) -> None:
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4,
+                            planned_steps=6)  # fmt: skip
+    model = _model()
+    with make_private_trainer(model, _adam(model), ellipses(4), site, steps=3) as dp:
+        assert len(list(dp.batches)) == 3  # Poisson at 1e-4: (almost surely) three empty batches
+        with pytest.raises(RuntimeError, match="already iterated.*3 DP steps"):
+            iter(dp.batches)
+
+
+def test_empty_poisson_batches_still_take_noised_accounted_steps(tmp_path, ellipses) -> None:
+    model = _model()
+    names = apply_mode(model, "fedmsa")
+    before = flatten(model, names)
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4,
+                            planned_steps=5)  # fmt: skip
+    with make_private_trainer(model, _adam(model), ellipses(4), site, steps=5) as dp:
+        for images, labels in dp.batches:
+            assert images.shape[1:] == (1, 64, 64) and labels.shape[1:] == (1, 64, 64)
+            if len(images) == 0:
+                dp.empty_step()
+            else:  # probability ~2e-3: a real batch, trained as usual
+                dice_bce_loss(dp.module(images), labels).backward()
+                dp.optimizer.step()
+                dp.optimizer.zero_grad()
+    assert site.steps_taken == 5
+    assert (flatten(model, names) != before).mean() > 0.5  # noise-only steps still move
+    assert _no_opacus_left(model)
+    assert SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4,
+                            planned_steps=5).steps_taken == 5  # saved on exit  # fmt: skip
+
+
+def test_per_sample_gradients_are_clipped_before_the_noise(tmp_path, ellipses) -> None:
+    clip = 1e-3  # far below the per-image gradient norms of this model
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=1e4, max_grad_norm=clip),
+                            sample_rate=1.0, planned_steps=1)  # fmt: skip
+    model = _model()
+    data = ellipses(3)
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    with make_private_trainer(model, _adam(model), data, site, steps=1) as dp:
+        params = dp.optimizer.params
+        add_noise = dp.optimizer.add_noise
+
+        def spy() -> None:  # called after clip_and_accumulate, before any noise
+            per_sample = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+            summed = torch.cat([p.summed_grad.flatten() for p in params])
+            seen.append((per_sample.detach().clone(), summed.detach().clone(),
+                         per_sample.norm(dim=1)))  # fmt: skip
+            add_noise()
+
+        dp.optimizer.add_noise = spy
+        for images, labels in dp.batches:
+            assert len(images) == 3  # sample rate 1: every image in the one batch
+            dice_bce_loss(dp.module(images), labels).backward()
+            dp.optimizer.step()
+            dp.optimizer.zero_grad()
+    assert len(seen) == 1
+    per_sample, summed, norms = seen[0]
+    assert float(norms.min()) > 10 * clip  # clipping had work to do
+    assert float(summed.norm()) <= clip * len(per_sample) * (1 + 1e-4)
+    assert float(per_sample.sum(dim=0).norm()) > clip * len(per_sample)  # unclipped would not fit
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch.testing.assert_close(summed, (factors[:, None] * per_sample).sum(dim=0),
+                               rtol=1e-4, atol=1e-9)  # fmt: skip
