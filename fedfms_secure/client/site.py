@@ -29,7 +29,7 @@ from fedfms_secure.config import ClientConfig
 from fedfms_secure.crypto.codec import UpdateCodec, make_site_codec
 from fedfms_secure.crypto.keystore import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
-from fedfms_secure.errors import ConfigError, DataError, FederationError, PrivacyBudgetExhausted
+from fedfms_secure.errors import ConfigError, DataError, FederationError
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
@@ -151,13 +151,6 @@ class _Site:
         up0, down0 = self.client.bytes_up, self.client.bytes_down
         self._wait_for_round(round_)
         load_vector(self.model, self.names, theta)
-        if self.privacy is not None:
-            steps = self.plan.local_epochs * steps_per_epoch(len(self.data.train), self.train_config.batch_size)
-            if self.privacy.would_exceed(steps):
-                raise PrivacyBudgetExhausted(
-                    f"round {round_} would take this site past epsilon={self.config.epsilon} "
-                    f"(spent {self.privacy.epsilon():.3f}); it stops contributing"
-                )
         result = train_local(self.model, self.data.train, self.train_config, self.privacy)
         dice_local = evaluate_dice(self.model, self.data.val)
         delta = flatten(self.model, self.names).astype(np.float64) - theta
@@ -175,16 +168,16 @@ class _Site:
         metrics = {
             "dice": dice,
             "dice_local": dice_local,
-            "loss": result.loss,
             "epsilon": epsilon if epsilon is not None else math.inf,
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
             "seconds": seconds,
         }
-        # not reported: training time (a proxy for n_k, which the server must never learn)
+        # not reported: the training loss (computed on training slices without DP noise) and the
+        # training time (a proxy for n_k, which the server must never learn); both stay in the log
         self.client.report_metrics(round_, metrics)
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
-                                      "seconds": seconds})
+                                      "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
 
     def _exchange_weight(self, round_: int, n: int) -> float:
