@@ -78,6 +78,8 @@ class SiteStatus:
     committed: bool = False
     uploaded: bool = False
     last_seen: float = 0.0
+    retired: bool = False
+    retired_reason: str = ""
 
 
 @dataclass(frozen=True)

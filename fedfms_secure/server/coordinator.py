@@ -72,6 +72,9 @@ class Coordinator:
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
         self._uploading: set[str] = set()
+        self._retired: dict[str, str] = {
+            name: reason for name, reason in store.read_json("retired.json", {}).items() if name in self._joined
+        }
         self.finished = threading.Event()
         self._round = store.latest_global_round()
         meta = store.global_meta(self._round) if self._round > 0 else None
@@ -106,6 +109,8 @@ class Coordinator:
                     committed=name in self._commits,
                     uploaded=name in self._receipts,
                     last_seen=self._last_seen[name],
+                    retired=name in self._retired,
+                    retired_reason=self._retired.get(name, ""),
                 )
                 for name in sorted(self._joined)
             )
@@ -157,7 +162,8 @@ class Coordinator:
             self._touch(site)
             self._check_fingerprint(fingerprint)
             if round_ == self._round and self._phase == PHASE_UPLOAD and site in self._commits:
-                return CommitAck(round_, len(self._commits), len(self._joined))
+                return CommitAck(round_, len(self._commits), len(self._active()))
+            self._check_active(site)
             self._check_round(round_, PHASE_COMMIT, "commit")
             obj = self._parse(payload, what="encrypted weight")
             if self._summer.size(obj) != 1:
@@ -166,14 +172,12 @@ class Coordinator:
                     "invalid_argument",
                 )
             commits = {**self._commits, site: obj}
-            if len(commits) == len(self._joined):
-                total = self._sum(commits.values(), what="the committed weights")
-                self._weight_total = self._summer.dump(total)
-                self._phase = PHASE_UPLOAD
+            if self._active() <= set(commits):
+                self._form_weight_total(commits)
             self._commits = commits
             log.info("weight committed", extra={"site": site, "round": round_})
             self._write_status()
-            return CommitAck(round_, len(commits), len(self._joined))
+            return CommitAck(round_, len(commits), len(self._active()))
 
     def weight_total(self, site: str, round_: int) -> WeightTotal:
         """E(N) for ``round_``, or ``ready=False`` while commits are missing."""
@@ -236,9 +240,9 @@ class Coordinator:
             obj = self._parse(payload, what=f"chunk {index}")
             round_sum[index] = obj if index not in round_sum else self._sum([round_sum[index], obj], what=f"chunk {index}")
         receipts = {**self._receipts, site: receipt}
-        closes = set(receipts) == set(self._commits)
+        closes = set(receipts) >= set(self._commits) - set(self._retired)
         if closes:
-            self._write_next_global(round_sum, first)
+            self._write_next_global(round_sum, first.total, first.vector_length)
         self._store.finish_upload(staging, first.round, site, receipt.__dict__)
         self._vector_length, self._chunks = first.vector_length, first.total
         self._round_sum, self._receipts = round_sum, receipts
@@ -331,19 +335,65 @@ class Coordinator:
             record = {"site": site, "round": round_, "time": self._clock(), **metrics}
             self._store.append_record("metrics.jsonl", record)
             self._reported.setdefault(round_, set()).add(site)
-            if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= set(self._joined):
-                self.finished.set()
+            self._check_finished()
+
+    # --- retirement ---------------------------------------------------------------------------
+    def retire(self, site: str, round_: int, reason: str) -> int:
+        """``site`` stops contributing from ``round_`` on; the federation goes on with the others.
+
+        A site that already committed in the current round counts as a zero delta (its weight is in
+        E(N), so the round's weights sum to less than one: a conservative step).
+        """
+        with self._lock:
+            self._touch(site)
+            if site not in self._retired:
+                self._retired[site] = reason[:500] or "no reason given"
+                self._store.write_json("retired.json", dict(self._retired))
+                log.warning("site retired", extra={"site": site, "round": round_, "reason": self._retired[site]})
+            if not self._active():
+                log.warning("every site has retired: the federation stops", extra={"round": self._round})
+                self._phase = PHASE_DONE
+            elif self._phase == PHASE_COMMIT and self._active() <= set(self._commits):
+                self._form_weight_total(self._commits)
+            elif self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
+                self._close_with(self._round_sum, self._receipts)
+            self._write_status()
+            self._check_finished()
+            return len(self._active())
 
     # --- internals ----------------------------------------------------------------------------
-    def _write_next_global(self, round_sum: dict[int, Any], first: Chunk) -> None:
+    def _active(self) -> set[str]:
+        return set(self._joined) - set(self._retired)
+
+    def _check_active(self, site: str) -> None:
+        if site in self._retired:
+            raise FederationError(
+                f"site {site} has retired ({self._retired[site]}); it no longer contributes", "failed_precondition"
+            )
+
+    def _form_weight_total(self, commits: dict[str, Any]) -> None:
+        total = self._sum(commits.values(), what="the committed weights")
+        self._weight_total = self._summer.dump(total)
+        self._phase = PHASE_UPLOAD
+
+    def _close_with(self, round_sum: dict[int, Any], receipts: dict[str, Receipt]) -> None:
+        """Closes the round from already-accepted uploads (after a retirement made them complete)."""
+        self._write_next_global(round_sum, next(iter(receipts.values())).chunks, self._vector_length or 0)
+        self._advance()
+
+    def _check_finished(self) -> None:
+        if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= self._active():
+            self.finished.set()
+
+    def _write_next_global(self, round_sum: dict[int, Any], total_chunks: int, vector_length: int) -> None:
         chunks = []
-        for index in range(first.total):
+        for index in range(total_chunks):
             total = round_sum[index]
             if self._round > 0:
                 previous = self._parse(self._store.read_global_chunk(self._round, index), what="stored global state")
                 total = self._sum([previous, total], what=f"global chunk {index}")
             chunks.append(self._summer.dump(total))
-        self._store.write_global(self._round + 1, chunks, first.vector_length)
+        self._store.write_global(self._round + 1, chunks, vector_length)
 
     def _advance(self) -> None:
         self._store.append_record(

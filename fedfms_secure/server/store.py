@@ -107,6 +107,10 @@ class StateStore:
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         _write_json(self.root / name, data)
 
+    def read_json(self, name: str, default: dict[str, Any]) -> dict[str, Any]:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.exists() else default
+
 
 def _write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")

@@ -104,6 +104,11 @@ class FederationClient:
 
         return serde.receipt_from_proto(self._unary(self._stub.UploadUpdate, messages()))
 
+    def retire(self, round_: int, reason: str) -> int:
+        """Tells the coordinator this site stops contributing from ``round_`` on; returns the active sites."""
+        response = self._unary(self._stub.Retire, pb.RetireRequest(round=round_, reason=reason))
+        return response.active_sites
+
     def report_metrics(self, round_: int, metrics: dict[str, float]) -> None:
         self._unary(self._stub.ReportMetrics, pb.ReportMetricsRequest(round=round_, metrics=metrics))
 

@@ -101,7 +101,8 @@ def status_to_proto(s: Status) -> pb.GetStatusResponse:
         done=s.done,
         sites=[
             pb.SiteStatus(
-                name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen_unix=x.last_seen
+                name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen_unix=x.last_seen,
+                retired=x.retired, retired_reason=x.retired_reason,
             )
             for x in s.sites
         ],
@@ -110,7 +111,8 @@ def status_to_proto(s: Status) -> pb.GetStatusResponse:
 
 def status_from_proto(msg: pb.GetStatusResponse) -> Status:
     sites = tuple(
-        SiteStatus(name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen=x.last_seen_unix)
+        SiteStatus(name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen=x.last_seen_unix,
+                   retired=x.retired, retired_reason=x.retired_reason)
         for x in msg.sites
     )
     return Status(msg.federation, msg.round, msg.total_rounds, msg.phase, sites)

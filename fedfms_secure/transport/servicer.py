@@ -115,5 +115,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         return pb.ReportMetricsResponse()
 
     @_rpc
+    def Retire(self, site: str, request: pb.RetireRequest, context: grpc.ServicerContext):
+        active = self.coordinator.retire(site, request.round, request.reason)
+        return pb.RetireResponse(active_sites=active)
+
+    @_rpc
     def GetStatus(self, site: str, request: pb.GetStatusRequest, context: grpc.ServicerContext):
         return serde.status_to_proto(self.coordinator.status(site))

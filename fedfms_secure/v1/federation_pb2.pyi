@@ -141,23 +141,41 @@ class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RetireRequest(_message.Message):
+    __slots__ = ("round", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RetireResponse(_message.Message):
+    __slots__ = ("active_sites",)
+    ACTIVE_SITES_FIELD_NUMBER: _ClassVar[int]
+    active_sites: int
+    def __init__(self, active_sites: _Optional[int] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class SiteStatus(_message.Message):
-    __slots__ = ("name", "joined", "committed", "uploaded", "last_seen_unix")
+    __slots__ = ("name", "joined", "committed", "uploaded", "last_seen_unix", "retired", "retired_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     JOINED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     UPLOADED_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     joined: bool
     committed: bool
     uploaded: bool
     last_seen_unix: float
-    def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., committed: _Optional[bool] = ..., uploaded: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ...) -> None: ...
+    retired: bool
+    retired_reason: str
+    def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., committed: _Optional[bool] = ..., uploaded: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ..., retired: _Optional[bool] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("federation", "round", "total_rounds", "phase", "sites", "done")

@@ -70,6 +70,11 @@ class FederationStub:
                 request_serializer=fedfms__secure_dot_v1_dot_federation__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Retire = channel.unary_unary(
+                '/fedfms_secure.v1.Federation/Retire',
+                request_serializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.SerializeToString,
+                response_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -125,6 +130,13 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retire(self, request, context):
+        """Retire tells the coordinator that a site stops contributing (e.g. its privacy budget is spent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +174,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.GetStatusRequest.FromString,
                     response_serializer=fedfms__secure_dot_v1_dot_federation__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Retire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Retire,
+                    request_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.FromString,
+                    response_serializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class Federation:
             '/fedfms_secure.v1.Federation/GetStatus',
             fedfms__secure_dot_v1_dot_federation__pb2.GetStatusRequest.SerializeToString,
             fedfms__secure_dot_v1_dot_federation__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfms_secure.v1.Federation/Retire',
+            fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.SerializeToString,
+            fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.FromString,
             options,
             channel_credentials,
             insecure,
