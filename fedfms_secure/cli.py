@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -13,6 +14,9 @@ from fedfms_secure import __version__
 from fedfms_secure.errors import ConfigError, FedFmsError
 
 log = logging.getLogger("fedfms_secure.cli")
+
+# command groups that live in fedfms_secure/commands/<name>.py
+COMMAND_GROUPS = ("privacy",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, help="the site's folder (imagesTr/, labelsTr/)")
     c.add_argument("--state", type=Path, help="folder for the site's state (privacy ledger, split)")
     c.add_argument("--epsilon", type=float, help="target epsilon over the whole run (inf: no DP)")
-    c.add_argument("--delta", type=float)
+    c.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
     c.add_argument("--max-grad-norm", type=float)
     c.add_argument("--site", help="site name, only with --insecure")
     c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
@@ -214,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--local-epochs", type=int, default=5)
     m.add_argument("--json", action="store_true", help="also print report.json")
     m.set_defaults(handler=_cmd_demo)
+
+    for group in COMMAND_GROUPS:
+        importlib.import_module(f"fedfms_secure.commands.{group}").register(sub)
     return p
 
 

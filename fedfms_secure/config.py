@@ -66,7 +66,8 @@ class ClientConfig:
     # Only with --insecure: the site name that a certificate would otherwise carry.
     site: str | None = None
     epsilon: float = 8.0
-    delta: float = 1e-5
+    # None: min(1e-5, 1/(10 n)) for the site's n training slices (see privacy/budget.py)
+    delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     # Keep each round's delta, weight and decrypted aggregate in STATE/updates (for audits/tests).
@@ -78,7 +79,7 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")
-        _require(0 < self.delta < 1, "delta must be in (0, 1)")
+        _require(self.delta is None or 0 < self.delta < 1, "delta must be in (0, 1)")
         _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.accountant in ("rdp", "prv"), "accountant must be rdp or prv")
         _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
@@ -132,7 +133,8 @@ def _read_toml(file: Path, cls: type) -> dict[str, Any]:
     return data
 
 
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str,)}
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str,),
+          "float | None": (int, float)}
 
 
 def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:

@@ -34,6 +34,7 @@ from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.privacy.budget import append_ledger, resolve_delta
 from fedfms_secure.protocol import Chunk, Joined, Plan
 from fedfms_secure.train.evaluate import evaluate_dice
 from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
@@ -116,19 +117,20 @@ class _Site:
             return None
         n = len(self.data.train)
         per_epoch = steps_per_epoch(n, self.train_config.batch_size)
+        delta = resolve_delta(self.config.delta, n)
         privacy = SitePrivacy.open(
             self.config.state,
             PrivacyConfig(
                 target_epsilon=self.config.epsilon,
-                delta=self.config.delta,
+                delta=delta,
                 max_grad_norm=self.config.max_grad_norm,
                 accountant=self.config.accountant,
             ),
             sample_rate=self.train_config.batch_size / n,
             planned_steps=self.plan.rounds * self.plan.local_epochs * per_epoch,
         )
-        log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier,
-                                               "target_epsilon": self.config.epsilon, "delta": self.config.delta})
+        log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier, "delta": delta,
+                                               "target_epsilon": self.config.epsilon, "spent": privacy.epsilon()})
         return privacy
 
     def run(self) -> list[RoundOutcome]:
@@ -141,17 +143,42 @@ class _Site:
             self._write_json("initial.json", {"dice": dice0})
             log.info("initial model evaluated", extra={"dice": dice0})
         for round_ in range(start, self.plan.rounds):
+            self._wait_for_round(round_)
+            if self._budget_spent(round_):
+                break
             outcome, theta = self._round(round_, theta)
             outcomes.append(outcome)
-        log.info("federation finished", extra={"rounds": self.plan.rounds})
+        else:
+            log.info("federation finished", extra={"rounds": self.plan.rounds})
         return outcomes
+
+    def _budget_spent(self, round_: int) -> bool:
+        """Retires the site (and says so to the server) if this round would pass its budget."""
+        if self.privacy is None:
+            return False
+        steps = self.plan.local_epochs * steps_per_epoch(len(self.data.train), self.train_config.batch_size)
+        if not self.privacy.would_exceed(steps):
+            return False
+        reason = (
+            f"privacy budget: round {round_} would take epsilon from {self.privacy.epsilon():.3f} to "
+            f"{self.privacy.epsilon_after(steps):.3f}, past the target {self.config.epsilon:g}"
+        )
+        active = self.client.retire(round_, reason)
+        log.warning("retiring: this site stops contributing; the federation goes on without it",
+                    extra={"round": round_, "reason": reason, "active_sites": active})
+        return True
 
     def _round(self, round_: int, theta: np.ndarray) -> tuple[RoundOutcome, np.ndarray]:
         t0 = time.monotonic()
         up0, down0 = self.client.bytes_up, self.client.bytes_down
-        self._wait_for_round(round_)
         load_vector(self.model, self.names, theta)
         result = train_local(self.model, self.data.train, self.train_config, self.privacy)
+        if self.privacy is not None:
+            append_ledger(self.config.state, {
+                "round": round_, "steps": result.steps, "epsilon": self.privacy.epsilon(),
+                "delta": self.privacy.config.delta, "noise_multiplier": self.privacy.noise_multiplier,
+                "sample_rate": self.privacy.sample_rate, "accountant": self.privacy.config.accountant,
+            })
         dice_local = evaluate_dice(self.model, self.data.val)
         delta = flatten(self.model, self.names).astype(np.float64) - theta
         weight = self._exchange_weight(round_, result.num_samples)

@@ -11,6 +11,7 @@ import pytest
 from fedfms_secure.crypto import payload
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
+from fedfms_secure.privacy.budget import read_ledger
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,10 @@ def test_sites_decrypt_the_plaintext_weighted_fedavg(run):
 
 
 def test_training_improves_dice_and_epsilon_grows(run):
-    _, report = run
+    out, report = run
     assert report["rounds"][-1]["dice_mean"] > report["dice_initial"]
     for site in report["sites"]:
         eps = [row["epsilon"][site] for row in report["rounds"]]
         assert 0 < eps[0] < eps[1] <= 50.0
+        # the site's own ledger holds the same cumulative epsilon as its reports
+        assert [r["epsilon"] for r in read_ledger(out / "run" / site)] == pytest.approx(eps)

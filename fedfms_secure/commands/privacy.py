@@ -1,0 +1,76 @@
+"""``fedfms-secure privacy plan|report``: calibrate a budget before a run, read one after it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds the ``privacy`` command group to the CLI."""
+    p = sub.add_parser("privacy", help="plan a DP budget, or report what a site has spent")
+    psub = p.add_subparsers(metavar="ACTION")
+
+    plan = psub.add_parser("plan", help="the noise multiplier that spends a target epsilon in T steps")
+    plan.add_argument("--target-epsilon", type=float, required=True)
+    plan.add_argument("--delta", type=float, required=True)
+    plan.add_argument("--sample-rate", type=float, required=True, help="batch size / training slices")
+    plan.add_argument("--steps", type=int, required=True, help="rounds x local epochs x steps per epoch")
+    plan.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(handler=_plan)
+
+    report = psub.add_parser("report", help="a site's spent budget, round by round")
+    report.add_argument("--state", type=Path, required=True, help="the site's --state folder")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(handler=_report)
+
+
+def plan_budget(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> dict:
+    """Calibrates sigma and returns it with the epsilon it really gives (at most the target)."""
+    from fedfms_secure.errors import ConfigError
+    from fedfms_secure.privacy.accounting import calibrate_noise, epsilon_of
+
+    if not target_epsilon > 0 or math.isinf(target_epsilon):
+        raise ConfigError("--target-epsilon must be a positive number")
+    if not 0 < delta < 1:
+        raise ConfigError("--delta must be in (0, 1)")
+    sigma = calibrate_noise(
+        target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+    )
+    epsilon = epsilon_of([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+    return {"noise_multiplier": sigma, "epsilon": epsilon, "steps": steps, "accountant": accountant}
+
+
+def _plan(args: argparse.Namespace) -> int:
+    result = plan_budget(args.target_epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"noise multiplier {result['noise_multiplier']:.4f} gives epsilon {result['epsilon']:.4f} "
+              f"(target {args.target_epsilon:g}) at delta {args.delta:g} after {args.steps} steps "
+              f"at sample rate {args.sample_rate:g} ({args.accountant.upper()} accountant)")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedfms_secure.errors import ConfigError
+    from fedfms_secure.privacy.budget import read_ledger
+    from fedfms_secure.privacy.site import STATE_FILE
+
+    records = read_ledger(args.state)
+    state = args.state / STATE_FILE
+    target = json.loads(state.read_text()).get("config", {}).get("target_epsilon") if state.exists() else None
+    if not records and target is None:
+        raise ConfigError(f"{args.state} holds no privacy state: is it a site's --state folder, and has it trained?")
+    if args.json:
+        print(json.dumps({"target_epsilon": target, "rounds": records}))
+        return 0
+    print(f"target epsilon: {target if target is not None else 'unknown'}")
+    print(f"{'round':>5}  {'steps':>6}  {'epsilon':>9}  {'delta':>9}  {'sigma':>7}  accountant")
+    for r in records:
+        print(f"{r['round'] + 1:>5}  {r['steps']:>6}  {r['epsilon']:>9.4f}  {r['delta']:>9.3g}  "
+              f"{r['noise_multiplier']:>7.4f}  {r['accountant']}")
+    return 0

@@ -1,0 +1,91 @@
+"""A site whose privacy budget is spent retires; the rounds still complete with the rest.
+
+Real daemons on loopback: one server and two sites. site_2's state folder holds a budget that an
+earlier run with the same plan already spent, so it cannot train another round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedfms_secure.config import ServerConfig
+from fedfms_secure.crypto.keystore import export_bundle, init_federation
+from fedfms_secure.data import load_site, synth_federation
+from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.privacy.accounting import extend_history
+from fedfms_secure.privacy.budget import read_ledger, resolve_delta
+from fedfms_secure.train import steps_per_epoch
+
+ROUNDS = 2
+
+
+def spend_most_of_the_budget(site_dir: Path, state: Path) -> float:
+    """Opens the site's privacy state exactly as the client will, and spends all but one step."""
+    plan = ServerConfig(keys=Path("-"), state=Path("-"))
+    state.mkdir(parents=True)
+    n = len(load_site(site_dir, image_size=64, split_file=state / "split.json", seed=plan.seed).train)
+    batch = min(plan.batch_size, n)
+    planned = ROUNDS * plan.local_epochs * steps_per_epoch(n, batch)
+    privacy = SitePrivacy.open(state, PrivacyConfig(target_epsilon=8.0, delta=resolve_delta(None, n)),
+                               sample_rate=batch / n, planned_steps=planned)
+    privacy.accountant.history = extend_history(
+        privacy.accountant.history, noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate,
+        steps=planned - 1,
+    )
+    privacy.save()
+    return privacy.epsilon()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retire")
+    sites = synth_federation(root / "data", sites=2, seed=0, shape=(64, 64, 24))
+    prov = init_federation(root / "prov", federation="r", server_host="localhost", clients=["site_1", "site_2"])
+    for name in ("server", "site_1", "site_2"):
+        export_bundle("server" if name == "server" else "client", None if name == "server" else name, prov, root / name)
+    spent = spend_most_of_the_budget(sites[1], root / "state_site_2")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cli = [sys.executable, "-m", "fedfms_secure"]
+    procs = {"server": _spawn([*cli, "server", "--keys", str(root / "server"), "--address", "127.0.0.1:0",
+                               "--state", str(root / "state_server"), "--rounds", str(ROUNDS), "--exit-when-done"],
+                              root / "server.log", env)}
+    try:
+        address = _wait_for_address(root / "state_server", procs["server"], root / "server.log")
+        for name, site in zip(("site_1", "site_2"), sites):
+            procs[name] = _spawn([*cli, "client", "--keys", str(root / name), "--server", address, "--data", str(site),
+                                  "--state", str(root / f"state_{name}"), "--epsilon", "8"], root / f"{name}.log", env)
+        codes = {name: proc.wait(timeout=600) for name, proc in procs.items()}
+    finally:
+        _stop_all(procs)
+    return root, codes, spent
+
+
+def test_every_daemon_exits_cleanly(run):
+    root, codes, _ = run
+    assert codes == {"server": 0, "site_1": 0, "site_2": 0}, (root / "site_2.log").read_text()[-2000:]
+
+
+def test_the_exhausted_site_retires_with_a_clear_log_line(run):
+    root, _, spent = run
+    log = (root / "site_2.log").read_text()
+    assert "retiring" in log and "privacy budget" in log
+    retired = json.loads((root / "state_server" / "retired.json").read_text())
+    assert list(retired) == ["site_2"] and "past the target 8" in retired["site_2"]
+    assert read_ledger(root / "state_site_2") == []  # it never trained
+    assert 0 < spent < 8.0
+
+
+def test_the_rounds_complete_with_the_remaining_site(run):
+    root, _, _ = run
+    rounds = [json.loads(line) for line in (root / "state_server" / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["participants"]) for r in rounds] == [(0, ["site_1"]), (1, ["site_1"])]
+    ledger = read_ledger(root / "state_site_1")
+    assert [r["round"] for r in ledger] == [0, 1]
+    assert 0 < ledger[0]["epsilon"] < ledger[1]["epsilon"] <= 8.0

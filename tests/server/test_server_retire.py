@@ -1,0 +1,70 @@
+"""Sites that retire (e.g. their privacy budget is spent): the federation goes on with the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.errors import FederationError
+from fedfms_secure.protocol import PHASE_COMMIT, PHASE_DONE, PHASE_UPLOAD, Chunk, Plan
+from fedfms_secure.server.coordinator import Coordinator
+from fedfms_secure.server.store import StateStore
+
+SITES = ("a", "b", "c")
+
+
+@pytest.fixture()
+def codec():
+    return make_site_codec("plain", None, "plain")
+
+
+def coordinator(tmp_path, rounds=2):
+    plan = Plan("t", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
+    return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path))
+
+
+def upload(coord, codec, site, round_, vec):
+    payload = codec.encrypt_vector(vec)[0]
+    coord.receive_upload(site, [Chunk(round_, 0, 1, vec.size, "plain", payload, vec.size)])
+
+
+def test_a_site_retiring_before_it_commits_lets_the_round_close(tmp_path, codec):
+    coord = coordinator(tmp_path)
+    coord.commit_weight("a", 0, "plain", codec.encrypt_scalar(1))
+    coord.commit_weight("b", 0, "plain", codec.encrypt_scalar(3))
+    assert coord.status().phase == PHASE_COMMIT
+    assert coord.retire("c", 0, "privacy budget spent") == 2
+    assert coord.status().phase == PHASE_UPLOAD
+    assert codec.decrypt_scalar(coord.weight_total("a", 0).payload) == 4
+    upload(coord, codec, "a", 0, np.full(3, 0.25))
+    upload(coord, codec, "b", 0, np.full(3, 0.75))
+    status = coord.status()
+    assert status.round == 1 and status.phase == PHASE_COMMIT
+    assert [s.retired for s in status.sites] == [False, False, True]
+    assert "budget" in status.sites[2].retired_reason
+    with pytest.raises(FederationError, match="retired") as exc:
+        coord.commit_weight("c", 1, "plain", codec.encrypt_scalar(1))
+    assert exc.value.code == "failed_precondition"
+    # the retirement survives a restart of the coordinator
+    assert [s.retired for s in coordinator(tmp_path).status().sites] == [False, False, True]
+
+
+def test_a_committed_site_that_retires_counts_as_a_zero_delta(tmp_path, codec):
+    coord = coordinator(tmp_path, rounds=1)
+    for site in SITES:
+        coord.commit_weight(site, 0, "plain", codec.encrypt_scalar(1))
+    upload(coord, codec, "a", 0, np.full(2, 1 / 3))
+    upload(coord, codec, "b", 0, np.full(2, 1 / 3))
+    coord.retire("c", 0, "stopped")
+    assert coord.status().phase == PHASE_DONE
+    chunk = coord.global_chunk(1, 0)
+    np.testing.assert_allclose(codec.decrypt_vector([chunk.payload], 2), np.full(2, 2 / 3))
+
+
+def test_when_every_site_retires_the_federation_stops(tmp_path):
+    coord = coordinator(tmp_path)
+    for site in SITES:
+        coord.retire(site, 0, "done")
+    assert coord.status().phase == PHASE_DONE
+    assert coord.finished.is_set()
