@@ -82,6 +82,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             "epsilon": args.epsilon,
             "delta": args.delta,
             "max_grad_norm": args.max_grad_norm,
+            "accountant": args.accountant,
             "save_updates": True if args.save_updates else None,
             "connect_timeout": args.connect_timeout,
         },
@@ -175,6 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon", type=float, help="target epsilon over the whole run (inf: no DP)")
     c.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
     c.add_argument("--max-grad-norm", type=float)
+    c.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
     c.add_argument("--site", help="site name, only with --insecure")
     c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
     c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")
