@@ -60,6 +60,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
             "learning_rate": args.lr,
             "he": False if args.no_he else None,
             "exit_when_done": True if args.exit_when_done else None,
+            "round_deadline": args.round_deadline,
+            "min_sites": args.min_sites,
         },
     )
     return serve(config)
@@ -165,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-he", action="store_true", help="sum plaintext updates (a baseline, not private)")
     s.add_argument("--insecure", action="store_true", help="serve without TLS (local experiments only)")
     s.add_argument("--exit-when-done", action="store_true", help="exit once every round is done")
+    s.add_argument("--round-deadline", type=float,
+                   help="seconds a phase waits before going on with --min-sites sites (default: wait for all)")
+    s.add_argument("--min-sites", type=int, help="quorum at the deadline (default 1)")
     s.set_defaults(handler=_cmd_server, log_prefix="server")
 
     c = sub.add_parser("client", help="run one site")

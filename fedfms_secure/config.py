@@ -38,6 +38,10 @@ class ServerConfig:
     learning_rate: float = 1e-2
     he: bool = True
     exit_when_done: bool = False
+    # seconds a phase (commit, then upload) waits before going on with min_sites sites; None: wait for all
+    round_deadline: float | None = None
+    # quorum at the deadline (default 1 when a deadline is set)
+    min_sites: int | None = None
     # Seconds the server waits, once done, for every site to fetch the final state and report.
     linger: float = 120.0
 
@@ -48,6 +52,8 @@ class ServerConfig:
         _require(self.batch_size >= 1, "batch_size must be at least 1")
         _require(self.learning_rate > 0, "learning_rate must be positive")
         _require(":" in self.address, f"address must be HOST:PORT, not {self.address!r}")
+        _require(self.round_deadline is None or self.round_deadline > 0, "round_deadline must be positive")
+        _require(self.min_sites is None or self.min_sites >= 1, "min_sites must be at least 1")
 
     @property
     def scheme(self) -> str:
@@ -134,7 +140,7 @@ def _read_toml(file: Path, cls: type) -> dict[str, Any]:
 
 
 _TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "str | None": (str,),
-          "float | None": (int, float)}
+          "float | None": (int, float), "int | None": (int,)}
 
 
 def _check_type(name: str, value: Any, f: dataclasses.Field) -> None:

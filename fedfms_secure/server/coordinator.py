@@ -12,9 +12,13 @@ One round r, for the sites S of the federation::
     close    E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + sum      -> round r+1 opens
 
 State changes only after every check and every addition of a request has succeeded, so a
-malformed or interrupted request leaves nothing behind. On start-up the coordinator resumes
-at the newest round whose global state is complete on disk. Errors are ``FederationError``
-with a code that the transport maps to a gRPC status.
+malformed or interrupted request leaves nothing behind, and each change is one SQLite
+transaction (see ``store.py``): after a crash, even a ``kill -9``, the coordinator resumes the
+same round with the commits and uploads it had accepted. With ``round_deadline`` set, a phase
+that has waited that long goes on with the ``min_sites`` sites it has: the commit phase with
+those that committed, the upload phase with those that uploaded (a committed site that did not
+upload counts as a zero delta). Errors are ``FederationError`` with a code that the transport
+maps to a gRPC status.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import logging
 import math
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from fedfms_secure.crypto.summer import PayloadSummer
@@ -41,7 +44,7 @@ from fedfms_secure.protocol import (
     Status,
     WeightTotal,
 )
-from fedfms_secure.server.store import StateStore
+from fedfms_secure.server.store import BlobError, GlobalRow, StateStore, UploadRow
 
 log = logging.getLogger("fedfms_secure.server")
 
@@ -61,29 +64,60 @@ class Coordinator:
         fingerprint: str,
         store: StateStore,
         clock: Callable[[], float] = time.time,
+        *,
+        round_deadline: float | None = None,
+        min_sites: int | None = None,
     ) -> None:
         self.plan = plan
         self.fingerprint = fingerprint
         self._summer = summer
         self._store = store
         self._clock = clock
+        self._deadline = round_deadline
+        self._min_sites = min_sites if min_sites is not None else (1 if round_deadline is not None else None)
         self._lock = threading.Lock()
         self._joined: dict[str, bool] = {name: False for name in sites}
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
         self._uploading: set[str] = set()
-        self._retired: dict[str, str] = {
-            name: reason for name, reason in store.read_json("retired.json", {}).items() if name in self._joined
-        }
+        self._retired = {name: reason for name, reason in store.retired().items() if name in self._joined}
         self.finished = threading.Event()
-        self._round = store.latest_global_round()
-        meta = store.global_meta(self._round) if self._round > 0 else None
-        self._vector_length: int | None = meta["vector_length"] if meta else None
-        self._chunks: int | None = meta["chunks"] if meta else None
-        self._phase = PHASE_DONE if self._round >= plan.rounds else PHASE_COMMIT
-        if self._round > 0:
-            log.info("resumed from the state folder", extra={"round": self._round, "phase": self._phase})
-        self._reset_round()
+        self._restore()
+
+    def _restore(self) -> None:
+        """Rebuilds the open round from the database: commits, E(N), accepted uploads, the sum."""
+        store = self._store
+        self._round = int(store.get_state("round", "0"))
+        self._phase = store.get_state("phase", PHASE_COMMIT)
+        self._phase_started = float(store.get_state("phase_started", str(self._clock())))
+        self._round_started = float(store.get_state("round_started", str(self._clock())))
+        current = store.global_row(self._round) if self._round > 0 else None
+        self._vector_length: int | None = current.vector_length if current else None
+        self._chunks: int | None = len(current.blobs) if current else None
+        self._commits: dict[str, Any] = {}
+        for site, blob in store.commits(self._round).items():
+            try:
+                self._commits[site] = self._summer.parse(store.get_blob(blob))
+            except (BlobError, CryptoError) as exc:
+                log.warning("discarded a stored commit", extra={"site": site, "reason": str(exc)})
+        self._weight_total: bytes | None = None
+        if self._phase == PHASE_UPLOAD:
+            self._weight_total = self._summer.dump(self._sum(self._commits.values(), what="the committed weights"))
+        self._receipts: dict[str, Receipt] = {}
+        self._round_sum: dict[int, Any] = {}
+        for site, row in store.uploads(self._round).items():
+            try:
+                self._round_sum = self._folded(self._round_sum, row.blobs)
+            except (BlobError, FederationError) as exc:
+                store.drop_upload(self._round, site)  # the site uploads it again
+                log.warning("discarded a stored upload", extra={"site": site, "reason": str(exc)})
+                continue
+            self._receipts[site] = Receipt(self._round, row.chunks, row.bytes, row.digest)
+            self._vector_length, self._chunks = row.vector_length, row.chunks
+        if self._round > 0 or self._commits:
+            log.info("resumed from the state folder", extra={"round": self._round, "phase": self._phase,
+                                                             "commits": len(self._commits), "uploads": len(self._receipts)})
+        self._write_status()
 
     # --- join and status ----------------------------------------------------------------------
     def join(self, site: str, fingerprint: str) -> int:
@@ -127,29 +161,29 @@ class Coordinator:
                     "wait for the current round to close",
                     "failed_precondition",
                 )
-        if round_ == 0:
-            return 0
-        meta = self._store.global_meta(round_)
-        if meta is None:
+            if round_ == 0:
+                return 0
+            row = self._store.global_row(round_)
+        if row is None:
             raise FederationError(
                 f"the server keeps no global state for round {round_}; ask for round {self._round}",
                 "not_found",
             )
-        return meta["chunks"]
+        return len(row.blobs)
 
     def global_chunk(self, round_: int, index: int) -> Chunk:
-        meta = self._store.global_meta(round_)
-        assert meta is not None
-        length, total = meta["vector_length"], meta["chunks"]
-        return Chunk(
-            round=round_,
-            index=index,
-            total=total,
-            num_values=self._expected_values(index, length),
-            fingerprint=self.fingerprint,
-            payload=self._store.read_global_chunk(round_, index),
-            vector_length=length,
-        )
+        with self._lock:
+            row = self._store.global_row(round_)
+            assert row is not None
+            return Chunk(
+                round=round_,
+                index=index,
+                total=len(row.blobs),
+                num_values=self._expected_values(index, row.vector_length),
+                fingerprint=self.fingerprint,
+                payload=self._store.get_blob(row.blobs[index]),
+                vector_length=row.vector_length,
+            )
 
     # --- commit -------------------------------------------------------------------------------
     def commit_weight(self, site: str, round_: int, fingerprint: str, payload: bytes) -> CommitAck:
@@ -164,6 +198,12 @@ class Coordinator:
             if round_ == self._round and self._phase == PHASE_UPLOAD and site in self._commits:
                 return CommitAck(round_, len(self._commits), len(self._active()))
             self._check_active(site)
+            if round_ == self._round and self._phase == PHASE_UPLOAD:
+                raise FederationError(
+                    f"the commit phase of round {round_} closed at its deadline without site {site}; "
+                    f"it takes part again from round {round_ + 1}",
+                    "failed_precondition",
+                )
             self._check_round(round_, PHASE_COMMIT, "commit")
             obj = self._parse(payload, what="encrypted weight")
             if self._summer.size(obj) != 1:
@@ -172,9 +212,12 @@ class Coordinator:
                     "invalid_argument",
                 )
             commits = {**self._commits, site: obj}
-            if self._active() <= set(commits):
-                self._form_weight_total(commits)
+            complete = self._active() <= set(commits)
+            total = self._sum(commits.values(), what="the committed weights") if complete else None
+            self._store.put_commit(round_, site, self._store.put_blob(payload))
             self._commits = commits
+            if complete:
+                self._start_uploads(total)
             log.info("weight committed", extra={"site": site, "round": round_})
             self._write_status()
             return CommitAck(round_, len(commits), len(self._active()))
@@ -215,17 +258,15 @@ class Coordinator:
                 )
             self._check_layout(first)
             self._uploading.add(site)
-        staging = self._store.start_upload(first.round, site)
         try:
-            receipt = self._stage(first, it, staging)
+            receipt, blobs = self._stage(first, it)
             with self._lock:
-                return self._accept(site, first, receipt, staging)
+                return self._accept(site, first, receipt, blobs)
         finally:
-            self._store.discard_upload(staging)  # a no-op once accepted (the folder was moved)
             with self._lock:
                 self._uploading.discard(site)
 
-    def _accept(self, site: str, first: Chunk, receipt: Receipt, staging: Path) -> Receipt:
+    def _accept(self, site: str, first: Chunk, receipt: Receipt, blobs: tuple[str, ...]) -> Receipt:
         self._check_round(first.round, PHASE_UPLOAD, "upload")
         previous = self._receipts.get(site)
         if previous is not None:
@@ -235,26 +276,33 @@ class Coordinator:
                 f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
             )
         self._check_layout(first)  # another site's upload may have fixed the shape meanwhile
-        round_sum = dict(self._round_sum)
-        for index, payload in enumerate(self._store.iter_chunks(staging, receipt.chunks)):
-            obj = self._parse(payload, what=f"chunk {index}")
-            round_sum[index] = obj if index not in round_sum else self._sum([round_sum[index], obj], what=f"chunk {index}")
-        receipts = {**self._receipts, site: receipt}
-        closes = set(receipts) >= set(self._commits) - set(self._retired)
-        if closes:
-            self._write_next_global(round_sum, first.total, first.vector_length)
-        self._store.finish_upload(staging, first.round, site, receipt.__dict__)
+        round_sum = self._folded(self._round_sum, blobs)
+        self._store.put_upload(
+            first.round, UploadRow(site, receipt.chunks, receipt.bytes, receipt.digest, first.vector_length, blobs)
+        )
         self._vector_length, self._chunks = first.vector_length, first.total
-        self._round_sum, self._receipts = round_sum, receipts
+        self._round_sum, self._receipts = round_sum, {**self._receipts, site: receipt}
         log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-        if closes:
-            self._advance()
+        if set(self._receipts) >= set(self._commits) - set(self._retired):
+            self._close_round()
+        else:
+            self._write_status()
         return receipt
 
-    def _stage(self, first: Chunk, rest: Iterable[Chunk], staging: Path) -> Receipt:
+    def _folded(self, round_sum: dict[int, Any], blobs: Sequence[str]) -> dict[int, Any]:
+        """``round_sum`` plus the upload stored as ``blobs`` (a new dict; the input is untouched)."""
+        out = dict(round_sum)
+        for index, blob in enumerate(blobs):
+            obj = self._parse(self._store.get_blob(blob), what=f"chunk {index}")
+            out[index] = obj if index not in out else self._sum([out[index], obj], what=f"chunk {index}")
+        return out
+
+    def _stage(self, first: Chunk, rest: Iterable[Chunk]) -> tuple[Receipt, tuple[str, ...]]:
+        """Validates the stream chunk by chunk and stores each as a blob; nothing is referenced yet."""
         digest = hashlib.sha256()
         size = 0
         expected_index = 0
+        blobs = []
         for chunk in _chain(first, rest):
             self._check_chunk(chunk, first, expected_index)
             obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
@@ -263,7 +311,8 @@ class Coordinator:
                     f"chunk {chunk.index} holds {self._summer.size(obj)} values, its header says {chunk.num_values}",
                     "invalid_argument",
                 )
-            self._store.stage_chunk(staging, chunk.index, chunk.payload)
+            with self._lock:
+                blobs.append(self._store.put_blob(chunk.payload))
             digest.update(chunk.payload)
             size += len(chunk.payload)
             expected_index += 1
@@ -272,7 +321,7 @@ class Coordinator:
                 f"upload stream ended after {expected_index} of {first.total} chunks: resend the whole update",
                 "invalid_argument",
             )
-        return Receipt(first.round, first.total, size, digest.hexdigest())
+        return Receipt(first.round, first.total, size, digest.hexdigest()), tuple(blobs)
 
     def _check_layout(self, first: Chunk) -> None:
         """A vector of L values travels as ceil(L / chunk_values) chunks; L is the federation's."""
@@ -337,7 +386,7 @@ class Coordinator:
             self._reported.setdefault(round_, set()).add(site)
             self._check_finished()
 
-    # --- retirement ---------------------------------------------------------------------------
+    # --- retirement and deadlines ------------------------------------------------------------
     def retire(self, site: str, round_: int, reason: str) -> int:
         """``site`` stops contributing from ``round_`` on; the federation goes on with the others.
 
@@ -348,18 +397,37 @@ class Coordinator:
             self._touch(site)
             if site not in self._retired:
                 self._retired[site] = reason[:500] or "no reason given"
-                self._store.write_json("retired.json", dict(self._retired))
+                self._store.put_retired(site, round_, self._retired[site])
                 log.warning("site retired", extra={"site": site, "round": round_, "reason": self._retired[site]})
             if not self._active():
                 log.warning("every site has retired: the federation stops", extra={"round": self._round})
-                self._phase = PHASE_DONE
-            elif self._phase == PHASE_COMMIT and self._active() <= set(self._commits):
-                self._form_weight_total(self._commits)
+                self._set_phase(PHASE_DONE)
+            elif self._phase == PHASE_COMMIT and self._commits and self._active() <= set(self._commits):
+                self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
             elif self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
-                self._close_with(self._round_sum, self._receipts)
+                self._close_round()
             self._write_status()
             self._check_finished()
             return len(self._active())
+
+    def tick(self) -> None:
+        """Applies ``round_deadline``: a phase that has waited that long goes on with a quorum."""
+        if self._deadline is None:
+            return
+        with self._lock:
+            waited = self._clock() - self._phase_started
+            if self._phase == PHASE_DONE or waited < self._deadline:
+                return
+            if self._phase == PHASE_COMMIT and len(self._commits) >= self._min_sites:
+                log.warning("commit deadline: the round goes on without the sites that did not commit",
+                            extra={"round": self._round, "committed": len(self._commits),
+                                   "missing": ",".join(sorted(self._active() - set(self._commits)))})
+                self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
+            elif self._phase == PHASE_UPLOAD and len(self._receipts) >= min(self._min_sites, len(self._commits)):
+                log.warning("upload deadline: committed sites that did not upload count as a zero delta",
+                            extra={"round": self._round, "uploaded": len(self._receipts),
+                                   "missing": ",".join(sorted(set(self._commits) - set(self._receipts)))})
+                self._close_round()
 
     # --- internals ----------------------------------------------------------------------------
     def _active(self) -> set[str]:
@@ -371,51 +439,53 @@ class Coordinator:
                 f"site {site} has retired ({self._retired[site]}); it no longer contributes", "failed_precondition"
             )
 
-    def _form_weight_total(self, commits: dict[str, Any]) -> None:
-        total = self._sum(commits.values(), what="the committed weights")
-        self._weight_total = self._summer.dump(total)
-        self._phase = PHASE_UPLOAD
+    def _set_phase(self, phase: str) -> None:
+        self._phase, self._phase_started = phase, self._clock()
+        self._store.set_state(round=self._round, phase=phase, phase_started=self._phase_started,
+                              round_started=self._round_started)
 
-    def _close_with(self, round_sum: dict[int, Any], receipts: dict[str, Receipt]) -> None:
-        """Closes the round from already-accepted uploads (after a retirement made them complete)."""
-        self._write_next_global(round_sum, next(iter(receipts.values())).chunks, self._vector_length or 0)
-        self._advance()
+    def _start_uploads(self, weight_total: Any) -> None:
+        """E(N) is formed from the committed sites, which are the round's participants from now on."""
+        self._weight_total = self._summer.dump(weight_total)
+        self._set_phase(PHASE_UPLOAD)
+        self._write_status()
 
     def _check_finished(self) -> None:
         if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= self._active():
             self.finished.set()
 
-    def _write_next_global(self, round_sum: dict[int, Any], total_chunks: int, vector_length: int) -> None:
-        chunks = []
-        for index in range(total_chunks):
-            total = round_sum[index]
-            if self._round > 0:
-                previous = self._parse(self._store.read_global_chunk(self._round, index), what="stored global state")
-                total = self._sum([previous, total], what=f"global chunk {index}")
-            chunks.append(self._summer.dump(total))
-        self._store.write_global(self._round + 1, chunks, vector_length)
-
-    def _advance(self) -> None:
+    def _close_round(self) -> None:
+        """E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's sum; the next round opens."""
+        previous = self._store.global_row(self._round) if self._round > 0 else None
+        blobs = []
+        for index in range(self._chunks or 0):
+            total = self._round_sum[index]
+            if previous is not None:
+                stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
+                total = self._sum([stored, total], what=f"global chunk {index}")
+            blobs.append(self._store.put_blob(self._summer.dump(total)))
+        next_round = self._round + 1
+        next_phase = PHASE_DONE if next_round >= self.plan.rounds else PHASE_COMMIT
+        self._store.put_global(GlobalRow(next_round, self._vector_length or 0, tuple(blobs)),
+                               round_=next_round, phase=next_phase)
         self._store.append_record(
             "rounds.jsonl",
             {
                 "round": self._round,
                 "participants": sorted(self._receipts),
+                "zero_delta": sorted(set(self._commits) - set(self._receipts)),
                 "seconds": self._clock() - self._round_started,
                 "bytes_received": sum(r.bytes for r in self._receipts.values()),
             },
         )
         log.info("round closed", extra={"round": self._round, "sites": len(self._receipts)})
-        self._round += 1
-        self._phase = PHASE_DONE if self._round >= self.plan.rounds else PHASE_COMMIT
-        self._reset_round()
-
-    def _reset_round(self) -> None:
-        self._commits: dict[str, Any] = {}
-        self._weight_total: bytes | None = None
-        self._receipts: dict[str, Receipt] = {}
-        self._round_sum: dict[int, Any] = {}
+        # keep the newest two global states; the round's uploads are folded into them
+        keep = set(blobs) | (set(previous.blobs) if previous else set())
+        self._store.collect_garbage(keep)
+        self._round = next_round
+        self._commits, self._weight_total, self._receipts, self._round_sum = {}, None, {}, {}
         self._round_started = self._clock()
+        self._set_phase(next_phase)
         self._write_status()
 
     def _write_status(self) -> None:

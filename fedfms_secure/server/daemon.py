@@ -44,7 +44,9 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         scheme=config.scheme,
     )
     store = StateStore(config.state)
-    return Coordinator(plan, bundle.clients, summer, fingerprint, store), bundle, store
+    coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, store,
+                              round_deadline=config.round_deadline, min_sites=config.min_sites)
+    return coordinator, bundle, store
 
 
 def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
@@ -84,6 +86,7 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
             else:
                 log.warning("federation finished; not every site reported final metrics in time")
             break
+        coordinator.tick()
         stop.wait(0.2)
     health_servicer.enter_graceful_shutdown()
     server.stop(grace=5).wait()

@@ -1,97 +1,185 @@
-"""The coordinator's folder: ciphertext blobs on disk, metrics and round records as JSON lines.
+"""The coordinator's folder: SQLite (WAL) for the federation's state, content-addressed blobs for
+ciphertexts, and JSON files that other tools read.
 
 Layout under ``--state DIR``::
 
-    address.json                  the HOST:PORT the server is bound to (written once listening)
-    global/round_<r>/<i>.ct       E(theta_r - theta_0), chunk i (absent for round 0: theta_0 is public)
-    global/round_<r>/meta.json    {"vector_length", "chunks"}
-    uploads/round_<r>/<site>/<i>.ct   each site's received update chunks, as they arrived
-    metrics.jsonl                 public metrics the sites chose to report, one record a line
-    rounds.jsonl                  one record per closed round: participants, seconds, bytes
-    status.json                   the latest status snapshot
+    state.db              rounds and phases, commits, received uploads, global states, retired sites
+    blobs/ab/abcdef...    one ciphertext (or plaintext block) each, named by the sha256 of its bytes
+    address.json          the HOST:PORT the server is bound to (written once listening)
+    status.json           the latest status snapshot (for the demo's progress display)
+    metrics.jsonl         public metrics the sites chose to report, one record a line
+    rounds.jsonl          one record per closed round: participants, seconds, bytes
 
-Every file is written to a temporary name and renamed, so a crash never leaves a half-written one
-under its final name. Nothing here can decrypt anything: the server holds no CKKS secret key.
+A blob is written to a temporary name, flushed and renamed, and its name is checked against its
+content on every read, so a half-written or damaged blob is detected and never used. Every state
+change is one SQLite transaction. Nothing here can decrypt anything: the server holds no CKKS
+secret key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
-import tempfile
+import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 from fedfms_secure.errors import ConfigError
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS commits (
+    round INTEGER NOT NULL, site TEXT NOT NULL, blob TEXT NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS uploads (
+    round INTEGER NOT NULL, site TEXT NOT NULL, chunks INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    digest TEXT NOT NULL, vector_length INTEGER NOT NULL, blobs TEXT NOT NULL, PRIMARY KEY (round, site));
+CREATE TABLE IF NOT EXISTS globals (
+    round INTEGER PRIMARY KEY, vector_length INTEGER NOT NULL, blobs TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS retired (site TEXT PRIMARY KEY, round INTEGER NOT NULL, reason TEXT NOT NULL);
+"""
+
+
+class BlobError(Exception):
+    """A blob is missing, or its content does not match its name (half-written or damaged)."""
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    site: str
+    chunks: int
+    bytes: int
+    digest: str
+    vector_length: int
+    blobs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GlobalRow:
+    round: int
+    vector_length: int
+    blobs: tuple[str, ...]
+
 
 class StateStore:
-    """Files of one coordinator."""
+    """Files and database of one coordinator. Not thread-safe: the coordinator serialises access."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the server state folder {self.root}: {exc}") from exc
+            (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.root / "state.db", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the server state folder {self.root}: {exc}; check the path "
+                              "and its permissions, or give another --state") from exc
+        for tmp in (self.root / "blobs").rglob("*.tmp"):
+            tmp.unlink(missing_ok=True)  # left by a crash mid-write; never referenced
 
-    # --- global state -------------------------------------------------------------------------
-    def write_global(self, round_: int, chunks: list[bytes], vector_length: int) -> None:
-        folder = self.root / "global" / f"round_{round_}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for i, payload in enumerate(chunks):
-            (tmp / f"{i}.ct").write_bytes(payload)
-        _write_json(tmp / "meta.json", {"vector_length": vector_length, "chunks": len(chunks)})
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+    def close(self) -> None:
+        self._db.close()
 
-    def global_meta(self, round_: int) -> dict[str, int] | None:
-        meta = self.root / "global" / f"round_{round_}" / "meta.json"
-        return json.loads(meta.read_text()) if meta.exists() else None
+    # --- blobs --------------------------------------------------------------------------------
+    def put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._blob_path(digest)
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        return digest
 
-    def read_global_chunk(self, round_: int, index: int) -> bytes:
-        return (self.root / "global" / f"round_{round_}" / f"{index}.ct").read_bytes()
+    def get_blob(self, digest: str) -> bytes:
+        try:
+            data = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise BlobError(f"blob {digest[:16]}... is missing") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BlobError(f"blob {digest[:16]}... is damaged or half-written")
+        return data
 
-    # --- uploads ------------------------------------------------------------------------------
-    def upload_dir(self, round_: int, site: str) -> Path:
-        return self.root / "uploads" / f"round_{round_}" / site
+    def collect_garbage(self, keep: Iterable[str]) -> int:
+        """Deletes every blob not in ``keep``; returns how many went."""
+        keep = set(keep)
+        removed = 0
+        for path in (self.root / "blobs").glob("*/*"):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
-    def start_upload(self, round_: int, site: str) -> Path:
-        """A fresh staging folder of its own for one upload stream."""
-        parent = self.root / "uploads" / f"round_{round_}"
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{site}.", suffix=".partial", dir=parent))
+    def _blob_path(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise BlobError(f"{digest!r} is not a blob name")
+        return self.root / "blobs" / digest[:2] / digest
 
-    def stage_chunk(self, staging: Path, index: int, payload: bytes) -> None:
-        _write_bytes(staging / f"{index}.ct", payload)
+    # --- federation state ---------------------------------------------------------------------
+    def get_state(self, key: str, default: str) -> str:
+        row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
 
-    def finish_upload(self, staging: Path, round_: int, site: str, receipt: dict[str, Any]) -> None:
-        _write_json(staging / "receipt.json", receipt)
-        final = self.upload_dir(round_, site)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+    def set_state(self, **values: Any) -> None:
+        with self._db:
+            self._db.executemany(
+                "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [(k, str(v)) for k, v in values.items()],
+            )
 
-    def discard_upload(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
+    def commits(self, round_: int) -> dict[str, str]:
+        return dict(self._db.execute("SELECT site, blob FROM commits WHERE round = ?", (round_,)).fetchall())
 
-    @staticmethod
-    def iter_chunks(folder: Path, total: int) -> Iterator[bytes]:
-        for i in range(total):
-            yield (folder / f"{i}.ct").read_bytes()
+    def put_commit(self, round_: int, site: str, blob: str) -> None:
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO commits (round, site, blob) VALUES (?, ?, ?)", (round_, site, blob))
 
-    def latest_global_round(self) -> int:
-        """The highest round whose global state is complete on disk (0 when none is)."""
-        rounds = [
-            int(p.parent.name.removeprefix("round_"))
-            for p in (self.root / "global").glob("round_*/meta.json")
-            if p.parent.name.removeprefix("round_").isdigit()
-        ]
-        return max(rounds, default=0)
+    def uploads(self, round_: int) -> dict[str, UploadRow]:
+        rows = self._db.execute(
+            "SELECT site, chunks, bytes, digest, vector_length, blobs FROM uploads WHERE round = ?", (round_,)
+        ).fetchall()
+        return {r[0]: UploadRow(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5]))) for r in rows}
 
-    # --- records ------------------------------------------------------------------------------
+    def put_upload(self, round_: int, row: UploadRow) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO uploads (round, site, chunks, bytes, digest, vector_length, blobs) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (round_, row.site, row.chunks, row.bytes, row.digest, row.vector_length, json.dumps(row.blobs)),
+            )
+
+    def drop_upload(self, round_: int, site: str) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM uploads WHERE round = ? AND site = ?", (round_, site))
+
+    def put_global(self, row: GlobalRow, *, round_: int, phase: str) -> None:
+        """Stores the state that opens ``row.round`` and moves the federation there, atomically."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO globals (round, vector_length, blobs) VALUES (?, ?, ?)",
+                (row.round, row.vector_length, json.dumps(row.blobs)),
+            )
+            self._db.executemany(
+                "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [("round", str(round_)), ("phase", phase)],
+            )
+
+    def global_row(self, round_: int) -> GlobalRow | None:
+        row = self._db.execute("SELECT vector_length, blobs FROM globals WHERE round = ?", (round_,)).fetchone()
+        return GlobalRow(round_, row[0], tuple(json.loads(row[1]))) if row else None
+
+    def retired(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT site, reason FROM retired").fetchall())
+
+    def put_retired(self, site: str, round_: int, reason: str) -> None:
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO retired (site, round, reason) VALUES (?, ?, ?)", (site, round_, reason))
+
+    # --- files for other tools ----------------------------------------------------------------
     def append_record(self, name: str, record: dict[str, Any]) -> None:
         with open(self.root / name, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
@@ -105,19 +193,7 @@ class StateStore:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        _write_json(self.root / name, data)
-
-    def read_json(self, name: str, default: dict[str, Any]) -> dict[str, Any]:
         path = self.root / name
-        return json.loads(path.read_text()) if path.exists() else default
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)

@@ -12,6 +12,7 @@ from fedfms_secure.crypto import payload
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 from fedfms_secure.privacy.budget import read_ledger
+from fedfms_secure.server.store import StateStore
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,8 @@ def test_server_never_held_a_secret_key(run):
     context = server.context()
     assert not context.is_private()
     # the context the server ran with cannot decrypt the global state it built
-    stored = (out / "run" / "server" / "global" / "round_2" / "0.ct").read_bytes()
+    store = StateStore(out / "run" / "server")
+    stored = store.get_blob(store.global_row(2).blobs[0])
     chunk = payload.parse(stored, context, expected_fingerprint=server.fingerprint)
     with pytest.raises(ValueError):
         chunk.vector.decrypt()
@@ -48,8 +50,8 @@ def test_server_never_held_a_secret_key(run):
     site = load_bundle(out / "run" / "bundles" / "site_1", role="client")
     assert len(payload.parse(stored, site.context(), expected_fingerprint=site.fingerprint).vector.decrypt()) > 0
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
-    names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file()}
-    assert names <= {".ct", ".json", ".jsonl"}
+    names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
+    assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl"}, names
 
 
 def test_sites_decrypt_the_plaintext_weighted_fedavg(run):

@@ -21,6 +21,7 @@ from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.accounting import extend_history
 from fedfms_secure.privacy.budget import read_ledger, resolve_delta
+from fedfms_secure.server.store import StateStore
 from fedfms_secure.train import steps_per_epoch
 
 ROUNDS = 2
@@ -76,7 +77,7 @@ def test_the_exhausted_site_retires_with_a_clear_log_line(run):
     root, _, spent = run
     log = (root / "site_2.log").read_text()
     assert "retiring" in log and "privacy budget" in log
-    retired = json.loads((root / "state_server" / "retired.json").read_text())
+    retired = StateStore(root / "state_server").retired()
     assert list(retired) == ["site_2"] and "past the target 8" in retired["site_2"]
     assert read_ledger(root / "state_site_2") == []  # it never trained
     assert 0 < spent < 8.0
