@@ -82,6 +82,8 @@ class ClientConfig:
     round_timeout: float = 1800.0
     # deadline of one RPC, streams included (a whole FedSAM upload is one call)
     call_timeout: float = 600.0
+    # while the server is unreachable (e.g. restarting), keep retrying with backoff this long
+    reconnect_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")

@@ -89,6 +89,7 @@ class Status:
     total_rounds: int
     phase: str
     sites: tuple[SiteStatus, ...] = field(default_factory=tuple)
+    deadline: float = 0.0  # unix time when the open phase goes on with a quorum; 0: waits for all
 
     @property
     def done(self) -> bool:

@@ -148,7 +148,11 @@ class Coordinator:
                 )
                 for name in sorted(self._joined)
             )
-            return Status(self.plan.federation, self._round, self.plan.rounds, self._phase, sites)
+            deadline = (
+                self._phase_started + self._deadline
+                if self._deadline is not None and self._phase != PHASE_DONE else 0.0
+            )
+            return Status(self.plan.federation, self._round, self.plan.rounds, self._phase, sites, deadline)
 
     # --- global state -------------------------------------------------------------------------
     def global_state(self, site: str, round_: int) -> int:

@@ -9,6 +9,7 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.codec import make_summer
@@ -19,6 +20,7 @@ from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
 from fedfms_secure.transport.servicer import FederationServicer
+from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedfms_secure.server")
@@ -29,7 +31,10 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
     bundle = load_bundle(config.keys, role="server")
     if config.he:
         # load_bundle(role="server") has refused any context that holds a secret key
-        summer, fingerprint = make_summer("ckks", bundle.context(), bundle.fingerprint), bundle.fingerprint
+        if bundle.params.packing is not None:
+            bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=config.rounds)
+        summer = make_summer("ckks", bundle.context(), bundle.fingerprint, params=bundle.params)
+        fingerprint = bundle.fingerprint
     else:
         summer, fingerprint = make_summer("plain", None), "plain"
     plan = Plan(
@@ -56,6 +61,9 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Federation"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     try:
         if config.insecure:
             log.warning("serving WITHOUT TLS (--insecure): for local experiments only")

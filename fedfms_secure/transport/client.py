@@ -5,6 +5,7 @@ It counts the bytes it sends and receives (serialized message sizes) for the rou
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -19,6 +20,7 @@ from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+log = logging.getLogger("fedfms_secure.client")
 _CODES = {v: k for k, v in STATUS_CODES.items()}
 
 
@@ -36,6 +38,7 @@ class FederationClient:
         insecure: bool = False,
         site: str | None = None,
         call_timeout: float = 120.0,
+        reconnect_timeout: float = 0.0,
     ) -> None:
         self.address = address
         self._channel = client_channel(
@@ -44,6 +47,8 @@ class FederationClient:
         self._stub = pb_grpc.FederationStub(self._channel)
         self._metadata = ((SITE_METADATA_KEY, site),) if insecure and site else None
         self._timeout = call_timeout
+        # how long to keep retrying, with backoff, while the server is unreachable (0: fail at once)
+        self._reconnect = reconnect_timeout
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -95,14 +100,19 @@ class FederationClient:
         req = pb.GetWeightTotalRequest(round=round_)
         return serde.weight_total_from_proto(self._unary(self._stub.GetWeightTotal, req))
 
-    def upload(self, chunks: Iterable[Chunk]) -> Receipt:
-        def messages() -> Iterator[pb.Chunk]:
-            for chunk in chunks:
-                msg = serde.chunk_to_proto(chunk)
-                self.bytes_up += msg.ByteSize()
-                yield msg
+    def upload(self, chunks: Callable[[], Iterable[Chunk]]) -> Receipt:
+        """Streams the chunks that ``chunks()`` yields; on a reconnect it is called again."""
 
-        return serde.receipt_from_proto(self._unary(self._stub.UploadUpdate, messages()))
+        def call() -> pb.UploadReceipt:
+            def messages() -> Iterator[pb.Chunk]:
+                for chunk in chunks():
+                    msg = serde.chunk_to_proto(chunk)
+                    self.bytes_up += msg.ByteSize()
+                    yield msg
+
+            return self._stub.UploadUpdate(messages(), timeout=self._timeout, metadata=self._metadata)
+
+        return serde.receipt_from_proto(self._call(call))
 
     def retire(self, round_: int, reason: str) -> int:
         """Tells the coordinator this site stops contributing from ``round_`` on; returns the active sites."""
@@ -115,8 +125,6 @@ class FederationClient:
     # --- plumbing -------------------------------------------------------------------------------
     def _unary(self, method: Callable, request: object) -> object:
         def call() -> object:
-            if not hasattr(request, "ByteSize"):  # a request stream counts itself
-                return method(request, timeout=self._timeout, metadata=self._metadata)
             self.bytes_up += request.ByteSize()
             response = method(request, timeout=self._timeout, metadata=self._metadata)
             self.bytes_down += response.ByteSize()
@@ -125,10 +133,19 @@ class FederationClient:
         return self._call(call)
 
     def _call(self, fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except grpc.RpcError as exc:
-            raise _translate(exc, self.address) from None
+        """Runs one call; while the server is unreachable, retries with backoff up to the reconnect timeout."""
+        deadline = time.monotonic() + self._reconnect
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as exc:
+                error = _translate(exc, self.address)
+            if not isinstance(error, ServerUnreachable) or time.monotonic() + delay > deadline:
+                raise error
+            log.warning("server unreachable; retrying", extra={"address": self.address, "in_seconds": delay})
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _translate(exc: grpc.RpcError, address: str) -> FederationError:

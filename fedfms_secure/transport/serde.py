@@ -99,6 +99,7 @@ def status_to_proto(s: Status) -> pb.GetStatusResponse:
         total_rounds=s.total_rounds,
         phase=s.phase,
         done=s.done,
+        phase_deadline_unix=s.deadline,
         sites=[
             pb.SiteStatus(
                 name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen_unix=x.last_seen,
@@ -115,4 +116,4 @@ def status_from_proto(msg: pb.GetStatusResponse) -> Status:
                    retired=x.retired, retired_reason=x.retired_reason)
         for x in msg.sites
     )
-    return Status(msg.federation, msg.round, msg.total_rounds, msg.phase, sites)
+    return Status(msg.federation, msg.round, msg.total_rounds, msg.phase, sites, msg.phase_deadline_unix)

@@ -178,17 +178,19 @@ class SiteStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., committed: _Optional[bool] = ..., uploaded: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ..., retired: _Optional[bool] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation", "round", "total_rounds", "phase", "sites", "done")
+    __slots__ = ("federation", "round", "total_rounds", "phase", "sites", "done", "phase_deadline_unix")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     SITES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     federation: str
     round: int
     total_rounds: int
     phase: str
     sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
     done: bool
-    def __init__(self, federation: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., done: _Optional[bool] = ...) -> None: ...
+    phase_deadline_unix: float
+    def __init__(self, federation: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., done: _Optional[bool] = ..., phase_deadline_unix: _Optional[float] = ...) -> None: ...

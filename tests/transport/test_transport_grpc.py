@@ -91,10 +91,10 @@ def test_wrong_fingerprint_and_bad_stream_get_deliberate_codes(federation):
         assert exc.value.code == "invalid_argument"
         with pytest.raises(FederationError, match="commit") as exc:
             payload = codec.encrypt_vector(np.zeros(4))[0]
-            client.upload([Chunk(0, 0, 1, 4, b.fingerprint, payload, 4)])
+            client.upload(lambda: [Chunk(0, 0, 1, 4, b.fingerprint, payload, 4)])
         assert exc.value.code == "failed_precondition"
         with pytest.raises(FederationError, match="empty upload") as exc:
-            client.upload([])
+            client.upload(lambda: [])
         assert exc.value.code == "invalid_argument"
 
 
@@ -116,3 +116,16 @@ def test_health_service_reports_serving(federation):
     with grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(federation):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    root, address = federation
+    b = load_bundle(root / "a", role="client")
+    creds = grpc.ssl_channel_credentials(b.ca_pem, b.key_pem, b.cert_pem)
+    with grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"fedfms_secure.v1.Federation", "grpc.health.v1.Health"} <= names

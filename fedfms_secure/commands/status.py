@@ -1,0 +1,50 @@
+"""``fedfms-secure status``: where a federation stands, asked of its server over mutual TLS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Adds the ``status`` command to the CLI."""
+    p = sub.add_parser("status", help="the round, the sites and the deadline, from a running server")
+    p.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
+    p.add_argument("--keys", type=Path, required=True, help="a client bundle of the federation")
+    p.add_argument("--insecure", action="store_true", help="the server runs with --insecure")
+    p.add_argument("--site", help="site name, only with --insecure")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from fedfms_secure.crypto.keystore import load_bundle
+    from fedfms_secure.transport.client import FederationClient
+
+    if args.insecure:
+        client = FederationClient(args.server, insecure=True, site=args.site, call_timeout=args.timeout)
+    else:
+        b = load_bundle(args.keys, role="client")
+        client = FederationClient(args.server, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
+                                  server_name=b.server_host, call_timeout=args.timeout)
+    with client:
+        client.wait_ready(args.timeout)
+        status = client.status()
+    if args.json:
+        print(json.dumps({**asdict(status), "done": status.done}))
+        return 0
+    now = time.time()
+    print(f"federation {status.federation}: round {min(status.round + 1, status.total_rounds)} of "
+          f"{status.total_rounds}, phase {status.phase}")
+    if status.deadline:
+        print(f"deadline: in {max(0.0, status.deadline - now):.0f} s the phase goes on with the sites it has")
+    print(f"{'site':<20} {'last seen':>10}  committed  uploaded  retired")
+    for s in status.sites:
+        seen = f"{now - s.last_seen:.0f} s ago" if s.last_seen else "never"
+        retired = f"yes: {s.retired_reason}" if s.retired else "no"
+        print(f"{s.name:<20} {seen:>10}  {'yes' if s.committed else 'no':>9}  {'yes' if s.uploaded else 'no':>8}  {retired}")
+    return 0
