@@ -199,8 +199,8 @@ def _check_context(path: Path, raw: bytes, role: str, fingerprint: str, params: 
         raise KeyMaterialError(
             f"{file} holds CKKS parameters this build refuses ({exc}); export the bundle again"
         ) from None
-    if actual != params:
+    if actual != params.ring:  # the packing (if any) lives in the manifest only
         raise KeyMaterialError(
-            f"{file} has CKKS parameters {actual.to_dict()}, the manifest says {params.to_dict()}; "
+            f"{file} has CKKS parameters {actual.to_dict()}, the manifest says {params.ring.to_dict()}; "
             "export the bundle again"
         )

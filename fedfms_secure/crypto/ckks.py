@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import tenseal as ts
 
 from fedfms_secure.crypto import _wire
+from fedfms_secure.crypto.packing import PackingConfig
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 _FINGERPRINT_DOMAIN = b"fedfms-secure/ckks-context/v1\x00"
@@ -37,11 +38,18 @@ class CkksParams:
 
     ``coeff_mod_bit_sizes`` is ``(q0, middle primes..., special prime)``; a fresh ciphertext lives
     at the level without the special prime. Values are encoded as ``round(x * 2**scale_bits)``.
+
+    ``packing`` (None: one value per slot, the defaults above) selects the compact scheme of
+    ``packing.py``: quantised integers packed into the polynomial's coefficients, ``scale_bits``
+    then being the noise margin. ``choose_params`` derives all fields from the update's bound, the
+    number of sites and the rounds. The context itself only knows the ring (``ring``); the packing
+    travels in the manifest next to it.
     """
 
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
     scale_bits: int = 40
+    packing: PackingConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coeff_mod_bit_sizes", tuple(int(b) for b in self.coeff_mod_bit_sizes))
@@ -69,6 +77,10 @@ class CkksParams:
                 f"(2^(data bits {self.data_bits} - scale_bits - 2)), too little to sum {MAX_SUMMANDS} values of "
                 "magnitude 1. Lower scale_bits or add a middle prime (e.g. [60, 40, 60] with scale_bits 40)"
             )
+        if self.packing is not None:
+            if not isinstance(self.packing, PackingConfig):
+                raise ConfigError(f"CKKS packing must be a PackingConfig, got {type(self.packing).__name__}")
+            self.packing.check_ring(n, bits, self.scale_bits)
 
     @property
     def slots(self) -> int:
@@ -107,13 +119,21 @@ class CkksParams:
         """
         return self.capacity / MAX_SUMMANDS
 
+    @property
+    def ring(self) -> CkksParams:
+        """These parameters without the packing: what a TenSEAL context holds (``params_of``)."""
+        return replace(self, packing=None) if self.packing is not None else self
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (for ``federation.json`` and bundle manifests)."""
-        return {
+        """JSON-ready form (for ``federation.json`` and bundle manifests); ``packing`` only when set."""
+        d: dict[str, Any] = {
             "poly_modulus_degree": self.poly_modulus_degree,
             "coeff_mod_bit_sizes": list(self.coeff_mod_bit_sizes),
             "scale_bits": self.scale_bits,
         }
+        if self.packing is not None:
+            d["packing"] = self.packing.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CkksParams:
@@ -123,8 +143,9 @@ class CkksParams:
                 poly_modulus_degree=int(d["poly_modulus_degree"]),
                 coeff_mod_bit_sizes=tuple(int(b) for b in d["coeff_mod_bit_sizes"]),
                 scale_bits=int(d["scale_bits"]),
+                packing=PackingConfig.from_dict(d["packing"]) if d.get("packing") is not None else None,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ConfigError(
                 f"CKKS parameters {d!r} are incomplete or malformed ({exc!r}); expected keys "
                 "poly_modulus_degree, coeff_mod_bit_sizes, scale_bits"

@@ -1,7 +1,9 @@
 """Site side front door: turn a flat float vector into payloads and back.
 
-``make_site_codec("ckks", ctx, fingerprint)`` gives a ``CkksCodec`` (CKKS under the federation's
-key, one ciphertext per ``slots`` values); ``make_site_codec("plain", None, "plain")`` gives the
+``make_site_codec("ckks", ctx, fingerprint, params=bundle.params)`` gives a ``PackedCkksCodec`` when
+the federation's params carry a packing (quantised integers packed into the coefficients, see
+``packing.py``; about 7 B per parameter), else a ``CkksCodec`` (CKKS under the federation's key,
+one value per slot, one ciphertext per ``slots`` values); ``make_site_codec("plain", None, "plain")`` gives the
 ``--no-he`` baseline, ``PlainCodec``, whose payloads are float64 little-endian bytes.
 
 Chunking is explicit: ``encrypt_vector`` returns one payload per ``chunk_values`` values, the last
@@ -16,13 +18,17 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import tenseal as ts
 
+from fedfms_secure.crypto import packing as _packing
 from fedfms_secure.crypto import payload as _payload
-from fedfms_secure.crypto.ckks import context_fingerprint, params_of
+from fedfms_secure.crypto._seal import SealOps
+from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, params_of
 from fedfms_secure.crypto.summer import (
     PLAIN_CHUNK_VALUES,
     CkksSummer,
+    PackedCkksSummer,
     PayloadSummer,
     PlainSummer,
+    _require_packing,
     make_summer,
     plain_from_bytes,
 )
@@ -31,6 +37,8 @@ from fedfms_secure.errors import ConfigError, CryptoError, KeyMaterialError
 __all__ = [
     "CkksCodec",
     "CkksSummer",
+    "PackedCkksCodec",
+    "PackedCkksSummer",
     "PayloadSummer",
     "PlainCodec",
     "PlainSummer",
@@ -145,6 +153,111 @@ class CkksCodec:
         return _payload.parse(item, self._ctx, expected_fingerprint=self.fingerprint)
 
 
+class PackedCkksCodec:
+    """The compact CKKS codec of a site (``packing.py``): quantise, pack, encrypt with the secret key.
+
+    ``chunk_values`` = N * lanes parameters per ciphertext. ``encrypt_vector`` refuses any value
+    beyond ``bound`` (values there would overflow the lanes of a sum); ``decrypt_vector`` decodes a
+    sum of up to sites * rounds chunks exactly and returns it in units of the update (a multiple of
+    ``step``). ``rng`` drives stochastic rounding (default: seeded from the operating system).
+    """
+
+    scheme = "ckks"
+
+    def __init__(
+        self, ctx: ts.Context, fingerprint: str, params: CkksParams, *, rng: np.random.Generator | None = None
+    ) -> None:
+        if not ctx.has_secret_key() or not ctx.has_public_key():
+            raise KeyMaterialError(
+                "a site codec needs the CKKS context with its secret and public key; this one lacks them "
+                "(is it the server's params-only ckks.ctx?). Use the client bundle's ckks.ctx"
+            )
+        actual = context_fingerprint(ctx)
+        if fingerprint != actual:
+            raise KeyMaterialError(
+                f"fingerprint {fingerprint[:16]!r}... does not belong to this CKKS context ({actual[:16]}...): "
+                "take both from the same client bundle (Bundle.context() and Bundle.fingerprint)"
+            )
+        self.packing = _require_packing(params, ctx)
+        self._ctx = ctx
+        self._ops = SealOps(ctx)
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self.fingerprint = fingerprint
+        self.params = params
+        self.n = params.poly_modulus_degree
+        self.chunk_values = self.n * self.packing.lanes
+        self.bound = self.packing.bound
+        self.step = self.packing.step
+        self.layout = _packing.layout_tag(params.ring.to_dict(), self.packing)
+        q_bits = params.coeff_mod_bit_sizes[0]
+        # the sum of `sites` scalars of fixed point 2**-8 must stay below the top of a coefficient
+        self.scalar_bound = 2.0 ** (q_bits - 2 - params.scale_bits - _packing.SCALAR_FRAC_BITS) / self.packing.sites
+        self._max_summands = {_payload.KIND_VECTOR: self.packing.summands, _payload.KIND_SCALAR: self.packing.sites}
+
+    def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
+        values = _as_vector(vec, bound=self.bound, what="packing bound (PackingConfig.bound)")
+        step = self.chunk_values
+        return [self._encrypt_chunk(values[i : i + step]) for i in range(0, values.size, step)]
+
+    def decrypt_vector(self, payloads: Sequence[bytes], length: int) -> np.ndarray:
+        sizes = _check_layout(payloads, length, self.chunk_values)
+        out = np.empty(length, dtype=np.float64)
+        start = 0
+        for i, (item, expected) in enumerate(zip(payloads, sizes)):
+            chunk = self._parse(item)  # one ciphertext in memory at a time
+            if chunk.kind != _payload.KIND_VECTOR:
+                raise CryptoError(f"chunk {i} is an encrypted scalar, not a vector chunk")
+            _check_size(i, chunk.count, expected, what="ciphertext")
+            levels = _packing.unpack_lanes(self._decrypt(chunk), self.packing, chunk.count, chunk.summands)
+            out[start : start + expected] = levels * self.step
+            start += expected
+        return out
+
+    def encrypt_scalar(self, x: float) -> bytes:
+        value = _as_vector(np.array([x], dtype=np.float64), bound=self.scalar_bound,
+                           what="bound of an encrypted scalar")[0]
+        coeffs = np.zeros(self.n, dtype=np.int64)
+        coeffs[0] = int(round(value * 2**_packing.SCALAR_FRAC_BITS))
+        return self._encrypt(coeffs, _payload.KIND_SCALAR, 1)
+
+    def decrypt_scalar(self, payload: bytes) -> float:
+        chunk = self._parse(payload)
+        if chunk.kind != _payload.KIND_SCALAR:
+            raise CryptoError(f"expected an encrypted scalar, got a vector chunk of {chunk.count} values")
+        coeffs = self._decrypt(chunk)
+        if np.any(coeffs[1:] != 0):
+            raise CryptoError("an encrypted scalar decrypted to non-zero padding: it is corrupt or under another key")
+        return float(coeffs[0]) / 2**_packing.SCALAR_FRAC_BITS
+
+    def _encrypt_chunk(self, values: np.ndarray) -> bytes:
+        levels = _packing.quantize(values, self.packing, self._rng)
+        return self._encrypt(_packing.pack_lanes(levels, self.packing, self.n), _payload.KIND_VECTOR, values.size)
+
+    def _encrypt(self, coeffs: np.ndarray, kind: int, count: int) -> bytes:
+        ciphertext = self._ops.encrypt_seeded(self._ops.encode(_packing.embed(coeffs)))
+        return _payload.pack_packed(self._ops.vector_body(ciphertext), self.fingerprint, self.layout, kind, count, 1)
+
+    def _decrypt(self, chunk: _payload.PackedChunk) -> np.ndarray:
+        """The packed integers of every coefficient, after checking each lies within the noise bound."""
+        coeffs = _packing.unembed(self._ops.decrypt_slots(chunk.vector))
+        rounded = np.rint(coeffs)
+        # every coefficient is 2**t * integer + e with |e| <= noise_bound; other keys give uniform residues
+        limit = _packing.noise_bound(chunk.summands, self.params.coeff_mod_bit_sizes[0]) / self.params.scale
+        worst = float(np.max(np.abs(coeffs - rounded)))
+        if not np.isfinite(worst) or worst > limit:
+            raise CryptoError(
+                f"decrypted coefficients lie up to {worst:.3f} from an integer, beyond the noise bound {limit:.3f} of "
+                f"{chunk.summands} summed ciphertexts: the ciphertext is corrupt or was encrypted under another key"
+            )
+        return rounded.astype(np.int64)
+
+    def _parse(self, item: bytes) -> _payload.PackedChunk:
+        return _payload.parse_packed(
+            item, self._ctx, expected_fingerprint=self.fingerprint, layout=self.layout,
+            max_count=self.chunk_values, max_summands=self._max_summands,
+        )
+
+
 class PlainCodec:
     """The ``--no-he`` baseline: payloads are float64 little-endian bytes, no encryption."""
 
@@ -180,20 +293,28 @@ class PlainCodec:
         return float(values[0])
 
 
-def make_site_codec(scheme: str, ctx: ts.Context | None, fingerprint: str) -> UpdateCodec:
-    """The site codec for ``scheme`` ("ckks" needs the site context; "plain" ignores ``ctx``)."""
+def make_site_codec(
+    scheme: str, ctx: ts.Context | None, fingerprint: str, params: CkksParams | None = None
+) -> UpdateCodec:
+    """The site codec for ``scheme`` ("ckks" needs the site context; "plain" ignores ``ctx``).
+
+    ``params`` (the bundle's ``Bundle.params``): with a packing, a ``PackedCkksCodec``; without
+    one (or None), the one-value-per-slot ``CkksCodec``.
+    """
     if scheme == "ckks":
         if ctx is None:
             raise KeyMaterialError(
                 "scheme 'ckks' needs the site's CKKS context (ckks.ctx of the client bundle)"
             )
+        if params is not None and params.packing is not None:
+            return PackedCkksCodec(ctx, fingerprint, params)
         return CkksCodec(ctx, fingerprint)
     if scheme == "plain":
         return PlainCodec()
     raise ConfigError(f"unknown update scheme {scheme!r}: use 'ckks' or 'plain' (--no-he)")
 
 
-def _as_vector(vec: np.ndarray, *, bound: float | None) -> np.ndarray:
+def _as_vector(vec: np.ndarray, *, bound: float | None, what: str | None = None) -> np.ndarray:
     values = np.asarray(vec, dtype=np.float64)
     if values.ndim != 1:
         raise CryptoError(f"expected a flat 1-D vector, got shape {values.shape}; flatten it first")
@@ -206,6 +327,13 @@ def _as_vector(vec: np.ndarray, *, bound: float | None) -> np.ndarray:
         )
     if bound is not None:
         peak = float(np.max(np.abs(values)))
+        if peak > bound and what is not None:
+            at = int(np.argmax(np.abs(values)))
+            raise CryptoError(
+                f"max |value| {peak:.6g} (at index {at}) exceeds the {what} {bound:.6g}: beyond it the packed sums of "
+                "the federation could overflow silently. Clip the weighted update to +-bound before encrypting "
+                "(np.clip; post-processing keeps the DP guarantee), or provision the federation with a larger bound"
+            )
         if peak > bound:
             raise CryptoError(
                 f"max |value| {peak:.6g} exceeds the CKKS bound {bound:.6g} (CkksParams.value_bound: the "

@@ -3,7 +3,9 @@
 ``init_federation(out, ...)`` (``fedfms-secure keys init``) writes the provisioning folder::
 
     out/federation.json          federation, server_host, clients, algorithm, days, created,
-                                 ckks {params, fingerprint}
+                                 ckks {params, fingerprint}; params.packing when ``params`` has
+                                 one (``packing.choose_params``): both daemons read it back from
+                                 their bundle (``Bundle.params``)
     out/ca/ca.crt                federation CA certificate
     out/ca/ca.key         0600   CA private key (keep it offline)
     out/server/tls.crt, tls.key  server certificate (SANs = server_host, + localhost/127.0.0.1/::1

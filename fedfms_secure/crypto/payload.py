@@ -7,6 +7,15 @@ Wire format of one payload (``CkksCodec`` writes it, ``CkksSummer`` reads and wr
     fingerprint         32 bytes  SHA-256 context fingerprint (``ckks.context_fingerprint``)
     TenSEAL CKKSVector   rest     protobuf: sizes=[n], ciphertexts=[one SEAL ciphertext], scale
 
+The packed scheme (``packing.py``) uses version 2, whose header says more::
+
+    b"FFCK"  2  fingerprint(32)
+    layout               8 bytes  ``packing.layout_tag``: ring parameters + packing configuration
+    kind                 1 byte   1: a chunk of a vector, 2: a scalar
+    count                4 bytes  little-endian: parameters in this chunk (1..N * lanes)
+    summands             4 bytes  little-endian: fresh ciphertexts summed into this one (1 if fresh)
+    TenSEAL CKKSVector   rest     sizes=[N/2], one SEAL ciphertext (seeded when fresh), scale
+
 The fingerprint tag lets a receiver refuse, with ContextMismatchError, a ciphertext made under
 another federation's key: CKKS itself cannot tell (a foreign ciphertext adds fine and decrypts to
 noise). It is a label, not a MAC; integrity in transit is mutual TLS's job.
@@ -29,6 +38,10 @@ from fedfms_secure.errors import ContextMismatchError, CryptoError
 MAGIC = b"FFCK"
 VERSION = 1
 HEADER_LEN = len(MAGIC) + 1 + 32
+VERSION_PACKED = 2
+PACKED_HEADER_LEN = HEADER_LEN + 8 + 1 + 4 + 4
+KIND_VECTOR, KIND_SCALAR = 1, 2
+_KIND_NAMES = {KIND_VECTOR: "vector chunk", KIND_SCALAR: "scalar"}
 _SEAL_MAGIC = 0xA15E
 _SEAL_HEADER_LEN = 16
 
@@ -46,6 +59,97 @@ class CkksChunk:
         return int(self.vector.size())
 
 
+@dataclass(frozen=True)
+class PackedChunk:
+    """A parsed, validated packed chunk (payload version 2)."""
+
+    vector: ts.CKKSVector
+    fingerprint: str
+    layout: bytes
+    kind: int
+    count: int
+    summands: int
+
+    @property
+    def size(self) -> int:
+        """Number of parameters (or 1 for a scalar)."""
+        return self.count
+
+
+def pack_packed(body: bytes, fingerprint: str, layout: bytes, kind: int, count: int, summands: int) -> bytes:
+    """A version-2 payload around a serialized CKKSVector ``body``."""
+    return (
+        MAGIC + bytes([VERSION_PACKED]) + bytes.fromhex(fingerprint) + layout + bytes([kind])
+        + count.to_bytes(4, "little") + summands.to_bytes(4, "little") + body
+    )
+
+
+def parse_packed(
+    payload: bytes,
+    ctx: ts.Context,
+    *,
+    expected_fingerprint: str | None,
+    layout: bytes,
+    max_count: int,
+    max_summands: dict[int, int],
+) -> PackedChunk:
+    """Validate and deserialize one version-2 payload under ``ctx``.
+
+    CryptoError for anything malformed, truncated, of an unknown kind, with an impossible count or
+    more summands than ``max_summands[kind]``; ContextMismatchError for another context or packing.
+    """
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise CryptoError(f"a CKKS payload must be bytes, got {type(payload).__name__}")
+    payload = bytes(payload)
+    fingerprint = _check_header(payload, VERSION_PACKED)
+    if len(payload) <= PACKED_HEADER_LEN:
+        raise CryptoError(
+            f"packed CKKS payload of {len(payload)} bytes is truncated (its header alone is {PACKED_HEADER_LEN})"
+        )
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise ContextMismatchError(
+            f"ciphertext was made under CKKS context {fingerprint[:16]}..., this party uses "
+            f"{expected_fingerprint[:16]}...: the sender's bundle belongs to another federation or an "
+            "older key; re-export bundles from one `fedfms-secure keys init` folder"
+        )
+    got_layout = payload[HEADER_LEN : HEADER_LEN + 8]
+    if got_layout != layout:
+        raise ContextMismatchError(
+            f"ciphertext was packed with layout {got_layout.hex()}, this party uses {layout.hex()}: the sender's "
+            "packing (bound, sites, rounds, bits) differs; every party must use the params of one federation.json"
+        )
+    kind = payload[HEADER_LEN + 8]
+    count = int.from_bytes(payload[HEADER_LEN + 9 : HEADER_LEN + 13], "little")
+    summands = int.from_bytes(payload[HEADER_LEN + 13 : PACKED_HEADER_LEN], "little")
+    if kind not in _KIND_NAMES:
+        raise CryptoError(f"packed CKKS payload has unknown kind {kind} (1: vector chunk, 2: scalar)")
+    limit = 1 if kind == KIND_SCALAR else max_count
+    if not 1 <= count <= limit:
+        raise CryptoError(f"packed CKKS {_KIND_NAMES[kind]} declares {count} values; it holds 1..{limit}")
+    if not 1 <= summands <= max_summands[kind]:
+        raise CryptoError(
+            f"packed CKKS {_KIND_NAMES[kind]} declares {summands} summed ciphertexts; the packing has headroom "
+            f"for 1..{max_summands[kind]}"
+        )
+    body = payload[PACKED_HEADER_LEN:]
+    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
+    size, ciphertext, scale = _check_vector_proto(body, slots)
+    if size != slots:
+        raise CryptoError(f"packed CKKS payload declares {size} slots, it must use all {slots}")
+    if scale != ctx.global_scale:
+        raise ContextMismatchError(
+            f"ciphertext has scale 2^{_log2(scale)}, this context uses 2^{_log2(ctx.global_scale)}: "
+            "it was made under other CKKS parameters"
+        )
+    _check_seal_header(ciphertext)
+    try:
+        vector = ts.ckks_vector_from(ctx, body)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise CryptoError(f"TenSEAL cannot load the ciphertext ({exc}): the payload is corrupt") from None
+    _check_loaded(vector, ctx, size)
+    return PackedChunk(vector, fingerprint, layout, kind, count, summands)
+
+
 def pack(vector: ts.CKKSVector, fingerprint: str) -> bytes:
     """Serialize one chunk with the envelope header."""
     return MAGIC + bytes([VERSION]) + bytes.fromhex(fingerprint) + vector.serialize()
@@ -60,7 +164,7 @@ def parse(payload: bytes, ctx: ts.Context, *, expected_fingerprint: str | None) 
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise CryptoError(f"a CKKS payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
-    fingerprint = _check_header(payload)
+    fingerprint = _check_header(payload, VERSION)
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise ContextMismatchError(
             f"ciphertext was made under CKKS context {fingerprint[:16]}..., this party uses "
@@ -101,7 +205,7 @@ def full_width(chunk: CkksChunk, ctx: ts.Context) -> ts.CKKSVector:
     return ts.ckks_vector_from(ctx, bytes(body))
 
 
-def _check_header(payload: bytes) -> str:
+def _check_header(payload: bytes, version: int) -> str:
     if len(payload) <= HEADER_LEN:
         raise CryptoError(
             f"CKKS payload of {len(payload)} bytes is truncated (the header alone is {HEADER_LEN})"
@@ -111,9 +215,16 @@ def _check_header(payload: bytes) -> str:
             f"payload does not start with {MAGIC!r} (got {payload[:4]!r}): not a fedfms-secure CKKS ciphertext "
             "(is the sender running with --no-he, or another version?)"
         )
-    if payload[4] != VERSION:
+    if payload[4] != version:
+        if {payload[4], version} == {VERSION, VERSION_PACKED}:
+            sender, receiver = ("packed", "unpacked") if payload[4] == VERSION_PACKED else ("unpacked", "packed")
+            raise ContextMismatchError(
+                f"the sender uses the {sender} CKKS format (version {payload[4]}), this party the {receiver} one "
+                f"(version {version}): give every codec and summer the federation's params "
+                "(make_site_codec(..., params=bundle.params), make_summer(..., params=bundle.params))"
+            )
         raise CryptoError(
-            f"CKKS payload format version {payload[4]} is not supported (this build reads {VERSION})"
+            f"CKKS payload format version {payload[4]} is not supported (this party reads {version})"
         )
     return payload[5:HEADER_LEN].hex()
 

@@ -1,8 +1,10 @@
 """Server side: parse, add and re-serialize payloads without any key.
 
-``CkksSummer`` works with the params-only context of the server bundle: it can deserialize and
-add ciphertexts (and add a public plaintext vector, e.g. theta_0, to a ciphertext) but can
-neither encrypt nor decrypt. ``PlainSummer`` is the ``--no-he`` baseline.
+``make_summer("ckks", ctx, fingerprint, params=bundle.params)`` gives a ``PackedCkksSummer`` when
+the federation's params carry a packing (``packing.py``), else ``CkksSummer``. ``CkksSummer`` works
+with the params-only context of the server bundle: it can deserialize and add ciphertexts (and
+add a public plaintext vector, e.g. theta_0, to a ciphertext) but can neither encrypt nor decrypt.
+``PlainSummer`` is the ``--no-he`` baseline.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import tenseal as ts
 
+from fedfms_secure.crypto import packing as _packing
 from fedfms_secure.crypto import payload as _payload
-from fedfms_secure.crypto.ckks import is_fingerprint, params_of
+from fedfms_secure.crypto._seal import SealOps
+from fedfms_secure.crypto.ckks import CkksParams, is_fingerprint, params_of
 from fedfms_secure.errors import ConfigError, ContextMismatchError, CryptoError, KeyMaterialError
 
 #: values per plaintext chunk (the same as one CKKS ciphertext at N=8192)
@@ -108,6 +112,93 @@ class CkksSummer:
         return obj
 
 
+class PackedCkksSummer:
+    """Adds packed CKKS payloads (version 2) under the params-only context; never decrypts.
+
+    ``chunk_values`` = N * lanes parameters per ciphertext and ``size`` reports parameters, so a
+    vector of L values travels as ceil(L / chunk_values) chunks. ``add`` refuses to mix kinds,
+    counts or contexts, and to sum more fresh ciphertexts than the packing has headroom for.
+    """
+
+    def __init__(self, ctx: ts.Context, fingerprint: str | None, params: CkksParams) -> None:
+        if fingerprint is not None and not is_fingerprint(fingerprint):
+            raise KeyMaterialError(
+                f"{fingerprint!r} is not a CKKS context fingerprint (64 hex digits); read it from the server "
+                "bundle (Bundle.fingerprint)"
+            )
+        packing = _require_packing(params, ctx)
+        self._ctx = ctx
+        self._ops = SealOps(ctx)
+        self.fingerprint = fingerprint
+        self.params = params
+        self.packing = packing
+        self.chunk_values = params.poly_modulus_degree * packing.lanes
+        self.layout = _packing.layout_tag(params.ring.to_dict(), packing)
+        self._max_summands = {_payload.KIND_VECTOR: packing.summands, _payload.KIND_SCALAR: packing.sites}
+
+    def parse(self, payload: bytes) -> _payload.PackedChunk:
+        return _payload.parse_packed(
+            payload, self._ctx, expected_fingerprint=self.fingerprint, layout=self.layout,
+            max_count=self.chunk_values, max_summands=self._max_summands,
+        )
+
+    def add(self, a: object, b: object) -> _payload.PackedChunk:
+        a, b = self._chunk(a), self._chunk(b)
+        if a.fingerprint != b.fingerprint:
+            raise ContextMismatchError(
+                f"cannot add ciphertexts of two contexts ({a.fingerprint[:16]}... and {b.fingerprint[:16]}...); "
+                "every site must use a bundle from the same `fedfms-secure keys init`"
+            )
+        if a.kind != b.kind:
+            raise CryptoError("cannot add an encrypted scalar to a vector chunk")
+        _same_size(a.count, b.count)
+        summands = a.summands + b.summands
+        if summands > self._max_summands[a.kind]:
+            raise CryptoError(
+                f"this sum would hold {summands} ciphertexts, past the packing's headroom of "
+                f"{self._max_summands[a.kind]} ({self.packing.sites} sites x {self.packing.rounds} rounds): its lanes "
+                "could overflow. Provision the federation for more sites or rounds (`keys init`)"
+            )
+        return _payload.PackedChunk(a.vector + b.vector, a.fingerprint, a.layout, a.kind, a.count, summands)
+
+    def add_plain(self, obj: object, values: Sequence[float] | np.ndarray) -> _payload.PackedChunk:
+        """Chunk plus public values (|v| <= bound, rounded to the nearest step; counts as one summand)."""
+        chunk = self._chunk(obj)
+        plain = _finite(values)
+        _same_size(chunk.count, plain.size)
+        if chunk.kind != _payload.KIND_VECTOR:
+            raise CryptoError("a plaintext vector can only be added to a vector chunk")
+        peak = float(np.max(np.abs(plain)))
+        if peak > self.packing.bound:
+            raise CryptoError(
+                f"plaintext addend max |value| {peak:.6g} exceeds the packing bound {self.packing.bound:.6g}"
+            )
+        summands = chunk.summands + 1
+        if summands > self._max_summands[chunk.kind]:
+            raise CryptoError(f"adding a plaintext would sum {summands} terms, past the packing's headroom")
+        nearest = _packing.PackingConfig(**{**self.packing.to_dict(), "rounding": "nearest"})
+        levels = _packing.quantize(plain, nearest)
+        coeffs = _packing.pack_lanes(levels, self.packing, self.params.poly_modulus_degree)
+        ciphertext = self._ops.add_plain(chunk.vector, self._ops.encode(_packing.embed(coeffs)))
+        vector = ts.ckks_vector_from(self._ctx, self._ops.vector_body(ciphertext))
+        return _payload.PackedChunk(vector, chunk.fingerprint, chunk.layout, chunk.kind, chunk.count, summands)
+
+    def dump(self, obj: object) -> bytes:
+        chunk = self._chunk(obj)
+        return _payload.pack_packed(
+            chunk.vector.serialize(), chunk.fingerprint, chunk.layout, chunk.kind, chunk.count, chunk.summands
+        )
+
+    def size(self, obj: object) -> int:
+        return self._chunk(obj).count
+
+    @staticmethod
+    def _chunk(obj: object) -> _payload.PackedChunk:
+        if not isinstance(obj, _payload.PackedChunk):
+            raise TypeError(f"expected a chunk from PackedCkksSummer.parse, got {type(obj).__name__}")
+        return obj
+
+
 class PlainSummer:
     """Adds float64 little-endian payloads (the ``--no-he`` baseline)."""
 
@@ -137,17 +228,38 @@ class PlainSummer:
         return obj
 
 
-def make_summer(scheme: str, ctx: ts.Context | None, fingerprint: str | None = None) -> PayloadSummer:
-    """The server summer for ``scheme`` ("ckks" needs the params-only context; "plain" ignores it)."""
+def make_summer(
+    scheme: str, ctx: ts.Context | None, fingerprint: str | None = None, params: CkksParams | None = None
+) -> PayloadSummer:
+    """The server summer for ``scheme`` ("ckks" needs the params-only context; "plain" ignores it).
+
+    ``params`` (the bundle's ``Bundle.params``): with a packing, a ``PackedCkksSummer``; without
+    one (or None), the one-value-per-slot ``CkksSummer``.
+    """
     if scheme == "ckks":
         if ctx is None:
             raise KeyMaterialError(
                 "scheme 'ckks' needs the server's params-only CKKS context (ckks.ctx of the server bundle)"
             )
+        if params is not None and params.packing is not None:
+            return PackedCkksSummer(ctx, fingerprint, params)
         return CkksSummer(ctx, fingerprint)
     if scheme == "plain":
         return PlainSummer()
     raise ConfigError(f"unknown update scheme {scheme!r}: use 'ckks' or 'plain' (--no-he)")
+
+
+def _require_packing(params: CkksParams, ctx: ts.Context) -> _packing.PackingConfig:
+    """The packing of ``params``, after checking that ``ctx`` has the same ring parameters."""
+    if not isinstance(params, CkksParams) or params.packing is None:
+        raise ConfigError("the packed CKKS scheme needs CkksParams with a packing (choose_params or Bundle.params)")
+    actual = params_of(ctx)
+    if actual != params.ring:
+        raise KeyMaterialError(
+            f"the CKKS context has parameters {actual.to_dict()}, the federation's params say "
+            f"{params.ring.to_dict()}: take the context and the params from the same bundle"
+        )
+    return params.packing
 
 
 def plain_from_bytes(payload: bytes) -> np.ndarray:
