@@ -16,7 +16,7 @@ from fedfms_secure.errors import ConfigError, FedFmsError
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("privacy",)
+COMMAND_GROUPS = ("status", "privacy", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,13 +94,25 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from fedfms_secure.crypto.ckks import CkksParams
     from fedfms_secure.crypto.keystore import init_federation
+    from fedfms_secure.crypto.packing import estimate_bytes_per_param, fit_params
 
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if args.legacy_ckks:
+        params = CkksParams()
+    else:
+        params = fit_params(bound=args.update_bound, sites=max(1, len(clients)), rounds=args.max_rounds,
+                            quant_bits=args.quant_bits)
     out = init_federation(
-        args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days
+        args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days,
+        params=params,
     )
     print(f"provisioned federation {args.federation!r} with {len(clients)} site(s) in {out}")
+    if params.packing is not None:
+        pk = params.packing
+        print(f"CKKS: {pk.quant_bits}-bit values within +-{pk.bound:g}, {pk.lanes} per coefficient, for up to "
+              f"{pk.rounds} rounds; about {estimate_bytes_per_param(params.poly_modulus_degree, params.coeff_mod_bit_sizes[0], pk.lanes, seeded=True):.2f} B per parameter up")
     print(f"next: fedfms-secure keys export server --from {out} --out SERVER_BUNDLE")
     return 0
 
@@ -196,6 +208,13 @@ def _parser() -> argparse.ArgumentParser:
     ki.add_argument("--server-host", required=True, help="the host name the sites connect to")
     ki.add_argument("--clients", required=True, help="comma-separated site names")
     ki.add_argument("--days", type=int, default=365, help="certificate lifetime")
+    ki.add_argument("--update-bound", type=float, default=1.0,
+                    help="largest |value| of a weighted update (default 1.0); larger values are clipped")
+    ki.add_argument("--max-rounds", type=int, default=10, help="rounds this CKKS key may sum (default 10)")
+    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: the finest "
+                                                    "that fits 8 B per parameter)")
+    ki.add_argument("--legacy-ckks", action="store_true",
+                    help="one value per CKKS slot (57 B per parameter) instead of packed integers")
     ki.set_defaults(handler=_cmd_keys_init)
     ke = ksub.add_parser("export", help="write the bundle one party needs, and nothing more")
     ke.add_argument("role", choices=["server", "client"])

@@ -30,6 +30,10 @@ from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.report import build_report, plot_report
 
 
+# bound on every value of a weighted update n_k/N * delta_k (Adam moves a parameter by about lr a step)
+UPDATE_BOUND = 1.0
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("demo-out")
@@ -52,6 +56,7 @@ class DemoOptions:
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
     from fedfms_secure.crypto.keystore import export_bundle, init_federation
+    from fedfms_secure.crypto.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
 
     console = console or Console(stderr=True)
@@ -81,7 +86,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     names = [site.name for site in sites]
 
     with tempfile.TemporaryDirectory(prefix="fedfms-keys-") as tmp:
-        provision = init_federation(Path(tmp) / "provision", federation="demo", server_host="localhost", clients=names)
+        params = fit_params(bound=UPDATE_BOUND, sites=len(names), rounds=options.rounds)
+        provision = init_federation(Path(tmp) / "provision", federation="demo", server_host="localhost",
+                                    clients=names, params=params)
         bundles = run_dir / "bundles"
         export_bundle("server", None, provision, bundles / "server")
         for name in names:

@@ -66,7 +66,9 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
             fingerprint = "plain"
         elif codec_ctx is None:
             raise ConfigError("the federation runs under CKKS: give the site's key bundle with --keys")
-        codec = make_site_codec(plan.scheme, codec_ctx, fingerprint)
+        if plan.scheme == "ckks" and bundle.params.packing is not None:
+            bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=plan.rounds)
+        codec = make_site_codec(plan.scheme, codec_ctx, fingerprint, params=bundle.params if bundle else None)
         log.info("joined", extra={"site": joined.site, "round": joined.round, "rounds": plan.rounds,
                                   "mode": plan.mode, "scheme": plan.scheme})
         return _Site(config, client, codec, joined, site_dir).run()
@@ -75,7 +77,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
 def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
     if config.insecure:
         return FederationClient(config.server, insecure=True, site=config.site or (bundle.name if bundle else None),
-                                call_timeout=config.call_timeout)
+                                call_timeout=config.call_timeout, reconnect_timeout=config.reconnect_timeout)
     assert bundle is not None
     return FederationClient(
         config.server,
@@ -84,6 +86,7 @@ def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
         key_pem=bundle.key_pem,
         server_name=bundle.server_host,
         call_timeout=config.call_timeout,
+        reconnect_timeout=config.reconnect_timeout,
     )
 
 
@@ -182,8 +185,16 @@ class _Site:
         dice_local = evaluate_dice(self.model, self.data.val)
         delta = flatten(self.model, self.names).astype(np.float64) - theta
         weight = self._exchange_weight(round_, result.num_samples)
-        receipt = self.client.upload(self._chunks(round_, delta * weight))
-        log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
+        update = self._bounded(delta * weight, round_)
+        try:
+            receipt = self.client.upload(lambda: self._chunks(round_, update))
+            log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
+        except FederationError as exc:
+            # a retry after a lost reply re-encrypts, so the server sees a different upload: fine if
+            # it had accepted the first one
+            if "already uploaded" not in str(exc) or not self._me(self.client.status()).uploaded:
+                raise
+            log.info("update had been received before the connection dropped", extra={"round": round_})
         self._wait_for_round(round_ + 1)
         new_theta = self._fetch_theta(round_ + 1)
         if self.config.save_updates:
@@ -206,6 +217,17 @@ class _Site:
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
+
+    def _bounded(self, update: np.ndarray, round_: int) -> np.ndarray:
+        """Clips the weighted update to the codec's bound (post-processing: DP is unaffected)."""
+        bound = getattr(self.codec, "bound", None)
+        if bound is None or self.codec.scheme == "plain":
+            return update
+        clipped = int(np.count_nonzero(np.abs(update) > bound))
+        if clipped:
+            log.warning("update values clipped to the CKKS bound", extra={"round": round_, "values": clipped,
+                                                                           "bound": bound})
+        return np.clip(update, -bound, bound)
 
     def _exchange_weight(self, round_: int, n: int) -> float:
         """Commit E(n_k), wait for E(N), decrypt it: returns n_k / N."""
@@ -265,6 +287,9 @@ class _Site:
             what=f"round {round_} to open",
             waiting_on=lambda: self._missing("uploaded"),
         )
+
+    def _me(self, status):
+        return next(s for s in status.sites if s.name == self.joined.site)
 
     def _missing(self, field: str) -> str:
         status = self.client.status()
