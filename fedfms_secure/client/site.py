@@ -34,7 +34,8 @@ from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
-from fedfms_secure.privacy.budget import append_ledger, resolve_delta
+from fedfms_secure.privacy.budget import append_ledger, read_ledger, resolve_delta
+from fedfms_secure.privacy.site import STATE_FILE
 from fedfms_secure.protocol import Chunk, Joined, Plan
 from fedfms_secure.train.evaluate import evaluate_dice
 from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
@@ -55,6 +56,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
     """Joins the federation and takes part in every remaining round."""
     bundle = None if config.insecure and not config.keys.exists() else load_bundle(config.keys, role="client")
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
+    _check_accountant(config.state)
     client = _connect(config, bundle)
     with client:
         client.wait_ready(config.connect_timeout)
@@ -302,6 +304,19 @@ class _Site:
 
     def _write_json(self, name: str, data: dict) -> None:
         (self.config.state / name).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _check_accountant(state: Path) -> None:
+    """Refuses to start over when the ledger shows spent budget but the accountant is gone."""
+    if not state.is_dir():
+        return
+    ledger = read_ledger(state)
+    if ledger and not (state / STATE_FILE).exists():
+        raise ConfigError(
+            f"{state / STATE_FILE} is missing, but this site's ledger shows {len(ledger)} trained round(s) "
+            f"(epsilon {ledger[-1]['epsilon']:.3f}): restore the file from a backup; starting over would "
+            "reset the spent budget"
+        )
 
 
 def _site_folder(data: Path) -> Path:

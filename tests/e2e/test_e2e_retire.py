@@ -90,3 +90,17 @@ def test_the_rounds_complete_with_the_remaining_site(run):
     ledger = read_ledger(root / "state_site_1")
     assert [r["round"] for r in ledger] == [0, 1]
     assert 0 < ledger[0]["epsilon"] < ledger[1]["epsilon"] <= 8.0
+
+
+def test_a_site_whose_accountant_is_lost_refuses_to_start(run, tmp_path):
+    root, _, _ = run
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "privacy_ledger.jsonl").write_text((root / "state_site_1" / "privacy_ledger.jsonl").read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(root / "site_1"), "--server", "127.0.0.1:1",
+         "--data", str(root / "data" / "site_1"), "--state", str(state), "--connect-timeout", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "privacy.json is missing" in result.stderr and "restore the file" in result.stderr
