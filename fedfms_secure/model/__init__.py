@@ -1,28 +1,49 @@
-"""SAM with Medical SAM Adapters: builders, freezing rules per mode, the communicated vector."""
+"""SAM with Medical SAM Adapters: builders, freezing rules per mode, the communicated vector.
+
+Names are imported lazily (PEP 562), so ``fedfms_secure.commands.model`` can be imported to
+register the CLI without importing torch.
+"""
 
 from __future__ import annotations
 
-from fedfms_secure.model.adapters import Adapter, MSABlock
-from fedfms_secure.model.checkpoint import load_sam_checkpoint, save_sam_checkpoint
-from fedfms_secure.model.modes import MODES, apply_mode
-from fedfms_secure.model.registry import PRESETS, SamPreset, build_model, build_sam, get_preset
-from fedfms_secure.model.segmenter import SamSegmenter
-from fedfms_secure.model.vector import flatten, load_vector, vector_length
+import importlib
+from typing import Any
 
-__all__ = [
-    "MODES",
-    "PRESETS",
-    "Adapter",
-    "MSABlock",
-    "SamPreset",
-    "SamSegmenter",
-    "apply_mode",
-    "build_model",
-    "build_sam",
-    "flatten",
-    "get_preset",
-    "load_sam_checkpoint",
-    "load_vector",
-    "save_sam_checkpoint",
-    "vector_length",
-]
+_EXPORTS = {
+    "Adapter": "adapters",
+    "MSABlock": "adapters",
+    "LoadReport": "checkpoint",
+    "load_sam_checkpoint": "checkpoint",
+    "save_sam_checkpoint": "checkpoint",
+    "MODES": "modes",
+    "apply_mode": "modes",
+    "mode_parameters": "modes",
+    "mode_summary": "modes",
+    "boxes_from_labels": "prompts",
+    "label_targets": "prompts",
+    "PRESETS": "registry",
+    "SamPreset": "registry",
+    "build_model": "registry",
+    "build_sam": "registry",
+    "get_preset": "registry",
+    "PROMPTS": "segmenter",
+    "SamSegmenter": "segmenter",
+    "flatten": "vector",
+    "load_vector": "vector",
+    "vector_length": "vector",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -8,25 +8,19 @@ under their original names (so official SAM checkpoints load unchanged) and adds
 * an *MLP adapter* in parallel to the MLP, scaled by 0.5:
   ``x = x + mlp(norm2(x)) + 0.5 * mlp_adapter(norm2(x))``.
 
-Attention is evaluated with ``qkv`` and ``proj`` applied to the whole ``[B, H, W, C]`` grid and
-only the attention product inside windows. The result equals segment_anything's windowed
-``Attention`` exactly (padding included), but the linear layers see batch ``B`` rather than
-``B * windows``, which makes their Opacus per-sample gradients correct when they train (FedSAM).
+Attention is :class:`~fedfms_secure.model.encoder.BatchFirstAttention`: ``qkv``, ``proj`` and the
+relative-position tables see batch ``B`` rather than ``B * windows``, which makes their Opacus
+per-sample gradients correct when they train (FedSAM); the result equals segment_anything's
+windowed ``Attention`` exactly (padding included).
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import (
-    Attention,
-    Block,
-    add_decomposed_rel_pos,
-    window_partition,
-    window_unpartition,
-)
+from segment_anything.modeling.image_encoder import Attention, Block
 from torch import Tensor, nn
 
 from fedfms_secure.errors import ModelError
+from fedfms_secure.model.encoder import BatchFirstAttention
 
 MLP_ADAPTER_SCALE = 0.5
 
@@ -66,7 +60,8 @@ class MSABlock(nn.Module):
         dim = block.norm1.normalized_shape[0]
         # Same attribute names as Block: checkpoint keys stay "blocks.<i>.attn.qkv.weight" etc.
         self.norm1 = block.norm1
-        self.attn = block.attn
+        self.attn = (block.attn if isinstance(block.attn, BatchFirstAttention)
+                     else BatchFirstAttention(block.attn))  # fmt: skip
         self.norm2 = block.norm2
         self.mlp = block.mlp
         self.window_size = block.window_size
@@ -75,7 +70,7 @@ class MSABlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x
-        x = batch_first_attention(self.attn, self.norm1(x), self.window_size)
+        x = self.attn(self.norm1(x), self.window_size)
         x = shortcut + self.space_adapter(x)
         xn = self.norm2(x)
         return x + self.mlp(xn) + MLP_ADAPTER_SCALE * self.mlp_adapter(xn)
@@ -88,29 +83,11 @@ def inject_adapters(blocks: nn.ModuleList, ratio: float) -> None:
             blocks[i] = MSABlock(block, ratio)
 
 
-def batch_first_attention(attn: Attention, x: Tensor, window_size: int) -> Tensor:
+def batch_first_attention(attn: Attention | BatchFirstAttention, x: Tensor, window_size: int) -> Tensor:
     """segment_anything's (windowed) attention with ``qkv``/``proj`` outside the partition."""
-    _, height, width, _ = x.shape
-    if window_size > 0:
-        pad_h = (window_size - height % window_size) % window_size
-        pad_w = (window_size - width % window_size) % window_size
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # as window_partition pads the qkv input
-    qkv = attn.qkv(x)
-    if window_size > 0:
-        qkv, pad_hw = window_partition(qkv, window_size)
-    b, h, w, three_c = qkv.shape
-    heads = attn.num_heads
-    head_dim = three_c // (3 * heads)  # explicit sizes: "-1" is ambiguous for an empty batch
-    qkv = qkv.reshape(b, h * w, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * heads, h * w, head_dim).unbind(0)
-    scores = (q * attn.scale) @ k.transpose(-2, -1)
-    if attn.use_rel_pos:
-        scores = add_decomposed_rel_pos(scores, q, attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
-    out = (scores.softmax(dim=-1) @ v).view(b, heads, h, w, head_dim)
-    out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, heads * head_dim)
-    if window_size > 0:
-        out = window_unpartition(out, window_size, pad_hw, (height, width))
-    return attn.proj(out)
+    if not isinstance(attn, BatchFirstAttention):
+        attn = BatchFirstAttention(attn)  # shares the parameter objects
+    return attn(x, window_size)
 
 
 def adapter_parameter_names(module: nn.Module) -> set[str]:

@@ -2,12 +2,15 @@
 
 ``build_model`` constructs segment_anything's own ``ImageEncoderViT``, ``PromptEncoder``,
 ``MaskDecoder`` and ``TwoWayTransformer`` exactly as ``segment_anything.build_sam._build_sam``
-does, but with the sizes of a :class:`SamPreset`, then injects Medical SAM Adapters.
+does, but with the sizes of a :class:`SamPreset`, routes the encoder's positional tables through
+batch-first modules (:mod:`fedfms_secure.model.encoder`), injects Medical SAM Adapters, and loads
+an official checkpoint or the weights shipped for the small preset.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +25,10 @@ from segment_anything.modeling import (
 
 from fedfms_secure.errors import ModelError
 from fedfms_secure.model.adapters import inject_adapters
+from fedfms_secure.model.encoder import AdaptedImageEncoder
 from fedfms_secure.model.segmenter import SamSegmenter
+
+log = logging.getLogger("fedfms_secure.model")
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -138,27 +144,84 @@ def build_sam(preset: SamPreset) -> Sam:
     )
 
 
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# Presets that ship pretrained weights in the package (made by benchmarks/pretrain_<name>.py).
+SHIPPED_WEIGHTS: dict[str, str] = {"tiny": "tiny_pretrained.pt"}
+
+
+def shipped_weights(preset: str) -> Path | None:
+    """Path of the weights file that ships for ``preset`` (None if none is planned)."""
+    name = SHIPPED_WEIGHTS.get(preset)
+    return None if name is None else WEIGHTS_DIR / name
+
+
 def build_model(
     preset: str = "tiny",
     *,
     seed: int = 0,
     adapter_ratio: float = 0.25,
     checkpoint: str | Path | None = None,
+    pretrained: bool | None = None,
+    num_classes: int = 1,
+    prompt: str = "none",
+    img_size: int | None = None,
 ) -> SamSegmenter:
     """Build SAM with Medical SAM Adapters in every image-encoder block.
 
     Initialisation is seeded in a forked RNG, so the same ``seed`` gives bit-identical parameters
-    on every site and the caller's global RNG is left untouched. ``checkpoint`` (optional) is an
-    official SAM ``.pth`` for the same preset; it overwrites the SAM weights, not the adapters.
+    on every site and the caller's global RNG is left untouched. Then SAM's weights (never the
+    adapters, which keep their seeded initialisation) come from:
+
+    * ``checkpoint``: an official SAM ``.pth`` (e.g. ``sam_vit_b_01ec64.pth``) or a file from
+      :func:`~fedfms_secure.model.checkpoint.save_sam_checkpoint`;
+    * else, with ``pretrained`` (default: True for presets that ship weights, i.e. ``tiny``), the
+      weights shipped in the package; if that file is missing a warning is logged and the
+      seeded random initialisation stays. ``pretrained=False`` keeps the seeded initialisation.
+
+    ``img_size`` overrides the preset's input size (a multiple of its patch size); weights made
+    for another size are resized on load (bicubic positional embedding, resized relative-position
+    tables). ``num_classes`` foreground classes use SAM's mask tokens 0..K-1; ``prompt`` is
+    ``"none"`` (prompt-free, the default) or ``"box"`` (a box per class derived from the label).
     """
     spec = get_preset(preset)
+    if img_size is not None:
+        if img_size < spec.patch_size or img_size % spec.patch_size:
+            raise ModelError(
+                f"img_size {img_size} is not a positive multiple of preset {preset!r}'s patch "
+                f"size {spec.patch_size}; use e.g. {spec.patch_size * max(1, img_size // spec.patch_size)}"
+            )
+        spec = replace(spec, img_size=img_size)
     if not 0.0 < adapter_ratio <= 4.0:
         raise ModelError(f"adapter_ratio {adapter_ratio} is out of range; use e.g. 0.25")
+    weights = shipped_weights(preset)
+    if pretrained and checkpoint is not None:
+        raise ModelError("pass either checkpoint=... or pretrained=True, not both")
+    if pretrained and weights is None:
+        raise ModelError(
+            f"no pretrained weights ship for preset {preset!r}; pass checkpoint= with the path "
+            f"of the official SAM file (e.g. sam_{preset}_*.pth), or pretrained=False"
+        )
+    if pretrained is None:
+        pretrained = checkpoint is None and weights is not None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         sam = build_sam(spec)
+        sam.image_encoder = AdaptedImageEncoder(sam.image_encoder)
         inject_adapters(sam.image_encoder.blocks, adapter_ratio)
-    model = SamSegmenter(sam, spec)
+    model = SamSegmenter(sam, spec, num_classes=num_classes, prompt=prompt)
+    if checkpoint is None and pretrained:
+        assert weights is not None
+        if weights.is_file():
+            checkpoint = weights
+        else:
+            log.warning(
+                "pretrained weights %s are missing: preset %r starts from its seeded random "
+                "initialisation (seed %d); reinstall the package or run benchmarks/pretrain_%s.py",
+                weights, preset, seed, preset,
+            )
+    elif checkpoint is None:
+        log.warning("preset %r starts from its seeded random initialisation (seed %d), not from "
+                    "pretrained weights", preset, seed)  # fmt: skip
     if checkpoint is not None:
         from fedfms_secure.model.checkpoint import load_sam_checkpoint
 
@@ -166,5 +229,5 @@ def build_model(
     return model
 
 
-__all__ = ["PRESETS", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD", "SamPreset", "build_model", "build_sam",
-           "get_preset"]  # fmt: skip
+__all__ = ["PRESETS", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD", "SHIPPED_WEIGHTS", "WEIGHTS_DIR",
+           "SamPreset", "build_model", "build_sam", "get_preset", "shipped_weights"]  # fmt: skip

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+
+from fedfms_secure.model.prompts import boxes_from_labels, label_targets
 
 
 def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:
@@ -21,45 +25,71 @@ def dice_per_image(pred: Tensor, target: Tensor) -> Tensor:
 def predict_masks(
     model: nn.Module, dataset: Dataset, batch_size: int = 16
 ) -> tuple[Tensor, Tensor]:
-    """Binary predictions (sigmoid > 0.5) and labels for every item of ``dataset``."""
+    """Binary predictions (sigmoid > 0.5) and per-class targets, both ``[N, K, S, S]``.
+
+    A model built with ``prompt="box"`` gets each class's box from the label (no jitter), as
+    box-prompted SAM is evaluated.
+    """
     was_training = model.training
     model.eval()
+    num_classes = getattr(model, "num_classes", 1)
+    boxed = getattr(model, "prompt", "none") == "box"
     preds, labels = [], []
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     try:
         for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            preds.append((torch.sigmoid(model(images.to(device))) > 0.5).cpu())
-            labels.append(masks > 0.5)
+            targets = label_targets(masks, num_classes)
+            images = images.to(device)
+            if boxed:
+                logits = model(images, boxes_from_labels(targets).to(device))
+            else:
+                logits = model(images)
+            preds.append((torch.sigmoid(logits) > 0.5).cpu())
+            labels.append(targets > 0.5)
     finally:
         model.train(was_training)
     return torch.cat(preds), torch.cat(labels)
 
 
-def evaluate_dice(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:
-    """Mean Dice over the images of ``dataset`` whose label has foreground (threshold 0.5 on the
-    sigmoid); NaN if there is none.
-
-    Images with an empty label are left out, as MONAI's ``DiceMetric(ignore_empty=True)`` does:
-    counting them would let a model that predicts nothing score the fraction of empty slices.
-    """
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        return float("nan")
-    pred, target = predict_masks(model, dataset, batch_size)
+def _class_dice(pred: Tensor, target: Tensor) -> float:
     has_foreground = target.flatten(1).any(dim=1)
     if not bool(has_foreground.any()):
         return float("nan")
     return float(dice_per_image(pred[has_foreground], target[has_foreground]).mean())
 
 
+def evaluate_dice_per_class(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> list[float]:
+    """For each class, the mean Dice over the images whose label has that class (NaN if none)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return [float("nan")] * getattr(model, "num_classes", 1)
+    pred, target = predict_masks(model, dataset, batch_size)
+    return [_class_dice(pred[:, k], target[:, k]) for k in range(pred.shape[1])]
+
+
+def evaluate_dice(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:
+    """Mean Dice over the images of ``dataset`` whose label has foreground (threshold 0.5 on the
+    sigmoid); NaN if there is none. With several classes: the mean over classes of
+    :func:`evaluate_dice_per_class` (classes absent from the dataset left out).
+
+    Images with an empty label are left out, as MONAI's ``DiceMetric(ignore_empty=True)`` does:
+    counting them would let a model that predicts nothing score the fraction of empty slices.
+    """
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return float("nan")
+    scores = [d for d in evaluate_dice_per_class(model, dataset, batch_size) if not math.isnan(d)]
+    return float(sum(scores) / len(scores)) if scores else float("nan")
+
+
 def evaluate_hd95(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> float:
-    """Mean 95th-percentile Hausdorff distance in pixels (MONAI) over images where both the
-    prediction and the label are non-empty; NaN if there is no such image (or no image at all)."""
+    """Mean 95th-percentile Hausdorff distance in pixels (MONAI) over images (and classes) where
+    both the prediction and the label are non-empty; NaN if there is no such image."""
     from monai.metrics import compute_hausdorff_distance
 
     if len(dataset) == 0:  # type: ignore[arg-type]
         return float("nan")
     pred, target = predict_masks(model, dataset, batch_size)
+    pred, target = pred.flatten(0, 1).unsqueeze(1), target.flatten(0, 1).unsqueeze(1)
     keep = (pred.flatten(1).any(dim=1)) & (target.flatten(1).any(dim=1))
     if not bool(keep.any()):
         return float("nan")
@@ -69,4 +99,5 @@ def evaluate_hd95(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> f
     return float(values.mean()) if values.size else float("nan")
 
 
-__all__ = ["dice_per_image", "evaluate_dice", "evaluate_hd95", "predict_masks"]
+__all__ = ["dice_per_image", "evaluate_dice", "evaluate_dice_per_class", "evaluate_hd95",
+           "predict_masks"]  # fmt: skip

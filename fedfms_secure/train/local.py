@@ -2,7 +2,9 @@
 
 The optimizer is Adam over the parameters that ``apply_mode`` left trainable, created fresh on
 every call (as usual in FedAvg: local optimizer state does not survive a round). The loss is
-Dice + BCE on logits, a mean of per-image terms.
+Dice + BCE on logits per class plus SAM's IoU-head MSE, a mean of per-image terms
+(:func:`~fedfms_secure.train.losses.segmentation_loss`). A model built with ``prompt="box"`` gets
+each class's box from the label, jittered as SAM's training does (``TrainConfig.box_jitter``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fedfms_secure.errors import ConfigError
+from fedfms_secure.model.prompts import DEFAULT_BOX_JITTER, boxes_from_labels, label_targets
 from fedfms_secure.model.segmenter import SamSegmenter
 from fedfms_secure.privacy.engine import check_trainable, make_private_trainer
 from fedfms_secure.privacy.site import SitePrivacy
-from fedfms_secure.train.losses import dice_bce_loss
+from fedfms_secure.train.losses import segmentation_loss
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     max_physical_batch: int = 16
+    box_jitter: float = DEFAULT_BOX_JITTER  # only for models built with prompt="box"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_physical_batch"):
@@ -38,6 +42,8 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.box_jitter <= 1:
+            raise ConfigError(f"TrainConfig.box_jitter must be in [0, 1], got {self.box_jitter}")
 
 
 @dataclass
@@ -129,6 +135,24 @@ def _device_of(model: SamSegmenter) -> torch.device:
     return next(model.parameters()).device
 
 
+def batch_loss(
+    module: torch.nn.Module,
+    model: SamSegmenter,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    box_jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The training loss of one batch. ``module`` is ``model`` or its Opacus wrapper."""
+    targets = label_targets(labels, model.num_classes)
+    boxes = None
+    if model.prompt == "box":
+        boxes = boxes_from_labels(targets, jitter=box_jitter, generator=generator)
+    logits, iou = module(images, boxes, with_iou=True)
+    return segmentation_loss(logits, iou, targets)
+
+
 def _physical_chunks(images: Tensor, labels: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
     return list(zip(images.split(size), labels.split(size), strict=True))
 
@@ -141,6 +165,7 @@ def _train_plain(
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=gen)
     epoch_losses: list[list[float]] = []
     device = _device_of(model)
+    jitter_gen = torch.Generator().manual_seed(config.seed + 1)
     for _ in range(config.epochs):
         losses: list[float] = []
         for images, labels in loader:
@@ -148,7 +173,8 @@ def _train_plain(
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for x, y in _physical_chunks(images, labels, config.max_physical_batch):
-                loss = dice_bce_loss(model(x), y) * (len(x) / len(images))
+                loss = batch_loss(model, model, x, y, box_jitter=config.box_jitter,
+                                  generator=jitter_gen) * (len(x) / len(images))  # fmt: skip
                 loss.backward()
                 total += float(loss.detach())
             optimizer.step()
@@ -168,7 +194,8 @@ def _train_private(
     """Losses of every logical step (NaN for an empty Poisson batch), grouped by epoch."""
     epoch_losses: list[list[float]] = [[] for _ in range(config.epochs)]
     done = 0  # logical steps finished; step ``done`` belongs to epoch ``done // per_epoch``
-    batch_loss, batch_count = 0.0, 0
+    step_loss, step_count = 0.0, 0
+    jitter_gen = torch.Generator().manual_seed(config.seed + 1)
     with make_private_trainer(
         model, optimizer, dataset, privacy,
         steps=config.epochs * per_epoch, max_physical_batch=config.max_physical_batch,
@@ -181,17 +208,18 @@ def _train_private(
                 epoch_losses[done // per_epoch].append(float("nan"))
                 done += 1
                 continue
-            loss = dice_bce_loss(dp.module(images), labels)
+            loss = batch_loss(dp.module, model, images, labels, box_jitter=config.box_jitter,
+                              generator=jitter_gen)  # fmt: skip
             loss.backward()
             dp.optimizer.step()
             dp.optimizer.zero_grad()
-            batch_loss += float(loss.detach()) * len(images)
-            batch_count += len(images)
+            step_loss += float(loss.detach()) * len(images)
+            step_count += len(images)
             if dp.logical_step_done:
-                epoch_losses[done // per_epoch].append(batch_loss / batch_count)
+                epoch_losses[done // per_epoch].append(step_loss / step_count)
                 done += 1
-                batch_loss, batch_count = 0.0, 0
+                step_loss, step_count = 0.0, 0
     return epoch_losses
 
 
-__all__ = ["TrainConfig", "TrainResult", "steps_per_epoch", "train_local"]
+__all__ = ["TrainConfig", "TrainResult", "batch_loss", "steps_per_epoch", "train_local"]

@@ -25,7 +25,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_same_seed_gives_identical_parameters_and_other_seed_does_not() -> None:
-    a, b, c = build_model(seed=3), build_model(seed=3), build_model(seed=4)
+    a, b, c = build_model(seed=3, pretrained=False), build_model(seed=3, pretrained=False), build_model(seed=4, pretrained=False)
     sa, sb, sc = _state(a), _state(b), _state(c)
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -56,7 +56,7 @@ def test_official_presets_build_what_segment_anything_builds(name: str) -> None:
 def test_vit_b_parameter_counts() -> None:
     with torch.device("meta"):  # shapes only: no memory, no init cost
         plain = build_sam(PRESETS["vit_b"])
-        adapted = build_model("vit_b", adapter_ratio=0.25)
+        adapted = build_model("vit_b", adapter_ratio=0.25, pretrained=False)
     assert sum(p.numel() for p in plain.parameters()) == 93_735_472
     params = dict(adapted.named_parameters())
     adapter_names = adapter_parameter_names(adapted)
@@ -128,8 +128,8 @@ def test_msa_block_equals_the_msa_formula_with_trained_adapters(window: int) -> 
             adapter.up.bias.copy_(saved[1])
 
 
-def _randomised_model(seed: int = 0):
-    model = build_model(seed=seed).eval()
+def _randomised_model(seed: int = 0, **kwargs):
+    model = build_model(seed=seed, pretrained=False, **kwargs).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():  # adapters and decoder away from their init
@@ -143,7 +143,7 @@ def test_batched_decode_equals_segment_anythings_mask_decoder_per_image() -> Non
     images = torch.rand(3, 1, 64, 64)
     with torch.no_grad():
         embeddings = sam.image_encoder(model._preprocess(images))
-        batched = model._decode(embeddings)
+        batched, _ = model._decode(embeddings)
         dim = sam.prompt_encoder.embed_dim
         grid = PRESETS["tiny"].embedding_size
         for i in range(len(images)):
@@ -168,7 +168,7 @@ def test_batched_decode_equals_segment_anythings_mask_decoder_per_image() -> Non
 
 
 def test_forward_is_batched_and_matches_per_image_outputs() -> None:
-    model = build_model().eval()
+    model = build_model(pretrained=False).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))  # adapters away from their zero start
@@ -201,7 +201,7 @@ def test_forward_of_an_empty_batch_is_an_empty_batch() -> None:
 
 
 def test_checkpoint_round_trip_and_official_format(tmp_path) -> None:
-    source = build_model(seed=1)
+    source = _randomised_model(seed=1)
     path = tmp_path / "sam_tiny.pth"
     save_sam_checkpoint(source, path)
     target = build_model(seed=2, checkpoint=path)
@@ -209,12 +209,20 @@ def test_checkpoint_round_trip_and_official_format(tmp_path) -> None:
     assert all(torch.equal(a, b) for a, b in pairs)
     # An official file has no adapter keys: SAM weights load, adapters keep their seeded init.
     official = {k: v for k, v in source.sam.state_dict().items() if "adapter" not in k}
+    with torch.device("meta"):  # the official key set, from segment_anything's own Sam
+        from fedfms_secure.model.registry import build_sam as plain_sam
+
+        assert set(official) == set(plain_sam(PRESETS["tiny"]).state_dict())
     torch.save(official, tmp_path / "official.pth")
-    loaded = build_model(seed=2, checkpoint=tmp_path / "official.pth")
-    fresh = build_model(seed=2)
-    for name, value in loaded.sam.state_dict().items():
+    target = build_model(seed=2, pretrained=False)
+    report = load_sam_checkpoint(target, tmp_path / "official.pth")
+    fresh = build_model(seed=2, pretrained=False)
+    assert report.missing_adapters == sorted(adapter_parameter_names(target.sam))
+    assert report.resized == []
+    for name, value in target.sam.state_dict().items():
         ref = fresh.sam.state_dict()[name] if "adapter" in name else official[name]
         assert torch.equal(value, ref), name
+    assert any(not torch.equal(v, fresh.sam.state_dict()[k]) for k, v in official.items())
 
 
 def test_checkpoint_with_other_adapter_ratio_names_adapter_ratio(tmp_path) -> None:
@@ -226,7 +234,7 @@ def test_checkpoint_with_other_adapter_ratio_names_adapter_ratio(tmp_path) -> No
 
 
 def test_checkpoint_with_non_tensor_values_names_the_key(tmp_path) -> None:
-    state = build_model().sam.state_dict()
+    state = build_model(pretrained=False).sam.state_dict()
     state["image_encoder.neck.0.weight"] = [1.0, 2.0]
     path = tmp_path / "lists.pth"
     torch.save(state, path)

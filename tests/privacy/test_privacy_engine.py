@@ -8,7 +8,7 @@ import torch
 from fedfms_secure.errors import ModelError, PrivacyBudgetExhausted
 from fedfms_secure.model import apply_mode, build_model, flatten
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy, make_private_trainer
-from fedfms_secure.train import dice_bce_loss
+from fedfms_secure.train.local import batch_loss
 
 
 def _model():
@@ -73,7 +73,7 @@ def test_empty_poisson_batches_still_take_noised_accounted_steps(tmp_path, ellip
             if len(images) == 0:
                 dp.empty_step()
             else:  # probability ~2e-3: a real batch, trained as usual
-                dice_bce_loss(dp.module(images), labels).backward()
+                batch_loss(dp.module, model, images, labels).backward()
                 dp.optimizer.step()
                 dp.optimizer.zero_grad()
     assert site.steps_taken == 5
@@ -104,7 +104,7 @@ def test_per_sample_gradients_are_clipped_before_the_noise(tmp_path, ellipses) -
         dp.optimizer.add_noise = spy
         for images, labels in dp.batches:
             assert len(images) == 3  # sample rate 1: every image in the one batch
-            dice_bce_loss(dp.module(images), labels).backward()
+            batch_loss(dp.module, model, images, labels).backward()
             dp.optimizer.step()
             dp.optimizer.zero_grad()
     assert len(seen) == 1

@@ -10,7 +10,7 @@ from torch import nn
 from fedfms_secure.model import build_model
 from fedfms_secure.train import evaluate_dice, evaluate_hd95
 from fedfms_secure.train.evaluate import dice_per_image
-from fedfms_secure.train.losses import dice_bce_loss, per_image_dice_bce
+from fedfms_secure.train.losses import dice_bce_loss, per_image_dice_bce, segmentation_loss
 
 
 class _Oracle(nn.Module):
@@ -82,3 +82,49 @@ def test_loss_is_a_mean_of_per_image_terms() -> None:
     torch.testing.assert_close(per[1], per_image_dice_bce(logits[1:2], labels[1:2])[0])
     perfect = per_image_dice_bce(labels * 40 - 20, labels)
     assert float(perfect.max()) < 0.05
+
+
+class _MultiOracle(_Oracle):
+    num_classes = 2
+
+
+def test_dice_per_class_and_its_mean(ellipses) -> None:
+    from fedfms_secure.train import evaluate_dice_per_class
+
+    images, labels = ellipses(4).tensors
+    inner = labels.clone()
+    inner[..., 32:] = 0
+    inner[:2] = 0  # class 2 absent from the first two images
+    targets = torch.cat([labels, inner], dim=1)
+    data = torch.utils.data.TensorDataset(images, targets)
+    pred = targets.clone()
+    pred[:, 1] = 0  # class 1 perfect, class 2 never predicted
+    assert evaluate_dice_per_class(_MultiOracle(pred), data, batch_size=3) == [1.0, 0.0]
+    assert evaluate_dice(_MultiOracle(pred), data, batch_size=3) == 0.5
+    # a label map of class indices (0 background, 1, 2) gives the same targets when disjoint
+    index = labels.clone()
+    index[..., :32] *= 2  # left half of each ellipse is class 2, right half class 1
+    as_map = torch.utils.data.TensorDataset(images, index)
+    expected = torch.cat([(index == 1).float(), (index == 2).float()], dim=1)
+    assert evaluate_dice_per_class(_MultiOracle(expected), as_map) == [1.0, 1.0]
+
+
+def test_multi_class_loss_is_the_mean_over_classes_plus_the_iou_term() -> None:
+    from fedfms_secure.train.losses import IOU_LOSS_WEIGHT, mask_iou
+
+    logits = torch.randn(3, 2, 8, 8)
+    targets = (torch.rand(3, 2, 8, 8) > 0.5).float()
+    per = per_image_dice_bce(logits, targets)
+    torch.testing.assert_close(
+        per, (per_image_dice_bce(logits[:, :1], targets[:, :1])
+              + per_image_dice_bce(logits[:, 1:], targets[:, 1:])) / 2)  # fmt: skip
+    iou = mask_iou(logits, targets)
+    assert iou.shape == (3, 2) and 0 <= float(iou.min()) <= float(iou.max()) <= 1
+    assert mask_iou(targets * 20 - 10, targets).eq(1).all()
+    assert mask_iou(-torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)).item() == 1.0
+    predicted = torch.full((3, 2), 0.5, requires_grad=True)
+    loss = segmentation_loss(logits, predicted, targets)
+    expected = (per + IOU_LOSS_WEIGHT * (0.5 - iou).pow(2).mean(dim=1)).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert predicted.grad.abs().sum() > 0

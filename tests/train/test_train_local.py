@@ -16,7 +16,7 @@ import fedfms_secure.train.local as local
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.accounting import RDP_ALPHAS
 from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
-from fedfms_secure.train.losses import dice_bce_loss
+from fedfms_secure.train.losses import segmentation_loss
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad")
 
@@ -47,7 +47,7 @@ def test_dp_training_runs_moves_only_trainable_params_and_leaves_a_plain_model(
     mode, tmp_path, ellipses
 ) -> None:
     data = ellipses(24)
-    model = build_model()
+    model = build_model(pretrained=False)
     names = apply_mode(model, mode)
     frozen = {n: p.clone() for n, p in model.named_parameters() if n not in names}
     before = flatten(model, names)
@@ -110,12 +110,12 @@ def test_loss_is_the_mean_of_the_last_epoch_with_empty_batches(
     monkeypatch.setattr(engine, "UniformWithReplacementSampler", _ScriptedSampler)
     seen: list[tuple[float, int]] = []
 
-    def recording_loss(logits, labels):
-        loss = dice_bce_loss(logits, labels)
-        seen.append((float(loss.detach()), len(labels)))
+    def recording_loss(logits, iou, targets):
+        loss = segmentation_loss(logits, iou, targets)
+        seen.append((float(loss.detach()), len(targets)))
         return loss
 
-    monkeypatch.setattr(local, "dice_bce_loss", recording_loss)
+    monkeypatch.setattr(local, "segmentation_loss", recording_loss)
     model = build_model()
     names = apply_mode(model, "fedmsa")
     before = flatten(model, names)
@@ -156,7 +156,7 @@ def test_a_sample_rate_other_than_batch_over_slices_is_refused(tmp_path, ellipse
 
 def test_plain_training_learns_the_easy_task(ellipses) -> None:
     train, test = ellipses(48, seed=0), ellipses(16, seed=1)
-    model = build_model()
+    model = build_model(pretrained=False)
     apply_mode(model, "fedmsa")
     dice_before = evaluate_dice(model, test)
     losses = [train_local(model, train, TrainConfig(lr=3e-3, seed=e)).loss for e in range(6)]
@@ -166,7 +166,7 @@ def test_plain_training_learns_the_easy_task(ellipses) -> None:
 
 def test_dp_training_with_a_generous_budget_learns(tmp_path, ellipses) -> None:
     train, test = ellipses(48, seed=0), ellipses(16, seed=1)
-    model = build_model()
+    model = build_model(pretrained=False)
     apply_mode(model, "fedmsa")
     dice_before = evaluate_dice(model, test)
     epochs = 6
@@ -196,3 +196,41 @@ def test_errors_say_what_to_do(ellipses) -> None:
     apply_mode(model, "fedmsa")
     with pytest.raises(ModelError, match="empty"):
         train_local(model, torch.utils.data.TensorDataset(torch.zeros(0, 1, 64, 64)), TrainConfig())
+
+
+def _two_classes(data):
+    """Class 1: the ellipse; class 2: its left half (inside class 1, as a cup in a disc)."""
+    images, labels = data.tensors
+    inner = labels.clone()
+    inner[..., 32:] = 0
+    return torch.utils.data.TensorDataset(images, torch.cat([labels, inner], dim=1))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_box_prompted_two_class_training_under_dp(mode, tmp_path, ellipses) -> None:
+    data = _two_classes(ellipses(16))
+    model = build_model(pretrained=False, num_classes=2, prompt="box")
+    names = apply_mode(model, mode)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if n not in names}
+    before = flatten(model, names)
+    site = _site(tmp_path, 16, 8, steps=steps_per_epoch(16, 8))
+    result = train_local(model, data, TrainConfig(batch_size=8), site)
+    assert result.steps == 2 and site.steps_taken == 2 and result.loss == result.loss
+    assert (flatten(model, names) != before).mean() > 0.5
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    _assert_plain_module(model)
+
+
+def test_plain_training_learns_two_classes_with_boxes(ellipses) -> None:
+    from fedfms_secure.train import evaluate_dice_per_class
+
+    train, test = _two_classes(ellipses(48, seed=0)), _two_classes(ellipses(16, seed=1))
+    model = build_model(pretrained=False, num_classes=2, prompt="box")
+    apply_mode(model, "fedmsa")
+    before = evaluate_dice_per_class(model, test)
+    for e in range(6):
+        train_local(model, train, TrainConfig(lr=3e-3, seed=e))
+    after = evaluate_dice_per_class(model, test)
+    assert len(after) == 2
+    assert all(a > max(0.6, b + 0.2) for a, b in zip(after, before, strict=True)), (before, after)
+    assert evaluate_dice(model, test) == pytest.approx(sum(after) / 2)

@@ -1,0 +1,136 @@
+"""Training speed of the tiny preset on CPU: images/s per mode, with and without DP-SGD.
+
+All rows come from one run on the same machine, so their ratios are comparable. Each row trains
+``train_local`` (the function sites use) on 128 synthetic 64x64 slices (noisy bright ellipses),
+batch 32, after one warm-up epoch; DP rows use DP-SGD (Opacus, Poisson sampling, per-sample
+clipping, epsilon 8 planned over the timed epochs). Images/s counts the images actually drawn
+(Poisson batches vary in size).
+
+    python benchmarks/model_speed.py        # writes benchmarks/results/model_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedfms_secure.model import apply_mode, build_model  # noqa: E402
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy  # noqa: E402
+from fedfms_secure.train import TrainConfig, steps_per_epoch, train_local  # noqa: E402
+
+
+def ellipses(n: int, size: int = 64, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        cy, cx = ((torch.rand(2, generator=gen) * 0.5 + 0.25) * size).tolist()
+        ry, rx = ((torch.rand(2, generator=gen) * 0.15 + 0.12) * size).tolist()
+        mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).float()
+        images.append((0.25 + 0.1 * torch.randn(size, size, generator=gen) + 0.5 * mask).clamp(0, 1))
+        labels.append(mask)
+    return TensorDataset(torch.stack(images)[:, None], torch.stack(labels)[:, None])
+
+
+class Counting(TensorDataset):
+    """Counts the items drawn, so Poisson-sampled DP epochs are measured by what they process."""
+
+    drawn = 0
+
+    def __getitem__(self, index):  # noqa: ANN001
+        Counting.drawn += 1
+        return super().__getitem__(index)
+
+
+def measure(mode: str, dp: bool, data: TensorDataset, epochs: int, batch: int, tmp: Path,
+            **model_kwargs) -> tuple[float, int]:  # fmt: skip
+    model = build_model("tiny", seed=0, **model_kwargs)
+    names = apply_mode(model, mode)
+    config = TrainConfig(epochs=1, batch_size=batch, lr=1e-3)
+    train_local(model, data, config)  # warm-up (allocations, first-call overheads)
+    privacy = None
+    if dp:
+        privacy = SitePrivacy.open(tmp / f"{mode}-{len(list(tmp.iterdir()))}", PrivacyConfig(),
+                                   sample_rate=batch / len(data),
+                                   planned_steps=epochs * steps_per_epoch(len(data), batch))  # fmt: skip
+    Counting.drawn = 0
+    start = time.perf_counter()
+    train_local(model, data, TrainConfig(epochs=epochs, batch_size=batch, lr=1e-3), privacy)
+    seconds = time.perf_counter() - start
+    return Counting.drawn / seconds, sum(dict(model.named_parameters())[n].numel() for n in names)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/model_speed.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = ellipses(args.images)
+    data = Counting(*base.tensors)
+    settings = [("fedmsa", {}), ("fedsam", {}),
+                ("fedmsa", {"num_classes": 2, "prompt": "box"})]  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, kwargs in settings:
+            if kwargs:  # 2 classes: the second is the left half of each ellipse
+                images, labels = base.tensors
+                half = labels.clone()
+                half[..., 32:] = 0
+                data = Counting(images, torch.cat([labels, half], dim=1))
+            for dp in (False, True):
+                rate, params = measure(mode, dp, data, args.epochs, args.batch, Path(tmp), **kwargs)
+                label = mode + (" (2 classes, box prompts)" if kwargs else "")
+                rows.append((label, dp, rate, params))
+                print(f"{label:<34} dp={dp!s:<5} {rate:7.1f} images/s  ({params:,} trainable)",
+                      flush=True)  # fmt: skip
+    commit = "unknown"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()  # fmt: skip
+        if subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip():  # fmt: skip
+            commit += " + uncommitted changes"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    plain = {label: rate for label, dp, rate, _ in rows if not dp}
+    base_rate = plain["fedmsa"]
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    lines = [
+        "# Training speed of the tiny preset on CPU",
+        "",
+        f"Command: `{command}`. Commit: {commit}. Machine: {platform.machine()}, "
+        f"{args.threads} torch threads (2 shared CPU cores), torch {torch.__version__}.",
+        f"Each row: `train_local` on {args.images} synthetic 64x64 slices, batch {args.batch}, "
+        f"{args.epochs} timed epochs after a warm-up epoch; DP = Opacus DP-SGD (Poisson sampling, "
+        "per-sample clipping, epsilon 8). All rows from this one run.",
+        "",
+        "| mode | DP | trainable = communicated | images/s | vs fedmsa without DP | DP slowdown |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, dp, rate, params in rows:
+        slowdown = f"{plain[label] / rate:.1f}x" if dp else ""
+        lines.append(f"| {label} | {'yes' if dp else 'no'} | {params:,} | {rate:.1f} | "
+                     f"{rate / base_rate:.2f} | {slowdown} |")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
