@@ -16,7 +16,7 @@ from fedfms_secure.errors import ConfigError, FedFmsError
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("status", "privacy", "bench")
+COMMAND_GROUPS = ("status", "model", "privacy", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

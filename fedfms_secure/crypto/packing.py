@@ -380,13 +380,13 @@ def unembed(slots: np.ndarray) -> np.ndarray:
 
 def fit_params(*, bound: float, sites: int, rounds: int, quant_bits: int | None = None,
                rounding: str = "stochastic", max_bytes_per_param: float = 8.0) -> Any:
-    """``choose_params`` with the finest quantisation (16 bits down to 8) that fits the byte limit,
+    """``choose_params`` with the finest quantisation (20 bits down to 8) that fits the byte limit,
     or exactly ``quant_bits`` when given."""
     if quant_bits is not None:
         return choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=quant_bits, rounding=rounding,
                              max_bytes_per_param=max_bytes_per_param)
     error: ConfigError | None = None
-    for bits in range(16, 7, -1):
+    for bits in range(20, 7, -1):
         try:
             return choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=bits, rounding=rounding,
                                  max_bytes_per_param=max_bytes_per_param)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto import payload
+from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.errors import FedFmsError
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 from fedfms_secure.privacy.budget import read_ledger
@@ -42,13 +43,15 @@ def test_server_never_held_a_secret_key(run):
     assert not context.is_private()
     # the context the server ran with cannot decrypt the global state it built
     store = StateStore(out / "run" / "server")
-    stored = store.get_blob(store.global_row(2).blobs[0])
-    chunk = payload.parse(stored, context, expected_fingerprint=server.fingerprint)
-    with pytest.raises(ValueError):
-        chunk.vector.decrypt()
+    row = store.global_row(2)
+    stored = [store.get_blob(b) for b in row.blobs]
+    make_summer("ckks", context, server.fingerprint, params=server.params).parse(stored[0])  # it can add them
+    with pytest.raises(FedFmsError):
+        make_site_codec("ckks", context, server.fingerprint, params=server.params).decrypt_vector(stored, row.vector_length)
     # while a site's bundle can
     site = load_bundle(out / "run" / "bundles" / "site_1", role="client")
-    assert len(payload.parse(stored, site.context(), expected_fingerprint=site.fingerprint).vector.decrypt()) > 0
+    codec = make_site_codec("ckks", site.context(), site.fingerprint, params=site.params)
+    assert codec.decrypt_vector(stored, row.vector_length).size == row.vector_length
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
     names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
     assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl"}, names
