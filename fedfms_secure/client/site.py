@@ -193,8 +193,9 @@ class _Site:
             log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
         except FederationError as exc:
             # a retry after a lost reply re-encrypts, so the server sees a different upload: fine if
-            # it had accepted the first one
-            if "already uploaded" not in str(exc) or not self._me(self.client.status()).uploaded:
+            # it had accepted the first one (in the round still open, or in the one that has closed with it)
+            status = self.client.status() if "already uploaded" in str(exc) else None
+            if status is None or not (status.round > round_ or self._me(status).uploaded):
                 raise
             log.info("update had been received before the connection dropped", extra={"round": round_})
         self._wait_for_round(round_ + 1)

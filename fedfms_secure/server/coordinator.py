@@ -167,7 +167,8 @@ class Coordinator:
                 )
             if round_ == 0:
                 return 0
-            row = self._store.global_row(round_)
+            # closing a round keeps the blobs of the newest two global states only
+            row = self._store.global_row(round_) if round_ >= self._round - 1 else None
         if row is None:
             raise FederationError(
                 f"the server keeps no global state for round {round_}; ask for round {self._round}",
@@ -178,14 +179,22 @@ class Coordinator:
     def global_chunk(self, round_: int, index: int) -> Chunk:
         with self._lock:
             row = self._store.global_row(round_)
-            assert row is not None
+            try:
+                if row is None:
+                    raise BlobError(f"no global state row for round {round_}")
+                payload = self._store.get_blob(row.blobs[index])
+            except BlobError as exc:  # e.g. collected by a round that closed while the stream ran
+                raise FederationError(
+                    f"the global state of round {round_} is no longer available ({exc}); ask for round {self._round}",
+                    "not_found",
+                ) from None
             return Chunk(
                 round=round_,
                 index=index,
                 total=len(row.blobs),
                 num_values=self._expected_values(index, row.vector_length),
                 fingerprint=self.fingerprint,
-                payload=self._store.get_blob(row.blobs[index]),
+                payload=payload,
                 vector_length=row.vector_length,
             )
 
@@ -249,6 +258,12 @@ class Coordinator:
             raise FederationError("empty upload stream: send at least one chunk", "invalid_argument")
         with self._lock:
             self._touch(site)
+            if first.round < self._round and site in self._store.uploads(first.round):
+                # a retry after a lost reply (e.g. the server restarted), once the round has closed
+                raise FederationError(
+                    f"site {site} already uploaded its update for round {first.round}, which has closed with it",
+                    "failed_precondition",
+                )
             self._check_round(first.round, PHASE_UPLOAD, "upload")
             if site not in self._commits:
                 raise FederationError(
@@ -510,8 +525,10 @@ class Coordinator:
 
     def _check_fingerprint(self, fingerprint: str) -> None:
         if fingerprint != self.fingerprint:
+            # echo at most a fingerprint's length: a long value would overflow the status trailer
+            shown = fingerprint if len(fingerprint) <= 64 else f"{fingerprint[:64]!r}... ({len(fingerprint)} characters)"
             raise FederationError(
-                f"CKKS context mismatch: the request was made under context {fingerprint or '(none)'}, "
+                f"CKKS context mismatch: the request was made under context {shown or '(none)'}, "
                 f"this federation uses {self.fingerprint}; use a key bundle exported from the same "
                 "provisioning folder as the server's",
                 "invalid_argument",
