@@ -186,21 +186,10 @@ class _Site:
             })
         dice_local = evaluate_dice(self.model, self.data.val)
         delta = flatten(self.model, self.names).astype(np.float64) - theta
-        weight = self._exchange_weight(round_, result.num_samples)
-        update = self._bounded(delta * weight, round_)
-        try:
-            receipt = self.client.upload(lambda: self._chunks(round_, update))
-            log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
-        except FederationError as exc:
-            # a retry after a lost reply re-encrypts, so the server sees a different upload: fine if
-            # it had accepted the first one (in the round still open, or in the one that has closed with it)
-            status = self.client.status() if "already uploaded" in str(exc) else None
-            if status is None or not (status.round > round_ or self._me(status).uploaded):
-                raise
-            log.info("update had been received before the connection dropped", extra={"round": round_})
+        weight = self._contribute(round_, delta, result.num_samples)
         self._wait_for_round(round_ + 1)
         new_theta = self._fetch_theta(round_ + 1)
-        if self.config.save_updates:
+        if self.config.save_updates and weight is not None:
             self._save_update(round_, delta, result.num_samples, weight, new_theta - theta)
         load_vector(self.model, self.names, new_theta)
         dice = evaluate_dice(self.model, self.data.val)
@@ -213,6 +202,7 @@ class _Site:
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
             "seconds": seconds,
+            "contributed": 0.0 if weight is None else 1.0,
         }
         # not reported: the training loss (computed on training slices without DP noise) and the
         # training time (a proxy for n_k, which the server must never learn); both stay in the log
@@ -220,6 +210,37 @@ class _Site:
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
+
+    def _contribute(self, round_: int, delta: np.ndarray, n: int) -> float | None:
+        """Commit, then upload the weighted delta; returns the weight, or None if the round went on
+        without this site (its deadline passed first: the site takes part again in the next round)."""
+        try:
+            weight = self._exchange_weight(round_, n)
+            update = self._bounded(delta * weight, round_)
+            try:
+                receipt = self.client.upload(lambda: self._chunks(round_, update))
+                log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
+            except FederationError as exc:
+                # a retry after a lost reply re-encrypts, so the server sees a different upload: fine if it
+                # had accepted the first one (in the round still open, or in the one that has closed with it)
+                status = self.client.status() if "already uploaded" in str(exc) else None
+                if status is None or not (status.round > round_ or self._me(status).uploaded):
+                    raise
+                log.info("update had been received before the connection dropped", extra={"round": round_})
+            return weight
+        except FederationError as exc:
+            if exc.code != "failed_precondition" or not self._left_behind(round_):
+                raise
+            log.warning("this round went on without this site (its deadline passed first); it takes part "
+                        "again from the next round", extra={"round": round_, "reason": str(exc)})
+            return None
+
+    def _left_behind(self, round_: int) -> bool:
+        status = self.client.status()
+        me = self._me(status)
+        return status.round > round_ and not me.retired or (
+            status.round == round_ and status.phase == "upload" and not me.committed
+        )
 
     def _bounded(self, update: np.ndarray, round_: int) -> np.ndarray:
         """Clips the weighted update to the codec's bound (post-processing: DP is unaffected)."""

@@ -87,6 +87,8 @@ class Coordinator:
     def _restore(self) -> None:
         """Rebuilds the open round from the database: commits, E(N), accepted uploads, the sum."""
         store = self._store
+        if partial := store.discard_partial_blobs():
+            log.warning("discarded half-written blobs left by a crash", extra={"blobs": partial})
         self._round = int(store.get_state("round", "0"))
         self._phase = store.get_state("phase", PHASE_COMMIT)
         self._phase_started = float(store.get_state("phase_started", str(self._clock())))

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -76,8 +77,14 @@ class StateStore:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the server state folder {self.root}: {exc}; check the path "
                               "and its permissions, or give another --state") from exc
-        for tmp in (self.root / "blobs").rglob("*.tmp"):
-            tmp.unlink(missing_ok=True)  # left by a crash mid-write; never referenced
+
+    def discard_partial_blobs(self) -> int:
+        """Deletes blob files a crash left half-written (never referenced); the owning server calls
+        this once at start-up, before any write, and no other reader of the folder may."""
+        partial = list((self.root / "blobs").glob("*/*.tmp"))
+        for tmp in partial:
+            tmp.unlink(missing_ok=True)
+        return len(partial)
 
     def close(self) -> None:
         self._db.close()
@@ -88,8 +95,8 @@ class StateStore:
         path = self._blob_path(digest)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as fh:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:16]}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -110,7 +117,7 @@ class StateStore:
         keep = set(keep)
         removed = 0
         for path in (self.root / "blobs").glob("*/*"):
-            if path.name not in keep:
+            if path.name not in keep and not path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed

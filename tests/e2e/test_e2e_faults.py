@@ -302,6 +302,29 @@ def test_a_site_that_never_answers_the_rounds_close_on_quorum(federation):
     assert not (fed.root / f"state_{silent}" / "updates").exists()
 
 
+@pytest.mark.parametrize("federation", [2], indirect=True)
+def test_a_late_site_misses_a_round_and_takes_part_again(federation):
+    fed = federation
+    server = fed.start_server("127.0.0.1:0", "--round-deadline", "4", "--min-sites", "1", "--exit-when-done")
+    address = _wait_for_address(fed.state, server, fed.root / "server.log")
+    punctual, late = sorted(fed.sites)
+    for name in fed.sites:
+        fed.start_site(name, address)
+    fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    fed.signal(late, signal.SIGSTOP)  # it sleeps through round 0 ...
+    fed.wait_for("round 0 to close", lambda: fed.rounds())
+    fed.signal(late, signal.SIGCONT)  # ... and wakes up with a round-0 update nobody wants any more
+
+    fed.wait_ok(punctual, late, "server")
+    assert "takes part again from the next round" in fed.log(late)
+    rounds = fed.rounds()
+    assert [r["round"] for r in rounds] == list(range(ROUNDS))
+    assert rounds[0]["participants"] == [punctual]
+    metrics = StateStore(fed.state).read_records("metrics.jsonl")
+    late_rounds = {m["round"]: m["contributed"] for m in metrics if m["site"] == late}
+    assert late_rounds[0] == 0.0 and set(late_rounds) == set(range(ROUNDS))
+
+
 # --- duplicated and replayed uploads (in-process server and clients) ------------------------------
 def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_refused(tmp_path):
     sites = ("a", "b")

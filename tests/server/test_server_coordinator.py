@@ -218,3 +218,26 @@ def test_a_second_stream_from_the_same_site_waits_for_the_first(tmp_path, keys):
     assert refusals and "still in progress" in refusals[0]
     coord.receive_upload("b", chunks(codec, 0, np.zeros(codec.chunk_values + 1)))
     np.testing.assert_allclose(global_vector(coord, codec, 1), np.ones(codec.chunk_values + 1), atol=1e-6)
+
+
+def test_a_damaged_blob_is_discarded_on_restart_and_never_used(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    coord.receive_upload("a", chunks(codec, 0, np.full(6, 0.5)))
+    store = StateStore(tmp_path)
+    blob = store.uploads(0)["a"].blobs[0]
+    path = tmp_path / "blobs" / blob[:2] / blob
+    path.write_bytes(path.read_bytes()[:1000])  # half-written
+    leftover = path.with_name(".crash.tmp")
+    leftover.write_bytes(b"partial")
+
+    restarted = make_coordinator(tmp_path, keys)
+    assert not leftover.exists()
+    status = restarted.status()
+    assert status.phase == PHASE_UPLOAD and [s.uploaded for s in status.sites] == [False, False]
+    # the site sends its update again, and the sum holds only what was really received
+    restarted.receive_upload("a", chunks(codec, 0, np.full(6, 0.5)))
+    restarted.receive_upload("b", chunks(codec, 0, np.full(6, 0.25)))
+    np.testing.assert_allclose(global_vector(restarted, codec, 1), np.full(6, 0.75), atol=1e-6)
