@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,13 @@ class RoundOutcome:
 
 
 def run_site(config: ClientConfig) -> list[RoundOutcome]:
-    """Joins the federation and takes part in every remaining round."""
+    """Joins the federation and takes part in every remaining round.
+
+    On SIGTERM the site stops between two steps: every file it writes is written atomically, the
+    connection is closed, and a restart with the same ``--state`` continues (budget included).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     bundle = None if config.insecure and not config.keys.exists() else load_bundle(config.keys, role="client")
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
     _check_accountant(config.state)
@@ -74,6 +82,11 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
         log.info("joined", extra={"site": joined.site, "round": joined.round, "rounds": plan.rounds,
                                   "mode": plan.mode, "scheme": plan.scheme})
         return _Site(config, client, codec, joined, site_dir).run()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    log.warning("SIGTERM: the site stops; restart it with the same --state to continue")
+    raise SystemExit(128 + signum)
 
 
 def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:

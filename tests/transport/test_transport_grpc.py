@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -129,3 +130,18 @@ def test_reflection_lists_the_services(federation):
         replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"fedfms_secure.v1.Federation", "grpc.health.v1.Health"} <= names
+
+
+def test_status_command_shows_the_round_and_the_sites(federation, capsys):
+    from fedfms_secure.cli import main
+
+    root, address = federation
+    assert main(["status", "--server", address, "--keys", str(root / "a"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["federation"] == "t" and printed["total_rounds"] == 1
+    assert [s["name"] for s in printed["sites"]] == ["a", "b"]
+    assert main(["status", "--server", address, "--keys", str(root / "a")]) == 0
+    table = capsys.readouterr().out
+    assert "round 1 of 1" in table and "committed" in table
+    assert main(["status", "--server", address, "--keys", str(root / "server")]) == 1
+    assert "keys export client" in capsys.readouterr().err
