@@ -5,7 +5,7 @@
 Default runs: 1e6 and 11,160,000 values (vit_b FedMSA) with K = 3 sites, parameters for R = 5
 rounds, 16-bit quantisation; then the largest headroom that stays under 8 B/param at 16 bits
 (K x R = 31) and at 10 bits (K x R = 511), summing that many uploads. Bound 1, stochastic rounding.
-Each run is a fresh process through the ``bench he`` parser of ``fedfms_secure.crypto.commands``.
+Each run is a fresh process through the ``bench he`` parser of ``fedfms_secure.commands.bench``.
 Writes ``he_bench.json`` and ``he_bench.md`` (a table with the commands, the commit and the machine).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RUNNER = (
     "import argparse, sys\n"
-    "from fedfms_secure.crypto.commands import register\n"
+    "from fedfms_secure.commands.bench import register\n"
     "p = argparse.ArgumentParser(prog='fedfms-secure'); register(p.add_subparsers())\n"
     "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))\n"
 )
@@ -48,6 +48,9 @@ def main() -> int:
         print(json.dumps(result), flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fedfms_secure", "benchmarks/he_bench.py"],
+                      cwd=ROOT, capture_output=True, text=True).stdout.strip():
+        commit += " + uncommitted changes"
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, CPython {platform.python_version()}, no GPU"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "he_bench.json").write_text(
@@ -58,7 +61,7 @@ def main() -> int:
         "# Packed CKKS updates: bytes, seconds and error",
         "",
         "- command: `.venv/bin/python benchmarks/he_bench.py` (each row: the `command` column)",
-        f"- commit: {commit} (plus the uncommitted packed-CKKS work of issue 6)",
+        f"- commit: {commit}",
         f"- machine: {machine}",
         f"- scheme: N={first['poly_modulus_degree']}, one data prime + a 60-bit special prime, bound "
         f"{first['bound']:g}, {first['rounding']} rounding; `choose_params` picks prime, scale and lanes per row",
