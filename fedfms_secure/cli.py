@@ -59,6 +59,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
             "he": False if args.no_he else None,
+            "pretrained": False if args.no_pretrained else None,
             "exit_when_done": True if args.exit_when_done else None,
             "round_deadline": args.round_deadline,
             "min_sites": args.min_sites,
@@ -150,6 +151,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         preset=args.preset,
         seed=args.seed,
         local_epochs=args.local_epochs,
+        pretrained=not args.no_pretrained,
     )
     report = run_demo(options)
     if args.json:
@@ -177,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--lr", type=float)
     s.add_argument("--no-he", action="store_true", help="sum plaintext updates (a baseline, not private)")
+    s.add_argument("--no-pretrained", action="store_true",
+                   help="start from the seeded initialisation instead of the preset's pretrained weights")
     s.add_argument("--insecure", action="store_true", help="serve without TLS (local experiments only)")
     s.add_argument("--exit-when-done", action="store_true", help="exit once every round is done")
     s.add_argument("--round-deadline", type=float,
@@ -242,6 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--local-epochs", type=int, default=5)
+    m.add_argument("--no-pretrained", action="store_true", help="a random encoder instead of the pretrained preset")
     m.add_argument("--json", action="store_true", help="also print report.json")
     m.set_defaults(handler=_cmd_demo)
 

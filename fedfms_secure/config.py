@@ -37,6 +37,8 @@ class ServerConfig:
     batch_size: int = 32
     learning_rate: float = 1e-2
     he: bool = True
+    # start from the preset's shipped pretrained weights (tiny); False: the seeded initialisation
+    pretrained: bool = True
     exit_when_done: bool = False
     # seconds a phase (commit, then upload) waits before going on with min_sites sites; None: wait for all
     round_deadline: float | None = None

@@ -49,6 +49,7 @@ class DemoOptions:
     # (H, W, slices) of each generated volume
     synth_shape: tuple[int, int, int] = (64, 64, 40)
     timeout: float = 1800.0
+    pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
     save_updates: bool = False
 
@@ -105,6 +106,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
            "--local-epochs", str(options.local_epochs), "--exit-when-done"]
     if not options.he:
         cmd.append("--no-he")
+    if not options.pretrained:
+        cmd.append("--no-pretrained")
     procs: dict[str, subprocess.Popen] = {}
     started = time.monotonic()
     # a SIGTERM to the demo unwinds through `finally`, so no server or site is left behind

@@ -26,6 +26,7 @@ class Plan:
     batch_size: int
     learning_rate: float
     scheme: str
+    pretrained: bool = True  # the preset's shipped weights (tiny), else the seeded initialisation
 
 
 @dataclass(frozen=True)

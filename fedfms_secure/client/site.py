@@ -115,7 +115,8 @@ class _Site:
         self.joined = joined
         self.plan: Plan = joined.plan
         config.state.mkdir(parents=True, exist_ok=True)
-        self.model = build_model(self.plan.preset, seed=self.plan.seed)
+        # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
+        self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False)
         self.data = load_site(
             site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed
         )

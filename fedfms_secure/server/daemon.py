@@ -47,6 +47,7 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         scheme=config.scheme,
+        pretrained=config.pretrained,
     )
     store = StateStore(config.state)
     coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, store,

@@ -17,6 +17,7 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         scheme=plan.scheme,
+        random_init=not plan.pretrained,
     )
 
 
@@ -31,6 +32,7 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         batch_size=msg.batch_size,
         learning_rate=msg.learning_rate,
         scheme=msg.scheme,
+        pretrained=not msg.random_init,
     )
 
 

@@ -59,7 +59,7 @@ def test_site_identity_comes_from_its_certificate(federation):
     with connect(root, address, "a") as client:
         joined = client.join(b.fingerprint, "test")
         assert joined.site == "a"
-        assert joined.plan.rounds == 1 and joined.plan.scheme == "ckks"
+        assert joined.plan.rounds == 1 and joined.plan.scheme == "ckks" and joined.plan.pretrained
         assert client.bytes_up > 0 and client.bytes_down > 0
 
 
@@ -145,3 +145,12 @@ def test_status_command_shows_the_round_and_the_sites(federation, capsys):
     assert "round 1 of 1" in table and "committed" in table
     assert main(["status", "--server", address, "--keys", str(root / "server")]) == 1
     assert "keys export client" in capsys.readouterr().err
+
+
+def test_the_plan_survives_the_wire():
+    from fedfms_secure.protocol import Plan
+    from fedfms_secure.transport import serde
+
+    for pretrained in (True, False):
+        plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained)
+        assert serde.plan_from_proto(serde.plan_to_proto(plan)) == plan
