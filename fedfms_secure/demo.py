@@ -207,17 +207,16 @@ def _table(report: dict[str, Any]) -> Table:
     sites = report["sites"]
     table = Table(title=f"fedfms-secure demo: {report['options']['mode']}, "
                         f"{'CKKS' if report['options']['he'] else 'plaintext'} aggregation, "
-                        f"target epsilon {report['options']['epsilon']}")
-    table.add_column("round", justify="right")
-    table.add_column("Dice (mean)", justify="right")
-    for name in sites:
-        table.add_column(f"eps {name}", justify="right")
-    table.add_column("bytes up", justify="right")
-    table.add_column("bytes down", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_row("0", f"{report['dice_initial']:.4f}", *["0" for _ in sites], "-", "-", "-")
+                        f"target epsilon {report['options']['epsilon']}",
+                  caption="Dice: global model on the sites' validation slices; eps: spent so far; "
+                          "bytes: all sites together")
+    per_site = len(sites) <= 3  # wider federations show the largest epsilon only (report.json has all)
+    eps_headers = [f"eps\n{name}" for name in sites] if per_site else ["eps\n(max)"]
+    for header in ("round", "Dice", *eps_headers, "bytes\nup", "bytes\ndown", "s"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_row("0", f"{report['dice_initial']:.4f}", *["0" for _ in eps_headers], "-", "-", "-")
     for row in report["rounds"]:
-        eps = [_fmt_eps(row["epsilon"].get(name)) for name in sites]
+        eps = [_fmt_eps(row["epsilon"].get(name)) for name in sites] if per_site else [_fmt_eps(row["epsilon_max"])]
         table.add_row(str(row["round"]), f"{row['dice_mean']:.4f}", *eps, _fmt_bytes(row["bytes_up_total"]),
                       _fmt_bytes(row["bytes_down_total"]), f"{row['seconds']:.1f}")
     return table
@@ -230,10 +229,10 @@ def _fmt_eps(value: float | None) -> str:
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
     return str(n)
 
 
