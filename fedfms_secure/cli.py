@@ -137,6 +137,23 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from fedfms_secure.data.inspect import inspect_federation
+
+    report = inspect_federation(args.data, image_size=args.image_size, axis=args.axis)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for site in report["sites"]:
+        shapes = ", ".join(f"{shape} ({n})" for shape, n in site["image_shapes"].items()) or "-"
+        print(f"{site['name']}: {site['volumes']} volumes, {site['train_slices']} training and "
+              f"{site['val_slices']} validation slices; shapes {shapes}; label values "
+              f"{site['label_values']}; foreground {100 * site['foreground_fraction']:.2f}%")
+        for problem in site["problems"]:
+            print(f"  problem: {problem['file']}: {problem['problem']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedfms_secure.demo import DemoOptions, run_demo
 
@@ -234,6 +251,12 @@ def _parser() -> argparse.ArgumentParser:
     ds.add_argument("--sites", type=int, default=3)
     ds.add_argument("--seed", type=int, default=0)
     ds.set_defaults(handler=_cmd_data_synth)
+    di = dsub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
+    di.add_argument("data", type=Path, help="a site folder or a folder of site folders")
+    di.add_argument("--image-size", type=int, default=64, help="the model's input size (default 64)")
+    di.add_argument("--axis", type=int, default=2, help="the axis 3-D volumes are sliced along (default 2)")
+    di.add_argument("--json", action="store_true")
+    di.set_defaults(handler=_cmd_data_inspect)
 
     m = sub.add_parser("demo", help="a whole secure federation on loopback, with a report")
     m.add_argument("--out", type=Path, default=Path("demo-out"))
