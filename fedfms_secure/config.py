@@ -132,6 +132,8 @@ def _read_toml(file: Path, cls: type) -> dict[str, Any]:
         data = tomllib.loads(Path(file).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {file} does not exist: check the path given to --config")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {file} ({exc.strerror}): give --config a TOML file")
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {file} is not valid TOML: {exc}")
     known = {f.name for f in fields(cls)}

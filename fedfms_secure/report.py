@@ -1,18 +1,19 @@
 """The federation report: per-round Dice, epsilon, bytes and seconds, from the files the daemons wrote.
 
 Sources: the server's ``metrics.jsonl`` (what each site chose to report after each round: Dice of
-the new global model on its validation slices, epsilon spent, bytes, seconds) and ``rounds.jsonl``
-(round durations), and each site's ``initial.json`` (Dice of theta_0).
+the new global model on its validation slices, bytes) and ``rounds.jsonl`` (round durations), and,
+from each site's own state folder, ``initial.json`` (Dice of theta_0) and its privacy ledger
+(epsilon spent: never sent to the server, whom it would tell the site's sample count).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.server.store import StateStore
 
 
@@ -26,10 +27,12 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
     initial = [_initial_dice(path) for path in site_states.values()]
     initial = [d for d in initial if d is not None]
     rounds = []
+    ledgers = {site: {e["round"]: e["epsilon"] for e in read_ledger(path)} if Path(path).is_dir() else {}
+               for site, path in site_states.items()}
     for r in sorted({m["round"] for m in metrics}):
         rows = {m["site"]: m for m in metrics if m["round"] == r}
         dice = [rows[s]["dice"] for s in sites if s in rows]
-        eps = {s: _finite(rows[s]["epsilon"]) for s in sites if s in rows}
+        eps = {s: _spent(ledgers[s], r) for s in sites if s in rows}
         finite_eps = [e for e in eps.values() if e is not None]
         rounds.append({
             "round": r + 1,
@@ -41,7 +44,7 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
             "epsilon_max": max(finite_eps) if finite_eps else None,
             "bytes_up_total": sum(rows[s]["bytes_up"] for s in rows),
             "bytes_down_total": sum(rows[s]["bytes_down"] for s in rows),
-            "seconds": durations.get(r, max(rows[s]["seconds"] for s in rows)),
+            "seconds": durations.get(r, float("nan")),
             "sites_reporting": len(rows),
         })
     return {
@@ -92,5 +95,7 @@ def _initial_dice(state: Path) -> float | None:
     return json.loads(path.read_text())["dice"] if path.exists() else None
 
 
-def _finite(value: float) -> float | None:
-    return None if value is None or math.isinf(value) else float(value)
+def _spent(ledger: dict[int, float], round_: int) -> float | None:
+    """Epsilon a site had spent after ``round_`` (None: it trained without DP)."""
+    spent = [ledger[r] for r in sorted(ledger) if r <= round_]
+    return float(spent[-1]) if spent else None

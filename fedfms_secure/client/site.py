@@ -212,16 +212,15 @@ class _Site:
         metrics = {
             "dice": dice,
             "dice_local": dice_local,
-            "epsilon": epsilon if epsilon is not None else math.inf,
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
-            "seconds": seconds,
             "contributed": 0.0 if weight is None else 1.0,
         }
-        # not reported: the training loss (computed on training slices without DP noise) and the
-        # training time (a proxy for n_k, which the server must never learn); both stay in the log
+        # not reported: epsilon (it depends on n_k through the sampling rate, steps and delta, so
+        # the server could invert it: it stays in STATE/privacy_ledger.jsonl), the training loss
+        # (training slices, no DP noise) and the time taken (a proxy for n_k); all stay in the log
         self.client.report_metrics(round_, metrics)
-        log.info("round done", extra={"round": round_, "dice": dice, "epsilon": metrics["epsilon"],
+        log.info("round done", extra={"round": round_, "dice": dice, "epsilon": epsilon if epsilon is not None else math.inf,
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
 

@@ -62,7 +62,10 @@ def _report(args: argparse.Namespace) -> int:
 
     records = read_ledger(args.state)
     state = args.state / STATE_FILE
-    target = json.loads(state.read_text()).get("config", {}).get("target_epsilon") if state.exists() else None
+    try:
+        target = json.loads(state.read_text()).get("config", {}).get("target_epsilon") if state.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ConfigError(f"{state} is not a privacy state file: restore it from a backup") from None
     if not records and target is None:
         raise ConfigError(f"{args.state} holds no privacy state: is it a site's --state folder, and has it trained?")
     if args.json:

@@ -13,11 +13,14 @@ It is what ``fedfms-secure privacy report`` prints; the accountant itself stays 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from fedfms_secure.errors import ConfigError
+
+log = logging.getLogger("fedfms_secure.privacy")
 
 LEDGER_FILE = "privacy_ledger.jsonl"
 DEFAULT_DELTA = 1e-5
@@ -60,11 +63,15 @@ def read_ledger(state_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
+            if number == len(lines) and not path.read_text().endswith("\n"):
+                log.warning("ignoring the half-written last line of %s (a crash while appending)", path)
+                break
             raise ConfigError(f"{path}, line {number}, is not valid JSON: the ledger was edited or truncated") from None
     return records

@@ -116,6 +116,9 @@ class Coordinator:
                 continue
             self._receipts[site] = Receipt(self._round, row.chunks, row.bytes, row.digest)
             self._vector_length, self._chunks = row.vector_length, row.chunks
+        if self._deadline is not None and self._phase != PHASE_DONE:
+            self._phase_started = self._clock()  # a restart gives the sites a whole deadline to reconnect
+        self._progress()
         if self._round > 0 or self._commits:
             log.info("resumed from the state folder", extra={"round": self._round, "phase": self._phase,
                                                              "commits": len(self._commits), "uploads": len(self._receipts)})
@@ -275,7 +278,7 @@ class Coordinator:
             if site in self._uploading:
                 raise FederationError(
                     f"an upload from site {site} is still in progress; retry when it has ended",
-                    "failed_precondition",
+                    "unavailable",
                 )
             self._check_layout(first)
             self._uploading.add(site)
@@ -471,6 +474,13 @@ class Coordinator:
         self._set_phase(PHASE_UPLOAD)
         self._write_status()
 
+    def _progress(self) -> None:
+        """Moves on if the stored state already allows it (a crash between two writes)."""
+        if self._phase == PHASE_COMMIT and self._commits and self._active() <= set(self._commits):
+            self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
+        if self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
+            self._close_round()
+
     def _check_finished(self) -> None:
         if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= self._active():
             self.finished.set()
@@ -482,32 +492,38 @@ class Coordinator:
         for index in range(self._chunks or 0):
             total = self._round_sum[index]
             if previous is not None:
-                stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
+                try:
+                    stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
+                except BlobError as exc:
+                    raise FederationError(
+                        f"the stored global state of round {self._round} is damaged ({exc}): stop the server "
+                        "and restore its --state folder from a backup", "failed_precondition") from exc
                 total = self._sum([stored, total], what=f"global chunk {index}")
             blobs.append(self._store.put_blob(self._summer.dump(total)))
         next_round = self._round + 1
         next_phase = PHASE_DONE if next_round >= self.plan.rounds else PHASE_COMMIT
+        now = self._clock()
+        closed = {
+            "round": self._round,
+            "participants": sorted(self._receipts),
+            "zero_delta": sorted(set(self._commits) - set(self._receipts)),
+            "seconds": now - self._round_started,
+            "bytes_received": sum(r.bytes for r in self._receipts.values()),
+        }
+        # one transaction moves the federation to the next round, with its clocks
         self._store.put_global(GlobalRow(next_round, self._vector_length or 0, tuple(blobs)),
-                               round_=next_round, phase=next_phase)
-        self._store.append_record(
-            "rounds.jsonl",
-            {
-                "round": self._round,
-                "participants": sorted(self._receipts),
-                "zero_delta": sorted(set(self._commits) - set(self._receipts)),
-                "seconds": self._clock() - self._round_started,
-                "bytes_received": sum(r.bytes for r in self._receipts.values()),
-            },
-        )
-        log.info("round closed", extra={"round": self._round, "sites": len(self._receipts)})
-        # keep the newest two global states; the round's uploads are folded into them
-        keep = set(blobs) | (set(previous.blobs) if previous else set())
-        self._store.collect_garbage(keep)
-        self._round = next_round
+                               round_=next_round, phase=next_phase, started=now)
+        self._round, self._phase = next_round, next_phase
+        self._phase_started = self._round_started = now
         self._commits, self._weight_total, self._receipts, self._round_sum = {}, None, {}, {}
-        self._round_started = self._clock()
-        self._set_phase(next_phase)
-        self._write_status()
+        log.info("round closed", extra={"round": closed["round"], "sites": len(closed["participants"])})
+        try:  # bookkeeping for tools: a failure here must not fail the request that closed the round
+            self._store.append_record("rounds.jsonl", closed)
+            # keep the newest two global states; the round's uploads are folded into them
+            self._store.collect_garbage(set(blobs) | (set(previous.blobs) if previous else set()))
+            self._write_status()
+        except OSError as exc:
+            log.error("could not write the round's records", extra={"round": closed["round"], "error": str(exc)})
 
     def _write_status(self) -> None:
         self._store.write_json(

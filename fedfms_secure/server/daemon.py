@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.codec import make_summer
 from fedfms_secure.crypto.keystore import Bundle, load_bundle
-from fedfms_secure.errors import ConfigError
+from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
@@ -29,6 +29,9 @@ log = logging.getLogger("fedfms_secure.server")
 def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateStore]:
     """Loads the server bundle (refusing any that can decrypt) and builds the coordinator."""
     bundle = load_bundle(config.keys, role="server")
+    if config.min_sites is not None and config.min_sites > len(bundle.clients):
+        raise ConfigError(f"--min-sites {config.min_sites} is more than the federation's {len(bundle.clients)} "
+                          "sites: the deadline could never be met; lower it")
     if config.he:
         # load_bundle(role="server") has refused any context that holds a secret key
         if bundle.params.packing is not None:
@@ -88,17 +91,22 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     )
     stop = stop or threading.Event()
     _on_signals(stop)
-    while not stop.is_set():
-        if config.exit_when_done and coordinator.status().done:
-            if coordinator.finished.wait(timeout=config.linger):
-                log.info("federation finished: every site reported its final metrics")
-            else:
-                log.warning("federation finished; not every site reported final metrics in time")
-            break
-        coordinator.tick()
-        stop.wait(0.2)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=5).wait()
+    try:
+        while not stop.is_set():
+            if config.exit_when_done and coordinator.status().done:
+                if coordinator.finished.wait(timeout=config.linger):
+                    log.info("federation finished: every site reported its final metrics")
+                else:
+                    log.warning("federation finished; not every site reported final metrics in time")
+                break
+            try:
+                coordinator.tick()
+            except FedFmsError as exc:  # e.g. a damaged stored state: say so, keep serving status
+                log.error("cannot apply the round deadline", extra={"error": str(exc)})
+            stop.wait(0.2)
+    finally:
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace=5).wait()
     log.info("server stopped", extra={"round": coordinator.status().round})
     return 0
 

@@ -163,8 +163,9 @@ class StateStore:
         with self._db:
             self._db.execute("DELETE FROM uploads WHERE round = ? AND site = ?", (round_, site))
 
-    def put_global(self, row: GlobalRow, *, round_: int, phase: str) -> None:
-        """Stores the state that opens ``row.round`` and moves the federation there, atomically."""
+    def put_global(self, row: GlobalRow, *, round_: int, phase: str, started: float) -> None:
+        """Stores the state that opens ``row.round`` and moves the federation there (its round and
+        phase clocks starting at ``started``), in one transaction."""
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO globals (round, vector_length, blobs) VALUES (?, ?, ?)",
@@ -172,7 +173,8 @@ class StateStore:
             )
             self._db.executemany(
                 "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [("round", str(round_)), ("phase", phase)],
+                [("round", str(round_)), ("phase", phase), ("phase_started", str(started)),
+                 ("round_started", str(started))],
             )
 
     def global_row(self, round_: int) -> GlobalRow | None:

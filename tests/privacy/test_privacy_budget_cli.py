@@ -55,3 +55,10 @@ def test_report_names_a_corrupt_ledger_or_a_wrong_folder(tmp_path, capsys):
     (tmp_path / "privacy_ledger.jsonl").write_text('{"round": 0\n')
     assert main(["privacy", "report", "--state", str(tmp_path)]) == 1
     assert "privacy_ledger.jsonl, line 1" in capsys.readouterr().err
+
+
+def test_a_half_written_last_ledger_line_is_ignored(tmp_path):
+    append_ledger(tmp_path, {"round": 0, "epsilon": 2.0})
+    with open(tmp_path / "privacy_ledger.jsonl", "a") as fh:
+        fh.write('{"round": 1, "eps')  # a crash while appending
+    assert [r["round"] for r in read_ledger(tmp_path)] == [0]

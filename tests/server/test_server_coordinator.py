@@ -241,3 +241,27 @@ def test_a_damaged_blob_is_discarded_on_restart_and_never_used(tmp_path, keys):
     restarted.receive_upload("a", chunks(codec, 0, np.full(6, 0.5)))
     restarted.receive_upload("b", chunks(codec, 0, np.full(6, 0.25)))
     np.testing.assert_allclose(global_vector(restarted, codec, 1), np.full(6, 0.75), atol=1e-6)
+
+
+def test_a_crash_between_two_writes_does_not_stall_the_round(tmp_path, keys):
+    codec = keys[0]
+    coord = make_coordinator(tmp_path, keys)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    StateStore(tmp_path).set_state(phase=PHASE_COMMIT)  # as if it died before recording the phase
+    restarted = make_coordinator(tmp_path, keys)
+    assert restarted.weight_total("a", 0).ready  # every commit is in: the round goes on
+
+    restarted.receive_upload("a", chunks(codec, 0, np.full(3, 0.5)))
+    store = restarted._store
+
+    def dies(*args, **kwargs):
+        raise OSError("disk gone")
+
+    store.put_global, keep = dies, store.put_global
+    with pytest.raises(OSError):
+        restarted.receive_upload("b", chunks(codec, 0, np.full(3, 0.25)))
+    store.put_global = keep
+    again = make_coordinator(tmp_path, keys)  # b's upload was stored before the crash
+    assert again.status().round == 1
+    np.testing.assert_allclose(global_vector(again, codec, 1), np.full(3, 0.75), atol=1e-6)
