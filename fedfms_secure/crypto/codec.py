@@ -79,17 +79,7 @@ class CkksCodec:
     scheme = "ckks"
 
     def __init__(self, ctx: ts.Context, fingerprint: str) -> None:
-        if not ctx.has_secret_key() or not ctx.has_public_key():
-            raise KeyMaterialError(
-                "a site codec needs the CKKS context with its secret and public key; this one lacks them "
-                "(is it the server's params-only ckks.ctx?). Use the client bundle's ckks.ctx"
-            )
-        actual = context_fingerprint(ctx)
-        if fingerprint != actual:
-            raise KeyMaterialError(
-                f"fingerprint {fingerprint[:16]!r}... does not belong to this CKKS context ({actual[:16]}...): "
-                "take both from the same client bundle (Bundle.context() and Bundle.fingerprint)"
-            )
+        _check_site_context(ctx, fingerprint)
         self._ctx = ctx
         self.fingerprint = fingerprint
         self.params = params_of(ctx)
@@ -167,17 +157,7 @@ class PackedCkksCodec:
     def __init__(
         self, ctx: ts.Context, fingerprint: str, params: CkksParams, *, rng: np.random.Generator | None = None
     ) -> None:
-        if not ctx.has_secret_key() or not ctx.has_public_key():
-            raise KeyMaterialError(
-                "a site codec needs the CKKS context with its secret and public key; this one lacks them "
-                "(is it the server's params-only ckks.ctx?). Use the client bundle's ckks.ctx"
-            )
-        actual = context_fingerprint(ctx)
-        if fingerprint != actual:
-            raise KeyMaterialError(
-                f"fingerprint {fingerprint[:16]!r}... does not belong to this CKKS context ({actual[:16]}...): "
-                "take both from the same client bundle (Bundle.context() and Bundle.fingerprint)"
-            )
+        _check_site_context(ctx, fingerprint)
         self.packing = _require_packing(params, ctx)
         self._ctx = ctx
         self._ops = SealOps(ctx)
@@ -291,6 +271,21 @@ class PlainCodec:
         if values.size != 1:
             raise CryptoError(f"expected a scalar payload (8 bytes), got {values.size} values")
         return float(values[0])
+
+
+def _check_site_context(ctx: ts.Context, fingerprint: str) -> None:
+    """A site codec needs its context's keys, and the fingerprint of that very context."""
+    if not ctx.has_secret_key() or not ctx.has_public_key():
+        raise KeyMaterialError(
+            "a site codec needs the CKKS context with its secret and public key; this one lacks them "
+            "(is it the server's params-only ckks.ctx?). Use the client bundle's ckks.ctx"
+        )
+    actual = context_fingerprint(ctx)
+    if fingerprint != actual:
+        raise KeyMaterialError(
+            f"fingerprint {fingerprint[:16]!r}... does not belong to this CKKS context ({actual[:16]}...): "
+            "take both from the same client bundle (Bundle.context() and Bundle.fingerprint)"
+        )
 
 
 def make_site_codec(
