@@ -131,22 +131,7 @@ def parse_packed(
             f"packed CKKS {_KIND_NAMES[kind]} declares {summands} summed ciphertexts; the packing has headroom "
             f"for 1..{max_summands[kind]}"
         )
-    body = payload[PACKED_HEADER_LEN:]
-    slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
-    size, ciphertext, scale = _check_vector_proto(body, slots)
-    if size != slots:
-        raise CryptoError(f"packed CKKS payload declares {size} slots, it must use all {slots}")
-    if scale != ctx.global_scale:
-        raise ContextMismatchError(
-            f"ciphertext has scale 2^{_log2(scale)}, this context uses 2^{_log2(ctx.global_scale)}: "
-            "it was made under other CKKS parameters"
-        )
-    _check_seal_header(ciphertext)
-    try:
-        vector = ts.ckks_vector_from(ctx, body)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise CryptoError(f"TenSEAL cannot load the ciphertext ({exc}): the payload is corrupt") from None
-    _check_loaded(vector, ctx, size)
+    vector = _load_vector(payload[PACKED_HEADER_LEN:], ctx, full_width_required=True)
     return PackedChunk(vector, fingerprint, layout, kind, count, summands)
 
 
@@ -171,9 +156,16 @@ def parse(payload: bytes, ctx: ts.Context, *, expected_fingerprint: str | None) 
             f"{expected_fingerprint[:16]}...: the sender's bundle belongs to another federation or an "
             "older key; re-export bundles from one `fedfms-secure keys init` folder"
         )
-    body = payload[HEADER_LEN:]
+    vector = _load_vector(payload[HEADER_LEN:], ctx, full_width_required=False)
+    return CkksChunk(vector=vector, fingerprint=fingerprint)
+
+
+def _load_vector(body: bytes, ctx: ts.Context, *, full_width_required: bool) -> ts.CKKSVector:
+    """Checks a serialized TenSEAL vector's structure and scale against ``ctx``, then loads it."""
     slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
     size, ciphertext, scale = _check_vector_proto(body, slots)
+    if full_width_required and size != slots:
+        raise CryptoError(f"packed CKKS payload declares {size} slots, it must use all {slots}")
     if scale != ctx.global_scale:
         raise ContextMismatchError(
             f"ciphertext has scale 2^{_log2(scale)}, this context uses 2^{_log2(ctx.global_scale)}: "
@@ -185,7 +177,7 @@ def parse(payload: bytes, ctx: ts.Context, *, expected_fingerprint: str | None) 
     except (ValueError, RuntimeError, TypeError) as exc:
         raise CryptoError(f"TenSEAL cannot load the ciphertext ({exc}): the payload is corrupt") from None
     _check_loaded(vector, ctx, size)
-    return CkksChunk(vector=vector, fingerprint=fingerprint)
+    return vector
 
 
 def full_width(chunk: CkksChunk, ctx: ts.Context) -> ts.CKKSVector:
