@@ -307,10 +307,8 @@ class Coordinator:
         self._vector_length, self._chunks = first.vector_length, first.total
         self._round_sum, self._receipts = round_sum, {**self._receipts, site: receipt}
         log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-        if set(self._receipts) >= set(self._commits) - set(self._retired):
-            self._close_round()
-        else:
-            self._write_status()
+        self._progress()
+        self._write_status()
         return receipt
 
     def _folded(self, round_sum: dict[int, Any], blobs: Sequence[str]) -> dict[int, Any]:
@@ -426,10 +424,8 @@ class Coordinator:
             if not self._active():
                 log.warning("every site has retired: the federation stops", extra={"round": self._round})
                 self._set_phase(PHASE_DONE)
-            elif self._phase == PHASE_COMMIT and self._commits and self._active() <= set(self._commits):
-                self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
-            elif self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
-                self._close_round()
+            else:
+                self._progress()
             self._write_status()
             self._check_finished()
             return len(self._active())
@@ -475,7 +471,8 @@ class Coordinator:
         self._write_status()
 
     def _progress(self) -> None:
-        """Moves on if the stored state already allows it (a crash between two writes)."""
+        """Moves on when every active site has committed, or every committed one has uploaded (also
+        after a restart, when a crash fell between two writes)."""
         if self._phase == PHASE_COMMIT and self._commits and self._active() <= set(self._commits):
             self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
         if self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
