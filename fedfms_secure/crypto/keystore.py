@@ -1,30 +1,55 @@
-"""Provisioning: create a federation's key material and export one bundle per party.
+"""Provisioning: create a federation's key material, change it, and export one bundle per party.
 
 ``init_federation(out, ...)`` (``fedfms-secure keys init``) writes the provisioning folder::
 
-    out/federation.json          federation, server_host, clients, algorithm, days, created,
-                                 ckks {params, fingerprint}; params.packing when ``params`` has
-                                 one (``packing.choose_params``): both daemons read it back from
-                                 their bundle (``Bundle.params``)
-    out/ca/ca.crt                federation CA certificate
+    out/federation.json          federation, server_host, clients (every site ever provisioned),
+                                 algorithm, ca_algorithm, days, ca_days, created, encrypted,
+                                 ckks {params, params_fingerprint, source, fingerprint (dealer)},
+                                 envelope_keys {site: raw X25519 public key, hex},
+                                 revocations [...], crl_number
+    out/ca/ca.crt                federation CA certificate (default lifetime 10 years)
     out/ca/ca.key         0600   CA private key (keep it offline)
+    out/ca/crl.pem               CA-signed revocation list (from the first revocation on)
     out/server/tls.crt, tls.key  server certificate (SANs = server_host, + localhost/127.0.0.1/::1
-                                 for a loopback host) and its key (0600)
+                                 for a loopback host; default lifetime 1 year) and its key (0600)
     out/clients/<name>/tls.crt, tls.key
-                                 one per site: CN = SAN = site name, EKU clientAuth; key 0600
-    out/he/site.ctx       0600   CKKS context with the SECRET key (every site gets a copy)
+                                 one per site: CN = SAN = site name, EKU clientAuth, and the
+                                 site's envelope public key in a private extension; key 0600
+    out/clients/<name>/envelope.key
+                          0600   the site's X25519 key for sealed envelopes (PKCS#8 PEM)
     out/he/server.ctx            CKKS parameters only, no key of any kind (the server's)
+    out/he/site.ctx       0600   only with ``he_dealer=True``: CKKS context with the SECRET key
 
-``export_bundle(role, name, out_folder, bundle)`` (``fedfms-secure keys export``) copies what one
-party needs into a bundle folder::
+**Where the CKKS secret key comes from.** With ``he_dealer=False`` (what ``keys init`` does) the
+provisioning host never holds the federation's CKKS secret key: one site generates it
+(``fedfms-secure keys he-init``) and seals a copy to every other site's envelope key; the
+server only relays the sealed envelopes. (The params-only ``server.ctx`` is serialized from a
+throwaway context whose keys are never written and never used.) ``he_dealer=True`` keeps the
+older flow in which the provisioning host creates ``he/site.ctx`` and every site bundle gets a
+copy; delete ``out/he/site.ctx`` once the bundles are delivered.
 
-    ca.crt  tls.crt  tls.key (0600)  ckks.ctx (server: params only; client: with secret key, 0600)
-    manifest.json   {role, name, federation, server_host, clients,
-                     ckks: {params, fingerprint, has_secret_key}, files: {filename: sha256}}
+**Algorithms** (measured with grpcio on loopback, see ``pki``): TLS leaf keys are ECDSA P-256;
+an Ed25519 leaf key on either end makes gRPC's BoringSSL abort the handshake
+(``NO_COMMON_SIGNATURE_ALGORITHMS``), so ``algorithm="ed25519"`` is refused. The CA may be
+Ed25519 (``ca_algorithm="ed25519"``): an Ed25519 CA signing P-256 leaves handshakes fine.
+
+**Passphrase.** With ``passphrase`` every private key written (CA, server, sites, envelope keys)
+is encrypted with it (PKCS#8 ``BestAvailableEncryption``); commands that sign (add-client, revoke,
+rotate-tls) need it to open ``ca.key``, and the daemons need it to open their bundle's keys.
+
+**Changes after init.** ``add_client`` issues a certificate and an envelope key for a new site;
+``revoke`` puts a site's certificate on the CA-signed CRL (``ca/crl.pem``) and removes the site
+from the federation; ``rotate_tls`` replaces certificates and revokes the old ones as
+``superseded``; ``install_crl`` copies the CRL into a server bundle (a running server reloads
+it). Then re-export the bundles that changed (``export_bundle(..., update=True)`` rewrites a
+bundle in place, keeping the files a site added to it).
+
+``export_bundle(role, name, src, out)`` (``fedfms-secure keys export``) copies what one party needs::
+
+    server: ca.crt  tls.crt  tls.key (0600)  ckks.ctx (params only)  crl.pem (when any)  manifest.json
+    client: ca.crt  tls.crt  tls.key (0600)  envelope.key (0600)  ckks.ctx (dealer only, 0600)  manifest.json
 
 ``load_bundle`` (in ``bundle.py``, re-exported here) checks a bundle before a daemon uses it.
-The provisioning host holds the CKKS secret key while it runs ``init``; delete ``out/he/site.ctx``
-there once the client bundles are delivered.
 """
 
 from __future__ import annotations
@@ -33,15 +58,28 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto._jsonfile import read_json_object
-from fedfms_secure.crypto.bundle import MANIFEST, Bundle, load_bundle
+from fedfms_secure.crypto.bundle import (
+    CRL,
+    ENVELOPE_KEY,
+    MANIFEST,
+    Bundle,
+    load_bundle,
+    load_envelope_key,
+    params_fingerprint,
+    read_manifest,
+)
 from fedfms_secure.crypto.ckks import (
     CkksParams,
     context_fingerprint,
@@ -52,10 +90,26 @@ from fedfms_secure.crypto.ckks import (
 )
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
-# Bundle and load_bundle are re-exported: callers import them from here.
-__all__ = ["Bundle", "export_bundle", "init_federation", "load_bundle", "validate_host", "validate_name"]
+# Bundle, load_bundle and load_envelope_key are re-exported: callers import them from here.
+__all__ = [
+    "Bundle",
+    "add_client",
+    "export_bundle",
+    "init_federation",
+    "install_crl",
+    "load_bundle",
+    "load_envelope_key",
+    "params_fingerprint",
+    "read_federation",
+    "revoke",
+    "rotate_tls",
+    "validate_host",
+    "validate_name",
+]
 
 FEDERATION_JSON = "federation.json"
+DEFAULT_DAYS = 365
+DEFAULT_CA_DAYS = 3650
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -90,6 +144,20 @@ def validate_host(host: str) -> str:
     return host
 
 
+def check_algorithms(algorithm: str, ca_algorithm: str) -> None:
+    """ConfigError unless gRPC can use leaf keys of ``algorithm`` under a CA of ``ca_algorithm``."""
+    if algorithm == "ed25519":
+        raise ConfigError(
+            "key algorithm 'ed25519' cannot be used for TLS keys: gRPC's TLS (BoringSSL) aborts the handshake "
+            "with an Ed25519 server or site key (NO_COMMON_SIGNATURE_ALGORITHMS). What works: ecdsa-p256 keys, "
+            "under an ecdsa-p256 or an Ed25519 CA (--algorithm ecdsa-p256 --ca-algorithm ed25519)"
+        )
+    if algorithm not in pki.LEAF_ALGORITHMS:
+        raise ConfigError(f"unknown key algorithm {algorithm!r}: use {', '.join(pki.LEAF_ALGORITHMS)}")
+    if ca_algorithm not in pki.CA_ALGORITHMS:
+        raise ConfigError(f"unknown CA key algorithm {ca_algorithm!r}: use one of {', '.join(pki.CA_ALGORITHMS)}")
+
+
 def init_federation(
     out: Path,
     *,
@@ -98,9 +166,18 @@ def init_federation(
     clients: Sequence[str],
     params: CkksParams = CkksParams(),
     algorithm: str = "ecdsa-p256",
-    days: int = 365,
+    ca_algorithm: str | None = None,
+    days: int = DEFAULT_DAYS,
+    ca_days: int = DEFAULT_CA_DAYS,
+    passphrase: bytes | None = None,
+    he_dealer: bool = True,
 ) -> Path:
-    """Create CA, server and site certificates and the CKKS context under ``out``; return ``out``."""
+    """Create CA, server and site certificates, envelope keys and the CKKS context(s) under ``out``.
+
+    ``days``: lifetime of the server and site certificates; ``ca_days``: the CA's (at least one
+    day longer than ``days``). ``ca_algorithm`` defaults to ``algorithm``. ``he_dealer=False``:
+    no CKKS secret key is created here (see the module docstring). Returns ``out``.
+    """
     out = Path(out)
     _refuse_non_empty(out, flag="--out")
     validate_name(federation, what="federation name")
@@ -111,15 +188,15 @@ def init_federation(
     duplicates = sorted({c for c in clients if clients.count(c) > 1})
     if duplicates:
         raise ConfigError(f"duplicate client names {duplicates}: every site needs its own name")
-    if algorithm not in pki.GRPC_ALGORITHMS:
-        raise ConfigError(
-            f"key algorithm {algorithm!r} cannot be used: gRPC's TLS (BoringSSL) refuses Ed25519 certificates "
-            f"(NO_COMMON_SIGNATURE_ALGORITHMS); use {pki.GRPC_ALGORITHMS[0]}"
-        )
+    ca_algorithm = ca_algorithm or algorithm
+    check_algorithms(algorithm, ca_algorithm)
+    if days < 1 or ca_days < 1:
+        raise ConfigError(f"certificate lifetimes must be at least 1 day (days={days}, ca_days={ca_days})")
 
     existed = out.exists()
     try:
-        _provision(out, federation, server_host, clients, params, algorithm, days)
+        _provision(out, federation, server_host, clients, params, algorithm, ca_algorithm, days,
+                   max(ca_days, days + 1), passphrase, he_dealer)
     except BaseException:
         # leave no half-written key store behind
         if existed:
@@ -135,116 +212,385 @@ def init_federation(
 
 
 def _provision(
-    out: Path, federation: str, server_host: str, clients: list[str], params: CkksParams, algorithm: str, days: int
+    out: Path, federation: str, server_host: str, clients: list[str], params: CkksParams, algorithm: str,
+    ca_algorithm: str, days: int, ca_days: int, passphrase: bytes | None, he_dealer: bool,
 ) -> None:
     ctx = new_secret_context(params)
-    fingerprint = context_fingerprint(ctx)
     for sub in ("ca", "server", "clients", "he"):
         (out / sub).mkdir(parents=True, mode=0o700)
 
-    ca_key = pki.new_private_key(algorithm)
-    ca = pki.make_ca(f"fedfms-secure {federation} CA", ca_key, days=max(days, 1) + 1)
-    (out / "ca" / "ca.crt").write_bytes(pki.pem_cert(ca))
-    pki.write_private(out / "ca" / "ca.key", pki.pem_private_key(ca_key))
+    ca_key = pki.new_private_key(ca_algorithm)
+    ca = pki.make_ca(f"fedfms-secure {federation} CA", ca_key, days=ca_days)
+    _write_public(out / "ca" / "ca.crt", pki.pem_cert(ca))
+    pki.write_private(out / "ca" / "ca.key", pki.pem_private_key(ca_key, passphrase))
 
     server_key = pki.new_private_key(algorithm)
     server = pki.issue_certificate(ca, ca_key, server_host, server_key, role="server", hosts=[server_host], days=days)
-    _write_pair(out / "server", server, server_key)
+    _write_pair(out / "server", server, server_key, passphrase)
+    envelope_keys = {}
     for name in clients:
-        key = pki.new_private_key(algorithm)
-        cert = pki.issue_certificate(ca, ca_key, name, key, role="client", days=days)
-        (out / "clients" / name).mkdir(mode=0o700)
-        _write_pair(out / "clients" / name, cert, key)
+        envelope_keys[name] = _new_site(out, ca, ca_key, name, algorithm, days, passphrase)
 
-    pki.write_private(out / "he" / "site.ctx", serialize_site_context(ctx))
-    (out / "he" / "server.ctx").write_bytes(serialize_params_only(ctx))
+    ckks: dict[str, Any] = {"params": params.to_dict(), "params_fingerprint": params_fingerprint(params)}
+    if he_dealer:
+        pki.write_private(out / "he" / "site.ctx", serialize_site_context(ctx))
+        ckks.update(source="dealer", fingerprint=context_fingerprint(ctx))
+    else:
+        ckks.update(source="site")
+    _write_public(out / "he" / "server.ctx", serialize_params_only(ctx))
     meta = {
         "federation": federation,
         "server_host": server_host,
         "clients": clients,
         "algorithm": algorithm,
+        "ca_algorithm": ca_algorithm,
         "days": days,
+        "ca_days": ca_days,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "ckks": {"params": params.to_dict(), "fingerprint": fingerprint},
+        "encrypted": bool(passphrase),
+        "ckks": ckks,
+        "envelope_keys": envelope_keys,
+        "revocations": [],
+        "crl_number": 0,
     }
-    (out / FEDERATION_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    _write_federation(out, meta)
 
 
-def export_bundle(role: str, name: str | None, src: Path, out: Path) -> Path:
-    """Write the bundle of the server (``role="server"``) or of site ``name`` into ``out``."""
+def _new_site(
+    out: Path, ca: x509.Certificate, ca_key: pki.PrivateKey, name: str, algorithm: str, days: int,
+    passphrase: bytes | None,
+) -> str:
+    """Writes ``clients/<name>/`` (TLS pair and envelope key); returns the envelope public key (hex)."""
+    folder = out / "clients" / name
+    folder.mkdir(mode=0o700)
+    envelope = pki.new_envelope_key()
+    public = pki.raw_public(envelope)
+    key = pki.new_private_key(algorithm)
+    cert = pki.issue_certificate(ca, ca_key, name, key, role="client", days=days, envelope_key=public)
+    _write_pair(folder, cert, key, passphrase)
+    pki.write_private(folder / ENVELOPE_KEY, pki.pem_private_key(envelope, passphrase))
+    return public.hex()
+
+
+# --- changes after init --------------------------------------------------------------------------
+def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: int | None = None) -> Path:
+    """Issue a certificate and an envelope key for a new site ``name``; returns its folder.
+
+    Refuses a name already provisioned (revoked ones included: a revoked name stays out) and a
+    site the CKKS packing plan cannot hold. Afterwards re-export the server bundle and restart
+    the server; the new site gets the CKKS key at the next ``keys rotate-he`` (or, with a dealer,
+    in its bundle).
+    """
+    src = Path(src)
+    meta = read_federation(src)
+    validate_name(name, what="client name")
+    if name in meta["clients"]:
+        revoked = _revoked_sites(meta)
+        state = f"was revoked ({revoked[name]['reason']}) and a revoked name stays out" if name in revoked else (
+            "is already a site of this federation")
+        raise ConfigError(f"site {name!r} {state} ({src / FEDERATION_JSON}): choose another name")
+    params = CkksParams.from_dict(meta["ckks"]["params"])
+    active = _active(meta)
+    if params.packing is not None and len(active) + 1 > params.packing.sites:
+        pk = params.packing
+        raise ConfigError(
+            f"cannot add {name!r}: the CKKS packing of this federation ({src / FEDERATION_JSON}, ckks.params.packing) "
+            f"sums at most {pk.sites} sites x {pk.rounds} rounds and already has {len(active)} active site(s). "
+            f"Provision a new federation sized for {len(active) + 1} sites (`fedfms-secure keys init --clients ...`, "
+            "which picks the packing from the site count), or revoke a site that left"
+        )
+    ca, ca_key = _load_ca(src, passphrase)
+    public = _new_site(src, ca, ca_key, name, meta["algorithm"], days or int(meta.get("days", DEFAULT_DAYS)), passphrase)
+    meta["clients"] = [*meta["clients"], name]
+    meta["envelope_keys"] = {**meta["envelope_keys"], name: public}
+    meta["encrypted"] = bool(meta.get("encrypted") or passphrase)
+    _write_federation(src, meta)
+    return src / "clients" / name
+
+
+def revoke(
+    src: Path, name: str, *, reason: str = "key-compromise", passphrase: bytes | None = None
+) -> pki.Revocation:
+    """Revoke site ``name``'s certificate (CRL at ``ca/crl.pem``) and remove it from the federation.
+
+    From the next call on, a server whose bundle holds the new ``crl.pem`` refuses the site with
+    ``reason`` and counts it as retired. Returns the revocation.
+    """
+    src = Path(src)
+    meta = read_federation(src)
+    if reason not in pki.REVOCATION_REASONS:
+        raise ConfigError(f"unknown revocation reason {reason!r}: use one of {', '.join(pki.REVOCATION_REASONS)}")
+    if name not in meta["clients"]:
+        raise ConfigError(f"{name!r} is not a site of this federation ({src / FEDERATION_JSON}); known sites: "
+                          f"{', '.join(meta['clients'])}")
+    revoked = _revoked_sites(meta)
+    if name in revoked:
+        raise ConfigError(f"site {name!r} was already revoked on {revoked[name]['date']} ({revoked[name]['reason']})")
+    cert = pki.load_cert(src / "clients" / name / "tls.crt")
+    ca, ca_key = _load_ca(src, passphrase)
+    entry = pki.Revocation(cert.serial_number, dt.datetime.now(dt.timezone.utc), reason, name, True)
+    _publish_revocations(src, meta, ca, ca_key, [entry])
+    return entry
+
+
+def rotate_tls(
+    src: Path,
+    names: Sequence[str] | None = None,
+    *,
+    server: bool = False,
+    passphrase: bytes | None = None,
+    days: int | None = None,
+) -> list[str]:
+    """New TLS key and certificate (new serial) for the sites ``names`` (None: every active site)
+    and, with ``server``, the server; the old certificates are revoked as ``superseded``.
+
+    Envelope keys stay as they are (a rotated site certificate carries the same one). Returns
+    the parties rotated ("server" for the server). Re-export their bundles afterwards.
+    """
+    src = Path(src)
+    meta = read_federation(src)
+    active = _active(meta)
+    revoked = _revoked_sites(meta)
+    targets = list(active) if names is None else list(dict.fromkeys(names))
+    for name in targets:
+        if name in revoked:
+            raise ConfigError(f"site {name!r} was revoked on {revoked[name]['date']} ({revoked[name]['reason']}): a "
+                              "revoked site gets no new certificate; add it under a new name with `keys add-client`")
+        if name not in active:
+            raise ConfigError(f"{name!r} is not a site of this federation ({src / FEDERATION_JSON}); known sites: "
+                              f"{', '.join(active)}")
+    if not targets and not server:
+        raise ConfigError("nothing to rotate: name a site, or give --all")
+    ca, ca_key = _load_ca(src, passphrase)
+    meta["encrypted"] = bool(meta.get("encrypted") or passphrase)
+    lifetime = days or int(meta.get("days", DEFAULT_DAYS))
+    now = dt.datetime.now(dt.timezone.utc)
+    entries, done = [], []
+    for name in targets:
+        folder = src / "clients" / name
+        old = pki.load_cert(folder / "tls.crt")
+        key = pki.new_private_key(meta["algorithm"])
+        envelope = bytes.fromhex(meta["envelope_keys"][name])
+        cert = pki.issue_certificate(ca, ca_key, name, key, role="client", days=lifetime, envelope_key=envelope)
+        _write_pair(folder, cert, key, passphrase)
+        entries.append(pki.Revocation(old.serial_number, now, "superseded", name, False))
+        done.append(name)
+    if server:
+        folder = src / "server"
+        old = pki.load_cert(folder / "tls.crt")
+        key = pki.new_private_key(meta["algorithm"])
+        cert = pki.issue_certificate(ca, ca_key, meta["server_host"], key, role="server", hosts=[meta["server_host"]],
+                                     days=lifetime)
+        _write_pair(folder, cert, key, passphrase)
+        entries.append(pki.Revocation(old.serial_number, now, "superseded", "server", False))
+        done.append("server")
+    _publish_revocations(src, meta, ca, ca_key, entries)
+    return done
+
+
+def install_crl(src: Path, server_bundle: Path) -> Path:
+    """Copy ``ca/crl.pem`` into a server bundle (atomically: a running server reloads it)."""
+    src, server_bundle = Path(src), Path(server_bundle)
+    crl_file = src / "ca" / CRL
+    if not crl_file.is_file():
+        raise KeyMaterialError(f"{crl_file} does not exist: nothing has been revoked yet")
+    manifest, _ = read_manifest(server_bundle, "`fedfms-secure keys export server`")
+    meta = read_federation(src)
+    if manifest["role"] != "server" or manifest["federation"] != meta["federation"]:
+        raise KeyMaterialError(
+            f"{server_bundle} is a {manifest['role']} bundle of federation {manifest['federation']!r}, not the server "
+            f"bundle of {meta['federation']!r}: give --server-bundle the server's bundle folder"
+        )
+    data = crl_file.read_bytes()
+    ca = pki.cert_from_pem((server_bundle / "ca.crt").read_bytes(), source=str(server_bundle / "ca.crt"))
+    pki.crl_from_pem(data, ca, source=str(crl_file))
+    _write_public(server_bundle / CRL, data)
+    return server_bundle / CRL
+
+
+def _publish_revocations(
+    src: Path, meta: dict[str, Any], ca: x509.Certificate, ca_key: pki.PrivateKey, new: list[pki.Revocation]
+) -> None:
+    records = [pki.Revocation.from_dict(r, source=str(src / FEDERATION_JSON)) for r in meta["revocations"]]
+    records += new
+    number = int(meta.get("crl_number", 0)) + 1
+    crl = pki.make_crl(ca, ca_key, records, number=number)
+    _write_public(src / "ca" / CRL, pki.pem_crl(crl))
+    meta["revocations"] = [r.to_dict() for r in records]
+    meta["crl_number"] = number
+    _write_federation(src, meta)
+
+
+# --- export --------------------------------------------------------------------------------------
+def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: bool = False) -> Path:
+    """Write the bundle of the server (``role="server"``) or of site ``name`` into ``out``.
+
+    ``update``: ``out`` may hold an earlier bundle of the same party and federation; its files are
+    replaced (and the files a site added, such as ``he/``, kept).
+    """
     src, out = Path(src), Path(out)
-    meta = _read_federation(src)
+    meta = read_federation(src)
+    source = meta["ckks"].get("source", "dealer")
     if role == "server":
-        party, tls_dir, ctx_file = "server", src / "server", src / "he" / "server.ctx"
+        party, tls_dir = "server", src / "server"
+        ctx_file: Path | None = src / "he" / "server.ctx"
     elif role == "client":
-        if name not in meta["clients"]:
+        active = _active(meta)
+        if name not in active:
+            revoked = _revoked_sites(meta)
+            if name in revoked:
+                raise KeyMaterialError(f"site {name!r} was revoked on {revoked[name]['date']} "
+                                       f"({revoked[name]['reason']}): it gets no bundle")
             raise KeyMaterialError(
-                f"unknown client {name!r} in {src / FEDERATION_JSON}; known clients: {', '.join(meta['clients'])}"
+                f"unknown client {name!r} in {src / FEDERATION_JSON}; known clients: {', '.join(active)}"
             )
-        party, tls_dir, ctx_file = name, src / "clients" / name, src / "he" / "site.ctx"
+        party, tls_dir = name, src / "clients" / name
+        ctx_file = src / "he" / "site.ctx" if source == "dealer" else None
     else:
         raise ConfigError(f"unknown bundle role {role!r}: use 'server' or 'client'")
-    sources = {"ca.crt": src / "ca" / "ca.crt", "tls.crt": tls_dir / "tls.crt",
-               "tls.key": tls_dir / "tls.key", "ckks.ctx": ctx_file}
+    sources = {"ca.crt": src / "ca" / "ca.crt", "tls.crt": tls_dir / "tls.crt", "tls.key": tls_dir / "tls.key"}
+    if role == "client":
+        sources[ENVELOPE_KEY] = tls_dir / ENVELOPE_KEY
+    if ctx_file is not None:
+        sources["ckks.ctx"] = ctx_file
     for path in sources.values():
         if not path.is_file():
             raise KeyMaterialError(
-                f"{path} is missing from the provisioning folder; run `fedfms-secure keys init` again"
+                f"{path} is missing from the provisioning folder {src}; restore it from a backup, or provision "
+                "again with `fedfms-secure keys init`"
             )
-    ctx = load_context(ctx_file.read_bytes(), source=str(ctx_file))
-    if role == "server" and ctx.has_secret_key():
-        raise KeyMaterialError(
-            f"{ctx_file} holds the CKKS secret key; the server's context must not: re-run `keys init`"
-        )
-    if role == "client" and not ctx.has_secret_key():
-        raise KeyMaterialError(f"{ctx_file} lacks the CKKS secret key that sites need; re-run `keys init`")
+    if ctx_file is not None:
+        ctx = load_context(ctx_file.read_bytes(), source=str(ctx_file))
+        if role == "server" and ctx.has_secret_key():
+            raise KeyMaterialError(
+                f"{ctx_file} holds the CKKS secret key; the server's context must not: re-run `keys init`"
+            )
+        if role == "client" and not ctx.has_secret_key():
+            raise KeyMaterialError(f"{ctx_file} lacks the CKKS secret key that sites need; re-run `keys init`")
 
-    _refuse_non_empty(out, flag="--out")
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = {"tls.key"} | ({"ckks.ctx"} if role == "client" else set())
+    _prepare_out(out, role, party, meta["federation"], update)
+    secret = {"tls.key", ENVELOPE_KEY} | ({"ckks.ctx"} if role == "client" else set())
     digests = {}
     for filename, path in sources.items():
         data = path.read_bytes()
         if filename in secret:
             pki.write_private(out / filename, data)
         else:
-            (out / filename).write_bytes(data)
+            _write_public(out / filename, data)
         digests[filename] = hashlib.sha256(data).hexdigest()
+    if role == "client" and ctx_file is None and (out / "ckks.ctx").exists():
+        (out / "ckks.ctx").unlink()  # an updated bundle whose key now comes from a site
+    crl_file = src / "ca" / CRL
+    if role == "server" and crl_file.is_file():
+        _write_public(out / CRL, crl_file.read_bytes())
+    active = _active(meta)
+    ckks = {**meta["ckks"], "source": source, "has_secret_key": role == "client" and source == "dealer"}
+    ckks.setdefault("params_fingerprint", params_fingerprint(CkksParams.from_dict(meta["ckks"]["params"])))
     manifest = {
         "role": role,
         "name": party,
         "federation": meta["federation"],
         "server_host": meta["server_host"],
-        "clients": meta["clients"],
-        "ckks": {**meta["ckks"], "has_secret_key": role == "client"},
+        "clients": active,
+        "ckks": ckks,
+        "envelope_keys": {site: meta["envelope_keys"][site] for site in active if site in meta["envelope_keys"]},
         "files": digests,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _write_public(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
 
 
-def _write_pair(folder: Path, cert: Any, key: pki.PrivateKey) -> None:
-    (folder / "tls.crt").write_bytes(pki.pem_cert(cert))
-    pki.write_private(folder / "tls.key", pki.pem_private_key(key))
+def _prepare_out(out: Path, role: str, party: str, federation: str, update: bool) -> None:
+    if update and out.is_dir() and any(out.iterdir()):
+        try:
+            old = json.loads((out / MANIFEST).read_text())
+            same = (old.get("role"), old.get("name"), old.get("federation")) == (role, party, federation)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise KeyMaterialError(
+                f"{out} does not hold a {role} bundle of {party!r} in federation {federation!r} (see its "
+                f"{MANIFEST}): --update only rewrites that party's own bundle; give another --out"
+            )
+        return
+    _refuse_non_empty(out, flag="--out")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
-def _refuse_non_empty(out: Path, *, flag: str) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise KeyMaterialError(f"{out} already exists and is not empty: use another {flag} or delete it")
-
-
-def _read_federation(src: Path) -> dict[str, Any]:
+# --- the provisioning folder ---------------------------------------------------------------------
+def read_federation(src: Path) -> dict[str, Any]:
+    """``federation.json`` of a provisioning folder, checked; KeyMaterialError naming it otherwise."""
+    src = Path(src)
     path = src / FEDERATION_JSON
-    redo = "run `fedfms-secure keys init` again"
+    redo = "restore it from a backup, or provision again with `fedfms-secure keys init`"
     meta = read_json_object(
         path,
-        ("federation", "server_host", "clients", "ckks"),
+        ("federation", "server_host", "clients", "ckks", "algorithm"),
         missing=f"{path} does not exist: {src} is not a provisioning folder; create one with `fedfms-secure keys init`",
         remedy=redo,
     )
     clients, ckks = meta["clients"], meta["ckks"]
     if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
         raise KeyMaterialError(f"{path}: clients {clients!r} is not a list of site names; {redo}")
-    if not isinstance(ckks, dict) or "params" not in ckks or "fingerprint" not in ckks:
-        raise KeyMaterialError(f"{path}: ckks is not an object with params and fingerprint; {redo}")
+    if not isinstance(ckks, dict) or "params" not in ckks:
+        raise KeyMaterialError(f"{path}: ckks is not an object with params; {redo}")
+    if ckks.get("source", "dealer") == "dealer" and "fingerprint" not in ckks:
+        raise KeyMaterialError(f"{path}: ckks has no fingerprint of the dealt context; {redo}")
+    meta.setdefault("envelope_keys", {})
+    meta.setdefault("revocations", [])
+    if not isinstance(meta["envelope_keys"], dict) or not isinstance(meta["revocations"], list):
+        raise KeyMaterialError(f"{path}: envelope_keys must be an object and revocations a list; {redo}")
     return meta
+
+
+def revoked_sites(src: Path) -> dict[str, dict[str, Any]]:
+    """The sites removed by ``revoke``, with their revocation record."""
+    return _revoked_sites(read_federation(src))
+
+
+def _revoked_sites(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["site"]: r for r in meta["revocations"] if isinstance(r, dict) and r.get("removes_site")}
+
+
+def _active(meta: dict[str, Any]) -> list[str]:
+    revoked = _revoked_sites(meta)
+    return [c for c in meta["clients"] if c not in revoked]
+
+
+def _load_ca(src: Path, passphrase: bytes | None) -> tuple[x509.Certificate, pki.PrivateKey]:
+    ca = pki.load_cert(src / "ca" / "ca.crt")
+    key = pki.load_private_key(src / "ca" / "ca.key", passphrase)
+    if not pki.key_matches_cert(key, ca):
+        raise KeyMaterialError(f"{src / 'ca' / 'ca.key'} is not the key of {src / 'ca' / 'ca.crt'}; restore both "
+                               "from the same backup")
+    return ca, key
+
+
+def _write_pair(folder: Path, cert: Any, key: pki.PrivateKey, passphrase: bytes | None = None) -> None:
+    pki.write_private(folder / "tls.key", pki.pem_private_key(key, passphrase))
+    _write_public(folder / "tls.crt", pki.pem_cert(cert))
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Write a file others may read (mode 0644), atomically: readers see the old or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_federation(src: Path, meta: dict[str, Any]) -> None:
+    _write_public(src / FEDERATION_JSON, (json.dumps(meta, indent=2) + "\n").encode())
+
+
+def _refuse_non_empty(out: Path, *, flag: str) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KeyMaterialError(f"{out} already exists and is not empty: use another {flag} or delete it")

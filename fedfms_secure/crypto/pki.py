@@ -6,10 +6,21 @@ and ``keyCertSign``; leaves carry ``CA:FALSE``, ``digitalSignature``, an extende
 never its CN). A site's certificate has CN = SAN = site name, which the server reads from
 ``context.auth_context()["x509_common_name"]``.
 
-ECDSA P-256 is the default and the only algorithm usable for gRPC: Ed25519 certificates are
-made fine, but grpcio's BoringSSL aborts the mutual-TLS handshake with
-``NO_COMMON_SIGNATURE_ALGORITHMS`` (pinned in ``tests/crypto/test_crypto_pki_grpc.py``), so the
-key store refuses it (``GRPC_ALGORITHMS``).
+Algorithms, as measured with grpcio 1.85 on loopback (pinned in
+``tests/crypto/test_crypto_pki_grpc.py`` and ``tests/crypto/test_keys_algorithms.py``):
+
+* leaf keys (server and sites, ``LEAF_ALGORITHMS``): ECDSA P-256 only. With an Ed25519 leaf key,
+  on either end, grpcio's BoringSSL aborts the mutual-TLS handshake with
+  ``NO_COMMON_SIGNATURE_ALGORITHMS``;
+* the CA (``CA_ALGORITHMS``): ECDSA P-256 or Ed25519. An Ed25519 CA signing P-256 leaf
+  certificates handshakes fine (BoringSSL verifies Ed25519 signatures in the chain).
+
+Private keys are PKCS#8 PEM, encrypted with a passphrase when one is given
+(``BestAvailableEncryption``), and written with mode 0600 (``write_private``).
+
+Each site's certificate also carries the raw X25519 public key of its sealed-envelope key in a
+non-critical private extension (``ENVELOPE_KEY_OID``, an OCTET STRING of 32 bytes), so that the
+CA vouches for it: ``envelope_key_of(cert)`` reads it back.
 """
 
 from __future__ import annotations
@@ -20,13 +31,14 @@ import ipaddress
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -34,7 +46,20 @@ from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
 ALGORITHMS = ("ecdsa-p256", "ed25519")
-GRPC_ALGORITHMS = ("ecdsa-p256",)
+# what gRPC's TLS accepts (see the module docstring)
+LEAF_ALGORITHMS = ("ecdsa-p256",)
+CA_ALGORITHMS = ("ecdsa-p256", "ed25519")
+GRPC_ALGORITHMS = LEAF_ALGORITHMS
+# private extension (a UUID-derived OID, RFC 4122 / X.667 arc 2.25) holding a site's X25519 envelope key
+ENVELOPE_KEY_OID = x509.ObjectIdentifier("2.25.114529357609516103633507238423439277161")
+# private CRL entry extension (UTF8String): the site this revocation removes from the federation
+REMOVED_SITE_OID = x509.ObjectIdentifier("2.25.24361020598740758596362988551352933868")
+REVOCATION_REASONS = {
+    "key-compromise": x509.ReasonFlags.key_compromise,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessation-of-operation": x509.ReasonFlags.cessation_of_operation,
+}
+_REASON_NAMES = {flag: name for name, flag in REVOCATION_REASONS.items()}
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -75,12 +100,14 @@ def issue_certificate(
     role: str,
     hosts: Sequence[str] = (),
     days: int = 365,
+    envelope_key: bytes | None = None,
 ) -> x509.Certificate:
     """A leaf certificate signed by the CA.
 
     ``role="server"``: SANs are ``hosts`` (or ``common_name`` when empty), DNS names or IPs; a
     loopback host adds ``localhost``, ``127.0.0.1`` and ``::1``; EKU serverAuth.
-    ``role="client"``: CN and SAN DNS are the site name; EKU clientAuth.
+    ``role="client"``: CN and SAN DNS are the site name; EKU clientAuth; ``envelope_key`` (the
+    site's raw 32-byte X25519 public key) goes into the ``ENVELOPE_KEY_OID`` extension.
     """
     if role == "server":
         names = list(hosts) or [common_name]
@@ -113,7 +140,42 @@ def issue_certificate(
             critical=False,
         )
     )
+    if envelope_key is not None:
+        if len(envelope_key) != 32:
+            raise KeyMaterialError(f"an X25519 public key has 32 bytes, not {len(envelope_key)}")
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ENVELOPE_KEY_OID, b"\x04\x20" + envelope_key), critical=False
+        )
     return builder.sign(ca_key, _digest_for(ca_key))
+
+
+def envelope_key_of(cert: x509.Certificate) -> bytes | None:
+    """The raw X25519 envelope public key the CA certified for a site (None when absent)."""
+    try:
+        value = cert.extensions.get_extension_for_oid(ENVELOPE_KEY_OID).value
+    except x509.ExtensionNotFound:
+        return None
+    raw = getattr(value, "value", b"")
+    if len(raw) != 34 or raw[:2] != b"\x04\x20":
+        raise KeyMaterialError(
+            f"certificate of {common_name(cert)!r} has a malformed envelope-key extension; issue it again"
+        )
+    return raw[2:]
+
+
+def cert_fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER encoding, as lowercase hex."""
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def cert_algorithm(cert: x509.Certificate) -> str:
+    """``"ecdsa-p256"``, ``"ed25519"`` or the key type's name for anything else."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        return "ecdsa-p256"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "ed25519"
+    return type(key).__name__
 
 
 def pem_cert(cert: x509.Certificate) -> bytes:
@@ -121,11 +183,53 @@ def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def pem_private_key(key: PrivateKey) -> bytes:
-    """Unencrypted PKCS#8 PEM (protect it with file mode 0600: see ``write_private``)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+def pem_private_key(key: PrivateKey | x25519.X25519PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM, encrypted with ``passphrase`` when given (``BestAvailableEncryption``).
+
+    Protect it with file mode 0600 either way: see ``write_private``.
+    """
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+
+
+def is_encrypted_pem(data: bytes) -> bool:
+    """Whether PEM bytes hold a passphrase-encrypted PKCS#8 private key."""
+    return b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data
+
+
+def read_passphrase(path: Path | str | None) -> bytes | None:
+    """The passphrase in ``path`` (its first line, without the line end); None when ``path`` is None.
+
+    KeyMaterialError naming the file when it is missing, unreadable or empty.
+    """
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise KeyMaterialError(
+            f"passphrase file {path} does not exist: give --passphrase-file the file that holds the passphrase "
+            "the keys were encrypted with"
+        ) from None
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read passphrase file {path} ({exc.strerror}); check its path and mode") from None
+    line = text.splitlines()[0] if text.splitlines() else b""
+    if not line:
+        raise KeyMaterialError(f"passphrase file {path} is empty: write the passphrase on its first line")
+    return line
+
+
+def new_envelope_key() -> x25519.X25519PrivateKey:
+    """A fresh X25519 key pair for sealed envelopes."""
+    return x25519.X25519PrivateKey.generate()
+
+
+def raw_public(key: x25519.X25519PrivateKey | x25519.X25519PublicKey) -> bytes:
+    """The raw 32-byte public key of an X25519 key."""
+    public = key.public_key() if isinstance(key, x25519.X25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def load_cert(path: Path | str) -> x509.Certificate:
@@ -133,9 +237,9 @@ def load_cert(path: Path | str) -> x509.Certificate:
     return cert_from_pem(_read(path, "certificate"), source=str(path))
 
 
-def load_private_key(path: Path | str) -> PrivateKey:
-    """Read a PEM private key; KeyMaterialError naming ``path`` if missing or invalid."""
-    return private_key_from_pem(_read(path, "private key"), source=str(path))
+def load_private_key(path: Path | str, passphrase: bytes | None = None) -> PrivateKey:
+    """Read a PEM private key; KeyMaterialError naming ``path`` if missing, invalid or locked."""
+    return private_key_from_pem(_read(path, "private key"), source=str(path), passphrase=passphrase)
 
 
 def cert_from_pem(data: bytes, *, source: str) -> x509.Certificate:
@@ -146,19 +250,44 @@ def cert_from_pem(data: bytes, *, source: str) -> x509.Certificate:
         raise KeyMaterialError(f"{source} is not a PEM certificate ({exc}); export the bundle again") from None
 
 
-def private_key_from_pem(data: bytes, *, source: str) -> PrivateKey:
-    """Parse an unencrypted PEM private key (ECDSA or Ed25519); KeyMaterialError naming ``source``."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyMaterialError(
-            f"{source} is not an unencrypted PEM private key ({exc}); export the bundle again"
-        ) from None
+def private_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None) -> PrivateKey:
+    """Parse a PEM private key (ECDSA or Ed25519), decrypting it with ``passphrase`` when it is
+    encrypted; KeyMaterialError naming ``source`` (and saying what to do) otherwise."""
+    key = _load_key(data, source, passphrase)
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
         raise KeyMaterialError(
             f"{source} holds a {type(key).__name__}; fedfms-secure uses ECDSA P-256 or Ed25519 keys"
         )
     return key
+
+
+def envelope_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None) -> x25519.X25519PrivateKey:
+    """Parse a PEM X25519 private key (a site's ``envelope.key``); KeyMaterialError naming ``source``."""
+    key = _load_key(data, source, passphrase)
+    if not isinstance(key, x25519.X25519PrivateKey):
+        raise KeyMaterialError(f"{source} holds a {type(key).__name__}, not the X25519 key of sealed envelopes; "
+                               "export the bundle again")
+    return key
+
+
+def _load_key(data: bytes, source: str, passphrase: bytes | None) -> object:
+    encrypted = is_encrypted_pem(data)
+    if encrypted and not passphrase:
+        raise KeyMaterialError(
+            f"{source} is encrypted with a passphrase: give the file that holds it with --passphrase-file "
+            "(config key passphrase_file)"
+        )
+    try:
+        return serialization.load_pem_private_key(data, password=passphrase if encrypted else None)
+    except ValueError as exc:
+        if encrypted:
+            raise KeyMaterialError(
+                f"wrong passphrase for {source}: the passphrase file does not hold the passphrase this key was "
+                "encrypted with; give the right one with --passphrase-file"
+            ) from None
+        raise KeyMaterialError(f"{source} is not a PEM private key ({exc}); export the bundle again") from None
+    except (TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyMaterialError(f"{source} is not a usable PEM private key ({exc}); export the bundle again") from None
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -196,7 +325,7 @@ def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, *, sourc
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise KeyMaterialError(
             f"{source} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}; "
-            "issue new certificates with `fedfms-secure keys init`"
+            "issue a new certificate with `fedfms-secure keys rotate-tls` and export the bundle again"
         )
 
 
@@ -210,6 +339,120 @@ def common_name(cert: x509.Certificate) -> str:
     """The certificate's subject CN ('' when absent)."""
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked certificate: its serial, when, why, whose, and whether its site leaves.
+
+    ``removes_site``: True for ``keys revoke`` (the site is out of the federation: the server
+    counts it as retired), False for a certificate replaced by ``keys rotate-tls`` (the site goes
+    on with its new certificate).
+    """
+
+    serial: int
+    date: dt.datetime
+    reason: str
+    site: str
+    removes_site: bool
+
+    def to_dict(self) -> dict[str, object]:
+        return {"serial": format(self.serial, "x"), "date": self.date.isoformat(timespec="seconds"),
+                "reason": self.reason, "site": self.site, "removes_site": self.removes_site}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object], *, source: str) -> "Revocation":
+        try:
+            reason = str(d["reason"])
+            if reason not in REVOCATION_REASONS:
+                raise ValueError(f"unknown reason {reason!r}")
+            return cls(int(str(d["serial"]), 16), dt.datetime.fromisoformat(str(d["date"])), reason, str(d["site"]),
+                       bool(d["removes_site"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KeyMaterialError(f"{source}: a revocation record {d!r} is malformed ({exc}); restore the file "
+                                   "from a backup") from None
+
+
+def make_crl(
+    ca_cert: x509.Certificate, ca_key: PrivateKey, revocations: Sequence[Revocation], *, number: int, days: int = 365
+) -> x509.CertificateRevocationList:
+    """An X.509 CRL signed by the CA listing every revocation; ``number`` is its CRL number (it
+    only ever grows: a server refuses to go back to an older list)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _CLOCK_SKEW)
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+    )
+    for r in revocations:
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(r.serial)
+            .revocation_date(r.date)
+            .add_extension(x509.CRLReason(REVOCATION_REASONS[r.reason]), critical=False)
+        )
+        if r.removes_site:
+            name = r.site.encode()
+            entry = entry.add_extension(
+                x509.UnrecognizedExtension(REMOVED_SITE_OID, b"\x0c" + bytes([len(name)]) + name), critical=False
+            )
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca_key, _digest_for(ca_key))
+
+
+def pem_crl(crl: x509.CertificateRevocationList) -> bytes:
+    """PEM encoding of a CRL."""
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def crl_from_pem(data: bytes, ca_cert: x509.Certificate, *, source: str) -> x509.CertificateRevocationList:
+    """Parse a PEM CRL and check that the federation's CA signed it; KeyMaterialError naming ``source``."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise KeyMaterialError(
+            f"{source} is not a PEM certificate revocation list ({exc}); copy ca/crl.pem from the provisioning "
+            "folder again (`fedfms-secure keys revoke` writes it)"
+        ) from None
+    try:
+        valid = crl.issuer == ca_cert.subject and crl.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise KeyMaterialError(
+            f"{source} is not signed by this federation's CA (ca.crt): it was altered or belongs to another "
+            "federation; copy ca/crl.pem from the provisioning folder again"
+        )
+    return crl
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL number (0 when the list has none)."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return 0
+
+
+def revocations_of(crl: x509.CertificateRevocationList) -> dict[int, Revocation]:
+    """The CRL's entries by serial (``site`` is known only for entries that remove a site)."""
+    out = {}
+    for entry in crl:
+        reason, site = "unspecified", ""
+        for ext in entry.extensions:
+            if isinstance(ext.value, x509.CRLReason):
+                reason = _REASON_NAMES.get(ext.value.reason, ext.value.reason.name)
+            elif ext.oid == REMOVED_SITE_OID:
+                raw = getattr(ext.value, "value", b"")
+                site = raw[2:].decode("utf-8", "replace") if raw[:1] == b"\x0c" else ""
+        out[entry.serial_number] = Revocation(entry.serial_number, entry.revocation_date_utc, reason, site, bool(site))
+    return out
 
 
 def _base(

@@ -55,9 +55,11 @@ def test_init_layout_and_modes(store: Path) -> None:
     files = sorted(str(p.relative_to(store)) for p in store.rglob("*") if p.is_file())
     assert files == sorted(
         ["federation.json", "ca/ca.crt", "ca/ca.key", "server/tls.crt", "server/tls.key", "he/site.ctx",
-         "he/server.ctx"] + [f"clients/{c}/{f}" for c in CLIENTS for f in ("tls.crt", "tls.key")]
+         "he/server.ctx"] + [f"clients/{c}/{f}" for c in CLIENTS for f in ("tls.crt", "tls.key", "envelope.key")]
     )
-    for secret in ["ca/ca.key", "server/tls.key", "he/site.ctx"] + [f"clients/{c}/tls.key" for c in CLIENTS]:
+    for secret in ["ca/ca.key", "server/tls.key", "he/site.ctx"] + [
+        f"clients/{c}/{f}" for c in CLIENTS for f in ("tls.key", "envelope.key")
+    ]:
         assert _mode(store / secret) == 0o600, secret
     meta = json.loads((store / "federation.json").read_text())
     assert meta["federation"] == "demo" and meta["clients"] == CLIENTS and meta["algorithm"] == "ecdsa-p256"
@@ -127,13 +129,16 @@ def test_init_rolls_back_when_provisioning_fails(
 
 def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path]) -> None:
     for role, path in bundles.items():
-        assert sorted(p.name for p in path.iterdir()) == ["ca.crt", "ckks.ctx", "manifest.json", "tls.crt", "tls.key"]
+        own = {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"} | ({"envelope.key"} if role != "server" else set())
+        assert sorted(p.name for p in path.iterdir()) == sorted(own | {"manifest.json"})
         assert _mode(path / "tls.key") == 0o600
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["role"] == ("server" if role == "server" else "client")
         assert manifest["name"] == role and manifest["clients"] == CLIENTS
         assert manifest["ckks"]["has_secret_key"] is (role != "server")
-        assert set(manifest["files"]) == {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"}
+        assert manifest["ckks"]["source"] == "dealer"
+        assert set(manifest["envelope_keys"]) == set(CLIENTS)
+        assert set(manifest["files"]) == own
     assert _mode(bundles["site-a"] / "ckks.ctx") == 0o600
     with pytest.raises(KeyMaterialError, match="known clients: site-a, site_b.2"):
         export_bundle("client", "site-z", store, store.parent / "z")
@@ -154,7 +159,7 @@ def test_export_refuses_a_malformed_federation_json(store: Path, tmp_path: Path)
     meta = json.loads((broken / "federation.json").read_text())
     for change, message in [
         ({"clients": "site-a"}, "clients 'site-a' is not a list"),
-        ({"ckks": {"params": {}}}, "ckks is not an object with params and fingerprint"),
+        ({"ckks": {"params": {}}}, "ckks has no fingerprint of the dealt context"),
     ]:
         (broken / "federation.json").write_text(json.dumps({**meta, **change}))
         with pytest.raises(KeyMaterialError, match=rf"federation.json: {message}.*keys init"):
