@@ -1,21 +1,24 @@
 """The front door of the data subsystem: ``load_site`` turns a site folder into datasets.
 
 Files are read once; the preprocessed 2-D slices are held in memory as tensors (images as
-float16, labels as bool: 3 bytes per pixel, 3 MiB per slice at 1024 x 1024), so training epochs
-never touch the disk.
+float16, labels as uint8 class indices: 3 bytes per pixel, 3 MiB per slice at 1024 x 1024), so
+training epochs never touch the disk. With ``cache_dir`` the slices of each case are also kept on
+disk (:mod:`fedfms_secure.data.cache`), so the next run skips reading and resampling.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from fedfms_secure.data.cache import SliceCache
+from fedfms_secure.data.labels import LabelMap
 from fedfms_secure.data.layout import CasePair, expected_label, list_cases
-from fedfms_secure.data.preprocess import load_pair_slices
+from fedfms_secure.data.preprocess import CLIP_PERCENTILES, Preprocessing, load_pair_slices, preprocessing_for
 from fedfms_secure.data.split import resolve_split
 from fedfms_secure.errors import ConfigError, DataError
 
@@ -26,14 +29,15 @@ class SliceDataset(Dataset):
     """Preprocessed 2-D slices held in memory.
 
     Item ``i`` is ``(image, label)``: float32 tensors ``[1, S, S]``, the image in [0, 1] and the
-    label in {0, 1}. ``cases[i]`` names the volume slice ``i`` came from.
+    label the class index of each pixel (0 background, 1..K; {0, 1} with one class).
+    ``cases[i]`` names the volume slice ``i`` came from.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cases: list[str]) -> None:
         if not (len(images) == len(labels) == len(cases)):
             raise ValueError("images, labels and cases must have the same length")
         self.images = images.to(torch.float16)
-        self.labels = labels.to(torch.bool)
+        self.labels = labels.to(torch.uint8)
         self.cases = list(cases)
 
     def __len__(self) -> int:
@@ -53,10 +57,22 @@ class SiteData:
     """A site's training and validation slices (split by volume)."""
 
     name: str
-    train: Dataset
-    val: Dataset
+    train: SliceDataset
+    val: SliceDataset
     num_volumes: int
     image_size: int
+    preprocessing: Preprocessing | None = None
+    # one message per skipped pair (with skip_bad), naming its file
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def label_map(self) -> LabelMap:
+        assert self.preprocessing is not None
+        return self.preprocessing.label_map
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.label_map.names)
 
 
 def load_site(
@@ -69,6 +85,9 @@ def load_site(
     axis: int = 2,
     keep_empty_every: int = 5,
     skip_bad: bool = False,
+    labels: str | dict | LabelMap | None = None,
+    clip_percentiles: tuple[float, float] | str = CLIP_PERCENTILES,
+    cache_dir: Path | None = None,
 ) -> SiteData:
     """Load a site folder (``imagesTr/`` + ``labelsTr/``, NIfTI volumes or PNG pictures).
 
@@ -76,45 +95,59 @@ def load_site(
         site_dir: the site folder (see :mod:`fedfms_secure.data.layout`).
         image_size: side of the square slices handed to the model.
         split_file: JSON file pinning the train/val split; written on first use, reused after.
-        val_fraction: share of the volumes held out for validation when a split is drawn.
+        val_fraction: share of the volumes held out for validation when a split is drawn
+            (0: every volume trains, e.g. to evaluate a held-out site on all of it).
         seed: seed of a newly drawn split.
-        axis: spatial axis (0, 1 or 2) that 3-D volumes are sliced along.
+        axis: axis (0, 1 or 2) of the stored voxel array that 3-D volumes are sliced along.
         keep_empty_every: keep every k-th slice without foreground (0: drop them all).
         skip_bad: skip (with a logged warning) pairs that are missing, corrupt or mismatched
             instead of raising :class:`DataError`.
+        labels: label spec mapping label values onto the model's classes (see
+            :mod:`fedfms_secure.data.labels`); None: every non-zero value is foreground.
+        clip_percentiles: intensity percentiles ``(low, high)`` clipped to, then scaled to [0, 1].
+        cache_dir: keep the preprocessed slices here (:mod:`fedfms_secure.data.cache`); None: no cache.
 
     Raises:
         ConfigError: an argument is out of range.
         DataError: the folder, a file or the split file is wrong, or no slice is usable.
     """
-    _check_args(image_size, val_fraction, axis, keep_empty_every)
+    _check_args(val_fraction)
     site_dir = Path(site_dir)
-    pairs = _usable_pairs(list_cases(site_dir), skip_bad=skip_bad)
+    options = preprocessing_for(site_dir, image_size=image_size, axis=axis, keep_empty_every=keep_empty_every,
+                                clip_percentiles=clip_percentiles, labels=labels)
+    skipped: list[str] = []
+    pairs = _usable_pairs(list_cases(site_dir), skip_bad=skip_bad, skipped=skipped)
     split = resolve_split(
         [p.name for p in pairs], split_file=split_file, val_fraction=val_fraction, seed=seed
     )
     by_name = {p.name: p for p in pairs}
-    options = dict(image_size=image_size, axis=axis, keep_empty_every=keep_empty_every)
-    train, loaded_train = _load_cases([by_name[n] for n in split.train], skip_bad, **options)
-    val, loaded_val = _load_cases([by_name[n] for n in split.val], skip_bad, **options)
+    cache = SliceCache(cache_dir) if cache_dir is not None else None
+    train, loaded_train = load_cases([by_name[n] for n in split.train], options, skip_bad=skip_bad,
+                                     cache=cache, skipped=skipped)
+    val, loaded_val = load_cases([by_name[n] for n in split.val], options, skip_bad=skip_bad,
+                                 cache=cache, skipped=skipped)
     if len(train) == 0:
         raise DataError(
             f"site {site_dir} has no usable training slice ({loaded_train + loaded_val} of "
-            f"{len(pairs)} volumes loaded); check that labelsTr/ holds non-empty labels, or lower "
-            "val_fraction."
+            f"{len(pairs)} volumes loaded); check that labelsTr/ holds non-empty labels (and that the "
+            "label map selects values they hold), or lower val_fraction."
         )
     if len(val) == 0 and (val_fraction > 0 or split.val):
         log.warning("site %s has no validation slice; validation metrics will be empty", site_dir)
+    if cache is not None:
+        log.debug("slice cache %s: %s", cache.root, cache.stats)
     return SiteData(
         name=site_dir.name,
         train=train,
         val=val,
         num_volumes=loaded_train + loaded_val,
         image_size=image_size,
+        preprocessing=options,
+        skipped=skipped,
     )
 
 
-def _usable_pairs(pairs: list[CasePair], *, skip_bad: bool) -> list[CasePair]:
+def _usable_pairs(pairs: list[CasePair], *, skip_bad: bool, skipped: list[str]) -> list[CasePair]:
     usable = []
     for pair in pairs:
         if pair.label is not None:
@@ -128,43 +161,48 @@ def _usable_pairs(pairs: list[CasePair], *, skip_bad: bool) -> list[CasePair]:
         if not skip_bad:
             raise DataError(message)
         log.warning("skipping: %s", message)
+        skipped.append(message)
     return usable
 
 
-def _load_cases(
-    pairs: list[CasePair], skip_bad: bool, *, image_size: int, axis: int, keep_empty_every: int
+def load_cases(
+    pairs: list[CasePair],
+    options: Preprocessing,
+    *,
+    skip_bad: bool = False,
+    cache: SliceCache | None = None,
+    skipped: list[str] | None = None,
 ) -> tuple[SliceDataset, int]:
-    """Slices of the given cases, and how many cases loaded."""
+    """Slices of the given cases (from ``cache`` when it holds them), and how many cases loaded."""
     images, labels, cases = [], [], []
+    size = options.image_size
     for pair in pairs:
-        try:
-            img, lab = load_pair_slices(
-                pair, image_size=image_size, axis=axis, keep_empty_every=keep_empty_every
-            )
-        except DataError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipping case %s: %s", pair.name, exc)
-            continue
-        images.append(img.half())  # halve the footprint before the next volume is read
+        cached = cache.get(pair, options) if cache is not None else None
+        if cached is not None:
+            img, lab = cached
+        else:
+            try:
+                img, lab = load_pair_slices(pair, options)
+            except DataError as exc:
+                if not skip_bad:
+                    raise
+                log.warning("skipping case %s: %s", pair.name, exc)
+                if skipped is not None:
+                    skipped.append(str(exc))
+                continue
+            img = img.half()  # halve the footprint before the next volume is read
+            if cache is not None:
+                cache.put(pair, options, img, lab)
+        images.append(img)
         labels.append(lab)
         cases += [pair.name] * len(img)
     loaded = len(images)
     if not images:
-        images = [torch.zeros(0, 1, image_size, image_size)]
-        labels = [torch.zeros(0, 1, image_size, image_size, dtype=torch.bool)]
+        images = [torch.zeros(0, 1, size, size, dtype=torch.float16)]
+        labels = [torch.zeros(0, 1, size, size, dtype=torch.uint8)]
     return SliceDataset(torch.cat(images), torch.cat(labels), cases), loaded
 
 
-def _check_args(image_size: int, val_fraction: float, axis: int, keep_empty_every: int) -> None:
-    if image_size < 8:
-        raise ConfigError(f"image_size={image_size} is too small; use at least 8 (SAM uses 1024).")
+def _check_args(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val_fraction={val_fraction} must be in [0, 1), e.g. 0.25.")
-    if axis not in (0, 1, 2):
-        raise ConfigError(f"axis={axis} must be 0, 1 or 2 (the axis 3-D volumes are sliced along).")
-    if keep_empty_every < 0:
-        raise ConfigError(
-            f"keep_empty_every={keep_empty_every} must be >= 0 (5 keeps one empty slice in five, "
-            "0 drops them all)."
-        )
