@@ -16,7 +16,7 @@ from fedfms_secure.errors import ConfigError, FedFmsError
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("status", "model", "privacy", "bench")
+COMMAND_GROUPS = ("status", "model", "privacy", "bench", "data", "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,32 +128,6 @@ def _cmd_keys_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from fedfms_secure.data import synth_federation
-
-    sites = synth_federation(args.out, sites=args.sites, seed=args.seed)
-    for site in sites:
-        print(site)
-    return 0
-
-
-def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from fedfms_secure.data.inspect import inspect_federation
-
-    report = inspect_federation(args.data, image_size=args.image_size, axis=args.axis)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    for site in report["sites"]:
-        shapes = ", ".join(f"{shape} ({n})" for shape, n in site["image_shapes"].items()) or "-"
-        print(f"{site['name']}: {site['volumes']} volumes, {site['train_slices']} training and "
-              f"{site['val_slices']} validation slices; shapes {shapes}; label values "
-              f"{site['label_values']}; foreground {100 * site['foreground_fraction']:.2f}%")
-        for problem in site["problems"]:
-            print(f"  problem: {problem['file']}: {problem['problem']}")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedfms_secure.demo import DemoOptions, run_demo
 
@@ -243,20 +217,6 @@ def _parser() -> argparse.ArgumentParser:
     ke.add_argument("--from", dest="source", type=Path, required=True, help="the provisioning folder")
     ke.add_argument("--out", type=Path, required=True)
     ke.set_defaults(handler=_cmd_keys_export)
-
-    d = sub.add_parser("data", help="site datasets")
-    dsub = d.add_subparsers(metavar="ACTION")
-    ds = dsub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
-    ds.add_argument("--out", type=Path, required=True)
-    ds.add_argument("--sites", type=int, default=3)
-    ds.add_argument("--seed", type=int, default=0)
-    ds.set_defaults(handler=_cmd_data_synth)
-    di = dsub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
-    di.add_argument("data", type=Path, help="a site folder or a folder of site folders")
-    di.add_argument("--image-size", type=int, default=64, help="the model's input size (default 64)")
-    di.add_argument("--axis", type=int, default=2, help="the axis 3-D volumes are sliced along (default 2)")
-    di.add_argument("--json", action="store_true")
-    di.set_defaults(handler=_cmd_data_inspect)
 
     m = sub.add_parser("demo", help="a whole secure federation on loopback, with a report")
     m.add_argument("--out", type=Path, default=Path("demo-out"))

@@ -1,0 +1,100 @@
+"""``fedfms-secure data ...``: write a synthetic federation, inspect a data folder.
+
+``add_data_options(parser)`` adds the flags that say how site folders are read (label map, axis,
+clip percentiles, empty-slice keeping, bad files, slice cache); ``client``, ``demo``, ``train`` and
+``evaluate`` share them, so a site and a baseline read the same data the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# kept light: torch, monai and nibabel are imported inside the handlers
+
+LABELS_HELP = ('label map: "1,2" merges those values into the foreground, \'{"1": 1, "2": 1, "3": 2}\' maps '
+               "values (or names from dataset.json) to up to 4 classes, a .json file holds such a map; "
+               "default: every non-zero value is foreground")
+
+
+def add_data_options(parser: argparse.ArgumentParser, *, defaults: bool = True, cache: bool = True) -> None:
+    """The flags that say how a site folder is read. With ``defaults=False`` every flag defaults to
+    None (so a config file or another source can fill it)."""
+    d = (lambda value: value) if defaults else (lambda value: None)
+    parser.add_argument("--labels", help=LABELS_HELP)
+    parser.add_argument("--axis", type=int, choices=[0, 1, 2], default=d(2),
+                        help="axis of the stored voxel array that 3-D volumes are sliced along (default 2)")
+    parser.add_argument("--clip-percentiles", default=d("0.5,99.5"), metavar="LOW,HIGH",
+                        help="intensity percentiles clipped to before scaling to [0, 1] (default 0.5,99.5)")
+    parser.add_argument("--keep-empty-every", type=int, default=d(5), metavar="K",
+                        help="keep every K-th slice without foreground (default 5, as FedFMS; 0 drops them)")
+    parser.add_argument("--skip-bad", action="store_true", default=None if not defaults else False,
+                        help="skip (and log) corrupt or mismatched pairs instead of stopping")
+    if cache:
+        parser.add_argument("--cache", type=Path, metavar="DIR",
+                            help="keep preprocessed slices in DIR (a changed file is re-read)")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``data`` command group (``data synth``, ``data inspect``) to an argparse ``subparsers``."""
+    group = subparsers.add_parser("data", help="site datasets")
+    sub = group.add_subparsers(metavar="ACTION")
+    synth = sub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=cmd_synth)
+    inspect = sub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
+    inspect.add_argument("data", type=Path, help="a site folder or a folder of site folders")
+    inspect.add_argument("--image-size", type=int, default=64, help="the model's input size (default 64)")
+    inspect.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
+    add_data_options(inspect)
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(handler=cmd_inspect)
+    group.set_defaults(handler=lambda args: _help(group))
+    return group
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Handler of ``data synth``."""
+    from fedfms_secure.data import synth_federation
+
+    for site in synth_federation(args.out, sites=args.sites, seed=args.seed):
+        print(site)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Handler of ``data inspect``."""
+    from fedfms_secure.data.inspect import inspect_federation
+
+    report = inspect_federation(args.data, image_size=args.image_size, axis=args.axis, seed=args.seed,
+                                keep_empty_every=args.keep_empty_every, labels=args.labels,
+                                clip_percentiles=args.clip_percentiles, cache_dir=args.cache)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for site in report["sites"]:
+        shapes = ", ".join(f"{shape} ({n})" for shape, n in site["image_shapes"].items()) or "-"
+        classes = ", ".join(f"{name} {100 * f:.2f}%" for name, f in site["class_fractions"].items())
+        print(f"{site['name']}: {site['volumes']} volumes, {site['train_slices']} training and "
+              f"{site['val_slices']} validation slices; shapes {shapes}; label values "
+              f"{_values(site['label_values'])}; foreground {100 * site['foreground_fraction']:.2f}%"
+              + (f" ({classes})" if len(site["class_fractions"]) > 1 else ""))
+        for problem in site["problems"]:
+            print(f"  problem: {problem['file']}: {problem['problem']}")
+    return 0
+
+
+def _values(values: list[float]) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+
+__all__ = ["LABELS_HELP", "add_data_options", "cmd_inspect", "cmd_synth", "register"]

@@ -1,0 +1,178 @@
+"""``fedfms-secure train central|local`` (the baselines) and ``fedfms-secure evaluate``.
+
+``train central --data DIR`` pools every site's training slices; ``train local --data DIR`` trains
+each site alone; both use the federated run's training code and print Dice, IoU and HD95 (mean and
+standard deviation over validation images) per site. ``evaluate --model FILE --data SITE_DIR``
+scores a saved model (a site's ``STATE/final_model.pt``, or ``OUT/*_model.pt`` of a baseline) on
+all slices of a site: the held-out site of a leave-one-site-out run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedfms_secure.commands.data import add_data_options
+
+# kept light: torch and the model are imported inside the handlers
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``train`` (``central``, ``local``) and ``evaluate`` to an argparse ``subparsers``."""
+    group = subparsers.add_parser("train", help="baselines with the federated run's training code")
+    sub = group.add_subparsers(metavar="KIND")
+    for kind, text in (("central", "pooled training over all sites' training slices"),
+                       ("local", "each site trains alone on its own slices")):
+        p = sub.add_parser(kind, help=text)
+        p.add_argument("--data", type=Path, required=True, help="a folder of site folders")
+        p.add_argument("--holdout", metavar="SITE", help="a site that never trains, scored on all its slices at the end")
+        p.add_argument("--mode", choices=["fedmsa", "fedsam"], default="fedmsa")
+        p.add_argument("--preset", default="tiny")
+        p.add_argument("--epochs", type=int, default=25, help="training epochs (default 25: 5 rounds x 5 local epochs)")
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--lr", type=float, default=1e-2)
+        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (omit: no DP)")
+        p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
+        p.add_argument("--max-grad-norm", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=0, help="model seed and the sites' split seed (default 0)")
+        p.add_argument("--no-pretrained", action="store_true", help="start from the seeded initialisation")
+        p.add_argument("--image-size", type=int, help="model input size (default: the preset's)")
+        p.add_argument("--val-fraction", type=float, default=0.25)
+        add_data_options(p)
+        p.add_argument("--out", type=Path, help="write DIR/KIND.json, the model(s) and the sites' splits here")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+        p.set_defaults(handler=cmd_train, kind=kind)
+    group.set_defaults(handler=lambda args: _help(group))
+
+    ev = subparsers.add_parser("evaluate", help="score a saved model on all slices of a site (Dice, IoU, HD95)")
+    ev.add_argument("--model", type=Path, required=True, help="STATE/final_model.pt of a site, or OUT/*_model.pt")
+    ev.add_argument("--data", type=Path, required=True, help="a site folder (or a folder of site folders)")
+    ev.add_argument("--labels", help="label map of these sites (default: the one the model was trained with)")
+    ev.add_argument("--axis", type=int, choices=[0, 1, 2], help="default: the model's")
+    ev.add_argument("--clip-percentiles", metavar="LOW,HIGH", help="default: the model's")
+    ev.add_argument("--keep-empty-every", type=int, metavar="K", help="default: the model's")
+    ev.add_argument("--skip-bad", action="store_true")
+    ev.add_argument("--cache", type=Path, metavar="DIR")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ev.set_defaults(handler=cmd_evaluate)
+    return group
+
+
+def _help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Handler of ``train central`` and ``train local``."""
+    from fedfms_secure.train.baselines import BaselineOptions, train_central, train_local
+
+    options = BaselineOptions(
+        mode=args.mode, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr, epsilon=args.epsilon, delta=args.delta, seed=args.seed,
+        pretrained=not args.no_pretrained, holdout=args.holdout, image_size=args.image_size, axis=args.axis,
+        keep_empty_every=args.keep_empty_every, labels=args.labels, clip_percentiles=args.clip_percentiles,
+        val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
+        max_grad_norm=args.max_grad_norm, out=args.out,
+    )
+    run = train_central if args.kind == "central" else train_local
+    result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(result))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Handler of ``evaluate``."""
+    result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
+                                 clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
+                                 skip_bad=args.skip_bad, cache=args.cache)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(result))
+    return 0
+
+
+def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axis: int | None = None,
+                        clip_percentiles: Any = None, keep_empty_every: int | None = None, skip_bad: bool = False,
+                        cache: Path | None = None) -> dict[str, Any]:
+    """Scores a model file on all slices of each site under ``data``.
+
+    Returns ``{"model", "source", "sites": [{name, slices, dice_mean, dice_std, iou_mean, iou_std,
+    hd95_mean, hd95_std, per_class}], "mean": {dice_mean, dice_std, iou_mean, hd95_mean}}``; the
+    data options default to those the model was trained with.
+    """
+    from fedfms_secure.data import find_sites, load_site
+    from fedfms_secure.train.metrics import ImageScores, score_model, summarize
+    from fedfms_secure.train.model_file import load_model_file
+
+    model, header = load_model_file(model_path)
+    recorded = header.data
+    options = dict(
+        image_size=header.img_size,
+        axis=recorded.get("axis", 2) if axis is None else axis,
+        clip_percentiles=tuple(recorded.get("clip_percentiles", (0.5, 99.5))) if clip_percentiles is None
+        else clip_percentiles,
+        keep_empty_every=recorded.get("keep_empty_every", 5) if keep_empty_every is None else keep_empty_every,
+        labels=header.label_spec if labels is None else labels,
+    )
+    rows, parts, names = [], [], None
+    for site_dir in find_sites(data):
+        site = load_site(site_dir, val_fraction=0.0, skip_bad=skip_bad, cache_dir=cache, **options)
+        if site.label_map.num_classes != header.num_classes:
+            from fedfms_secure.errors import ConfigError
+
+            raise ConfigError(f"the label map gives {site.label_map.num_classes} class(es) but {model_path} "
+                              f"predicts {header.num_classes}; pass --labels with a map of {header.num_classes}")
+        scores = score_model(model, site.train)
+        parts.append(scores)
+        names = names or site.class_names
+        summary = summarize(scores, site.class_names)
+        rows.append({"name": site.name, "slices": len(site.train),
+                     **{k: v for k, v in summary.items() if k != "per_class"}, "per_class": summary["per_class"]})
+    pooled = summarize(ImageScores.concat(parts, header.num_classes), names)
+    return {
+        "model": str(model_path),
+        "source": header.source,
+        "sites": rows,
+        "mean": {k: pooled[k] for k in ("dice_mean", "dice_std", "iou_mean", "hd95_mean")},
+    }
+
+
+def _table(result: dict[str, Any]) -> str:
+    lines = [f"{'site':<16} {'Dice':>15} {'IoU':>15} {'HD95 (px)':>15}"]
+
+    def row(name: str, r: dict[str, Any]) -> str:
+        return (f"{name:<16} {_pm(r['dice_mean'], r.get('dice_std'))} {_pm(r['iou_mean'], r.get('iou_std'))} "
+                f"{_pm(r['hd95_mean'], r.get('hd95_std'), 2)}")
+
+    for site in result["sites"]:
+        lines.append(row(site["name"], site))
+    lines.append(row("mean (images)", result["mean"]))
+    if result.get("holdout"):
+        lines.append(row(f"held out: {result['holdout']['name']}", result["holdout"]))
+    if result.get("kind"):
+        eps = result.get("epsilon")
+        lines.append(f"{result['kind']}: {result['seconds']:.1f} s, "
+                     + ("no DP" if eps is None else f"epsilon spent {eps:.3f}"))
+    return "\n".join(lines)
+
+
+def _pm(mean: float, std: float | None, digits: int = 4) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return f"{'-':>15}"
+    text = f"{mean:.{digits}f}" + ("" if std is None or math.isnan(std) else f" ± {std:.{digits}f}")
+    return f"{text:>15}"
+
+
+__all__ = ["cmd_evaluate", "cmd_train", "evaluate_model_file", "register"]
