@@ -30,10 +30,63 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class KeyEpoch:
+    """The CKKS key every ciphertext must be made under, from ``round`` on.
+
+    Epoch 1 is the first key (made at a site by ``keys he-init``, or by the provisioning host);
+    each ``keys rotate-he`` adds one. Epoch 0 means no key exists yet.
+    """
+
+    epoch: int = 0
+    fingerprint: str = ""
+    round: int = 0
+    site: str = ""  # the site that made it; "" for the provisioning host
+
+
+NO_KEY = KeyEpoch()
+
+
+@dataclass(frozen=True)
 class Joined:
     site: str
     plan: Plan
     round: int
+    key: KeyEpoch = NO_KEY
+
+
+@dataclass(frozen=True)
+class KeyPublication:
+    """The header of a new key epoch (``PublishKeys``): what it replaces and when it starts."""
+
+    epoch: int
+    fingerprint: str
+    round: int
+    previous_fingerprint: str = ""
+    envelopes: int = 0
+    state_chunks: int = 0
+
+
+@dataclass(frozen=True)
+class SealedEnvelope:
+    """One site's copy of a new key, sealed to that site (the server cannot open it)."""
+
+    recipient: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class KeyAck:
+    key: KeyEpoch
+    envelopes: int
+    state_chunks: int
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A site's sealed envelope of one key epoch, as the server relays it (opaque bytes)."""
+
+    key: KeyEpoch
+    payload: bytes
 
 
 @dataclass(frozen=True)
@@ -91,6 +144,7 @@ class Status:
     phase: str
     sites: tuple[SiteStatus, ...] = field(default_factory=tuple)
     deadline: float = 0.0  # unix time when the open phase goes on with a quorum; 0: waits for all
+    key: KeyEpoch = NO_KEY  # the CKKS key in use
 
     @property
     def done(self) -> bool:

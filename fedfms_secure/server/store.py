@@ -3,7 +3,8 @@ ciphertexts, and JSON files that other tools read.
 
 Layout under ``--state DIR``::
 
-    state.db              rounds and phases, commits, received uploads, global states, retired sites
+    state.db              rounds and phases, commits, received uploads, global states, retired sites,
+                          CKKS key epochs and the sealed envelopes of the current one (opaque bytes)
     blobs/ab/abcdef...    one ciphertext (or plaintext block) each, named by the sha256 of its bytes
     address.json          the HOST:PORT the server is bound to (written once listening)
     status.json           the latest status snapshot (for the demo's progress display)
@@ -13,7 +14,7 @@ Layout under ``--state DIR``::
 A blob is written to a temporary name, flushed and renamed, and its name is checked against its
 content on every read, so a half-written or damaged blob is detected and never used. Every state
 change is one SQLite transaction. Nothing here can decrypt anything: the server holds no CKKS
-secret key.
+secret key, and the envelopes that carry it between sites are sealed to each site's own key.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from fedfms_secure.errors import ConfigError
+from fedfms_secure.protocol import KeyEpoch
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -39,6 +41,11 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS globals (
     round INTEGER PRIMARY KEY, vector_length INTEGER NOT NULL, blobs TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS retired (site TEXT PRIMARY KEY, round INTEGER NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_epochs (
+    epoch INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL,
+    created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes (
+    epoch INTEGER NOT NULL, site TEXT NOT NULL, envelope BLOB NOT NULL, PRIMARY KEY (epoch, site));
 """
 
 
@@ -187,6 +194,30 @@ class StateStore:
     def put_retired(self, site: str, round_: int, reason: str) -> None:
         with self._db:
             self._db.execute("INSERT OR IGNORE INTO retired (site, round, reason) VALUES (?, ?, ?)", (site, round_, reason))
+
+    # --- CKKS key epochs ----------------------------------------------------------------------
+    def key_epochs(self) -> list[KeyEpoch]:
+        """Every key epoch so far, oldest first."""
+        rows = self._db.execute("SELECT epoch, fingerprint, round, site FROM key_epochs ORDER BY epoch").fetchall()
+        return [KeyEpoch(*row) for row in rows]
+
+    def put_key(self, key: KeyEpoch, envelopes: dict[str, bytes], state: GlobalRow | None, *, created: float) -> None:
+        """Starts ``key`` in one transaction: its envelopes replace the previous epoch's, and ``state``
+        (a rotation's re-encrypted global state) replaces every stored global state."""
+        with self._db:
+            self._db.execute("INSERT INTO key_epochs (epoch, fingerprint, round, site, created) VALUES (?, ?, ?, ?, ?)",
+                             (key.epoch, key.fingerprint, key.round, key.site, created))
+            self._db.execute("DELETE FROM envelopes")
+            self._db.executemany("INSERT INTO envelopes (epoch, site, envelope) VALUES (?, ?, ?)",
+                                 [(key.epoch, site, payload) for site, payload in envelopes.items()])
+            if state is not None:
+                self._db.execute("DELETE FROM globals")
+                self._db.execute("INSERT INTO globals (round, vector_length, blobs) VALUES (?, ?, ?)",
+                                 (state.round, state.vector_length, json.dumps(state.blobs)))
+
+    def envelope(self, epoch: int, site: str) -> bytes | None:
+        row = self._db.execute("SELECT envelope FROM envelopes WHERE epoch = ? AND site = ?", (epoch, site)).fetchone()
+        return bytes(row[0]) if row else None
 
     # --- files for other tools ----------------------------------------------------------------
     def append_record(self, name: str, record: dict[str, Any]) -> None:

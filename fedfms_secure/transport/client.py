@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import grpc
 
 from fedfms_secure.errors import FederationError, ServerUnreachable
-from fedfms_secure.protocol import Chunk, CommitAck, Joined, Receipt, Status, WeightTotal
+from fedfms_secure.protocol import (
+    Chunk,
+    CommitAck,
+    Envelope,
+    Joined,
+    KeyAck,
+    KeyPublication,
+    Receipt,
+    Status,
+    WeightTotal,
+)
 from fedfms_secure.transport import serde
 from fedfms_secure.transport.channel import client_channel
 from fedfms_secure.transport.servicer import SITE_METADATA_KEY, STATUS_CODES
@@ -113,6 +123,32 @@ class FederationClient:
             return self._stub.UploadUpdate(messages(), timeout=self._timeout, metadata=self._metadata)
 
         return serde.receipt_from_proto(self._call(call))
+
+    def publish_keys(self, publication: KeyPublication, envelopes: Mapping[str, bytes],
+                     state: Callable[[], Iterable[Chunk]] | None = None) -> KeyAck:
+        """Publishes a new CKKS key epoch: the header, one sealed envelope per recipient site and,
+        for a rotation, the re-encrypted global state that ``state()`` yields (called again on a
+        reconnect)."""
+
+        def call() -> pb.PublishKeysResponse:
+            def messages() -> Iterator[pb.PublishKeysRequest]:
+                for msg in (pb.PublishKeysRequest(header=serde.publication_to_proto(publication)),
+                            *(pb.PublishKeysRequest(envelope=pb.SealedEnvelope(recipient=site, envelope=payload))
+                              for site, payload in envelopes.items())):
+                    self.bytes_up += msg.ByteSize()
+                    yield msg
+                for chunk in state() if state is not None else ():
+                    msg = pb.PublishKeysRequest(state=serde.chunk_to_proto(chunk))
+                    self.bytes_up += msg.ByteSize()
+                    yield msg
+
+            return self._stub.PublishKeys(messages(), timeout=self._timeout, metadata=self._metadata)
+
+        return serde.key_ack_from_proto(self._call(call))
+
+    def envelope(self, epoch: int = 0) -> Envelope:
+        """This site's sealed envelope of key ``epoch`` (0: the current one); NOT_FOUND until it exists."""
+        return serde.envelope_from_proto(self._unary(self._stub.GetEnvelope, pb.GetEnvelopeRequest(epoch=epoch)))
 
     def retire(self, round_: int, reason: str) -> int:
         """Tells the coordinator this site stops contributing from ``round_`` on; returns the active sites."""

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from fedfms_secure.protocol import Chunk, CommitAck, Joined, Plan, Receipt, SiteStatus, Status, WeightTotal
+from fedfms_secure.protocol import (
+    Chunk,
+    CommitAck,
+    Envelope,
+    Joined,
+    KeyAck,
+    KeyEpoch,
+    KeyPublication,
+    Plan,
+    Receipt,
+    SiteStatus,
+    Status,
+    WeightTotal,
+)
 from fedfms_secure.v1 import federation_pb2 as pb
 
 
@@ -37,7 +50,43 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
 
 
 def joined_from_proto(msg: pb.JoinResponse) -> Joined:
-    return Joined(site=msg.site, plan=plan_from_proto(msg.plan), round=msg.round)
+    return Joined(site=msg.site, plan=plan_from_proto(msg.plan), round=msg.round, key=key_from_proto(msg.key))
+
+
+def key_to_proto(key: KeyEpoch) -> pb.KeyEpoch:
+    return pb.KeyEpoch(epoch=key.epoch, context_fingerprint=key.fingerprint, round=key.round, site=key.site)
+
+
+def key_from_proto(msg: pb.KeyEpoch) -> KeyEpoch:
+    return KeyEpoch(epoch=msg.epoch, fingerprint=msg.context_fingerprint, round=msg.round, site=msg.site)
+
+
+def publication_to_proto(p: KeyPublication) -> pb.KeyEpochHeader:
+    return pb.KeyEpochHeader(epoch=p.epoch, context_fingerprint=p.fingerprint, round=p.round,
+                             previous_fingerprint=p.previous_fingerprint, envelopes=p.envelopes,
+                             state_chunks=p.state_chunks)
+
+
+def publication_from_proto(msg: pb.KeyEpochHeader) -> KeyPublication:
+    return KeyPublication(epoch=msg.epoch, fingerprint=msg.context_fingerprint, round=msg.round,
+                          previous_fingerprint=msg.previous_fingerprint, envelopes=msg.envelopes,
+                          state_chunks=msg.state_chunks)
+
+
+def key_ack_to_proto(ack: KeyAck) -> pb.PublishKeysResponse:
+    return pb.PublishKeysResponse(key=key_to_proto(ack.key), envelopes=ack.envelopes, state_chunks=ack.state_chunks)
+
+
+def key_ack_from_proto(msg: pb.PublishKeysResponse) -> KeyAck:
+    return KeyAck(key=key_from_proto(msg.key), envelopes=msg.envelopes, state_chunks=msg.state_chunks)
+
+
+def envelope_to_proto(e: Envelope) -> pb.GetEnvelopeResponse:
+    return pb.GetEnvelopeResponse(key=key_to_proto(e.key), envelope=e.payload)
+
+
+def envelope_from_proto(msg: pb.GetEnvelopeResponse) -> Envelope:
+    return Envelope(key=key_from_proto(msg.key), payload=msg.envelope)
 
 
 def chunk_to_proto(chunk: Chunk) -> pb.Chunk:
@@ -102,6 +151,7 @@ def status_to_proto(s: Status) -> pb.GetStatusResponse:
         phase=s.phase,
         done=s.done,
         phase_deadline_unix=s.deadline,
+        key=key_to_proto(s.key),
         sites=[
             pb.SiteStatus(
                 name=x.name, joined=x.joined, committed=x.committed, uploaded=x.uploaded, last_seen_unix=x.last_seen,
@@ -118,4 +168,5 @@ def status_from_proto(msg: pb.GetStatusResponse) -> Status:
                    retired=x.retired, retired_reason=x.retired_reason)
         for x in msg.sites
     )
-    return Status(msg.federation, msg.round, msg.total_rounds, msg.phase, sites, msg.phase_deadline_unix)
+    return Status(msg.federation, msg.round, msg.total_rounds, msg.phase, sites, msg.phase_deadline_unix,
+                  key_from_proto(msg.key))

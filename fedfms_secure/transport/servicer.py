@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 import grpc
 
 from fedfms_secure.errors import CryptoError, FederationError
+from fedfms_secure.protocol import Chunk, SealedEnvelope
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.transport import serde
 from fedfms_secure.v1 import federation_pb2 as pb
@@ -87,7 +88,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_rpc
     def Join(self, site: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         round_ = self.coordinator.join(site, request.context_fingerprint)
-        return pb.JoinResponse(site=site, plan=serde.plan_to_proto(self.coordinator.plan), round=round_)
+        return pb.JoinResponse(site=site, plan=serde.plan_to_proto(self.coordinator.plan), round=round_,
+                               key=serde.key_to_proto(self.coordinator.key))
 
     @_stream_rpc
     def GetGlobalState(self, site: str, request: pb.GetGlobalStateRequest, context: grpc.ServicerContext):
@@ -122,3 +124,28 @@ class FederationServicer(pb_grpc.FederationServicer):
     @_rpc
     def GetStatus(self, site: str, request: pb.GetStatusRequest, context: grpc.ServicerContext):
         return serde.status_to_proto(self.coordinator.status(site))
+
+    @_rpc
+    def PublishKeys(self, site: str, request_iterator: Iterator[pb.PublishKeysRequest], context: grpc.ServicerContext):
+        messages = iter(request_iterator)
+        first = next(messages, None)
+        if first is None or first.WhichOneof("body") != "header":
+            raise FederationError("a PublishKeys stream starts with its KeyEpochHeader", "invalid_argument")
+        ack = self.coordinator.publish_keys(site, serde.publication_from_proto(first.header), _key_items(messages))
+        return serde.key_ack_to_proto(ack)
+
+    @_rpc
+    def GetEnvelope(self, site: str, request: pb.GetEnvelopeRequest, context: grpc.ServicerContext):
+        return serde.envelope_to_proto(self.coordinator.envelope(site, request.epoch))
+
+
+def _key_items(messages: Iterator[pb.PublishKeysRequest]) -> Iterator[SealedEnvelope | Chunk]:
+    for msg in messages:
+        kind = msg.WhichOneof("body")
+        if kind == "envelope":
+            yield SealedEnvelope(msg.envelope.recipient, msg.envelope.envelope)
+        elif kind == "state":
+            yield serde.chunk_from_proto(msg.state)
+        else:
+            raise FederationError("after its header, a PublishKeys stream holds envelopes and state chunks only",
+                                  "invalid_argument")

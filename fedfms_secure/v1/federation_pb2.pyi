@@ -39,14 +39,28 @@ class Plan(_message.Message):
     def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("site", "plan", "round")
+    __slots__ = ("site", "plan", "round", "key")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan: Plan
     round: int
-    def __init__(self, site: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., round: _Optional[int] = ...) -> None: ...
+    key: KeyEpoch
+    def __init__(self, site: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., round: _Optional[int] = ..., key: _Optional[_Union[KeyEpoch, _Mapping]] = ...) -> None: ...
+
+class KeyEpoch(_message.Message):
+    __slots__ = ("epoch", "context_fingerprint", "round", "site")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    context_fingerprint: str
+    round: int
+    site: str
+    def __init__(self, epoch: _Optional[int] = ..., context_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., site: _Optional[str] = ...) -> None: ...
 
 class GetGlobalStateRequest(_message.Message):
     __slots__ = ("round",)
@@ -180,7 +194,7 @@ class SiteStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., joined: _Optional[bool] = ..., committed: _Optional[bool] = ..., uploaded: _Optional[bool] = ..., last_seen_unix: _Optional[float] = ..., retired: _Optional[bool] = ..., retired_reason: _Optional[str] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("federation", "round", "total_rounds", "phase", "sites", "done", "phase_deadline_unix")
+    __slots__ = ("federation", "round", "total_rounds", "phase", "sites", "done", "phase_deadline_unix", "key")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +202,7 @@ class GetStatusResponse(_message.Message):
     SITES_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     PHASE_DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     federation: str
     round: int
     total_rounds: int
@@ -195,4 +210,63 @@ class GetStatusResponse(_message.Message):
     sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
     done: bool
     phase_deadline_unix: float
-    def __init__(self, federation: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., done: _Optional[bool] = ..., phase_deadline_unix: _Optional[float] = ...) -> None: ...
+    key: KeyEpoch
+    def __init__(self, federation: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., phase: _Optional[str] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., done: _Optional[bool] = ..., phase_deadline_unix: _Optional[float] = ..., key: _Optional[_Union[KeyEpoch, _Mapping]] = ...) -> None: ...
+
+class KeyEpochHeader(_message.Message):
+    __slots__ = ("epoch", "context_fingerprint", "round", "previous_fingerprint", "envelopes", "state_chunks")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    context_fingerprint: str
+    round: int
+    previous_fingerprint: str
+    envelopes: int
+    state_chunks: int
+    def __init__(self, epoch: _Optional[int] = ..., context_fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., previous_fingerprint: _Optional[str] = ..., envelopes: _Optional[int] = ..., state_chunks: _Optional[int] = ...) -> None: ...
+
+class SealedEnvelope(_message.Message):
+    __slots__ = ("recipient", "envelope")
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    recipient: str
+    envelope: bytes
+    def __init__(self, recipient: _Optional[str] = ..., envelope: _Optional[bytes] = ...) -> None: ...
+
+class PublishKeysRequest(_message.Message):
+    __slots__ = ("header", "envelope", "state")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    header: KeyEpochHeader
+    envelope: SealedEnvelope
+    state: Chunk
+    def __init__(self, header: _Optional[_Union[KeyEpochHeader, _Mapping]] = ..., envelope: _Optional[_Union[SealedEnvelope, _Mapping]] = ..., state: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+
+class PublishKeysResponse(_message.Message):
+    __slots__ = ("key", "envelopes", "state_chunks")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPES_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    key: KeyEpoch
+    envelopes: int
+    state_chunks: int
+    def __init__(self, key: _Optional[_Union[KeyEpoch, _Mapping]] = ..., envelopes: _Optional[int] = ..., state_chunks: _Optional[int] = ...) -> None: ...
+
+class GetEnvelopeRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class GetEnvelopeResponse(_message.Message):
+    __slots__ = ("key", "envelope")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    key: KeyEpoch
+    envelope: bytes
+    def __init__(self, key: _Optional[_Union[KeyEpoch, _Mapping]] = ..., envelope: _Optional[bytes] = ...) -> None: ...

@@ -75,6 +75,16 @@ class FederationStub:
                 request_serializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.SerializeToString,
                 response_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.FromString,
                 _registered_method=True)
+        self.PublishKeys = channel.stream_unary(
+                '/fedfms_secure.v1.Federation/PublishKeys',
+                request_serializer=fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysRequest.SerializeToString,
+                response_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysResponse.FromString,
+                _registered_method=True)
+        self.GetEnvelope = channel.unary_unary(
+                '/fedfms_secure.v1.Federation/GetEnvelope',
+                request_serializer=fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeRequest.SerializeToString,
+                response_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeResponse.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -137,6 +147,22 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishKeys(self, request_iterator, context):
+        """PublishKeys starts a CKKS key epoch, made at a site (`keys he-init`, `keys rotate-he`): a header,
+        one sealed envelope per other site and, for a rotation, the global state re-encrypted under the
+        new key. The server stores the envelopes as opaque bytes: it can open none of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEnvelope(self, request, context):
+        """GetEnvelope returns the calling site's sealed envelope of a key epoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +205,16 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Retire,
                     request_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.FromString,
                     response_serializer=fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.SerializeToString,
+            ),
+            'PublishKeys': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishKeys,
+                    request_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysRequest.FromString,
+                    response_serializer=fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysResponse.SerializeToString,
+            ),
+            'GetEnvelope': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnvelope,
+                    request_deserializer=fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeRequest.FromString,
+                    response_serializer=fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +434,60 @@ class Federation:
             '/fedfms_secure.v1.Federation/Retire',
             fedfms__secure_dot_v1_dot_federation__pb2.RetireRequest.SerializeToString,
             fedfms__secure_dot_v1_dot_federation__pb2.RetireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishKeys(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedfms_secure.v1.Federation/PublishKeys',
+            fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysRequest.SerializeToString,
+            fedfms__secure_dot_v1_dot_federation__pb2.PublishKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnvelope(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedfms_secure.v1.Federation/GetEnvelope',
+            fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeRequest.SerializeToString,
+            fedfms__secure_dot_v1_dot_federation__pb2.GetEnvelopeResponse.FromString,
             options,
             channel_credentials,
             insecure,
