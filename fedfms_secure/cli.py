@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Sequence
 
 from fedfms_secure import __version__
-from fedfms_secure.errors import ConfigError, FedFmsError
+from fedfms_secure.commands.data import add_data_options
+from fedfms_secure.errors import FedFmsError
 
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("status", "model", "privacy", "bench", "data", "train")
+COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +64,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             "exit_when_done": True if args.exit_when_done else None,
             "round_deadline": args.round_deadline,
             "min_sites": args.min_sites,
+            "passphrase_file": args.passphrase_file,
         },
     )
     return serve(config)
@@ -88,47 +90,21 @@ def _cmd_client(args: argparse.Namespace) -> int:
             "accountant": args.accountant,
             "save_updates": True if args.save_updates else None,
             "connect_timeout": args.connect_timeout,
+            "labels": args.labels,
+            "axis": args.axis,
+            "clip_percentiles": args.clip_percentiles,
+            "keep_empty_every": args.keep_empty_every,
+            "skip_bad": True if args.skip_bad else None,
+            "cache": args.cache,
+            "passphrase_file": args.passphrase_file,
         },
     )
     run_site(config)
     return 0
 
 
-def _cmd_keys_init(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.ckks import CkksParams
-    from fedfms_secure.crypto.keystore import init_federation
-    from fedfms_secure.crypto.packing import estimate_bytes_per_param, fit_params
-
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
-    if args.legacy_ckks:
-        params = CkksParams()
-    else:
-        params = fit_params(bound=args.update_bound, sites=max(1, len(clients)), rounds=args.max_rounds,
-                            quant_bits=args.quant_bits)
-    out = init_federation(
-        args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days,
-        params=params,
-    )
-    print(f"provisioned federation {args.federation!r} with {len(clients)} site(s) in {out}")
-    if params.packing is not None:
-        pk = params.packing
-        print(f"CKKS: {pk.quant_bits}-bit values within +-{pk.bound:g}, {pk.lanes} per coefficient, for up to "
-              f"{pk.rounds} rounds; about {estimate_bytes_per_param(params.poly_modulus_degree, params.coeff_mod_bit_sizes[0], pk.lanes, seeded=True):.2f} B per parameter up")
-    print(f"next: fedfms-secure keys export server --from {out} --out SERVER_BUNDLE")
-    return 0
-
-
-def _cmd_keys_export(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import export_bundle
-
-    if args.role == "client" and not args.name:
-        raise ConfigError("keys export client needs the site NAME: fedfms-secure keys export client NAME --from DIR --out DIR")
-    out = export_bundle(args.role, args.name, args.source, args.out)
-    print(f"wrote {args.role} bundle{' for ' + args.name if args.name else ''} to {out}")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedfms_secure.data.preprocess import check_percentiles
     from fedfms_secure.demo import DemoOptions, run_demo
 
     options = DemoOptions(
@@ -143,6 +119,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         local_epochs=args.local_epochs,
         pretrained=not args.no_pretrained,
+        holdout=args.holdout,
+        labels=args.labels,
+        axis=args.axis,
+        clip_percentiles=check_percentiles(args.clip_percentiles),
+        keep_empty_every=args.keep_empty_every,
+        skip_bad=args.skip_bad,
     )
     report = run_demo(options)
     if args.json:
@@ -177,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--round-deadline", type=float,
                    help="seconds a phase waits before going on with --min-sites sites (default: wait for all)")
     s.add_argument("--min-sites", type=int, help="quorum at the deadline (default 1)")
+    s.add_argument("--passphrase-file", type=Path, help="file with the passphrase of the bundle's encrypted keys")
     s.set_defaults(handler=_cmd_server, log_prefix="server")
 
     c = sub.add_parser("client", help="run one site")
@@ -193,30 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
     c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")
     c.add_argument("--connect-timeout", type=float)
+    add_data_options(c, defaults=False)
+    c.add_argument("--passphrase-file", type=Path, help="file with the passphrase of the bundle's encrypted keys")
     c.set_defaults(handler=_cmd_client, log_prefix="client")
-
-    k = sub.add_parser("keys", help="provision the federation's certificates and CKKS keys")
-    ksub = k.add_subparsers(metavar="ACTION")
-    ki = ksub.add_parser("init", help="make a CA, server and site certificates, and the CKKS context")
-    ki.add_argument("--out", type=Path, required=True)
-    ki.add_argument("--federation", default="fedfms")
-    ki.add_argument("--server-host", required=True, help="the host name the sites connect to")
-    ki.add_argument("--clients", required=True, help="comma-separated site names")
-    ki.add_argument("--days", type=int, default=365, help="certificate lifetime")
-    ki.add_argument("--update-bound", type=float, default=1.0,
-                    help="largest |value| of a weighted update (default 1.0); larger values are clipped")
-    ki.add_argument("--max-rounds", type=int, default=10, help="rounds this CKKS key may sum (default 10)")
-    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: the finest "
-                                                    "that fits 8 B per parameter)")
-    ki.add_argument("--legacy-ckks", action="store_true",
-                    help="one value per CKKS slot (57 B per parameter) instead of packed integers")
-    ki.set_defaults(handler=_cmd_keys_init)
-    ke = ksub.add_parser("export", help="write the bundle one party needs, and nothing more")
-    ke.add_argument("role", choices=["server", "client"])
-    ke.add_argument("name", nargs="?", help="site name (for a client bundle)")
-    ke.add_argument("--from", dest="source", type=Path, required=True, help="the provisioning folder")
-    ke.add_argument("--out", type=Path, required=True)
-    ke.set_defaults(handler=_cmd_keys_export)
 
     m = sub.add_parser("demo", help="a whole secure federation on loopback, with a report")
     m.add_argument("--out", type=Path, default=Path("demo-out"))
@@ -230,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--local-epochs", type=int, default=5)
     m.add_argument("--no-pretrained", action="store_true", help="a random encoder instead of the pretrained preset")
+    m.add_argument("--holdout", metavar="SITE",
+                   help="leave-one-site-out: SITE never trains; the final model is scored on it at the end")
+    add_data_options(m, cache=False)
     m.add_argument("--json", action="store_true", help="also print report.json")
     m.set_defaults(handler=_cmd_demo)
 

@@ -46,6 +46,8 @@ class ServerConfig:
     min_sites: int | None = None
     # Seconds the server waits, once done, for every site to fetch the final state and report.
     linger: float = 120.0
+    # file whose first line is the passphrase of the bundle's encrypted private keys
+    passphrase_file: Path | None = None
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "rounds must be at least 1")
@@ -80,12 +82,24 @@ class ClientConfig:
     accountant: str = "rdp"
     # Keep each round's delta, weight and decrypted aggregate in STATE/updates (for audits/tests).
     save_updates: bool = False
+    # how the site folder is read (see fedfms_secure.data): label map spec ("1,2", a JSON object or
+    # a .json file; None: every non-zero value is foreground), slicing axis, intensity clip
+    # percentiles, empty slices kept (one in k), skip bad pairs instead of stopping, and the slice
+    # cache folder (None: STATE/cache)
+    labels: str | None = None
+    axis: int = 2
+    clip_percentiles: tuple[float, float] | str = (0.5, 99.5)
+    keep_empty_every: int = 5
+    skip_bad: bool = False
+    cache: Path | None = None
     connect_timeout: float = 60.0
     round_timeout: float = 1800.0
     # deadline of one RPC, streams included (a whole FedSAM upload is one call)
     call_timeout: float = 600.0
     # while the server is unreachable (e.g. restarting), keep retrying with backoff this long
     reconnect_timeout: float = 300.0
+    # file whose first line is the passphrase of the bundle's encrypted private keys
+    passphrase_file: Path | None = None
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")
@@ -95,6 +109,15 @@ class ClientConfig:
         _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
         _require(self.site is None or self.insecure, "site is only set with --insecure; "
                  "otherwise the name comes from the site's certificate")
+        _require(self.axis in (0, 1, 2), "axis must be 0, 1 or 2")
+        _require(self.keep_empty_every >= 0, "keep_empty_every must be >= 0")
+        from fedfms_secure.data.labels import num_classes_of
+        from fedfms_secure.data.preprocess import check_percentiles
+
+        object.__setattr__(self, "clip_percentiles", check_percentiles(self.clip_percentiles))
+        num_classes_of(self.labels)  # a malformed label map fails here, with what to write instead
+        if self.cache is not None:
+            object.__setattr__(self, "cache", Path(self.cache).expanduser())
 
     @property
     def dp(self) -> bool:
@@ -117,7 +140,7 @@ def load_config(cls: type[C], file: Path | None, overrides: Mapping[str, Any]) -
             f"missing {', '.join('--' + m.replace('_', '-') for m in missing)}: "
             "give it as a flag or in the --config file"
         )
-    for name in ("keys", "state", "data"):
+    for name in ("keys", "state", "data", "passphrase_file"):
         if name in values and name in known:
             if not isinstance(values[name], (str, Path)):
                 raise ConfigError(f"{name} must be a path, not {values[name]!r}")

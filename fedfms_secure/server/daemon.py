@@ -1,4 +1,10 @@
-"""``fedfms-secure server``: the coordinator daemon."""
+"""``fedfms-secure server``: the coordinator daemon.
+
+Every call passes the ``RevocationInterceptor`` (``transport/revocation.py``): a certificate on the
+bundle's CA-signed ``crl.pem`` is refused with ``PERMISSION_DENIED`` and the reason, from the next
+call on, also while the server runs (the list is reloaded when the file changes). A site removed
+by ``keys revoke`` also counts as retired, so rounds no longer wait for it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedfms_secure.config import ServerConfig
+from fedfms_secure.crypto import pki
+from fedfms_secure.crypto.bundle import CRL
 from fedfms_secure.crypto.codec import make_summer
 from fedfms_secure.crypto.keystore import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
@@ -19,6 +27,7 @@ from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
+from fedfms_secure.transport.revocation import RevocationInterceptor, RevocationList
 from fedfms_secure.transport.servicer import FederationServicer
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
@@ -28,7 +37,7 @@ log = logging.getLogger("fedfms_secure.server")
 
 def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateStore]:
     """Loads the server bundle (refusing any that can decrypt) and builds the coordinator."""
-    bundle = load_bundle(config.keys, role="server")
+    bundle = load_bundle(config.keys, role="server", passphrase=pki.read_passphrase(config.passphrase_file))
     if config.min_sites is not None and config.min_sites > len(bundle.clients):
         raise ConfigError(f"--min-sites {config.min_sites} is more than the federation's {len(bundle.clients)} "
                           "sites: the deadline could never be met; lower it")
@@ -36,8 +45,10 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         # load_bundle(role="server") has refused any context that holds a secret key
         if bundle.params.packing is not None:
             bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=config.rounds)
-        summer = make_summer("ckks", bundle.context(), bundle.fingerprint, params=bundle.params)
+        # None with a key generated at a site (he_source "site"): the context fingerprint arrives with the
+        # key epochs that `keys he-init` publishes through the coordinator
         fingerprint = bundle.fingerprint
+        summer = make_summer("ckks", bundle.context(), fingerprint, params=bundle.params)
     else:
         summer, fingerprint = make_summer("plain", None), "plain"
     plan = Plan(
@@ -61,7 +72,10 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
 def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
     coordinator, bundle, store = build_coordinator(config)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS)
+    revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem)
+    interceptors = [RevocationInterceptor(revocations)] if revocations is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS,
+                         interceptors=interceptors)
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,8 +105,11 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     )
     stop = stop or threading.Event()
     _on_signals(stop)
+    retired_by_crl: set[str] = set()
     try:
         while not stop.is_set():
+            if revocations is not None:
+                retire_revoked(coordinator, revocations, retired_by_crl)
             if config.exit_when_done and coordinator.status().done:
                 if coordinator.finished.wait(timeout=config.linger):
                     log.info("federation finished: every site reported its final metrics")
@@ -109,6 +126,24 @@ def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
         server.stop(grace=5).wait()
     log.info("server stopped", extra={"round": coordinator.status().round})
     return 0
+
+
+def retire_revoked(coordinator: Coordinator, revocations: RevocationList, done: set[str]) -> None:
+    """Counts every site that ``keys revoke`` removed as retired (once; ``done`` remembers)."""
+    revocations.refresh()
+    removed = revocations.removed_sites()
+    if not removed.keys() - done:
+        return
+    status = coordinator.status()
+    known = {s.name: s for s in status.sites}
+    for name, entry in removed.items():
+        if name in done:
+            continue
+        done.add(name)
+        if name not in known or known[name].retired:
+            continue
+        coordinator.retire(name, status.round, f"certificate revoked ({entry.reason}) on {entry.date:%Y-%m-%d}")
+        log.warning("revoked site counts as retired", extra={"site": name, "reason": entry.reason})
 
 
 def _on_signals(stop: threading.Event) -> None:
