@@ -4,6 +4,10 @@ In order: synthetic NIfTI sites in the MSD layout (or ``--data``), keys provisio
 folder, one server process and one process per site on 127.0.0.1 under mutual TLS, DP-SGD at each
 site, CKKS aggregation at the server, a live progress line, a per-round table, ``OUT/report.json``
 and ``OUT/report.png``.
+
+With ``--holdout SITE`` (leave-one-site-out, as in FedFMS) that site starts no client and never
+trains; at the end ``fedfms-secure evaluate`` scores the final global model (which a site keeps in
+``STATE/final_model.pt``) on all of its slices, and the report gives that result separately.
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ class DemoOptions:
     pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
     save_updates: bool = False
+    # leave-one-site-out: this site never trains and is scored at the end (with generated data,
+    # one more site is generated so that `clients` sites still train)
+    holdout: str | None = None
+    # how the sites read their folders (see fedfms_secure.data)
+    labels: str | None = None
+    axis: int = 2
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    keep_empty_every: int = 5
+    skip_bad: bool = False
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -70,21 +83,31 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
+    extra = 1 if options.holdout else 0
     if options.data is None:
         data_dir = out / "data"
         shutil.rmtree(data_dir, ignore_errors=True)
-        sites = synth_federation(data_dir, sites=options.clients, seed=options.seed, shape=options.synth_shape)
+        sites = synth_federation(data_dir, sites=options.clients + extra, seed=options.seed, shape=options.synth_shape)
         console.print(f"[1/5] wrote {len(sites)} synthetic NIfTI sites (MSD layout) to {data_dir}")
     else:
         sites = find_sites(options.data)
-        if len(sites) < options.clients:
-            raise ConfigError(
-                f"{options.data} holds {len(sites)} site folder(s) but --clients is {options.clients}: "
-                f"lower --clients or add sites"
-            )
-        sites = sites[: options.clients]
-        console.print(f"[1/5] using {len(sites)} site folder(s) from {options.data}")
+        console.print(f"[1/5] using site folders from {options.data}")
+    held_out = None
+    if options.holdout:
+        held_out = next((site for site in sites if site.name == options.holdout), None)
+        if held_out is None:
+            raise ConfigError(f"--holdout {options.holdout!r} is not one of the sites: "
+                              f"{', '.join(site.name for site in sites)}")
+        sites = [site for site in sites if site != held_out]
+    if len(sites) < options.clients:
+        raise ConfigError(
+            f"{options.data or out / 'data'} holds {len(sites)} training site folder(s) but --clients is "
+            f"{options.clients}: lower --clients or add sites"
+        )
+    sites = sites[: options.clients]
     names = [site.name for site in sites]
+    if held_out is not None:
+        console.print(f"      training sites: {', '.join(names)}; held out (never trains): {held_out.name}")
 
     with tempfile.TemporaryDirectory(prefix="fedfms-keys-") as tmp:
         params = fit_params(bound=UPDATE_BOUND, sites=len(names), rounds=options.rounds)
@@ -121,7 +144,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             procs[name] = _spawn(
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
-                 "--epsilon", str(options.epsilon), *(["--save-updates"] if options.save_updates else [])],
+                 "--epsilon", str(options.epsilon), *(["--save-updates"] if options.save_updates else []),
+                 *_data_flags(options)],
                 logs / f"{name}.log",
                 env,
             )
@@ -130,12 +154,54 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         _stop_all(procs)
         if in_main:
             signal.signal(signal.SIGTERM, previous_handler)
-    report = build_report(server_state, {n: run_dir / n for n in names}, asdict(options), time.monotonic() - started)
+    holdout = None
+    if held_out is not None:
+        holdout = _evaluate_holdout(run_dir / names[0] / "final_model.pt", held_out, options, logs, env)
+    report = build_report(server_state, {n: run_dir / n for n in names}, asdict(options), time.monotonic() - started,
+                          holdout=holdout)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot_report(report, out / "report.png")
     console.print(_table(report))
+    if holdout is not None:
+        console.print(f"held-out site {holdout['name']} (never trained), final global model on all its "
+                      f"{holdout['slices']} slices: Dice {_pm(holdout['dice_mean'], holdout['dice_std'])}, IoU "
+                      f"{_pm(holdout['iou_mean'], holdout['iou_std'])}, HD95 "
+                      f"{_pm(holdout['hd95_mean'], holdout['hd95_std'], 1)} px")
     console.print(f"[5/5] wrote {out / 'report.json'} and {out / 'report.png'}; logs in {logs}")
     return report
+
+
+def _data_flags(options: DemoOptions) -> list[str]:
+    """The client flags that say how a site folder is read."""
+    low, high = options.clip_percentiles
+    flags = ["--axis", str(options.axis), "--clip-percentiles", f"{low:g},{high:g}",
+             "--keep-empty-every", str(options.keep_empty_every)]
+    if options.labels:
+        flags += ["--labels", options.labels]
+    if options.skip_bad:
+        flags.append("--skip-bad")
+    return flags
+
+
+def _evaluate_holdout(model: Path, site: Path, options: DemoOptions, logs: Path,
+                      env: dict[str, str]) -> dict[str, Any]:
+    """``fedfms-secure evaluate`` of the final global model on the held-out site (all its slices)."""
+    cmd = [sys.executable, "-m", "fedfms_secure", "evaluate", "--model", str(model), "--data", str(site), "--json"]
+    if options.skip_bad:
+        cmd.append("--skip-bad")
+    log_file = logs / "evaluate.log"
+    with open(log_file, "w") as err:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True, timeout=options.timeout)
+    if done.returncode != 0:
+        raise FedFmsError(f"evaluating the held-out site {site.name} failed (exit {done.returncode}):\n{_tail(log_file)}")
+    result = json.loads(done.stdout)
+    return {**result["sites"][0], "model": str(model)}
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
+    if mean is None or not math.isfinite(mean):
+        return "-"
+    return f"{mean:.{digits}f}" + ("" if std is None or not math.isfinite(std) else f" ± {std:.{digits}f}")
 
 
 def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:

@@ -1,14 +1,20 @@
 """The federation report: per-round Dice, epsilon, bytes and seconds, from the files the daemons wrote.
 
-Sources: the server's ``metrics.jsonl`` (what each site chose to report after each round: Dice of
-the new global model on its validation slices, bytes) and ``rounds.jsonl`` (round durations), and,
-from each site's own state folder, ``initial.json`` (Dice of theta_0) and its privacy ledger
-(epsilon spent: never sent to the server, whom it would tell the site's sample count).
+Sources: the server's ``metrics.jsonl`` (what each site chose to report after each round: Dice,
+IoU and HD95 of the new global model on its validation slices, as means and standard deviations
+over its images, and bytes) and ``rounds.jsonl`` (round durations), and, from each site's own
+state folder, ``initial.json`` (scores of theta_0) and its privacy ledger (epsilon spent: never
+sent to the server, whom it would tell the site's sample count).
+
+``final`` holds each site's last report (``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std``,
+``hd95_mean``, ``hd95_std``) and their mean over sites; ``holdout`` the scores of the final model
+on a site that never trained (leave-one-site-out), when the run had one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,9 +23,15 @@ from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.server.store import StateStore
 
 
+FINAL_FIELDS = ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std")
+# what a site reports (see client/site.py) -> the report's field
+_REPORTED = {"dice_mean": "dice", "dice_std": "dice_std", "iou_mean": "iou", "iou_std": "iou_std",
+             "hd95_mean": "hd95", "hd95_std": "hd95_std"}
+
+
 def build_report(server_state: Path, site_states: Mapping[str, Path], options: Mapping[str, Any],
-                 wall_seconds: float) -> dict[str, Any]:
-    """Collects the report of one federation run."""
+                 wall_seconds: float, holdout: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Collects the report of one federation run (``holdout``: the held-out site's scores)."""
     store = StateStore(server_state)
     metrics = store.read_records("metrics.jsonl")
     durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl")}
@@ -53,6 +65,8 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
         "dice_initial": statistics.fmean(initial) if initial else float("nan"),
         "rounds": rounds,
         "dice_final": rounds[-1]["dice_mean"] if rounds else None,
+        "final": final_scores(metrics, sites),
+        "holdout": dict(holdout) if holdout is not None else None,
         "epsilon_final_max": rounds[-1]["epsilon_max"] if rounds else None,
         "seconds_total": wall_seconds,
     }
@@ -88,6 +102,30 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def final_scores(metrics: list[dict[str, Any]], sites: list[str]) -> dict[str, Any]:
+    """Each site's last reported scores and their mean over the sites that reported."""
+    last: dict[str, dict[str, Any]] = {}
+    for record in metrics:
+        site = record.get("site")
+        if site in sites and (site not in last or record["round"] >= last[site]["round"]):
+            last[site] = record
+    per_site = {site: {"round": last[site]["round"] + 1,
+                       **{field: _number(last[site].get(key)) for field, key in _REPORTED.items()}}
+                for site in sites if site in last}
+    mean = {}
+    for field in FINAL_FIELDS:
+        values = [row[field] for row in per_site.values() if row[field] is not None]
+        mean[field] = statistics.fmean(values) if values else None
+    return {"sites": per_site, "mean": mean}
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, else None (JSON has no NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def _initial_dice(state: Path) -> float | None:

@@ -7,6 +7,11 @@ For round r the site (see DESIGN.md, "One round")::
     commit E(n_k); wait for E(N); decrypt N
     upload E(n_k / N * (theta_k - theta_r)), chunk by chunk
     wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices, report
+    (Dice, IoU and HD95: mean and standard deviation over its validation images, never a count)
+
+After the last round the site keeps the final global model in ``STATE/final_model.pt`` (the
+communicated parameters and the plan), which ``fedfms-secure evaluate`` scores on any site, e.g.
+one held out of training.
 
 Only the parameters that the mode communicates travel. The sample count n_k never leaves the site
 in plaintext, and neither does any update.
@@ -14,6 +19,7 @@ in plaintext, and neither does any update.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,6 +37,7 @@ from fedfms_secure.config import ClientConfig
 from fedfms_secure.crypto.codec import UpdateCodec, make_site_codec
 from fedfms_secure.crypto.keystore import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
+from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, DataError, FederationError
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
@@ -39,8 +46,9 @@ from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.budget import append_ledger, read_ledger, resolve_delta
 from fedfms_secure.privacy.site import STATE_FILE
 from fedfms_secure.protocol import Chunk, Joined, Plan
-from fedfms_secure.train.evaluate import evaluate_dice
 from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
+from fedfms_secure.train.metrics import evaluate_segmentation
+from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
 from fedfms_secure.transport.client import FederationClient, poll
 
 log = logging.getLogger("fedfms_secure.client")
@@ -116,9 +124,13 @@ class _Site:
         self.plan: Plan = joined.plan
         config.state.mkdir(parents=True, exist_ok=True)
         # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
-        self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False)
+        self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False,
+                                 num_classes=num_classes_of(config.labels))
         self.data = load_site(
-            site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed
+            site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed,
+            axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,
+            labels=config.labels, clip_percentiles=config.clip_percentiles,
+            cache_dir=config.cache if config.cache is not None else config.state / "cache",
         )
         self.names = apply_mode(self.model, self.plan.mode)
         self.theta0 = flatten(self.model, self.names)
@@ -158,9 +170,9 @@ class _Site:
         theta = self._fetch_theta(start)
         load_vector(self.model, self.names, theta)
         if start == 0:
-            dice0 = evaluate_dice(self.model, self.data.val)
-            self._write_json("initial.json", {"dice": dice0})
-            log.info("initial model evaluated", extra={"dice": dice0})
+            initial = self._evaluate()
+            self._write_json("initial.json", initial)
+            log.info("initial model evaluated", extra={"dice": initial["dice"]})
         for round_ in range(start, self.plan.rounds):
             self._wait_for_round(round_)
             if self._budget_spent(round_):
@@ -198,7 +210,7 @@ class _Site:
                 "delta": self.privacy.config.delta, "noise_multiplier": self.privacy.noise_multiplier,
                 "sample_rate": self.privacy.sample_rate, "accountant": self.privacy.config.accountant,
             })
-        dice_local = evaluate_dice(self.model, self.data.val)
+        dice_local = self._evaluate()["dice"]
         delta = flatten(self.model, self.names).astype(np.float64) - theta
         weight = self._contribute(round_, delta, result.num_samples)
         self._wait_for_round(round_ + 1)
@@ -206,11 +218,14 @@ class _Site:
         if self.config.save_updates and weight is not None:
             self._save_update(round_, delta, result.num_samples, weight, new_theta - theta)
         load_vector(self.model, self.names, new_theta)
-        dice = evaluate_dice(self.model, self.data.val)
+        scores = self._evaluate()
+        dice = scores["dice"]
+        if round_ + 1 == self.plan.rounds:
+            self._save_final_model(round_ + 1)
         epsilon = self.privacy.epsilon() if self.privacy is not None else None
         seconds = time.monotonic() - t0
         metrics = {
-            "dice": dice,
+            **scores,
             "dice_local": dice_local,
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
@@ -331,6 +346,30 @@ class _Site:
     def _missing(self, field: str) -> str:
         status = self.client.status()
         return ", ".join(s.name for s in status.sites if not getattr(s, field)) or "nobody"
+
+    def _evaluate(self) -> dict[str, float]:
+        """The model's scores on the validation slices, as the site reports them: ``dice``, ``iou``,
+        ``hd95`` (means over images) and their ``*_std``; ``dice_class_k`` per class with several
+        classes. Aggregates only: no number of images."""
+        summary = evaluate_segmentation(self.model, self.data.val, self.data.class_names)
+        scores = {}
+        for metric in ("dice", "iou", "hd95"):
+            scores[metric] = summary[f"{metric}_mean"]
+            scores[f"{metric}_std"] = summary[f"{metric}_std"]
+        if len(summary["per_class"]) > 1:
+            for k, entry in enumerate(summary["per_class"], start=1):
+                scores[f"dice_class_{k}"] = entry["dice_mean"]
+        return scores
+
+    def _save_final_model(self, rounds: int) -> None:
+        """The final global model (as decrypted here) in STATE/final_model.pt, for `fedfms-secure evaluate`."""
+        assert self.data.preprocessing is not None
+        path = save_model_file(
+            self.config.state / FINAL_MODEL, self.model, self.names, mode=self.plan.mode, seed=self.plan.seed,
+            pretrained=self.plan.pretrained, data=self.data.preprocessing.describe(), label_spec=self.config.labels,
+            source="federated", info={"plan": dataclasses.asdict(self.plan), "rounds": rounds, "site": self.joined.site},
+        )
+        log.info("final global model saved", extra={"path": str(path)})
 
     def _save_update(self, round_: int, delta, n: int, weight: float, aggregate) -> None:
         folder = self.config.state / "updates"
