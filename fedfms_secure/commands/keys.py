@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ki.add_argument("--update-bound", type=float, default=1.0,
                     help="largest |value| of a weighted update (default 1.0); larger values are clipped")
     ki.add_argument("--max-rounds", type=int, default=10, help="rounds this CKKS key may sum (default 10)")
+    ki.add_argument("--max-sites", type=int,
+                    help="sites the CKKS packing makes room for, to add some later with `keys add-client` "
+                         "(default: the number of --clients)")
     ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: the finest "
                                                     "that fits 8 B per parameter)")
     ki.add_argument("--legacy-ckks", action="store_true",
@@ -148,8 +151,11 @@ def _init(args: argparse.Namespace) -> int:
     if args.legacy_ckks:
         params = CkksParams()
     else:
-        params = fit_params(bound=args.update_bound, sites=max(1, len(clients)), rounds=args.max_rounds,
-                            quant_bits=args.quant_bits)
+        if args.max_sites is not None and args.max_sites < len(clients):
+            raise ConfigError(f"--max-sites {args.max_sites} is less than the {len(clients)} sites of --clients: "
+                              "raise it or leave it out")
+        params = fit_params(bound=args.update_bound, sites=max(1, len(clients), args.max_sites or 0),
+                            rounds=args.max_rounds, quant_bits=args.quant_bits)
     out = init_federation(
         args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days,
         ca_days=args.ca_days, params=params, algorithm=args.algorithm, ca_algorithm=args.ca_algorithm,

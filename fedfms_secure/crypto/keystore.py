@@ -296,8 +296,8 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
         raise ConfigError(
             f"cannot add {name!r}: the CKKS packing of this federation ({src / FEDERATION_JSON}, ckks.params.packing) "
             f"sums at most {pk.sites} sites x {pk.rounds} rounds and already has {len(active)} active site(s). "
-            f"Provision a new federation sized for {len(active) + 1} sites (`fedfms-secure keys init --clients ...`, "
-            "which picks the packing from the site count), or revoke a site that left"
+            f"Provision a new federation with room for {len(active) + 1} or more sites (`fedfms-secure keys init "
+            "--max-sites N`), or revoke a site that left"
         )
     ca, ca_key = _load_ca(src, passphrase)
     public = _new_site(src, ca, ca_key, name, meta["algorithm"], days or int(meta.get("days", DEFAULT_DAYS)), passphrase)
