@@ -37,7 +37,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -54,6 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedfms_secure.crypto import pki
+from fedfms_secure.crypto.bundle import params_fingerprint  # the manifest's ckks.params_fingerprint
 from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, is_fingerprint, load_context, params_of
 from fedfms_secure.errors import CryptoError, KeyMaterialError
 
@@ -70,7 +70,6 @@ __all__ = [
 VERSION = 1
 _DOMAIN = b"fedfms-secure/he-envelope/v1"
 _SIGN_DOMAIN = b"fedfms-secure/he-envelope-signature/v1\x00"
-_PARAMS_DOMAIN = b"fedfms-secure/ckks-params/v1\x00"
 _FIELDS = ("version", "header", "ephemeral", "nonce", "ciphertext", "sender_cert", "signature")
 _REDO = "ask the sending site to publish the key again (`fedfms-secure keys rotate-he`, or `keys he-init` before epoch 1)"
 
@@ -115,11 +114,6 @@ class OpenedEnvelope:
 
     header: EnvelopeHeader
     context_bytes: bytes = field(repr=False)
-
-
-def params_fingerprint(params: CkksParams) -> str:
-    """Hex SHA-256 of the CKKS parameters (packing included): what a manifest fixes before any key exists."""
-    return hashlib.sha256(_PARAMS_DOMAIN + _canonical(params.to_dict())).hexdigest()
 
 
 def seal_context(
