@@ -220,3 +220,20 @@ def test_missing_or_corrupt_files_are_named(tmp_path: Path, capsys: pytest.Captu
     (prov / "federation.json").write_text("{not json")
     assert main(["keys", "show", "--from", str(prov)]) == 1
     assert "federation.json is unreadable or not JSON" in capsys.readouterr().err
+
+
+def test_export_update_rewrites_in_place_and_keeps_the_sites_files(tmp_path: Path) -> None:
+    prov = init_federation(tmp_path / "p", federation="u", server_host="localhost", clients=["a", "b"],
+                           he_dealer=False)
+    a = export_bundle("client", "a", prov, tmp_path / "a")
+    (a / "he").mkdir(mode=0o700)
+    pki.write_private(a / "he" / "epoch-1.ctx", b"kept by the site")
+    old_serial = load_bundle(a, role="client").cert_pem
+    with pytest.raises(KeyMaterialError, match="use another --out"):
+        export_bundle("client", "a", prov, a)  # without --update an existing bundle is never overwritten
+    rotate_tls(prov, ["a"])
+    with pytest.raises(KeyMaterialError, match=r"does not hold a client bundle of 'b'.*--update only rewrites"):
+        export_bundle("client", "b", prov, a, update=True)
+    export_bundle("client", "a", prov, a, update=True)
+    assert (a / "he" / "epoch-1.ctx").read_bytes() == b"kept by the site"
+    assert load_bundle(a, role="client").cert_pem != old_serial
