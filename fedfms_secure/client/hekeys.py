@@ -269,3 +269,45 @@ def _publish_rotation(client: FederationClient, status: Status, epoch: int, key:
     publication = KeyPublication(epoch, new_codec.fingerprint, round_, key.fingerprint, len(envelopes), len(state))
     client.publish_keys(publication, envelopes, lambda: state)
     return len(state)
+
+
+class Keyring:
+    """The site daemon's CKKS key: the codec of the current epoch, switched when the server
+    announces a new one (the context read from ``he/`` or fetched in an envelope)."""
+
+    def __init__(self, client: FederationClient, bundle: Bundle, *, passphrase: bytes | None = None,
+                 timeout: float = 300.0) -> None:
+        self._client = client
+        self._bundle = bundle
+        self._passphrase = passphrase
+        self._timeout = timeout
+        self._store = HeStore(bundle.path)
+        self._envelope_key: X25519PrivateKey | None = None
+        held = site_key(bundle, self._store)
+        self.codec: UpdateCodec | None = (
+            make_site_codec("ckks", held.context, held.fingerprint, params=bundle.params) if held else None
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the key held now ("" before this site has any)."""
+        return self.codec.fingerprint if self.codec is not None else ""
+
+    def sync(self, announced: KeyEpoch) -> bool:
+        """Switches to the ``announced`` key epoch unless it is held already; True when it switched.
+
+        Before the first key exists it waits (with backoff, up to the timeout) for he-init.
+        """
+        if self.codec is not None and announced.epoch and announced.fingerprint == self.codec.fingerprint:
+            return False
+        if self._envelope_key is None:
+            from fedfms_secure.crypto.keystore import load_envelope_key
+
+            self._envelope_key = load_envelope_key(self._bundle.path, passphrase=self._passphrase)
+        key = current_key(self._client, self._bundle, self._envelope_key, announced, store=self._store,
+                          timeout=self._timeout)
+        previous = self.fingerprint
+        self.codec = make_site_codec("ckks", key.context, key.fingerprint, params=self._bundle.params)
+        log.info("using CKKS key epoch", extra={"epoch": key.epoch, "fingerprint": key.fingerprint[:16],
+                                                "previous": previous[:16] or "none"})
+        return previous != key.fingerprint

@@ -15,6 +15,11 @@ one held out of training.
 
 Only the parameters that the mode communicates travel. The sample count n_k never leaves the site
 in plaintext, and neither does any update.
+
+The CKKS key: a bundle made without a dealer holds none; the site reads it from ``BUNDLE/he/``
+or, at its first start, waits for its sealed envelope (``keys he-init`` at one site) and opens it.
+It follows the key epoch the server announces (Join, GetStatus at the start of each round, a
+commit refused under an old key) and re-encrypts under a rotated key (``client/hekeys.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import numpy as np
 
 from fedfms_secure import __version__
 from fedfms_secure.config import ClientConfig
+from fedfms_secure.client.hekeys import Keyring
 from fedfms_secure.crypto.codec import UpdateCodec, make_site_codec
+from fedfms_secure.crypto.pki import read_passphrase
 from fedfms_secure.crypto.keystore import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
 from fedfms_secure.data.labels import num_classes_of
@@ -45,7 +52,7 @@ from fedfms_secure.model.vector import flatten, load_vector
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.budget import append_ledger, read_ledger, resolve_delta
 from fedfms_secure.privacy.site import STATE_FILE
-from fedfms_secure.protocol import Chunk, Joined, Plan
+from fedfms_secure.protocol import Chunk, Joined, KeyEpoch, Plan, Status
 from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
 from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
@@ -70,26 +77,30 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
     """
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
-    bundle = None if config.insecure and not config.keys.exists() else load_bundle(config.keys, role="client")
+    passphrase = read_passphrase(config.passphrase_file)
+    bundle = (None if config.insecure and not config.keys.exists()
+              else load_bundle(config.keys, role="client", passphrase=passphrase))
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
     _check_accountant(config.state)
     client = _connect(config, bundle)
     with client:
         client.wait_ready(config.connect_timeout)
-        codec_ctx = bundle.context() if bundle is not None else None
-        fingerprint = bundle.fingerprint if bundle is not None else "plain"
-        joined = client.join(fingerprint, __version__)
+        keys = (Keyring(client, bundle, passphrase=passphrase, timeout=config.round_timeout)
+                if bundle is not None else None)
+        joined = client.join(keys.fingerprint if keys is not None else "plain", __version__)
         plan = joined.plan
         if plan.scheme == "plain":
-            fingerprint = "plain"
-        elif codec_ctx is None:
+            codec, keys = make_site_codec("plain", None, "plain"), None
+        elif keys is None:
             raise ConfigError("the federation runs under CKKS: give the site's key bundle with --keys")
-        if plan.scheme == "ckks" and bundle.params.packing is not None:
-            bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=plan.rounds)
-        codec = make_site_codec(plan.scheme, codec_ctx, fingerprint, params=bundle.params if bundle else None)
+        else:
+            if bundle.params.packing is not None:
+                bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=plan.rounds)
+            keys.sync(joined.key)  # before he-init: waits for this site's envelope
+            codec = keys.codec
         log.info("joined", extra={"site": joined.site, "round": joined.round, "rounds": plan.rounds,
-                                  "mode": plan.mode, "scheme": plan.scheme})
-        return _Site(config, client, codec, joined, site_dir).run()
+                                  "mode": plan.mode, "scheme": plan.scheme, "key_epoch": joined.key.epoch})
+        return _Site(config, client, codec, joined, site_dir, keys).run()
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -115,11 +126,13 @@ def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
 
 class _Site:
     def __init__(
-        self, config: ClientConfig, client: FederationClient, codec: UpdateCodec, joined: Joined, site_dir: Path
+        self, config: ClientConfig, client: FederationClient, codec: UpdateCodec, joined: Joined, site_dir: Path,
+        keys: Keyring | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.codec = codec
+        self.keys = keys
         self.joined = joined
         self.plan: Plan = joined.plan
         config.state.mkdir(parents=True, exist_ok=True)
@@ -174,7 +187,7 @@ class _Site:
             self._write_json("initial.json", initial)
             log.info("initial model evaluated", extra={"dice": initial["dice"]})
         for round_ in range(start, self.plan.rounds):
-            self._wait_for_round(round_)
+            self._sync_key(self._wait_for_round(round_).key)
             if self._budget_spent(round_):
                 break
             outcome, theta = self._round(round_, theta)
@@ -213,7 +226,7 @@ class _Site:
         dice_local = self._evaluate()["dice"]
         delta = flatten(self.model, self.names).astype(np.float64) - theta
         weight = self._contribute(round_, delta, result.num_samples)
-        self._wait_for_round(round_ + 1)
+        self._sync_key(self._wait_for_round(round_ + 1).key)
         new_theta = self._fetch_theta(round_ + 1)
         if self.config.save_updates and weight is not None:
             self._save_update(round_, delta, result.num_samples, weight, new_theta - theta)
@@ -283,7 +296,15 @@ class _Site:
 
     def _exchange_weight(self, round_: int, n: int) -> float:
         """Commit E(n_k), wait for E(N), decrypt it: returns n_k / N."""
-        self.client.commit_weight(round_, self.codec.fingerprint, self.codec.encrypt_scalar(float(n)))
+        try:
+            self.client.commit_weight(round_, self.codec.fingerprint, self.codec.encrypt_scalar(float(n)))
+        except FederationError as exc:
+            # the key was rotated at this round's boundary after this site fetched the state: its
+            # plaintext update is still valid, only its encryption must use the new key
+            if exc.code != "failed_precondition" or not self._sync_key(self.client.status().key):
+                raise
+            log.info("CKKS key rotated before this site committed: encrypting again", extra={"round": round_})
+            self.client.commit_weight(round_, self.codec.fingerprint, self.codec.encrypt_scalar(float(n)))
         total = poll(
             lambda: self.client.weight_total(round_),
             lambda t: t.ready,
@@ -319,6 +340,8 @@ class _Site:
         chunks = self.client.global_state(round_)
         if not chunks:
             raise FederationError(f"the server sent no global state for round {round_}", "not_found")
+        if any(c.fingerprint != self.codec.fingerprint for c in chunks) and self._sync_key(self.client.status().key):
+            chunks = self.client.global_state(round_)  # re-encrypted under a key rotated meanwhile
         for chunk in chunks:
             if chunk.fingerprint != self.codec.fingerprint:
                 raise FederationError(
@@ -331,8 +354,15 @@ class _Site:
                 f"{self.theta0.size}", "invalid_argument")
         return self.theta0.astype(np.float64) + self.codec.decrypt_vector([c.payload for c in chunks], length)
 
-    def _wait_for_round(self, round_: int) -> None:
-        poll(
+    def _sync_key(self, announced: KeyEpoch) -> bool:
+        """Follows the server's CKKS key epoch; True when the site switched to a new key."""
+        if self.keys is None or not self.keys.sync(announced):
+            return False
+        self.codec = self.keys.codec
+        return True
+
+    def _wait_for_round(self, round_: int) -> Status:
+        return poll(
             self.client.status,
             lambda s: s.round >= round_,
             timeout=self.config.round_timeout,
