@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from fedfms_secure.data.cache import SliceCache
+from fedfms_secure.data.cache import CacheStats, SliceCache
 from fedfms_secure.data.labels import LabelMap
 from fedfms_secure.data.layout import CasePair, expected_label, list_cases
 from fedfms_secure.data.preprocess import CLIP_PERCENTILES, Preprocessing, load_pair_slices, preprocessing_for
@@ -64,6 +64,8 @@ class SiteData:
     preprocessing: Preprocessing | None = None
     # one message per skipped pair (with skip_bad), naming its file
     skipped: list[str] = field(default_factory=list)
+    # hits, misses, discarded (corrupt) entries and writes of the slice cache; None without one
+    cache_stats: CacheStats | None = None
 
     @property
     def label_map(self) -> LabelMap:
@@ -144,6 +146,7 @@ def load_site(
         image_size=image_size,
         preprocessing=options,
         skipped=skipped,
+        cache_stats=cache.stats if cache is not None else None,
     )
 
 
