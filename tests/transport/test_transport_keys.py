@@ -1,0 +1,171 @@
+"""The CKKS key made at a site, over a real gRPC server with mutual TLS: `keys he-init`, sites
+fetching and opening their envelopes, a round, `keys rotate-he` at a round boundary, and the old
+key refused afterwards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedfms_secure.cli import main
+from fedfms_secure.client.hekeys import Keyring
+from fedfms_secure.config import ServerConfig
+from fedfms_secure.crypto.hestore import HeStore
+from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.errors import FederationError
+from fedfms_secure.protocol import Chunk
+from fedfms_secure.server.daemon import serve
+from fedfms_secure.transport.client import FederationClient
+
+SITES = ("a", "b", "c")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("keys")
+    params = fit_params(bound=1.0, sites=len(SITES), rounds=4)
+    prov = init_federation(root / "prov", federation="hk", server_host="localhost", clients=SITES, params=params,
+                           he_dealer=False)
+    export_bundle("server", None, prov, root / "server")
+    for name in SITES:
+        export_bundle("client", name, prov, root / name)
+    stop = threading.Event()
+    config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=3)
+    thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
+    thread.start()
+    address_file = root / "state" / "address.json"
+    for _ in range(400):
+        if address_file.exists():
+            break
+        threading.Event().wait(0.05)
+    address = json.loads(address_file.read_text())["address"]
+    yield root, address
+    stop.set()
+    thread.join(timeout=10)
+
+
+def connect(root: Path, address: str, name: str) -> FederationClient:
+    b = load_bundle(root / name, role="client")
+    return FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
+                            server_name=b.server_host, call_timeout=20)
+
+
+def chunks(codec, round_, vec):
+    payloads = codec.encrypt_vector(vec)
+    step = codec.chunk_values
+    return [Chunk(round_, i, len(payloads), min(step, vec.size - i * step), codec.fingerprint, p, vec.size)
+            for i, p in enumerate(payloads)]
+
+
+def test_he_init_round_and_rotation_over_grpc(federation, capsys):
+    root, address = federation
+    clients = {name: connect(root, address, name) for name in SITES}
+    try:
+        # before he-init: no key, commits refused, envelopes not there yet
+        assert clients["b"].status().key.epoch == 0
+        with pytest.raises(FederationError, match="waiting for keys he-init") as info:
+            clients["b"].envelope()
+        assert info.value.code == "not_found"
+        with pytest.raises(FederationError, match="waiting for keys he-init") as info:
+            clients["b"].commit_weight(0, "ab" * 32, b"\x00")
+        assert info.value.code == "failed_precondition"
+
+        # a site waiting for its key gets it as soon as he-init has run at site a
+        ring_b = Keyring(clients["b"], load_bundle(root / "b", role="client"), timeout=60)
+        assert ring_b.codec is None
+        waiter = threading.Thread(target=ring_b.sync, args=(clients["b"].status().key,))
+        waiter.start()
+        assert main(["keys", "he-init", "--keys", str(root / "a"), "--server", address, "--json"]) == 0
+        made = json.loads(capsys.readouterr().out)
+        assert (made["epoch"], made["site"], made["round"], sorted(made["recipients"])) == (1, "a", 0, ["b", "c"])
+        waiter.join(timeout=60)
+        assert ring_b.fingerprint == made["fingerprint"]
+        rings = {"a": Keyring(clients["a"], load_bundle(root / "a", role="client")), "b": ring_b,
+                 "c": Keyring(clients["c"], load_bundle(root / "c", role="client"), timeout=10)}
+        rings["c"].sync(clients["c"].status().key)
+        assert {r.fingerprint for r in rings.values()} == {made["fingerprint"]}
+        assert main(["keys", "he-init", "--keys", str(root / "b"), "--server", address]) == 1  # only once
+        assert "already" in capsys.readouterr().err
+
+        # one round under epoch 1
+        codec = rings["a"].codec
+        vec = np.linspace(-0.25, 0.25, codec.chunk_values + 11)
+        for name, ring in rings.items():
+            clients[name].commit_weight(0, ring.fingerprint, ring.codec.encrypt_scalar(4.0))
+        for name, ring in rings.items():
+            assert ring.codec.decrypt_scalar(clients[name].weight_total(0).payload) == pytest.approx(12.0)
+            clients[name].upload(lambda ring=ring: chunks(ring.codec, 0, vec / 3))
+        assert clients["a"].status().round == 1
+        state = clients["b"].global_state(1)
+        before = {n: r.codec.decrypt_vector([c.payload for c in state], vec.size) for n, r in rings.items()}
+        np.testing.assert_allclose(before["a"], vec, atol=4 * codec.step)
+        assert all(np.array_equal(v, before["a"]) for v in before.values())
+
+        # rotate-he from site c at the boundary of round 1 (no commit yet)
+        old = {name: ring.codec for name, ring in rings.items()}
+        assert main(["keys", "rotate-he", "--keys", str(root / "c"), "--server", address, "--wait", "30",
+                     "--json"]) == 0
+        rotated = json.loads(capsys.readouterr().out)
+        assert (rotated["epoch"], rotated["site"], rotated["round"]) == (2, "c", 1)
+        assert sorted(rotated["recipients"]) == ["a", "b"] and rotated["state_chunks"] == len(state)
+        status = clients["a"].status()
+        assert status.key.epoch == 2 and status.key.fingerprint == rotated["fingerprint"]
+
+        # the old key is refused from now on, naming both epochs
+        with pytest.raises(FederationError, match="epoch 1 .* replaced by epoch 2") as info:
+            clients["a"].commit_weight(1, old["a"].fingerprint, old["a"].encrypt_scalar(4.0))
+        assert info.value.code == "failed_precondition"
+        assert old["a"].fingerprint in str(info.value) and rotated["fingerprint"] in str(info.value)
+
+        # every site follows: the state is the same values under the new key
+        for name, ring in rings.items():
+            assert ring.sync(status.key) is True
+            assert ring.fingerprint == rotated["fingerprint"]
+        state = clients["a"].global_state(1)
+        assert {c.fingerprint for c in state} == {rotated["fingerprint"]}
+        for name, ring in rings.items():
+            np.testing.assert_array_equal(ring.codec.decrypt_vector([c.payload for c in state], vec.size),
+                                          before[name])
+        for name in SITES:  # superseded contexts are deleted at every site
+            assert [p.name for p in HeStore(root / name).folder.glob("epoch-*.ctx")] == ["epoch-2.ctx"]
+
+        # a rotation while the round has commits waits for a boundary, and gives up after --wait
+        clients["a"].commit_weight(1, rings["a"].fingerprint, rings["a"].codec.encrypt_scalar(4.0))
+        assert main(["keys", "rotate-he", "--keys", str(root / "b"), "--server", address, "--wait", "1"]) == 1
+        assert "no round boundary within --wait 1 s" in capsys.readouterr().err
+        assert clients["a"].status().key.epoch == 2
+        assert [p.name for p in HeStore(root / "b").folder.glob("epoch-*.ctx")] == ["epoch-2.ctx"]
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
+    """A bundle without he/ (e.g. restored from the export) gets the current key from its envelope;
+    the envelope of another site does not open with its key."""
+    root, address = federation
+    from fedfms_secure.crypto.envelope import open_envelope
+    from fedfms_secure.crypto.keystore import load_envelope_key
+    from fedfms_secure.errors import KeyMaterialError
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(root / "b", bundle_dir)
+    shutil.rmtree(bundle_dir / "he")
+    bundle = load_bundle(bundle_dir, role="client")
+    with connect(root, address, "b") as client:
+        ring = Keyring(client, bundle, timeout=10)
+        assert ring.codec is None
+        status = client.status()
+        assert ring.sync(status.key) is True and ring.fingerprint == status.key.fingerprint
+    assert HeStore(bundle_dir).current().epoch == status.key.epoch
+    with connect(root, address, "a") as client_a:
+        for_a = client_a.envelope()
+    with pytest.raises(KeyMaterialError, match="sealed to site 'a', not to this site 'b'"):
+        open_envelope(for_a.payload, recipient="b", recipient_key=load_envelope_key(bundle_dir), federation="hk",
+                      sites=SITES, ca_pem=bundle.ca_pem, params=bundle.params)
