@@ -209,8 +209,9 @@ def load_envelope_key(bundle_dir: Path, passphrase: bytes | None = None) -> x255
 def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[str, Any], CkksParams]:
     """The manifest of the bundle at ``path``, every field type-checked, and its CKKS parameters.
 
-    Manifests of older bundles without ``ckks.source``, ``ckks.params_fingerprint`` or
-    ``envelope_keys`` read as a dealer-made key, the parameters' fingerprint and no envelope keys.
+    Manifests of older bundles without ``ckks.source`` or ``ckks.params_fingerprint`` read as a
+    dealer-made key and the parameters' fingerprint; one without ``envelope_keys`` as none (a site's
+    bundle is then refused: it must hold its own envelope key).
     """
     file = path / MANIFEST
     redo = f"export the bundle again with {hint}"
