@@ -1,7 +1,9 @@
 """``fedfms-secure demo``: a whole secure federation on loopback, then a report.
 
 In order: synthetic NIfTI sites in the MSD layout (or ``--data``), keys provisioned in a temporary
-folder, one server process and one process per site on 127.0.0.1 under mutual TLS, DP-SGD at each
+folder (certificates and envelope keys, no CKKS secret key), one server process, the CKKS secret
+key generated at the first site (``keys he-init``) and sealed to the others, and one process per
+site on 127.0.0.1 under mutual TLS, DP-SGD at each
 site, CKKS aggregation at the server, a live progress line, a per-round table, ``OUT/report.json``
 and ``OUT/report.png``.
 
@@ -111,14 +113,15 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
 
     with tempfile.TemporaryDirectory(prefix="fedfms-keys-") as tmp:
         params = fit_params(bound=UPDATE_BOUND, sites=len(names), rounds=options.rounds)
+        # no CKKS secret key here: one site makes it (keys he-init) once the server runs
         provision = init_federation(Path(tmp) / "provision", federation="demo", server_host="localhost",
-                                    clients=names, params=params)
+                                    clients=names, params=params, he_dealer=False)
         bundles = run_dir / "bundles"
         export_bundle("server", None, provision, bundles / "server")
         for name in names:
             export_bundle("client", name, provision, bundles / name)
-        console.print(f"[2/5] provisioned CA, mTLS certificates and a CKKS context for {len(names)} sites "
-                      "(the server bundle holds no CKKS secret key)")
+        console.print(f"[2/5] provisioned CA, mTLS certificates, envelope keys and CKKS parameters for {len(names)} "
+                      "sites (the server bundle holds no CKKS secret key)")
         # the provisioning folder (with the CA key) is deleted here; each party keeps only its bundle
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -139,7 +142,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     try:
         procs["server"] = _spawn(cmd, logs / "server.log", env)
         address = _wait_for_address(server_state, procs["server"], logs / "server.log")
-        console.print(f"[3/5] server on {address} (mutual TLS); starting {len(names)} site processes")
+        console.print(f"[3/5] server on {address} (mutual TLS)")
+        if options.he:
+            made = _he_init(bundles / names[0], address, logs / "he-init.log", env)
+            console.print(f"      the CKKS secret key was generated at site {made['site']} and sealed to each site "
+                          f"({', '.join(made['recipients']) or 'no other site'}); the server relays the envelopes "
+                          "and cannot open them")
+        console.print(f"      starting {len(names)} site processes")
         for name, site in zip(names, sites):
             procs[name] = _spawn(
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
@@ -202,6 +211,20 @@ def _pm(mean: float | None, std: float | None, digits: int = 4) -> str:
     if mean is None or not math.isfinite(mean):
         return "-"
     return f"{mean:.{digits}f}" + ("" if std is None or not math.isfinite(std) else f" ± {std:.{digits}f}")
+
+
+def _he_init(bundle: Path, address: str, log_file: Path, env: dict[str, str], timeout: float = 300.0) -> dict[str, Any]:
+    """``fedfms-secure keys he-init`` at one site: returns its JSON report (epoch, site, recipients)."""
+    cmd = [sys.executable, "-m", "fedfms_secure", "keys", "he-init", "--keys", str(bundle), "--server", address,
+           "--json"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise FedFmsError(f"keys he-init did not finish within {timeout:.0f} s; see {log_file}") from None
+    log_file.write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        raise FedFmsError(f"keys he-init failed (exit {done.returncode}):\n{_tail(log_file)}")
+    return json.loads(done.stdout)
 
 
 def _spawn(cmd: list[str], log_file: Path, env: dict[str, str]) -> subprocess.Popen:

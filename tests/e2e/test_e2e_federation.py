@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.crypto.hestore import site_key
 from fedfms_secure.errors import FedFmsError
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
@@ -48,10 +49,16 @@ def test_server_never_held_a_secret_key(run):
     make_summer("ckks", context, server.fingerprint, params=server.params).parse(stored[0])  # it can add them
     with pytest.raises(FedFmsError):
         make_site_codec("ckks", context, server.fingerprint, params=server.params).decrypt_vector(stored, row.vector_length)
-    # while a site's bundle can
-    site = load_bundle(out / "run" / "bundles" / "site_1", role="client")
-    codec = make_site_codec("ckks", site.context(), site.fingerprint, params=site.params)
-    assert codec.decrypt_vector(stored, row.vector_length).size == row.vector_length
+    # while every site can, with the key made at site_1 and sealed to the others
+    fingerprints = set()
+    for name in ("site_1", "site_2"):
+        site = load_bundle(out / "run" / "bundles" / name, role="client")
+        assert not site.has_he_secret  # the provisioning host made no CKKS secret key
+        key = site_key(site)
+        codec = make_site_codec("ckks", key.context, key.fingerprint, params=site.params)
+        assert codec.decrypt_vector(stored, row.vector_length).size == row.vector_length
+        fingerprints.add(key.fingerprint)
+    assert len(fingerprints) == 1 and StateStore(out / "run" / "server").key_epochs()[0].site == "site_1"
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
     names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
     assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl"}, names
