@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.crypto.keystore import export_bundle, init_federation
 from fedfms_secure.data import load_site, synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
@@ -45,23 +44,23 @@ def spend_most_of_the_budget(site_dir: Path, state: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, provision):
     root = tmp_path_factory.mktemp("retire")
     sites = synth_federation(root / "data", sites=2, seed=0, shape=(64, 64, 24))
-    prov = init_federation(root / "prov", federation="r", server_host="localhost", clients=["site_1", "site_2"])
-    for name in ("server", "site_1", "site_2"):
-        export_bundle("server" if name == "server" else "client", None if name == "server" else name, prov, root / name)
+    keys = provision(root, ["site_1", "site_2"], federation="r", rounds=ROUNDS)
     spent = spend_most_of_the_budget(sites[1], root / "state_site_2")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cli = [sys.executable, "-m", "fedfms_secure"]
-    procs = {"server": _spawn([*cli, "server", "--keys", str(root / "server"), "--address", "127.0.0.1:0",
+    procs = {"server": _spawn([*cli, "server", "--keys", str(keys.bundles["server"]), "--address", "127.0.0.1:0",
                                "--state", str(root / "state_server"), "--rounds", str(ROUNDS), "--exit-when-done"],
                               root / "server.log", env)}
     try:
         address = _wait_for_address(root / "state_server", procs["server"], root / "server.log")
         for name, site in zip(("site_1", "site_2"), sites):
-            procs[name] = _spawn([*cli, "client", "--keys", str(root / name), "--server", address, "--data", str(site),
-                                  "--state", str(root / f"state_{name}"), "--epsilon", "8"], root / f"{name}.log", env)
+            procs[name] = _spawn([*cli, "client", "--keys", str(keys.bundles[name]), "--server", address, "--data",
+                                  str(site), "--state", str(root / f"state_{name}"), "--epsilon", "8"],
+                                 root / f"{name}.log", env)
+        keys.he_init("site_1", address)  # the sites started first: they wait for their key
         codes = {name: proc.wait(timeout=600) for name, proc in procs.items()}
     finally:
         _stop_all(procs)
@@ -98,7 +97,7 @@ def test_a_site_whose_accountant_is_lost_refuses_to_start(run, tmp_path):
     state.mkdir()
     (state / "privacy_ledger.jsonl").write_text((root / "state_site_1" / "privacy_ledger.jsonl").read_text())
     result = subprocess.run(
-        [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(root / "site_1"), "--server", "127.0.0.1:1",
+        [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(root / "bundles" / "site_1"), "--server", "127.0.0.1:1",
          "--data", str(root / "data" / "site_1"), "--state", str(state), "--connect-timeout", "1"],
         capture_output=True, text=True, timeout=120,
     )

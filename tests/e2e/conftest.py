@@ -1,0 +1,54 @@
+"""Provisioning for end-to-end tests the way an operator does it: no CKKS dealer (the provisioning
+host makes certificates and envelope keys only); once the server runs, one site makes the CKKS
+key with he-init and seals it to the others, which fetch it at start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fedfms_secure.client.hekeys import Published, init_key
+from fedfms_secure.crypto.ckks import CkksParams
+from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.transport.client import FederationClient
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """A provisioning folder and one bundle per party: ``bundles[name]``, ``bundles["server"]``."""
+
+    prov: Path
+    bundles: dict[str, Path]
+
+    def connect(self, site: str, address: str, timeout: float = 30.0) -> FederationClient:
+        b = load_bundle(self.bundles[site], role="client")
+        client = FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
+                                  server_name=b.server_host, call_timeout=timeout)
+        client.wait_ready(timeout)
+        return client
+
+    def he_init(self, site: str, address: str) -> Published:
+        """`keys he-init` at ``site``: its bundle keeps the new key, the others get envelopes."""
+        with self.connect(site, address) as client:
+            return init_key(client, load_bundle(self.bundles[site], role="client"))
+
+
+def _provision(root: Path, sites: Sequence[str], *, federation: str = "e2e", rounds: int = 2,
+               params: CkksParams | None = None) -> Provisioned:
+    params = params or fit_params(bound=1.0, sites=len(sites), rounds=rounds)
+    prov = init_federation(root / "prov", federation=federation, server_host="localhost", clients=list(sites),
+                           params=params, he_dealer=False)
+    bundles = {"server": export_bundle("server", None, prov, root / "bundles" / "server")}
+    for name in sites:
+        bundles[name] = export_bundle("client", name, prov, root / "bundles" / name)
+    return Provisioned(prov, bundles)
+
+
+@pytest.fixture(scope="module")
+def provision() -> Callable[..., Provisioned]:
+    """Factory: ``provision(root, sites, federation=..., rounds=..., params=...)`` without a CKKS dealer."""
+    return _provision
