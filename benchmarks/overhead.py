@@ -1,7 +1,7 @@
 """What privacy costs in time, as ratios measured in one run: DP step / non-DP step, round with CKKS /
 round without, FedMSA round / FedSAM round.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 3] [--epochs 2] [--out benchmarks/results]
+    .venv/bin/python benchmarks/overhead.py [--repeats 3] [--epochs 5] [--out benchmarks/results]
 
 These machines are shared and noisy, so every configuration is measured in the same process,
 interleaved (A B C ... A B C ...) ``--repeats`` times, and each ratio is a ratio of medians.
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (default 3)")
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round, tiny preset (default 2)")
+    parser.add_argument("--epochs", type=int, default=5, help="local epochs per round, tiny preset (default 5, as the demo)")
     parser.add_argument("--batch", type=int, default=32, help="batch size, tiny preset (default 32, as the demo)")
     parser.add_argument("--slices", type=int, default=None, help="training slices kept, tiny preset (default all)")
     parser.add_argument("--sites", type=int, default=3, help="sites whose uploads the server sums (default 3)")
