@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     if args.sites < 1 or args.rounds < 1:
         parser.error("--sites and --rounds must be at least 1")
-    head = _common.header(seeds=args.seed, argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+    head = _common.header(seeds=args.seed, argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
                           sites=args.sites, rounds_provisioned=args.rounds)  # fmt: skip
     started = time.monotonic()
     try:

@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.vit_b_batch, args.vit_b_repeats, img_size=args.vit_b_img_size))  # fmt: skip
     else:
         skipped.append("no GPU: vit_b skipped (torch.cuda.is_available() is False on this machine)")
-    head = _common.header(seeds=args.seed, argv=[sys.argv[0], *(sys.argv[1:] if argv is None else argv)],
+    head = _common.header(seeds=args.seed, argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
                           sites=args.sites)  # fmt: skip
     started = time.monotonic()
     results = []

@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d}. {run.label}")
         print(f"{len(runs)} runs; config {plan.config_id}; CSV {csv_path}")
         return 0
-    argv_full = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    argv_full = [__file__, *(sys.argv[1:] if argv is None else argv)]
     try:
         return _run_grid(args, plan, runs, name, csv_path, argv_full)
     except FedFmsError as exc:
