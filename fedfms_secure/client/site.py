@@ -31,6 +31,7 @@ import math
 import signal
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -320,6 +321,8 @@ class _Site:
 
     def _chunks(self, round_: int, vector: np.ndarray) -> Iterator[Chunk]:
         """Encrypts chunk by chunk while streaming, so at most one ciphertext is held at a time."""
+        # the same seed, site and round always quantise the same way (reruns are reproducible)
+        self.codec.seed_rounding(self.plan.seed, zlib.crc32(self.joined.site.encode()), round_)
         step = self.codec.chunk_values
         total = math.ceil(vector.size / step)
         for index in range(total):

@@ -72,6 +72,10 @@ class UpdateCodec(Protocol):
         """Inverse of ``encrypt_scalar``."""
         ...
 
+    def seed_rounding(self, *entropy: int) -> None:
+        """Seed the stochastic rounding of the next encryptions (a no-op for codecs that do not round)."""
+        ...
+
 
 class CkksCodec:
     """CKKS codec of a site; ``ctx`` must hold the secret key, ``fingerprint`` is its fingerprint."""
@@ -114,6 +118,9 @@ class CkksCodec:
         if chunk.size != 1:
             raise CryptoError(f"expected an encrypted scalar (1 value), the ciphertext holds {chunk.size}")
         return float(self._decrypt(chunk)[0])
+
+    def seed_rounding(self, *entropy: int) -> None:
+        """Nothing to seed: this codec does not round."""
 
     def _decrypt(self, chunk: _payload.CkksChunk) -> np.ndarray:
         # a short chunk (the last of a vector, a scalar) is checked over all its slots: one noise
@@ -173,6 +180,15 @@ class PackedCkksCodec:
         # the sum of `sites` scalars of fixed point 2**-8 must stay below the top of a coefficient
         self.scalar_bound = 2.0 ** (q_bits - 2 - params.scale_bits - _packing.SCALAR_FRAC_BITS) / self.packing.sites
         self._max_summands = {_payload.KIND_VECTOR: self.packing.summands, _payload.KIND_SCALAR: self.packing.sites}
+
+    def seed_rounding(self, *entropy: int) -> None:
+        """Draw the next stochastic roundings from a generator seeded with ``entropy``.
+
+        A site seeds with (federation seed, site, round): a rerun on the same seed then sends the
+        same quantised update, and a retried upload the same ciphertext contents. The rounding
+        stays unbiased; its dither is no secret (the DP noise is what protects the update).
+        """
+        self._rng = np.random.default_rng([int(e) for e in entropy])
 
     def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
         values = _as_vector(vec, bound=self.bound, what="packing bound (PackingConfig.bound)")
@@ -271,6 +287,9 @@ class PlainCodec:
         if values.size != 1:
             raise CryptoError(f"expected a scalar payload (8 bytes), got {values.size} values")
         return float(values[0])
+
+    def seed_rounding(self, *entropy: int) -> None:
+        """Nothing to seed: this codec does not round."""
 
 
 def _check_site_context(ctx: ts.Context, fingerprint: str) -> None:
