@@ -109,3 +109,39 @@ def test_site_without_usable_slices(tmp_path: Path) -> None:
         (tmp_path / "imagesTr" / f"case_{i}.nii.gz").write_bytes(b"junk")
     with pytest.raises(DataError, match="no usable training slice"):
         load_site(tmp_path, image_size=SIZE, skip_bad=True)
+
+
+def test_label_stored_in_another_orientation(site: Path, caplog: pytest.LogCaptureFixture) -> None:
+    label_path = site / "labelsTr" / "case_001.nii.gz"
+    label = nib.load(label_path)
+    flipped = label.affine @ np.diag([-1.0, 1.0, 1.0, 1.0])  # same grid size, x axis reversed
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), flipped), label_path)
+    with pytest.raises(DataError, match=r"orientation mismatch: label .*labelsTr.case_001\.nii\.gz"):
+        load_site(site, image_size=SIZE)
+    assert load_site(site, image_size=SIZE, skip_bad=True).num_volumes == _n_cases(site) - 1
+    # another spacing with the same orientation is used voxel for voxel, with a warning
+    shifted = label.affine.copy()
+    shifted[:3, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), shifted), label_path)
+    with caplog.at_level(logging.WARNING, logger="fedfms_secure.data"):
+        assert load_site(site, image_size=SIZE).num_volumes == _n_cases(site)
+    assert any("case_001" in r.getMessage() and "spacing or origin" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_png_named_and_skippable(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for i in range(3):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[5:12, 5:12] = 255
+        Image.fromarray((np.random.default_rng(i).random((20, 20)) * 255).astype(np.uint8)).save(
+            tmp_path / "imagesTr" / f"p{i}.png")
+        Image.fromarray(mask).save(tmp_path / "labelsTr" / f"p{i}.png")
+    (tmp_path / "labelsTr" / "p1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"broken" * 10)
+    with pytest.raises(DataError, match=r"cannot read .*labelsTr.p1\.png"):
+        load_site(tmp_path, image_size=SIZE)
+    data = load_site(tmp_path, image_size=SIZE, skip_bad=True, val_fraction=0.0)
+    assert data.num_volumes == 2 and "p1" not in data.train.cases
+    assert len(data.skipped) == 1 and "p1.png" in data.skipped[0]

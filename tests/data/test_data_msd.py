@@ -83,7 +83,7 @@ def test_inspect_flags_what_dataset_json_claims_but_the_folder_lacks(msd_copy: P
 
 def test_train_central_with_a_held_out_site_and_evaluate_its_model(msd_task: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "central"
-    assert main(["train", "central", "--data", str(msd_task), "--holdout", "site_c", "--epochs", "1",
+    assert main(["train", "central", "--data", str(msd_task), "--holdout", "site_c", "--epochs", "1", "--image-size", "32",
                  "--labels", LABELS, "--out", str(out), "--cache", str(tmp_path / "cache"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kind"] == "central" and result["epsilon"] is None
