@@ -26,17 +26,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def commit() -> str:
-    """Short hash of HEAD, plus " + uncommitted changes" when the code that produces numbers differs from it."""
+    """Short hash of HEAD, plus " + uncommitted changes (FILES)" when the code that produces numbers (the
+    library or the benchmark scripts, untracked ones included) differs from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()  # fmt: skip
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=all", "--", "fedfms_secure/*.py", "benchmarks/*.py"],
             cwd=ROOT, capture_output=True, text=True, check=True,
-        ).stdout.strip()
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    return sha + (" + uncommitted changes" if dirty else "")
+    files = [line[3:].strip() for line in dirty.splitlines() if line.strip()]
+    if not files:
+        return sha
+    listed = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return f"{sha} + uncommitted changes ({listed})"
 
 
 def gpu_name() -> str:

@@ -286,8 +286,8 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "Up is what one site sends in one round; down is what it receives (the global state that closes the "
         "round). A CKKS upload is a seeded ciphertext (one polynomial and a seed); the global state is a sum, "
         "so it carries both polynomials and costs about twice as much. FedMSA sends the adapters and the mask "
-        "decoder; FedSAM all of SAM. Multiply by rounds for a whole run (round 1 downloads no state: "
-        "theta_0 is public).",
+        "decoder; FedSAM all of SAM. Multiply by rounds for a whole run: every round ends with the download of "
+        "the new global state (theta_0 itself is public and never travels).",
         "",
     ]
     return "\n".join(lines)
