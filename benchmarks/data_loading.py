@@ -7,7 +7,9 @@ Each case is loaded with :func:`~fedfms_secure.data.load_site` as a site loads i
 empty slice in five, 0.5/99.5 percentiles, the model's input size): *no cache* reads the files,
 *cold* reads them and writes the cache, *warm* reads only the cache. The best of ``--repeats``
 runs is kept for each (the operating system's file cache is warm after the first read in every
-row, so cold is the cost of decoding and preprocessing, not of the disk).
+row, so cold is the cost of decoding and preprocessing, not of the disk). Torch runs one thread
+(``--threads``), as the demo's site processes do (``OMP_NUM_THREADS=1``): on a shared, loaded
+machine two threads spend most of a small tensor operation waiting for each other.
 
     .venv/bin/python benchmarks/data_loading.py     # writes benchmarks/results/data_loading.md
 """
@@ -82,9 +84,13 @@ def main() -> int:
     parser.add_argument("--image-sizes", default="64,256", help="model input sizes (default 64,256)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-ct", action="store_true", help="skip the CT-sized volumes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a demo site)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS / "data_loading.md")
     args = parser.parse_args()
-    head = _common.header(seeds=0)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    head = _common.header(seeds=0, threads=args.threads)
     sizes = [int(s) for s in args.image_sizes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedfms-bench-data-") as tmp_name:
