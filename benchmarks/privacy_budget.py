@@ -308,6 +308,10 @@ def markdown(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, na
         "server's round durations from round 2 on (round 1's clock also holds the sites' start-up; baselines: "
         "training and scoring seconds / rounds).",
         "",
+        *([f"**Setting:** preset `{plan.preset}` ({'64 px' if plan.preset == 'tiny' else 'its input size'}) on "
+           + ("synthetic sites" if plan.data is None else "the sites under `--data`")
+           + "; the FedFMS paper's setting is vit_b at 1024 px on real data. Compare trends, not absolute Dice.", ""]
+          if plan.preset != "vit_b" or plan.data is None else []),
         f"![Dice against epsilon]({name}_dice.png)",
         "",
         "| kind | mode | aggregation | epsilon | epsilon spent | Dice | Dice std | IoU | HD95 "
