@@ -2,9 +2,11 @@
 
 Each volume holds a body (tissue with smooth texture, air around it) and one or two organs:
 ellipsoids deformed by a smooth random field, short enough along z that the end slices are empty.
-Each site has its own *scanner*: intensity curve (gamma), gain and offset, noise level, bias field
-amplitude, voxel spacing (written in the affine) and the blur that goes with it, and its own
-number of volumes (3 to 8), so the federation is non-IID in both appearance and size.
+Each site has its own *scanner*: intensity curve (gamma), organ-to-tissue contrast, gain and
+offset, noise level, bias field amplitude, voxel spacing (written in the affine) and the blur that
+goes with it, and its own number of volumes (3 to 8), so the federation is non-IID in both
+appearance and size. Gain and offset vanish in the loader's percentile scaling, as they do for
+real scanners; the curve, the contrast, the noise, the bias field and the blur survive it.
 Everything derives from ``seed``: the same seed writes byte-identical files.
 """
 
@@ -32,6 +34,7 @@ class ScannerProfile:
     """How one site's scanner turns tissue into intensities."""
 
     gamma: float  # intensity curve applied to the [0, 1] tissue image
+    contrast: float  # organ-to-tissue contrast, relative to the phantom's (sequence / protocol)
     gain: float  # scanner units per tissue unit
     offset: float  # scanner units added
     noise: float  # std of additive Gaussian noise, in tissue units
@@ -70,7 +73,7 @@ def synth_federation(
     staging.mkdir(parents=True)
 
     rng = np.random.default_rng(seed)
-    profiles = _scanner_profiles(rng, sites)
+    profiles = _scanner_profiles(rng, sites, np.random.default_rng([seed, 0]))
     counts = _volume_counts(rng, sites)
     try:
         for k, target in enumerate(targets):
@@ -117,19 +120,22 @@ def _own_sites_beyond(out_dir: Path, sites: int) -> list[Path]:
     )
 
 
-def _scanner_profiles(rng: np.random.Generator, sites: int) -> list[ScannerProfile]:
+def _scanner_profiles(rng: np.random.Generator, sites: int, contrast_rng: np.random.Generator) -> list[ScannerProfile]:
     # Stratified draws: each parameter's range is cut into `sites` strata, shuffled independently,
     # so sites are guaranteed to differ instead of differing only by chance.
-    def strata(lo: float, hi: float) -> np.ndarray:
-        u = (rng.permutation(sites) + rng.uniform(0.15, 0.85, sites)) / sites
+    def strata(lo: float, hi: float, gen: np.random.Generator = rng) -> np.ndarray:
+        u = (gen.permutation(sites) + gen.uniform(0.15, 0.85, sites)) / sites
         return lo + (hi - lo) * u
 
     gamma, gain, offset = strata(0.6, 1.6), strata(300.0, 1500.0), strata(-300.0, 400.0)
     noise, bias, res = strata(0.01, 0.06), strata(0.05, 0.35), strata(0.0, 1.0)
     slice_mm = strata(1.5, 5.0)
+    # from its own generator: the other parameters and the site sizes stay those of earlier versions
+    contrast = strata(0.7, 1.3, contrast_rng)
     return [
         ScannerProfile(
             gamma=float(gamma[k]),
+            contrast=float(contrast[k]),
             gain=float(gain[k]),
             offset=float(offset[k]),
             noise=float(noise[k]),
@@ -156,7 +162,7 @@ def _write_site(
     affine = np.diag([*profile.spacing, 1.0])
     training = []
     for i in range(n_volumes):
-        tissue, label = _phantom(rng, shape)
+        tissue, label = _phantom(rng, shape, profile.contrast)
         image = _scan(rng, tissue, profile)
         name = f"case_{i:03d}.nii.gz"
         nib.save(nib.Nifti1Image(image, affine), site_dir / "imagesTr" / name)
@@ -179,9 +185,10 @@ def _write_site(
 
 
 def _phantom(
-    rng: np.random.Generator, shape: tuple[int, int, int]
+    rng: np.random.Generator, shape: tuple[int, int, int], contrast: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Tissue image in [0, 1] and a uint8 organ label for one volume."""
+    """Tissue image in [0, 1] and a uint8 organ label for one volume (``contrast`` scales the
+    organ's step above the surrounding tissue)."""
     x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij")
     nx, ny, nz = shape
     body_r = rng.uniform(0.36, 0.46, 2) * (nx, ny)
@@ -197,7 +204,7 @@ def _phantom(
         dist = (u / radii[0]) ** 2 + (v / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
         organ |= dist + 0.35 * warp < 1.0
     texture = _smooth_noise(rng, shape, sigma=(1.5, 1.5, 0.7))
-    tissue = body * (0.4 + 0.06 * texture) + organ * (0.35 + 0.04 * np.roll(texture, 3, axis=0))
+    tissue = body * (0.4 + 0.06 * texture) + organ * contrast * (0.35 + 0.04 * np.roll(texture, 3, axis=0))
     return tissue.astype(np.float32), organ.astype(np.uint8)
 
 
