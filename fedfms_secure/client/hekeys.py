@@ -102,11 +102,15 @@ def rotate_key(
     wait: float = 300.0,
     poll_interval: float = 0.1,
     store: HeStore | None = None,
+    crl_pem: bytes | None = None,
 ) -> Published:
     """``keys rotate-he``: replace the current key by a new one made here, at the next round boundary.
 
     Retries for up to ``wait`` seconds while the open round already has commits. ``envelope_key``
-    lets this site first fetch the current key if it does not hold it yet.
+    lets this site first fetch the current key if it does not hold it yet. Sites the server reports
+    as retired get no envelope, and neither does any site that ``crl_pem`` (the federation CA's
+    revocation list, ``ca/crl.pem``) removes: the CA signs that list, so a server that hides a
+    revocation cannot get the new key sealed to a revoked site.
     """
     store = store or HeStore(bundle.path)
     status = client.status()
@@ -116,7 +120,7 @@ def rotate_key(
     old_codec = make_site_codec("ckks", key.context, key.fingerprint, params=bundle.params)
     context = serialize_site_context(new_secret_context(bundle.params))
     epoch = status.key.epoch + 1
-    envelopes, recipients, skipped = _seal(bundle, context, epoch, status)
+    envelopes, recipients, skipped = _seal(bundle, context, epoch, status, removed_sites(bundle, crl_pem))
     pending = store.put(epoch, context, pending=True)
     new_fingerprint = pending.fingerprint
     new_codec = make_site_codec("ckks", store.load(pending), new_fingerprint, params=bundle.params)
@@ -246,10 +250,19 @@ def _adopt(bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey, paylo
     return SiteKey(store.load(stored), stored.fingerprint, stored.epoch)
 
 
-def _seal(bundle: Bundle, context: bytes, epoch: int, status: Status) -> tuple[dict[str, bytes], tuple[str, ...],
-                                                                               tuple[str, ...]]:
+def removed_sites(bundle: Bundle, crl_pem: bytes | None) -> set[str]:
+    """The sites that the CA-signed revocation list ``crl_pem`` removes from the federation."""
+    if crl_pem is None:
+        return set()
+    ca = pki.cert_from_pem(bundle.ca_pem, source=str(bundle.path / "ca.crt"))
+    crl = pki.crl_from_pem(crl_pem, ca, source="the revocation list given with --crl")
+    return {r.site for r in pki.revocations_of(crl).values() if r.removes_site}
+
+
+def _seal(bundle: Bundle, context: bytes, epoch: int, status: Status, removed: set[str] = frozenset()
+          ) -> tuple[dict[str, bytes], tuple[str, ...], tuple[str, ...]]:
     """Envelopes for the federation's active sites that this bundle knows an envelope key of."""
-    active = {s.name for s in status.sites if not s.retired}
+    active = {s.name for s in status.sites if not s.retired} - set(removed)
     recipients = {name: key for name, key in bundle.envelope_keys.items()
                   if name in active and name != bundle.name}
     skipped = tuple(sorted({s.name for s in status.sites} - set(recipients) - {bundle.name}))

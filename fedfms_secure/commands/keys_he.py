@@ -38,6 +38,9 @@ def register(ksub: argparse._SubParsersAction) -> None:
     _common(hr)
     hr.add_argument("--wait", type=float, default=300.0,
                     help="seconds to wait for a round boundary (default 300)")
+    hr.add_argument("--crl", type=Path, metavar="CRL_PEM",
+                    help="the federation CA's revocation list (PROVISIONING/ca/crl.pem): no site it revokes gets the "
+                         "new key, whatever the server reports; give it after every `keys revoke`")
     hr.set_defaults(handler=_rotate_he)
 
 
@@ -95,7 +98,18 @@ def _rotate_he(args: argparse.Namespace) -> int:
 
     bundle, client, passphrase = _connect(args)
     envelope_key = load_envelope_key(args.keys, passphrase=passphrase)
+    crl = _read(args.crl) if args.crl is not None else None
     with client:
-        published = rotate_key(client, bundle, envelope_key, wait=args.wait)
+        published = rotate_key(client, bundle, envelope_key, wait=args.wait, crl_pem=crl)
     _report(args, "rotate-he", published)
     return 0
+
+
+def _read(path: Path) -> bytes:
+    from fedfms_secure.errors import KeyMaterialError
+
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read the revocation list {path} ({exc.strerror}): give --crl the "
+                               "provisioning folder's ca/crl.pem (written by `keys revoke`)") from None
