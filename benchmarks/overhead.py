@@ -324,26 +324,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="vit_b repeats (default 1: a FedSAM CKKS round encrypts 94M values per site)")
     parser.add_argument("--vit-b-img-size", type=int, default=1024, help="vit_b input size (default 1024)")
     parser.add_argument("--no-vit-b", action="store_true", help="measure the tiny preset only")
+    parser.add_argument("--vit-b-device", choices=["auto", "cpu"], default="auto",
+                        help="auto: vit_b on the GPU when there is one; cpu: on the CPU anyway (slow; with a small "
+                             "--vit-b-img-size, a check that the vit_b path runs)")
     parser.add_argument("--toy", action="store_true", help="a few seconds: 8 slices, 1 epoch, 1 repeat, no vit_b")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1, as each site process of the demo runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=_common.RESULTS, help="output folder (default benchmarks/results)")
     parser.add_argument("--name", default="overhead", help="stem of the output files (default overhead)")
     args = parser.parse_args(argv)
     if args.toy:
         args.repeats, args.epochs, args.slices, args.no_vit_b = 1, 1, args.slices or 8, True
-    if min(args.repeats, args.epochs, args.batch, args.sites, args.rounds) < 1:
-        parser.error("--repeats, --epochs, --batch, --sites and --rounds must be at least 1")
+    if min(args.repeats, args.epochs, args.batch, args.sites, args.rounds, args.threads) < 1:
+        parser.error("--repeats, --epochs, --batch, --sites, --rounds and --threads must be at least 1")
     import torch
 
     from fedfms_secure.errors import FedFmsError
 
+    torch.set_num_threads(args.threads)
     settings = [Setting("tiny", "cpu", args.slices, 4 * args.slices if args.slices else None, args.epochs,
                         args.batch, 16, args.repeats)]  # fmt: skip
     skipped = []
     if args.no_vit_b:
         skipped.append("vit_b not measured (--no-vit-b)")
-    elif torch.cuda.is_available():
-        settings.append(Setting("vit_b", "cuda", args.vit_b_slices, args.vit_b_slices, 1, args.vit_b_batch,
+    elif torch.cuda.is_available() or args.vit_b_device == "cpu":
+        settings.append(Setting("vit_b", "cuda" if args.vit_b_device == "auto" else args.vit_b_device, args.vit_b_slices, args.vit_b_slices, 1, args.vit_b_batch,
                                 args.vit_b_batch, args.vit_b_repeats, img_size=args.vit_b_img_size))  # fmt: skip
     else:
         skipped.append("no GPU: vit_b skipped (torch.cuda.is_available() is False on this machine)")
