@@ -68,7 +68,7 @@ COLUMNS = (
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {"rounds": 5, "local_epochs": 5, "clients": 3, "synth_shape": (64, 64, 40),
                 "epsilons": GRID_EPSILONS, "modes": MODES, "he": (True, False), "baseline_epsilons": (math.inf, 8.0)},
-    "quick": {"rounds": 2, "local_epochs": 2, "clients": 3, "synth_shape": (64, 64, 24),
+    "quick": {"rounds": 3, "local_epochs": 2, "clients": 3, "synth_shape": (64, 64, 24),
               "epsilons": (math.inf, 4.0), "modes": MODES, "he": (True, False), "baseline_epsilons": (math.inf,)},
     "toy": {"rounds": 1, "local_epochs": 1, "clients": 2, "synth_shape": (32, 32, 12),
             "epsilons": (8.0,), "modes": ("fedmsa",), "he": (True,), "baseline_epsilons": (math.inf,)},
@@ -458,7 +458,7 @@ def _epsilon(text: str) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smaller grid: epsilon inf and 4, 2 rounds x 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid: epsilon inf and 4, 3 rounds x 2 epochs")
     parser.add_argument("--toy", action="store_true", help="a tiny grid for tests (about a minute): 2 sites, 1 round")
     parser.add_argument("--data", type=Path, help="a folder of MSD-layout site folders (default: synthetic sites)")
     parser.add_argument("--holdout", metavar="SITE", help="leave this site out of training and score on it")
