@@ -57,6 +57,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--keep-empty-every", type=int, metavar="K", help="default: the model's")
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache", type=Path, metavar="DIR")
+    ev.add_argument("--per-image", action="store_true",
+                    help="also list every slice's Dice, IoU and HD95 per class (with --json)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(handler=cmd_evaluate)
     return group
@@ -95,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
     result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
-                                 skip_bad=args.skip_bad, cache=args.cache)
+                                 skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -105,12 +107,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axis: int | None = None,
                         clip_percentiles: Any = None, keep_empty_every: int | None = None, skip_bad: bool = False,
-                        cache: Path | None = None) -> dict[str, Any]:
+                        cache: Path | None = None, per_image: bool = False) -> dict[str, Any]:
     """Scores a model file on all slices of each site under ``data``.
 
     Returns ``{"model", "source", "sites": [{name, slices, dice_mean, dice_std, iou_mean, iou_std,
     hd95_mean, hd95_std, per_class}], "mean": {dice_mean, dice_std, iou_mean, hd95_mean}}``; the
-    data options default to those the model was trained with.
+    data options default to those the model was trained with. With ``per_image`` each site also
+    lists ``images``: ``{"case", "dice", "iou", "hd95"}`` per slice, one value per class (None
+    where the slice is not scored for the class).
     """
     from fedfms_secure.data import find_sites, load_site
     from fedfms_secure.train.metrics import ImageScores, score_model, summarize
@@ -140,6 +144,12 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
         summary = summarize(scores, site.class_names)
         rows.append({"name": site.name, "slices": len(site.train),
                      **{k: v for k, v in summary.items() if k != "per_class"}, "per_class": summary["per_class"]})
+        if per_image:
+            rows[-1]["images"] = [
+                {"case": case, **{m: [None if math.isnan(v) else float(v) for v in getattr(scores, m)[i]]
+                                  for m in ("dice", "iou", "hd95")}}
+                for i, case in enumerate(site.train.cases)
+            ]
     pooled = summarize(ImageScores.concat(parts, header.num_classes), names)
     return {
         "model": str(model_path),

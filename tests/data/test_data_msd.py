@@ -100,9 +100,15 @@ def test_train_central_with_a_held_out_site_and_evaluate_its_model(msd_task: Pat
     header, vector = read_model_file(out / "central_model.pt")
     assert header.num_classes == 2 and header.source == "central" and vector.size == len(vector)
 
-    assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(msd_task / "site_c"), "--json"]) == 0
+    assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(msd_task / "site_c"), "--json",
+                 "--per-image"]) == 0
     scored = json.loads(capsys.readouterr().out)["sites"][0]
-    assert scored["slices"] == held["val_slices"]
+    assert scored["slices"] == held["val_slices"] == len(scored["images"])
+    assert {image["case"] for image in scored["images"]} == set(_labels(msd_task / "site_c"))
+    dice = [np.nanmean([np.nan if v is None else v for v in image["dice"]]) for image in scored["images"]
+            if any(v is not None for v in image["dice"])]
+    assert scored["dice_mean"] == pytest.approx(float(np.mean(dice)))
+    assert all(len(image["hd95"]) == 2 for image in scored["images"])
     for key in ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std"):
         assert scored[key] == pytest.approx(held[key], nan_ok=True), key
     for mine, theirs in zip(scored["per_class"], held["per_class"], strict=True):
