@@ -119,6 +119,8 @@ def test_overhead_toy_gives_the_three_ratios(tmp_path: Path) -> None:
     for r in result["ratios"]:
         assert math.isfinite(r["value"]) and r["value"] > 0
         assert r["value"] == pytest.approx(r["numerator_s"] / r["denominator_s"])
+        if r["ratio"].startswith("round with CKKS"):  # same training and evaluation: only the codec differs
+            assert r["same_training"] > 1.0
     assert len(result["rows"]) == 8
     for row in result["rows"]:
         assert row["train_s"] > 0 and row["steps"] >= 1
