@@ -99,12 +99,12 @@ class EnvelopeHeader:
             expected = int if name == "epoch" else str
             if not isinstance(data[name], expected) or isinstance(data[name], bool):
                 kind = "an integer" if expected is int else "a string"
-                raise CryptoError(f"{source}: header field {name} {data[name]!r} is not {kind}; {_REDO}")
+                raise CryptoError(f"{source}: header field {name} {_short(data[name])} is not {kind}; {_REDO}")
         if data["epoch"] < 1:
             raise CryptoError(f"{source}: header epoch {data['epoch']} is not a key epoch (1, 2, ...); {_REDO}")
         for name in ("context_fingerprint", "params_fingerprint"):
             if not is_fingerprint(data[name]):
-                raise CryptoError(f"{source}: header {name} {data[name]!r} is not 64 hex digits; {_REDO}")
+                raise CryptoError(f"{source}: header {name} {_short(data[name])} is not 64 hex digits; {_REDO}")
         return cls(**data)
 
 
@@ -206,16 +206,16 @@ def open_envelope(
     """
     doc = _parse(envelope, source)
     header = EnvelopeHeader.from_dict(doc["header"], source=source)
-    where = f"{source} (epoch {header.epoch}, from {header.sender!r} to {header.recipient!r})"
+    where = f"{source} (epoch {header.epoch}, from {_short(header.sender)} to {_short(header.recipient)})"
     _check_sender(doc, header, where, sites=sites, ca_pem=ca_pem)  # first: the checks below read signed data
     if header.recipient != recipient:
         raise KeyMaterialError(
-            f"{where} is sealed to site {header.recipient!r}, not to this site {recipient!r}: the server handed out "
+            f"{where} is sealed to site {_short(header.recipient)}, not to this site {recipient!r}: the server handed out "
             "another site's envelope; report it to the operator"
         )
     if header.federation != federation:
         raise KeyMaterialError(
-            f"{where} belongs to federation {header.federation!r}, this bundle to {federation!r}: check --server "
+            f"{where} belongs to federation {_short(header.federation)}, this bundle to {federation!r}: check --server "
             "and --keys name the same federation"
         )
     if epoch is not None and header.epoch != epoch:
@@ -269,7 +269,7 @@ def _check_sender(doc: dict[str, Any], header: EnvelopeHeader, where: str, *, si
     """The sender is a site certified by the federation CA, and it signed this very envelope."""
     if header.sender not in sites:
         raise KeyMaterialError(
-            f"{where}: sender {header.sender!r} is not a site of this federation ({', '.join(sites)}); only a site "
+            f"{where}: sender {_short(header.sender)} is not a site of this federation ({', '.join(sites)}); only a site "
             "may publish the CKKS key. Do not use this envelope; report it to the operator"
         )
     if not isinstance(doc["sender_cert"], str):
@@ -297,7 +297,7 @@ def _check_sender(doc: dict[str, Any], header: EnvelopeHeader, where: str, *, si
     cn = str(names[0].value) if names else ""
     if cn != header.sender:
         raise KeyMaterialError(
-            f"{where}: the header names sender {header.sender!r}, but the signing certificate belongs to {cn!r}: "
+            f"{where}: the header names sender {_short(header.sender)}, but the signing certificate belongs to {cn!r}: "
             "the envelope is forged. Do not use it; report it to the operator"
         )
     try:
@@ -321,7 +321,7 @@ def _check_sender(doc: dict[str, Any], header: EnvelopeHeader, where: str, *, si
                                    "which fedfms-secure does not use")
     except InvalidSignature:
         raise CryptoError(
-            f"{where}: the signature of {header.sender!r} does not verify: the envelope was modified after it was "
+            f"{where}: the signature of {_short(header.sender)} does not verify: the envelope was modified after it was "
             f"sealed (header, keys, ciphertext or certificate); {_REDO}"
         ) from None
 
@@ -352,7 +352,7 @@ def _parse(envelope: bytes, source: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or sorted(doc) != sorted(_FIELDS):
         raise CryptoError(f"{source} is not a sealed envelope (expected the fields {', '.join(_FIELDS)}); {_REDO}")
     if doc["version"] != VERSION:
-        raise CryptoError(f"{source} has envelope version {doc['version']!r}; this build reads version {VERSION}: "
+        raise CryptoError(f"{source} has envelope version {_short(doc['version'])}; this build reads version {VERSION}: "
                           "upgrade fedfms-secure at both sites")
     return doc
 
@@ -370,6 +370,12 @@ def _x25519_public(value: bytes | X25519PublicKey, *, what: str) -> X25519Public
 
 def _raw(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _short(value: Any, limit: int = 64) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a header is untrusted input)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _canonical(obj: Any) -> bytes:

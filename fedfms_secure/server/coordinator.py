@@ -531,7 +531,7 @@ class Coordinator:
             raise FederationError("this federation runs without HE (--no-he): it has no CKKS key to publish",
                                   "failed_precondition")
         if not is_fingerprint(pub.fingerprint):
-            raise FederationError(f"{pub.fingerprint[:80]!r} is not a CKKS context fingerprint", "invalid_argument")
+            raise FederationError(f"{_short(pub.fingerprint)!r} is not a CKKS context fingerprint", "invalid_argument")
         if self._known_key(pub.fingerprint):
             raise FederationError("this context was an earlier key epoch's: a new epoch needs a new context",
                                   "invalid_argument")
@@ -540,7 +540,7 @@ class Coordinator:
             now = (f"epoch {current.epoch} ({current.fingerprint}, made by {current.site or 'the provisioning host'})"
                    if current.epoch else "no key yet")
             raise FederationError(
-                f"key epoch {pub.epoch} replacing {pub.previous_fingerprint or 'no key'} cannot start: the federation "
+                f"key epoch {pub.epoch} replacing {_short(pub.previous_fingerprint) or 'no key'} cannot start: the federation "
                 f"has {now}; " + ("only `keys rotate-he` can replace it" if current.epoch else "publish epoch 1"),
                 "failed_precondition",
             )
@@ -597,7 +597,7 @@ class Coordinator:
                 )
             if item.fingerprint != pub.fingerprint:
                 raise FederationError(
-                    f"state chunk {index} was made under context {item.fingerprint[:64]}, the new key is {pub.fingerprint}",
+                    f"state chunk {index} was made under context {_short(item.fingerprint)}, the new key is {pub.fingerprint}",
                     "invalid_argument",
                 )
             try:
@@ -623,7 +623,7 @@ class Coordinator:
     def _check_envelope(self, site: str, pub: KeyPublication, item: SealedEnvelope, seen: dict[str, bytes]) -> None:
         name = item.recipient
         if name not in self._joined:
-            raise FederationError(f"envelope for {name[:64]!r}, which is not a site of this federation",
+            raise FederationError(f"envelope for {_short(name)!r}, which is not a site of this federation",
                                   "invalid_argument")
         if name == site:
             raise FederationError(f"site {site} sent an envelope to itself: the publishing site keeps its context",
@@ -635,8 +635,9 @@ class Coordinator:
         try:
             header = peek_header(item.payload, source=f"the envelope for site {name}")
         except CryptoError as exc:
-            raise FederationError(str(exc), "invalid_argument") from exc
-        got = (header.federation, header.epoch, header.context_fingerprint, header.sender, header.recipient)
+            raise FederationError(_short(str(exc), 600), "invalid_argument") from exc
+        got = (_short(header.federation), header.epoch, header.context_fingerprint, _short(header.sender),
+               _short(header.recipient))
         want = (self.plan.federation, pub.epoch, pub.fingerprint, site, name)
         if got != want:
             raise FederationError(
@@ -854,6 +855,11 @@ class Coordinator:
         except CryptoError as exc:
             raise FederationError(f"cannot add {what}: {exc}", "invalid_argument") from exc
         return total
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of a value a request sent: a long echo would overflow the status trailer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:

@@ -6,7 +6,10 @@ certificate signed by the federation's CA for a name that is not a member), plus
 streams: random lengths, orders and headers, payloads that are valid, truncated, bit-flipped,
 random, of the wrong kind or past the 4 MiB message limit. Field values are drawn so that the
 federation really moves: valid commits and uploads close rounds, so both phases of a round and the
-global-state stream of closed rounds are fuzzed too. The RNG is seeded.
+global-state stream of closed rounds are fuzzed too. The federation is provisioned without a
+CKKS dealer: the keeper makes the key (he-init) before the fuzz, and ``PublishKeys`` streams are
+random headers, envelopes and state chunks, now and then a genuine rotation at a round boundary
+(after which the fuzzer encrypts under the new key). The RNG is seeded.
 
 Checked: not one call ends in ``UNKNOWN`` or ``INTERNAL`` (only the deliberate codes below), every
 error carries a message, the health service stays ``SERVING``, and afterwards a genuine site that
@@ -28,10 +31,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedfms_secure.client.hekeys import init_key
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto import pki
+from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.crypto.codec import make_site_codec
+from fedfms_secure.crypto.envelope import seal_for_sites
+from fedfms_secure.crypto.hestore import HeStore, site_key
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.rekey import reencrypt_chunks
+from fedfms_secure.protocol import Chunk
+from fedfms_secure.transport import serde
 from fedfms_secure.crypto.packing import fit_params
 from fedfms_secure.server.daemon import serve
 from fedfms_secure.transport.client import FederationClient
@@ -64,7 +74,8 @@ def federation(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"fuzz-{request.param}")
     sites = [*FUZZED, KEEPER]
     kwargs = {} if request.param == "slots" else {"params": fit_params(bound=1.0, sites=len(sites), rounds=ROUNDS)}
-    prov = init_federation(root / "prov", federation="fz", server_host="localhost", clients=sites, **kwargs)
+    prov = init_federation(root / "prov", federation="fz", server_host="localhost", clients=sites, he_dealer=False,
+                           **kwargs)
     export_bundle("server", None, prov, root / "server")
     for name in sites:
         export_bundle("client", name, prov, root / name)
@@ -92,6 +103,10 @@ def federation(request, tmp_path_factory):
         assert not errors and time.monotonic() < deadline, f"server did not start: {errors}"
         time.sleep(0.05)
     address = json.loads(address_file.read_text())["address"]
+    keeper = load_bundle(root / KEEPER, role="client")
+    with FederationClient(address, ca_pem=keeper.ca_pem, cert_pem=keeper.cert_pem, key_pem=keeper.key_pem,
+                          server_name=keeper.server_host, call_timeout=30) as client:
+        init_key(client, keeper)  # the keeper makes the CKKS key and seals it to the fuzzed sites
     yield root, address, intruder, request.param
     stop.set()
     thread.join(timeout=15)
@@ -110,9 +125,11 @@ class Fuzzer:
 
     def __init__(self, root: Path, address: str, intruder: tuple[bytes, bytes]) -> None:
         self.rng = np.random.default_rng(SEED)
-        bundle = load_bundle(root / KEEPER, role="client")
-        self.fingerprint = bundle.fingerprint
-        self.codec = make_site_codec("ckks", bundle.context(), bundle.fingerprint, params=bundle.params)
+        bundle = self.bundle = load_bundle(root / KEEPER, role="client")
+        key = site_key(bundle)
+        self.epoch = 1
+        self.codec = make_site_codec("ckks", key.context, key.fingerprint, params=bundle.params)
+        self.fingerprint = self.codec.fingerprint
         self.channels = {name: _channel(address, bundle.ca_pem, *_pair(root / name)) for name in (*FUZZED, KEEPER)}
         self.channels[INTRUDER] = _channel(address, bundle.ca_pem, *intruder)
         self.stubs = {name: pb_grpc.FederationStub(ch) for name, ch in self.channels.items()}
@@ -123,12 +140,31 @@ class Fuzzer:
         self.oversized = False  # whether the next call sends a message past the limit
         step = self.codec.chunk_values
         self.length = step + 10  # the federation's vector: one full chunk and a partial one
+        self._encrypt_samples()
+        self._next_key()
+
+    def _encrypt_samples(self) -> None:
         self.scalars = [self.codec.encrypt_scalar(float(n)) for n in (1, 7, 40, 300)]
         self.vectors = [
             self.codec.encrypt_vector(np.random.default_rng(i).uniform(-1e-3, 1e-3, self.length)) for i in range(3)
         ]
         # a vector of another length, for well-formed uploads of the wrong shape
         self.short = self.codec.encrypt_vector(np.full(5, 1e-4))
+
+    def _next_key(self) -> None:
+        """The keeper's next CKKS context and its envelopes, for genuine (and mutated) rotations."""
+        b = self.bundle
+        context = serialize_site_context(new_secret_context(b.params))
+        self.next_envelopes = seal_for_sites(
+            context, federation=b.federation, epoch=self.epoch + 1, params=b.params, sender=KEEPER,
+            sender_key=pki.private_key_from_pem(b.key_pem, source="tls.key"), sender_cert_pem=b.cert_pem,
+            recipients={n: b.envelope_keys[n] for n in FUZZED},
+        )
+        self.next_context = context
+        from fedfms_secure.crypto.ckks import context_fingerprint, load_context
+
+        ctx = load_context(context, source="next")
+        self.next_codec = make_site_codec("ckks", ctx, context_fingerprint(ctx), params=b.params)
 
     def close(self) -> None:
         for ch in self.channels.values():
@@ -192,6 +228,79 @@ class Fuzzer:
         reply = self.call("GetStatus", lambda: self.stubs[self.site()].GetStatus(pb.GetStatusRequest(), timeout=30))
         if reply is not None:
             self.round = reply.round
+
+    def get_envelope(self) -> None:
+        req = pb.GetEnvelopeRequest(epoch=self.u32() if self.rng.random() < 0.5 else 0)
+        self.call("GetEnvelope", lambda: self.stubs[self.site()].GetEnvelope(req, timeout=30))
+
+    def publish_keys(self) -> None:
+        """A genuine rotation now and then (at a round boundary), else a random or mutated stream."""
+        status = self.stubs[KEEPER].GetStatus(pb.GetStatusRequest(), timeout=30)
+        boundary = status.phase == "commit" and not any(s.committed for s in status.sites) and not status.done
+        if boundary and self.rng.random() < 0.05:
+            messages, site = self.rotation(status.round), KEEPER
+        else:
+            messages, site = self.mutate_keys(self.rotation(status.round, cheap=True)), self.site()
+        reply = self.call("PublishKeys", lambda: self.stubs[site].PublishKeys(iter(messages), timeout=60))
+        if reply is not None:  # only the next key can be accepted: from now on, encrypt under it
+            assert reply.key.context_fingerprint == self.next_codec.fingerprint
+            self.epoch, self.codec = reply.key.epoch, self.next_codec
+            self.fingerprint = self.codec.fingerprint
+            self._encrypt_samples()
+            self._next_key()
+
+    def rotation(self, round_: int, *, cheap: bool = False) -> list[pb.PublishKeysRequest]:
+        """The messages of a rotation to the next key (``cheap``: the state chunks are left random)."""
+        state: list[Chunk] = []
+        if round_ > 0 and not cheap:
+            chunks = list(self.stubs[KEEPER].GetGlobalState(pb.GetGlobalStateRequest(round=round_), timeout=30))
+            state = reencrypt_chunks(self.codec, self.next_codec, [serde.chunk_from_proto(c) for c in chunks])
+        elif round_ > 0:
+            step = self.codec.chunk_values
+            state = [Chunk(round_, i, 2, min(step, self.length - i * step), self.next_codec.fingerprint, p, self.length)
+                     for i, p in enumerate(self.vectors[int(self.rng.integers(len(self.vectors)))])]
+        header = pb.KeyEpochHeader(epoch=self.epoch + 1, context_fingerprint=self.next_codec.fingerprint, round=round_,
+                                   previous_fingerprint=self.fingerprint, envelopes=len(self.next_envelopes),
+                                   state_chunks=len(state))
+        return ([pb.PublishKeysRequest(header=header)]
+                + [pb.PublishKeysRequest(envelope=pb.SealedEnvelope(recipient=n, envelope=e))
+                   for n, e in self.next_envelopes.items()]
+                + [pb.PublishKeysRequest(state=serde.chunk_to_proto(c)) for c in state])
+
+    def mutate_keys(self, messages: list[pb.PublishKeysRequest]) -> list[pb.PublishKeysRequest]:
+        rng = self.rng
+        messages = [pb.PublishKeysRequest.FromString(m.SerializeToString()) for m in messages]
+        for _ in range(int(rng.choice([0, 1, 1, 2, 3]))):
+            what = int(rng.integers(8))
+            if what == 0:
+                return []
+            if what == 1 and messages:  # the header elsewhere, or missing
+                messages.insert(int(rng.integers(len(messages) + 1)), messages.pop(0))
+            elif what == 2:  # random header fields
+                h = messages[0].header if messages and messages[0].WhichOneof("body") == "header" else None
+                if h is not None:
+                    field = str(rng.choice(["epoch", "round", "envelopes", "state_chunks", "context_fingerprint",
+                                            "previous_fingerprint"]))
+                    if field in ("context_fingerprint", "previous_fingerprint"):
+                        setattr(h, field, self.fp() if rng.random() < 0.5 else self.text())
+                    else:
+                        setattr(h, field, self.u32())
+            elif what == 3:  # an envelope to someone else, or garbage
+                m = pb.PublishKeysRequest(envelope=pb.SealedEnvelope(
+                    recipient=str(rng.choice([*FUZZED, KEEPER, INTRUDER, self.text()])),
+                    envelope=self.payload(list(self.next_envelopes.values()), self.scalars)))
+                messages.insert(int(rng.integers(len(messages) + 1)), m)
+            elif what == 4 and len(messages) > 1:
+                del messages[int(rng.integers(1, len(messages)))]
+            elif what == 5:  # upload chunks passed off as state, mutated
+                messages += [pb.PublishKeysRequest(state=c) for c in self.mutate(self.stream())]
+            elif what == 6 and messages:  # a message without a body
+                messages.insert(int(rng.integers(len(messages) + 1)), pb.PublishKeysRequest())
+            elif what == 7 and rng.random() < 0.05:  # past the message limit
+                messages.append(pb.PublishKeysRequest(envelope=pb.SealedEnvelope(recipient="a",
+                                                                                  envelope=rng.bytes(OVERSIZED))))
+                self.oversized = True
+        return messages
 
     def retire(self) -> None:
         req = pb.RetireRequest(round=self.u32(), reason=self.text())
@@ -342,6 +451,8 @@ def test_random_messages_never_end_in_unknown(federation):
             "UploadUpdate": fuzzer.upload_update,
             "ReportMetrics": fuzzer.report_metrics,
             "GetStatus": fuzzer.get_status,
+            "GetEnvelope": fuzzer.get_envelope,
+            "PublishKeys": fuzzer.publish_keys,
         }
         schedule = [name for name in rpcs for _ in range(CALLS)]
         fuzzer.rng.shuffle(schedule)
@@ -376,10 +487,12 @@ def test_random_messages_never_end_in_unknown(federation):
     b = load_bundle(root / KEEPER, role="client")
     with FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
                           server_name=b.server_host, call_timeout=30) as client:
-        joined = client.join(b.fingerprint, "test")
+        joined = client.join(fuzzer.fingerprint, "test")
+        assert joined.key.epoch == fuzzer.epoch and joined.key.fingerprint == fuzzer.fingerprint
         assert joined.site == KEEPER and joined.plan.rounds == ROUNDS
         status = client.status()
     assert status.federation == "fz" and status.round >= rounds_reached
     by_name = {s.name: s for s in status.sites}
     assert not by_name[KEEPER].retired and by_name[KEEPER].joined
     assert all(by_name[name].retired for name in FUZZED)
+    assert fuzzer.epoch >= 2, "no genuine key rotation got through"
