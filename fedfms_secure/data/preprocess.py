@@ -174,9 +174,11 @@ def read_volume(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     DataError naming ``path`` if it cannot be read or holds no voxel at all.
     """
     is_png = path.name.lower().endswith(".png")
-    loader = _png_loader() if is_png else _nifti_loader()
+    loader, reader = _png_loader() if is_png else _nifti_loader()
     try:
-        data = loader(str(path))
+        # the reader passed at call time: its own error surfaces, not MONAI's "cannot find a
+        # suitable reader ... install the reader libraries" after trying every other reader
+        data = loader(str(path), reader=reader)
     except Exception as exc:  # readers raise anything from EOFError to nibabel ImageFileError
         raise DataError(
             f"cannot read {path} ({type(exc).__name__}: {exc}); the file is corrupt or not an "
@@ -260,18 +262,21 @@ def _to_single_channel(array: np.ndarray, path: Path, *, is_label: bool) -> np.n
 
 
 @functools.cache
-def _nifti_loader() -> Any:
+def _nifti_loader() -> tuple[Any, Any]:
+    """MONAI ``LoadImage`` and the ``NibabelReader`` it is called with."""
+    from monai.data import NibabelReader
     from monai.transforms import LoadImage  # imported late: monai takes seconds to import
 
-    return LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader")
+    reader = NibabelReader()
+    return LoadImage(image_only=True, ensure_channel_first=True, reader=reader), reader
 
 
 @functools.cache
-def _png_loader() -> Any:
+def _png_loader() -> tuple[Any, Any]:
+    """MONAI ``LoadImage`` and the ``PILReader`` it is called with."""
     from monai.data import PILReader
     from monai.transforms import LoadImage
 
     # reverse_indexing=False keeps PNGs as [H, W] (rows first), as they are displayed.
-    return LoadImage(
-        image_only=True, ensure_channel_first=True, reader=PILReader(reverse_indexing=False)
-    )
+    reader = PILReader(reverse_indexing=False)
+    return LoadImage(image_only=True, ensure_channel_first=True, reader=reader), reader
