@@ -170,13 +170,14 @@ def init_federation(
     days: int = DEFAULT_DAYS,
     ca_days: int = DEFAULT_CA_DAYS,
     passphrase: bytes | None = None,
-    he_dealer: bool = True,
+    he_dealer: bool = False,
 ) -> Path:
     """Create CA, server and site certificates, envelope keys and the CKKS context(s) under ``out``.
 
     ``days``: lifetime of the server and site certificates; ``ca_days``: the CA's (at least one
-    day longer than ``days``). ``ca_algorithm`` defaults to ``algorithm``. ``he_dealer=False``:
-    no CKKS secret key is created here (see the module docstring). Returns ``out``.
+    day longer than ``days``). ``ca_algorithm`` defaults to ``algorithm``. ``he_dealer=False``
+    (the default): no CKKS secret key is created here (see the module docstring); ``True``: the
+    provisioning host makes it and every site bundle gets a copy. Returns ``out``.
     """
     out = Path(out)
     _refuse_non_empty(out, flag="--out")

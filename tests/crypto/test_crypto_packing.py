@@ -275,7 +275,7 @@ def test_add_plain_adds_public_values(codec, summer) -> None:
 def test_bundles_carry_the_packing(tmp_path) -> None:
     params = choose_params(bound=0.01, sites=2, rounds=3)
     src = init_federation(tmp_path / "prov", federation="f", server_host="localhost", clients=["a", "b"],
-                          params=params)
+                          params=params, he_dealer=True)
     server = load_bundle(export_bundle("server", None, src, tmp_path / "server"), role="server")
     client = load_bundle(export_bundle("client", "a", src, tmp_path / "a"), role="client")
     assert server.params == client.params == params

@@ -28,7 +28,8 @@ CLIENTS = ["site-a", "site_b.2"]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return init_federation(
-        tmp_path_factory.mktemp("fed") / "keys", federation="demo", server_host="localhost", clients=CLIENTS
+        tmp_path_factory.mktemp("fed") / "keys", federation="demo", server_host="localhost", clients=CLIENTS,
+        he_dealer=True,  # these tests check the bundles of the dealer flow
     )
 
 
@@ -281,7 +282,8 @@ def test_server_bundle_with_secret_key_is_refused_loudly(bundles: dict[str, Path
 
 
 def test_mixed_federation_files_are_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
-    other = init_federation(tmp_path / "other", federation="other", server_host="localhost", clients=["site-a"])
+    other = init_federation(tmp_path / "other", federation="other", server_host="localhost", clients=["site-a"],
+                            he_dealer=True)
     mixed = _copy(bundles["site-a"], tmp_path / "x")
     _replace(mixed, "ca.crt", (other / "ca" / "ca.crt").read_bytes())
     with pytest.raises(KeyMaterialError, match="tls.crt was not issued by this federation's CA"):

@@ -166,7 +166,7 @@ def test_show_json_fields(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_show_names_a_dealer_secret(tmp_path: Path) -> None:
-    prov = init_federation(tmp_path / "prov", federation="d", server_host="localhost", clients=["a"])
+    prov = init_federation(tmp_path / "prov", federation="d", server_host="localhost", clients=["a"], he_dealer=True)
     report = show_federation(prov)
     assert any("dealt by this provisioning host" in k for k in report["parties"][2]["keys"])
     assert any("holds the CKKS secret key (dealer mode)" in w for w in report["warnings"])

@@ -14,6 +14,10 @@ integers are summed exactly.
 * a site that never answers (SIGSTOPped after joining): the rounds close on quorum;
 * a duplicated upload gets the same receipt and a replayed old-round upload FAILED_PRECONDITION
   (in-process server and client).
+
+Every federation is provisioned without a CKKS dealer: once the server first listens, the first
+site makes the CKKS key (he-init) and the others fetch their envelopes; a restarted server keeps
+the key epoch in its state folder.
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfms_secure.client.hekeys import Keyring
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.crypto.codec import make_site_codec
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
-from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.data import synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.errors import FederationError
@@ -45,7 +48,6 @@ from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.client import FederationClient
 
 ROUNDS = 2
-BOUND = 1.0
 CLI = [sys.executable, "-m", "fedfms_secure"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 WAIT = 300.0  # bound on any single wait for a daemon
@@ -59,16 +61,12 @@ def data(tmp_path_factory) -> list[Path]:
 class Federation:
     """Provisioned bundles, a server and its sites as subprocesses; always cleaned up."""
 
-    def __init__(self, root: Path, sites: list[Path]) -> None:
+    def __init__(self, root: Path, sites: list[Path], provision) -> None:
         self.root = root
         self.sites = {site.name: site for site in sites}
-        params = fit_params(bound=BOUND, sites=len(sites), rounds=ROUNDS)
-        prov = init_federation(root / "prov", federation="faults", server_host="localhost",
-                               clients=list(self.sites), params=params)
-        export_bundle("server", None, prov, root / "server")
-        for name in self.sites:
-            export_bundle("client", name, prov, root / name)
-        packing = load_bundle(root / "server", role="server").params.packing
+        self.keys = provision(root, list(self.sites), federation="faults", rounds=ROUNDS)
+        self.keyed = False  # whether a site has made the CKKS key yet
+        packing = load_bundle(self.keys.bundles["server"], role="server").params.packing
         self.step = packing.step
         self.state = root / "state_server"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -77,14 +75,18 @@ class Federation:
 
     def start_server(self, address: str, *extra: str, log: str = "server") -> subprocess.Popen:
         self.procs[log] = _spawn(
-            [*CLI, "server", "--keys", str(self.root / "server"), "--address", address, "--state", str(self.state),
-             "--rounds", str(ROUNDS), "--local-epochs", "1", *extra],
+            [*CLI, "server", "--keys", str(self.keys.bundles["server"]), "--address", address, "--state",
+             str(self.state), "--rounds", str(ROUNDS), "--local-epochs", "1", *extra],
             self.root / f"{log}.log", ENV)
+        if not self.keyed:  # once the server first listens, the first site makes the CKKS key
+            listening = _wait_for_address(self.state, self.procs[log], self.root / f"{log}.log")
+            self.keys.he_init(next(iter(self.sites)), listening)
+            self.keyed = True
         return self.procs[log]
 
     def start_site(self, name: str, address: str) -> subprocess.Popen:
         self.procs[name] = _spawn(
-            [*CLI, "client", "--keys", str(self.root / name), "--server", address, "--data", str(self.sites[name]),
+            [*CLI, "client", "--keys", str(self.keys.bundles[name]), "--server", address, "--data", str(self.sites[name]),
              "--state", str(self.root / f"state_{name}"), "--epsilon", "50", "--save-updates",
              "--connect-timeout", str(int(WAIT))],
             self.root / f"{name}.log", ENV)
@@ -169,9 +171,9 @@ class Federation:
 
 
 @pytest.fixture
-def federation(tmp_path, data, request):
+def federation(tmp_path, data, request, provision):
     count = request.param
-    fed = Federation(tmp_path, data[:count])
+    fed = Federation(tmp_path, data[:count], provision)
     try:
         yield fed
     finally:
@@ -326,27 +328,25 @@ def test_a_late_site_misses_a_round_and_takes_part_again(federation):
 
 
 # --- duplicated and replayed uploads (in-process server and clients) ------------------------------
-def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_refused(tmp_path):
+def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_refused(tmp_path, provision):
     sites = ("a", "b")
-    params = fit_params(bound=BOUND, sites=len(sites), rounds=ROUNDS)
-    prov = init_federation(tmp_path / "prov", federation="dup", server_host="localhost", clients=sites, params=params)
-    export_bundle("server", None, prov, tmp_path / "server")
-    bundles = {}
-    for name in sites:
-        export_bundle("client", name, prov, tmp_path / name)
-        bundles[name] = load_bundle(tmp_path / name, role="client")
+    keys = provision(tmp_path, sites, federation="dup", rounds=ROUNDS)
     stop = threading.Event()
-    config = ServerConfig(keys=tmp_path / "server", state=tmp_path / "state", address="127.0.0.1:0", rounds=ROUNDS)
+    config = ServerConfig(keys=keys.bundles["server"], state=tmp_path / "state", address="127.0.0.1:0",
+                          rounds=ROUNDS)
     thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
     thread.start()
     clients: dict[str, FederationClient] = {}
     try:
         address = _wait_for_file(tmp_path / "state" / "address.json")["address"]
-        codecs = {n: make_site_codec("ckks", b.context(), b.fingerprint, params=b.params) for n, b in bundles.items()}
-        for name, b in bundles.items():
-            clients[name] = FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                                             server_name=b.server_host, call_timeout=30)
-            clients[name].join(b.fingerprint, "test")
+        keys.he_init("a", address)
+        codecs = {}
+        for name in sites:
+            clients[name] = keys.connect(name, address)
+            ring = Keyring(clients[name], load_bundle(keys.bundles[name], role="client"), timeout=30)
+            ring.sync(clients[name].status().key)  # b opens the envelope a sealed to it
+            codecs[name] = ring.codec
+            clients[name].join(ring.fingerprint, "test")
         rng = np.random.default_rng(0)
         length = codecs["a"].chunk_values + 100  # two chunks
         counts = {"a": 30, "b": 10}

@@ -22,12 +22,12 @@ from fedfms_secure.transport.client import FederationClient
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
-    prov = init_federation(root / "prov", federation="t", server_host="localhost", clients=["a", "b"])
+    prov = init_federation(root / "prov", federation="t", server_host="localhost", clients=["a", "b"], he_dealer=True)
     export_bundle("server", None, prov, root / "server")
     for name in ("a", "b"):
         export_bundle("client", name, prov, root / name)
     # a second federation whose site certificate the first server must refuse
-    other = init_federation(root / "other", federation="o", server_host="localhost", clients=["a"])
+    other = init_federation(root / "other", federation="o", server_host="localhost", clients=["a"], he_dealer=True)
     export_bundle("client", "a", other, root / "foreign_a")
     stop = threading.Event()
     config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=1)
