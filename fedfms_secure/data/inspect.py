@@ -2,7 +2,7 @@
 
 Every pair is read as the loader reads it, but a problem (an image without a label, a corrupt or
 unreadable file, mismatched shapes or orientations, an empty label, a ``dataset.json`` that lists
-files that are not there) is listed with the file it concerns instead of stopping the inspection;
+files that are not there, a site left without validation slices) is listed with the file it concerns instead of stopping the inspection;
 the slice counts are those :func:`~fedfms_secure.data.load_site` gives with ``skip_bad=True`` (the
 split drawn from ``seed``, as a site's first run would draw it).
 
@@ -51,10 +51,11 @@ def inspect_site(site_dir: Path, *, image_size: int = 64, axis: int = 2, keep_em
         problems.append({"file": str(site_dir / DATASET_JSON), "problem": str(exc)})
     per_class = np.zeros(label_map.num_classes if label_map else 1, dtype=np.int64)
     voxels = readable = 0
+    listed = True
     try:
         pairs = list_cases(site_dir)
     except DataError as exc:
-        pairs = []
+        pairs, listed = [], False
         problems.append({"file": str(site_dir), "problem": str(exc)})
     problems += _dataset_json_problems(site_dir, len(pairs))
     for pair in pairs:
@@ -76,7 +77,8 @@ def inspect_site(site_dir: Path, *, image_size: int = 64, axis: int = 2, keep_em
             continue
         if image.shape != label.shape:
             problems.append({"file": str(pair.label),
-                             "problem": f"label shape {label.shape} differs from the image's {image.shape}"})
+                             "problem": f"label shape {label.shape} differs from the image's {image.shape} "
+                                        f"({pair.image}); resample the label onto the image grid or remove the pair"})
             continue
         try:
             warning = check_pair(pair.image, image.shape, image_affine, pair.label, label.shape, label_affine)
@@ -99,7 +101,7 @@ def inspect_site(site_dir: Path, *, image_size: int = 64, axis: int = 2, keep_em
             problems.append({"file": str(pair.label), "problem": f"the label is empty ({what})"})
         per_class += counts[: label_map.num_classes]
     train = val = 0
-    if label_map is not None:
+    if label_map is not None and listed:  # (a folder that cannot be listed is reported above)
         try:
             data = load_site(site_dir, image_size=image_size, axis=axis, keep_empty_every=keep_empty_every,
                              val_fraction=val_fraction, seed=seed, skip_bad=True, labels=label_map,
@@ -107,6 +109,12 @@ def inspect_site(site_dir: Path, *, image_size: int = 64, axis: int = 2, keep_em
             train, val = len(data.train), len(data.val)
         except DataError as exc:
             problems.append({"file": str(site_dir), "problem": str(exc)})
+        else:
+            if val == 0 and val_fraction > 0:
+                problems.append({"file": str(site_dir), "problem": (
+                    f"no validation slice ({data.num_volumes} usable volume(s); the split holds out one "
+                    "only from two on), so this site's validation scores will be empty (NaN); add volumes, "
+                    "or use the site as a held-out site (--holdout)")})
     names = list(label_map.names) if label_map else []
     return {
         "name": site_dir.name,

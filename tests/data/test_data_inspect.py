@@ -36,6 +36,7 @@ def test_inspect_counts_match_the_loader_and_names_each_problem(tmp_path, capsys
     assert "no label" in by_file[str(broken / "imagesTr" / cases[0].name)]
     assert str(broken / "imagesTr" / cases[1].name) in by_file
     assert "differs from the image's" in by_file[str(broken / "labelsTr" / cases[2].name)]
+    assert "resample the label" in by_file[str(broken / "labelsTr" / cases[2].name)]  # what to do next
     assert "empty" in by_file[str(broken / "labelsTr" / cases[3].name)]
     assert bad["readable_volumes"] == bad["volumes"] - 3
 
@@ -47,3 +48,26 @@ def test_inspect_of_a_folder_without_sites_says_what_layout_is_expected(tmp_path
     (tmp_path / "empty").mkdir()
     assert main(["data", "inspect", str(tmp_path / "empty")]) == 1
     assert "imagesTr" in capsys.readouterr().err
+
+
+def test_inspect_flags_a_site_without_validation_and_a_site_without_labels_once(tmp_path, capsys):
+    one = tmp_path / "fed" / "one_volume"
+    for sub in ("imagesTr", "labelsTr"):
+        (one / sub).mkdir(parents=True)
+    label = np.zeros((16, 16, 6), np.uint8)
+    label[4:10, 4:10, 2:4] = 1
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((16, 16, 6)).astype(np.float32), np.eye(4)),
+             one / "imagesTr" / "a.nii.gz")
+    nib.save(nib.Nifti1Image(label, np.eye(4)), one / "labelsTr" / "a.nii.gz")
+    (tmp_path / "fed" / "no_labels" / "imagesTr").mkdir(parents=True)
+
+    assert main(["data", "inspect", str(tmp_path / "fed"), "--json"]) == 0
+    by_name = {site["name"]: site for site in json.loads(capsys.readouterr().out)["sites"]}
+    single = by_name["one_volume"]
+    assert (single["volumes"], single["train_slices"], single["val_slices"]) == (1, 3, 0)
+    assert [p["file"] for p in single["problems"]] == [str(one)]
+    assert "no validation slice" in single["problems"][0]["problem"]
+    assert "add volumes" in single["problems"][0]["problem"]
+    # a folder that cannot be listed is one problem, not the same message twice
+    problems = by_name["no_labels"]["problems"]
+    assert len(problems) == 1 and "labelsTr" in problems[0]["problem"]
