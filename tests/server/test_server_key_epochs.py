@@ -14,7 +14,6 @@ from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.crypto.codec import make_site_codec, make_summer
 from fedfms_secure.crypto.envelope import open_envelope, seal_for_sites
-from fedfms_secure.crypto.hestore import HeStore
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle, load_envelope_key
 from fedfms_secure.crypto.packing import fit_params
 from fedfms_secure.crypto.rekey import reencrypt_chunks
@@ -213,25 +212,3 @@ def test_rotation_only_at_a_round_boundary_and_old_ciphertexts_refused(fed, tmp_
     restarted = coordinator(fed, tmp_path / "s2", rounds=3)
     assert restarted.key == ack.key and restarted.fingerprint == new.fingerprint
 
-
-def test_site_store_keeps_the_current_and_one_pending_epoch(fed, tmp_path):
-    import shutil
-
-    bundle_dir = tmp_path / "b"
-    shutil.copytree(fed / "b", bundle_dir)
-    store = HeStore(bundle_dir)
-    assert store.current() is None
-    one = serialize_site_context(new_secret_context(load_bundle(bundle_dir, role="client").params))
-    two = serialize_site_context(new_secret_context(load_bundle(bundle_dir, role="client").params))
-    first = store.put(1, one)
-    assert store.current() == first and (first.path.stat().st_mode & 0o777) == 0o600
-    pending = store.put(2, two, pending=True)
-    assert sorted(p.name for p in store.folder.glob("epoch-*.ctx")) == ["epoch-1.ctx", "epoch-2.ctx"]
-    assert store.find(pending.fingerprint) == pending
-    store.promote(pending.fingerprint)
-    assert store.current().epoch == 2 and store.pending() is None
-    assert [p.name for p in store.folder.glob("epoch-*.ctx")] == ["epoch-2.ctx"]  # the superseded key is gone
-    load_bundle(bundle_dir, role="client")  # he/ is outside the manifest's checksums
-    pending.path.chmod(0o644)
-    with pytest.raises(Exception, match="readable by others"):
-        store.load(store.current())

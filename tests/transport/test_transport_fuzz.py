@@ -37,7 +37,7 @@ from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.crypto.codec import make_site_codec
 from fedfms_secure.crypto.envelope import seal_for_sites
-from fedfms_secure.crypto.hestore import HeStore, site_key
+from fedfms_secure.crypto.hestore import site_key
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
 from fedfms_secure.crypto.rekey import reencrypt_chunks
 from fedfms_secure.protocol import Chunk
