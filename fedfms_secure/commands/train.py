@@ -85,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{args.kind}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{args.kind}.json").write_text(_dumps(result) + "\n")
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_dumps(result))
     else:
         print(_table(result))
     return 0
@@ -99,10 +99,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
                                  skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_dumps(result))
     else:
         print(_table(result))
     return 0
+
+
+def _dumps(result: dict[str, Any]) -> str:
+    """Strict JSON: a score that is NaN (no image scored, e.g. a site without validation slices)
+    or infinite is written as null, since ``NaN`` is not JSON and other parsers (jq, JavaScript) reject it."""
+    return json.dumps(_nan_to_none(result), indent=2, allow_nan=False)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axis: int | None = None,
@@ -155,7 +171,7 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
         "model": str(model_path),
         "source": header.source,
         "sites": rows,
-        "mean": {k: pooled[k] for k in ("dice_mean", "dice_std", "iou_mean", "hd95_mean")},
+        "mean": {k: pooled[k] for k in ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std")},
     }
 
 

@@ -237,8 +237,7 @@ def _result(kind: str, options: BaselineOptions, start: float, sites: list[dict[
                     for k, v in asdict(options).items()},
         "seconds": time.perf_counter() - start,
         "sites": sites,
-        "mean": {"dice_mean": summary["dice_mean"], "dice_std": summary["dice_std"],
-                 "iou_mean": summary["iou_mean"], "hd95_mean": summary["hd95_mean"]},
+        "mean": {key: summary[key] for key in SITE_FIELDS},
         "holdout": holdout,
         "epsilon": epsilon,
     }

@@ -35,7 +35,7 @@ def test_train_local_with_dp_and_a_held_out_site(federation: Path, capsys) -> No
         assert 0 < site["epsilon"] <= 8.0
         assert set(FIELDS) <= set(site) and len(site["per_class"]) == 1
     assert result["epsilon"] == max(s["epsilon"] for s in result["sites"])
-    assert set(result["mean"]) == {"dice_mean", "dice_std", "iou_mean", "hd95_mean"}
+    assert set(result["mean"]) == set(FIELDS)  # mean and standard deviation over images of every metric
     held = result["holdout"]
     assert held["name"] == "site_2" and held["train_slices"] == 0
     everything = load_site(federation / "site_2", image_size=32, val_fraction=0.0, keep_empty_every=0)
@@ -73,3 +73,74 @@ def test_wrong_holdout_and_options_are_named(federation: Path, tmp_path: Path, c
     broken.write_bytes(b"PK\x03\x04 truncated")
     assert main(["evaluate", "--model", str(broken), "--data", str(federation / "site_1")]) == 1
     assert str(broken) in capsys.readouterr().err
+
+
+def _mixed_federation(root: Path) -> Path:
+    """Three sites of three-class label maps (values 0..3): NIfTI volumes, PNG pictures, and a site
+    of a single volume (so no validation split)."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def case(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        grid = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+        image, label = rng.normal(100.0, 10.0, shape), np.zeros(shape, np.uint8)
+        for value, (cx, cy) in enumerate(((8, 8), (8, 22), (22, 15)), start=1):
+            disc = (grid[0] - cx) ** 2 + (grid[1] - cy) ** 2 < 25
+            if len(shape) == 3:
+                disc &= (grid[2] >= 1) & (grid[2] < shape[2] - 1)
+            label[disc], image[disc] = value, 100.0 + 60 * value
+        return image, label
+
+    for site, n in (("a_nifti", 3), ("b_png", 3), ("c_one", 1)):
+        for sub in ("imagesTr", "labelsTr"):
+            (root / site / sub).mkdir(parents=True)
+        for i in range(n):
+            if site == "b_png":
+                image, label = case((30, 30))
+                Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / site / "imagesTr" / f"p{i}.png")
+                Image.fromarray(label).save(root / site / "labelsTr" / f"p{i}.png")
+            else:
+                image, label = case((30, 30, 5))
+                affine = np.diag([0.8, 0.8, 3.0, 1.0])
+                nib.save(nib.Nifti1Image(image.astype(np.int16), affine), root / site / "imagesTr" / f"v{i}.nii.gz")
+                nib.save(nib.Nifti1Image(label, affine), root / site / "labelsTr" / f"v{i}.nii.gz")
+    return root
+
+
+def test_three_classes_over_nifti_png_and_a_one_volume_site(tmp_path: Path, capsys) -> None:
+    data = _mixed_federation(tmp_path / "mixed")
+    labels = '{"1": 1, "2": 2, "3": 3}'
+    out = tmp_path / "o"
+    assert main(["train", "central", "--data", str(data), "--epochs", "1", "--image-size", "32", "--labels", labels,
+                 "--out", str(out), "--json"]) == 0
+    printed = capsys.readouterr().out
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    result = json.loads(printed, parse_constant=strict)  # NaN would not parse in jq or a browser
+    assert json.loads((out / "central.json").read_text(), parse_constant=strict) == result
+    rows = {row["name"]: row for row in result["sites"]}
+    assert sorted(rows) == ["a_nifti", "b_png", "c_one"]
+    assert (rows["b_png"]["train_slices"], rows["b_png"]["val_slices"]) == (2, 1)  # one slice per picture
+    assert rows["c_one"]["train_slices"] == 4 and rows["c_one"]["val_slices"] == 0  # 3 with labels + 1 empty
+    for row in rows.values():
+        assert [c["name"] for c in row["per_class"]] == ["label 1", "label 2", "label 3"]
+    assert all(rows["c_one"][key] is None for key in FIELDS)  # nothing to score: null, not NaN
+    for name in ("a_nifti", "b_png"):
+        assert all(0.0 <= rows[name]["per_class"][k]["dice_mean"] <= 1.0 for k in range(3))
+    assert all(result["mean"][key] is not None for key in FIELDS)
+
+    assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(data / "c_one"), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out, parse_constant=strict)["sites"][0]
+    assert scored["slices"] == 4 and len(scored["per_class"]) == 3
+    assert main(["train", "central", "--data", str(data), "--epochs", "1", "--image-size", "32", "--labels", labels,
+                 "--holdout", "a_nifti"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    mean_row = next(line for line in table if line.startswith("mean (images)"))
+    assert mean_row.count("±") == 3  # Dice, IoU and HD95 each with their standard deviation over images
+    assert next(line for line in table if line.startswith("c_one")).split()[1:] == ["-", "-", "-"]
+    assert any(line.startswith("held out: a_nifti") for line in table)
