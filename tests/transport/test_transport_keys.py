@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,57 @@ def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
     with pytest.raises(KeyMaterialError, match="sealed to site 'a', not to this site 'b'"):
         open_envelope(for_a.payload, recipient="b", recipient_key=load_envelope_key(bundle_dir), federation="hk",
                       sites=SITES, ca_pem=bundle.ca_pem, params=bundle.params)
+
+
+def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_path):
+    """The key is rotated after site b fetched the state of round 0: its commit under the old key
+    is refused, it fetches its envelope and commits the same count under the new key."""
+    from fedfms_secure.client.hekeys import init_key, rotate_key
+    from fedfms_secure.client.site import _Site
+    from fedfms_secure.config import ClientConfig
+    from fedfms_secure.crypto.keystore import load_envelope_key
+
+    sites = ("a", "b")
+    prov = init_federation(tmp_path / "prov", federation="re", server_host="localhost", clients=sites,
+                           params=fit_params(bound=1.0, sites=2, rounds=2))
+    export_bundle("server", None, prov, tmp_path / "server")
+    for name in sites:
+        export_bundle("client", name, prov, tmp_path / name)
+    stop = threading.Event()
+    config = ServerConfig(keys=tmp_path / "server", state=tmp_path / "state", address="127.0.0.1:0", rounds=2)
+    thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
+    thread.start()
+    try:
+        for _ in range(400):
+            if (tmp_path / "state" / "address.json").exists():
+                break
+            threading.Event().wait(0.05)
+        address = json.loads((tmp_path / "state" / "address.json").read_text())["address"]
+        with connect(tmp_path, address, "a") as client_a, connect(tmp_path, address, "b") as client_b:
+            bundle_a = load_bundle(tmp_path / "a", role="client")
+            init_key(client_a, bundle_a)
+            ring_b = Keyring(client_b, load_bundle(tmp_path / "b", role="client"), timeout=30)
+            ring_b.sync(client_b.status().key)
+            site_b = object.__new__(_Site)  # the real methods, over a real connection; no model needed here
+            site_b.client, site_b.keys, site_b.codec = client_b, ring_b, ring_b.codec
+            site_b.config = ClientConfig(keys=tmp_path / "b", data=tmp_path, state=tmp_path / "state_b",
+                                         round_timeout=30)
+            old = ring_b.fingerprint
+            rotated = rotate_key(client_a, bundle_a, load_envelope_key(tmp_path / "a"), wait=30)
+            assert rotated.key.epoch == 2 and rotated.key.round == 0
+
+            weight: dict[str, float] = {}
+            waiter = threading.Thread(target=lambda: weight.update(b=site_b._exchange_weight(0, 30)))
+            waiter.start()  # commits under the old key first: refused, then again under the new one
+            ring_a = Keyring(client_a, bundle_a)
+            deadline = time.monotonic() + 30
+            while "b" not in {s.name for s in client_a.status().sites if s.committed}:
+                assert time.monotonic() < deadline, "site b never committed"
+                time.sleep(0.05)
+            client_a.commit_weight(0, ring_a.fingerprint, ring_a.codec.encrypt_scalar(10.0))
+            waiter.join(timeout=30)
+            assert weight == {"b": pytest.approx(30 / 40)}
+            assert site_b.codec.fingerprint == rotated.key.fingerprint != old
+    finally:
+        stop.set()
+        thread.join(timeout=10)
