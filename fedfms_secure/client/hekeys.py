@@ -11,8 +11,9 @@ The CKKS secret key is generated at a site, never at the provisioning host or th
                                 the state under it, seal it to the active sites ->
                                 PublishKeys(epoch e+1, round r, envelopes, state chunks)
 
-The server accepts a new epoch only at a round boundary (round r open, no commit yet) and then
-refuses ciphertexts of the old one; ``rotate_key`` retries until a boundary comes or its wait
+A site never goes back to an older key epoch (``current_key`` refuses a rollback the server might
+announce). The server accepts a new epoch only at a round boundary (round r open, no commit yet)
+and then refuses ciphertexts of the old one; ``rotate_key`` retries until a boundary comes or its wait
 ends. Every other site notices the new epoch (Join, GetStatus, or a refused commit), fetches its
 envelope and goes on with the new key: a site that had already trained in round r under the old
 key still holds a valid plaintext update and only encrypts it again.
@@ -191,6 +192,7 @@ def current_key(
             held = _held(bundle, store, announced)
             if held is not None:
                 return held
+            _refuse_rollback(store, announced)
             if envelope_key is None:
                 raise KeyMaterialError(
                     f"this site does not hold CKKS key epoch {announced.epoch} ({announced.fingerprint[:16]}...) and "
@@ -236,6 +238,20 @@ def _held(bundle: Bundle, store: HeStore, announced: KeyEpoch) -> SiteKey | None
     if held is not None and held.fingerprint == announced.fingerprint:
         return SiteKey(held.context, held.fingerprint, announced.epoch)
     return None
+
+
+def _refuse_rollback(store: HeStore, announced: KeyEpoch) -> None:
+    """A site never goes back to an older key epoch, nor to another key of its own epoch: a server
+    that replays an old (validly signed) envelope would otherwise make it encrypt under a key that
+    a revoked site still holds."""
+    current = store.current()
+    if current is not None and announced.epoch <= current.epoch:
+        raise KeyMaterialError(
+            f"the server announces CKKS key epoch {announced.epoch} ({announced.fingerprint[:16]}...), but this site "
+            f"already holds epoch {current.epoch} ({current.fingerprint[:16]}...): a site never goes back to an older "
+            "key or to another key of the same epoch. Check the server (a replayed key would expose this site's "
+            f"updates); only if the federation was started over on purpose, delete {store.folder}"
+        )
 
 
 def _adopt(bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey, payload: bytes, key: KeyEpoch) -> SiteKey:

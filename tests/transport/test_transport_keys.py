@@ -142,6 +142,14 @@ def test_he_init_round_and_rotation_over_grpc(federation, capsys):
         assert "no round boundary within --wait 1 s" in capsys.readouterr().err
         assert clients["a"].status().key.epoch == 2
         assert [p.name for p in HeStore(root / "b").folder.glob("epoch-*.ctx")] == ["epoch-2.ctx"]
+
+        # a site never goes back: an older epoch announced (to replay its signed envelope) is refused
+        from fedfms_secure.errors import KeyMaterialError
+        from fedfms_secure.protocol import KeyEpoch
+
+        with pytest.raises(KeyMaterialError, match="never goes back to an older key"):
+            rings["b"].sync(KeyEpoch(1, made["fingerprint"], 0, "a"))
+        assert rings["b"].fingerprint == rotated["fingerprint"]
     finally:
         for client in clients.values():
             client.close()
@@ -224,3 +232,4 @@ def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_pa
     finally:
         stop.set()
         thread.join(timeout=10)
+
