@@ -118,6 +118,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         preset=args.preset,
         seed=args.seed,
         local_epochs=args.local_epochs,
+        learning_rate=args.lr,
         pretrained=not args.no_pretrained,
         holdout=args.holdout,
         labels=args.labels,
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--preset", default="tiny")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--local-epochs", type=int, default=5)
+    m.add_argument("--lr", type=float, help="the sites' Adam learning rate (default: the server's plan)")
     m.add_argument("--no-pretrained", action="store_true", help="a random encoder instead of the pretrained preset")
     m.add_argument("--holdout", metavar="SITE",
                    help="leave-one-site-out: SITE never trains; the final model is scored on it at the end")

@@ -52,6 +52,8 @@ class DemoOptions:
     preset: str = "tiny"
     seed: int = 0
     local_epochs: int = 5
+    # None: the server's default plan (ServerConfig.learning_rate)
+    learning_rate: float | None = None
     # (H, W, slices) of each generated volume
     synth_shape: tuple[int, int, int] = (64, 64, 40)
     timeout: float = 1800.0
@@ -129,7 +131,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     cmd = [sys.executable, "-m", "fedfms_secure", "server", "--keys", str(bundles / "server"),
            "--address", "127.0.0.1:0", "--state", str(server_state), "--rounds", str(options.rounds),
            "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
-           "--local-epochs", str(options.local_epochs), "--exit-when-done"]
+           "--local-epochs", str(options.local_epochs), "--exit-when-done",
+           *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
     if not options.he:
         cmd.append("--no-he")
     if not options.pretrained:
