@@ -136,6 +136,13 @@ def load_site(
         )
     if len(val) == 0 and (val_fraction > 0 or split.val):
         log.warning("site %s has no validation slice; validation metrics will be empty", site_dir)
+    if not (bool(train.labels.any()) or bool(val.labels.any())):
+        # e.g. PNG masks stored as 0/255 under a map that selects 1, 2, 3: training would see background only
+        log.warning(
+            "site %s: no slice has a foreground voxel under the label map %s; check the map against the "
+            "label values `fedfms-secure data inspect %s` lists", site_dir, options.label_map.describe()["map"],
+            site_dir,
+        )
     if cache is not None:
         log.debug("slice cache %s: %s", cache.root, cache.stats)
     return SiteData(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import nibabel as nib
@@ -108,3 +109,24 @@ def test_loaded_labels_hold_class_indices(tmp_path: Path) -> None:
     assert int(masks.sum()) == 2 * 2 * 9 and bool(masks[:, 7:10, 7:10].all())
     with pytest.raises(DataError, match="no usable training slice"):
         load_site(site, labels="7", **kw)
+
+
+def test_a_map_that_selects_no_stored_value_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from PIL import Image
+
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+    for i in range(2):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[4:12, 4:12] = 255  # masks as image editors save them
+        Image.fromarray((np.random.default_rng(i).random((20, 20)) * 255).astype(np.uint8)).save(
+            tmp_path / "imagesTr" / f"p{i}.png")
+        Image.fromarray(mask).save(tmp_path / "labelsTr" / f"p{i}.png")
+    with caplog.at_level(logging.WARNING, logger="fedfms_secure.data"):
+        load_site(tmp_path, image_size=16)  # default map: non-zero is foreground
+    assert not any("no slice has a foreground voxel" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="fedfms_secure.data"):
+        data = load_site(tmp_path, image_size=16, labels='{"1": 1, "2": 2}')
+    assert not bool(data.train.labels.any())
+    assert any("no slice has a foreground voxel" in r.getMessage() and str(tmp_path) in r.getMessage()
+               for r in caplog.records)
