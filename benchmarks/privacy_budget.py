@@ -414,11 +414,11 @@ def plots(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, out: 
     paths.append(out / f"{name}_bytes.png")
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for mode in modes:
+    for mode, color in zip(modes, ("tab:blue", "tab:orange")):
         for he, style in ((True, "o-"), (False, "s--")):
             pts = sorted((pos[s["epsilon"]], s["seconds_per_round"]) for s in fed if s["mode"] == mode and s["he"] == he)
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{mode}, {'CKKS' if he else 'plain'}")
+                ax.plot(*zip(*pts), style, color=color, label=f"{mode}, {'CKKS' if he else 'plain'}")
     ax.set_xticks(ticks, labels)
     ax.set_xlabel("epsilon per site (whole run)")
     ax.set_ylabel("seconds per round (server)")
