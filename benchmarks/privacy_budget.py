@@ -618,7 +618,8 @@ def _run_grid(args: argparse.Namespace, plan: Plan, runs: list[Run], name: str, 
                                + (f"data {plan.data}" if plan.data else
                                   f"synthetic sites (`fedfms-secure data synth`, volumes {plan.synth_shape})")
                                + (f", holdout {plan.holdout}" if plan.holdout else ""),
-                          runtime=f"{time.monotonic() - started:.0f} s this invocation ({len(rows)} rows in the CSV)")  # fmt: skip
+                          runtime=f"{time.monotonic() - started:.0f} s this invocation; the {len(rows)} runs in the CSV "
+                                  f"took {sum(r['wall_seconds'] for r in rows) / 60:.1f} min in all")  # fmt: skip
     summary = summarize(rows)
     (args.out / f"{name}.md").write_text(markdown(head, summary, plan, name))
     plots(head, summary, plan, args.out, name)
