@@ -37,21 +37,23 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
     durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl")}
     sites = list(site_states)
     initial = [_initial_dice(path) for path in site_states.values()]
-    initial = [d for d in initial if d is not None]
+    initial = [d for d in initial if _finite(d)]
     rounds = []
     ledgers = {site: {e["round"]: e["epsilon"] for e in read_ledger(path)} if Path(path).is_dir() else {}
                for site, path in site_states.items()}
     for r in sorted({m["round"] for m in metrics}):
         rows = {m["site"]: m for m in metrics if m["round"] == r}
-        dice = [rows[s]["dice"] for s in sites if s in rows]
+        # a site without validation slices reports NaN: it is left out of the means, not fatal
+        dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _finite(d)]
+        dice_local = [d for d in (rows[s]["dice_local"] for s in rows) if _finite(d)]
         eps = {s: _spent(ledgers[s], r) for s in sites if s in rows}
         finite_eps = [e for e in eps.values() if e is not None]
         rounds.append({
             "round": r + 1,
-            "dice_mean": statistics.fmean(dice),
+            "dice_mean": statistics.fmean(dice) if dice else float("nan"),
             "dice_std": statistics.pstdev(dice) if len(dice) > 1 else 0.0,
             "dice": {s: rows[s]["dice"] for s in sites if s in rows},
-            "dice_local_mean": statistics.fmean(rows[s]["dice_local"] for s in rows),
+            "dice_local_mean": statistics.fmean(dice_local) if dice_local else float("nan"),
             "epsilon": eps,
             "epsilon_max": max(finite_eps) if finite_eps else None,
             "bytes_up_total": sum(rows[s]["bytes_up"] for s in rows),
@@ -70,6 +72,10 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
         "epsilon_final_max": rounds[-1]["epsilon_max"] if rounds else None,
         "seconds_total": wall_seconds,
     }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def plot_report(report: Mapping[str, Any], path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -222,7 +223,8 @@ class StateStore:
     # --- files for other tools ----------------------------------------------------------------
     def append_record(self, name: str, record: dict[str, Any]) -> None:
         with open(self.root / name, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            # NaN (e.g. the Dice of a site without validation slices) is not JSON: it is written as null
+            fh.write(json.dumps(_nan_to_null(record), sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -237,3 +239,13 @@ class StateStore:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
+
+
+def _nan_to_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_null(v) for v in value]
+    return value
