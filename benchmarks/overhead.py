@@ -4,8 +4,9 @@ round without, FedMSA round / FedSAM round.
     .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 5] [--out benchmarks/results]
 
 These machines are shared and noisy, so every configuration is measured in the same process,
-interleaved (A B C ... A B C ...) ``--repeats`` times, and each time is the fastest of its repeats
-(the least disturbed by the machine's other work; ``timeit`` does the same).
+interleaved (A B C ... A B C ...) ``--repeats`` times; on the CPU each part is timed in CPU seconds of
+the process (torch on one thread: ``--threads``), which other work on the machine barely inflates,
+and each time is the fastest of its repeats.
 
 One *round* is one site's critical path through a round of a ``--sites`` federation, in process
 (no network, no polling): load theta, ``train_local`` for ``--epochs`` local epochs on the site's
@@ -127,7 +128,7 @@ class _Bench:
         self._dp_runs = 0
 
     def round(self, cfg: Config) -> dict[str, float]:
-        """Times one round of ``cfg``; returns its parts in seconds and the steps taken."""
+        """Times one round of ``cfg``; returns its parts in seconds (CPU seconds on the CPU) and the steps taken."""
         import torch
 
         from fedfms_secure.model import flatten, load_vector
@@ -143,12 +144,16 @@ class _Bench:
             privacy = SitePrivacy.open(self.tmp / f"privacy_{self._dp_runs}", PrivacyConfig(target_epsilon=8.0),
                                        sample_rate=self.config.batch_size / len(self.train),
                                        planned_steps=self.config.epochs * per_epoch)  # fmt: skip
+        # on the CPU: the process's CPU time (torch on one thread), which other work on a shared machine
+        # barely changes; on a GPU: wall time after synchronising
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
+        wall0 = time.perf_counter()
         _sync(self.device)
-        t0 = time.perf_counter()
+        t0 = clock()
         load_vector(model, names, theta)
         result = train_local(model, self.train, self.config, privacy)
         _sync(self.device)
-        t1 = time.perf_counter()
+        t1 = clock()
         update = np.clip((flatten(model, names).astype(np.float64) - theta) / self.sites, -self.bound, self.bound)
         encrypt_s = server_s = decrypt_s = 0.0
         step = codec.chunk_values
@@ -156,29 +161,29 @@ class _Bench:
             part = update[start : start + step]
             total = None
             for _ in range(self.sites):
-                a = time.perf_counter()
+                a = clock()
                 payload = codec.encrypt_vector(part)[0]
-                b = time.perf_counter()
+                b = clock()
                 parsed = summer.parse(payload)
                 total = parsed if total is None else summer.add(total, parsed)
-                c = time.perf_counter()
+                c = clock()
                 encrypt_s += b - a
                 server_s += c - b
-            a = time.perf_counter()
+            a = clock()
             dumped = summer.dump(total)
-            b = time.perf_counter()
+            b = clock()
             decoded = codec.decrypt_vector([dumped], part.size)
-            c = time.perf_counter()
+            c = clock()
             server_s += b - a
             decrypt_s += c - b
             update[start : start + step] = decoded  # the sum of the sites' weighted deltas
         encrypt_s /= self.sites  # sites encrypt in parallel: one site's share is on the critical path
-        t2 = time.perf_counter()
+        t2 = clock()
         with torch.no_grad():
             load_vector(model, names, theta + update)
         dice = evaluate_dice(model, self.val)
         _sync(self.device)
-        t3 = time.perf_counter()
+        t3 = clock()
         train_s = t1 - t0
         crypto_s = encrypt_s + server_s + decrypt_s
         return {
@@ -191,6 +196,7 @@ class _Bench:
             "crypto_s": crypto_s,
             "eval_s": t3 - t2,
             "round_s": train_s + crypto_s + (t3 - t2),
+            "wall_round_s": time.perf_counter() - wall0,
             "dice": dice,
         }
 
@@ -281,7 +287,10 @@ def markdown(head: dict[str, Any], results: list[dict[str, Any]], skipped: list[
         "weighted delta, the server's sum of the sites' uploads, decrypt, evaluate on the validation "
         "slices (no network or polling: the federated grid in `privacy_budget.md` has the daemons' "
         "wall-clock rounds). DP = Opacus DP-SGD at epsilon 8; CKKS = packed CKKS as the demo provisions "
-        "it; plain = the `--no-he` codec. Each time is the fastest of its interleaved repeats (the least disturbed by other work on the machine; a DP step: the faster of the CKKS and plain rounds'). The two rounds "
+        "it; plain = the `--no-he` codec. On the CPU every time is the process's CPU time (torch on one thread), "
+        "which other work on a shared machine barely inflates (`wall_round_s` in the JSON has the wall clock); "
+        "on a GPU, wall time. Each time is the fastest of its interleaved repeats (a DP step: the faster of the "
+        "CKKS and plain rounds'). The two rounds "
         "of a CKKS ratio train and evaluate identically, so the last column also gives it with that time shared "
         "(the mean of the two): what the codec itself adds, free of the noise between two training runs."
     )
@@ -293,7 +302,8 @@ def markdown(head: dict[str, Any], results: list[dict[str, Any]], skipped: list[
             f"## {res['preset']} on {res['device']}",
             "",
             f"{res['img_size']} px, {res['train_slices']} training / {res['val_slices']} validation slices, "
-            f"{res['epochs']} local epoch(s), batch {res['batch_size']}, {res['repeats']} repeat(s).",
+            f"{res['epochs']} local epoch(s), batch {res['batch_size']}, {res['repeats']} repeat(s); times in "
+            + ("CPU seconds of the process." if res["device"] == "cpu" else "wall seconds."),
             "",
             "| what | setting | ratio | numerator s | denominator s | with training and evaluation shared |",
             "| --- | --- | --- | --- | --- | --- |",
