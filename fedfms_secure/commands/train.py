@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedfms_secure.config import FEDERATED_LEARNING_RATE
+
 from fedfms_secure.commands.data import add_data_options
 
 # kept light: torch and the model are imported inside the handlers
@@ -34,7 +36,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--preset", default="tiny")
         p.add_argument("--epochs", type=int, default=25, help="training epochs (default 25: 5 rounds x 5 local epochs)")
         p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--lr", type=float, default=1e-2)
+        p.add_argument("--lr", type=float, default=FEDERATED_LEARNING_RATE,
+                       help=f"Adam learning rate (default {FEDERATED_LEARNING_RATE:g}, as a federated round)")
         p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (omit: no DP)")
         p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
         p.add_argument("--max-grad-norm", type=float, default=1.0)

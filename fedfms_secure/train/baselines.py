@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from torch.utils.data import ConcatDataset
 
+from fedfms_secure.config import FEDERATED_LEARNING_RATE
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.data.layout import find_sites
 from fedfms_secure.data.loader import SiteData, load_site
@@ -45,7 +46,7 @@ class BaselineOptions:
     preset: str = "tiny"
     epochs: int = 25
     batch_size: int = 32
-    learning_rate: float = 1e-2
+    learning_rate: float = FEDERATED_LEARNING_RATE
     epsilon: float | None = None  # None (or inf): no DP
     delta: float | None = None  # None: min(1e-5, 1/(10 n))
     seed: int = 0
