@@ -33,6 +33,7 @@ import numpy as np
 from rich.console import Console
 
 import _common
+from fedfms_secure.config import FEDERATED_LEARNING_RATE
 from fedfms_secure.data import load_site
 from fedfms_secure.demo import UPDATE_BOUND, DemoOptions, run_demo
 from fedfms_secure.model.modes import apply_mode
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     head = _common.header(seeds=args.seeds, argv=argv, clients=args.clients, rounds=args.rounds,
                           local_epochs=args.local_epochs, preset="tiny (64 px), synthetic NIfTI sites",
-                          training="FedMSA, no DP, Adam lr 1e-2 (the demo's plan)")
+                          training=f"FedMSA, no DP, Adam lr {FEDERATED_LEARNING_RATE:g} (the demo's plan)")
     progress = _common.Progress(2 * len(args.seeds))
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedfms-ckks-vs-plain-") as tmp:
