@@ -5,7 +5,7 @@ by the provisioning host, each site keeps the contexts it generated or opened fr
 
     BUNDLE/he/epoch-<n>.ctx   0600  serialized context WITH the secret key of key epoch n
     BUNDLE/he/current.json    0600  {"current": {"epoch", "fingerprint"}, "pending": {...} | null}
-    BUNDLE/he/.lock                 serialises the site daemon and a key command at the same site
+    BUNDLE/he/.lock           0600  serialises the site daemon and a key command at the same site
 
 These files are outside the manifest's checksums: they change while the federation runs. A site
 holds the current epoch's context and, only while a rotation it started is not yet accepted by the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from fedfms_secure.errors import KeyMaterialError
 
 HE_DIR = "he"
 CURRENT_FILE = "current.json"
+LOCK_FILE = ".lock"
 _REFETCH = ("delete the he/ folder of the bundle and start the site again: it fetches its envelope from the "
             "server (or run `fedfms-secure keys he-init` if no site has made the key yet)")
 
@@ -140,7 +142,9 @@ class HeStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.folder.mkdir(mode=0o700, exist_ok=True)
-        with open(self.folder / ".lock", "a") as fh:
+        # 0600 like everything in he/ (``keys verify`` holds the folder's files private)
+        fd = os.open(self.folder / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

@@ -8,8 +8,8 @@ certificate's SHA-256 fingerprint, serial, algorithm, expiry (``expiring`` withi
 finds (not only the first), each naming the file and the fix: the manifest, the checksums, the
 file modes (private files 0600, no file writable by others), the certificate chain to the
 bundle's CA and its expiry, that each private key matches, the envelope key, the CKKS context
-(loaded with TenSEAL: a server bundle must hold no secret key, anywhere in the folder), and the
-CRL's signature when there is one.
+(loaded with TenSEAL: a server bundle must hold no secret key, anywhere in the folder; its
+parameters are the manifest's), a site's ``he/`` contexts, and the CRL's signature when there is one.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from cryptography import x509
 
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.bundle import CRL, ENVELOPE_KEY, MANIFEST, bundle_files, private_files, read_manifest
-from fedfms_secure.crypto.ckks import context_fingerprint, load_context
+from fedfms_secure.crypto.ckks import context_fingerprint, load_context, params_of
+from fedfms_secure.crypto.hestore import HE_DIR, LOCK_FILE, HeStore
 from fedfms_secure.crypto.keystore import read_federation
 from fedfms_secure.errors import FedFmsError, KeyMaterialError
 
@@ -189,6 +190,8 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
         _check_context(path / "ckks.ctx", data["ckks.ctx"], role, manifest["ckks"].get("fingerprint"), params, rep,
                        export)
     _scan_extra_files(path, set(expected) | {MANIFEST, CRL}, role, rep, export)
+    if role == "client" and (path / HE_DIR).is_dir():
+        _check_he_store(path, params, rep)
     if (path / CRL).is_file() and ca is not None:
         _check_crl(path / CRL, ca, cert, rep)
     return _finish(result, rep)
@@ -206,8 +209,10 @@ def _check_modes(path: Path, rep: _Report, *, private: set[str], role: str | Non
             rep.problem(file, "is a symbolic link; a bundle holds plain files only", "replace it with the file itself")
             continue
         mode = stat.S_IMODE(file.stat().st_mode)
-        # a site keeps its CKKS contexts under he/ (generated at a site or opened from an envelope)
-        secret = rel in private or (role == "client" and rel.startswith("he/"))
+        # a site keeps its CKKS contexts under he/ (generated at a site or opened from an envelope);
+        # its empty lock file holds nothing
+        lock = rel == f"{HE_DIR}/{LOCK_FILE}" and file.stat().st_size == 0
+        secret = rel in private or (role == "client" and rel.startswith(f"{HE_DIR}/") and not lock)
         rep.files.append({"file": rel, "mode": f"{mode:o}", "private": secret})
         if secret and mode & 0o077:
             rep.problem(file, f"is a private file readable by others (mode {mode:o})", f"run `chmod 600 {file}`")
@@ -281,6 +286,7 @@ def _check_context(file: Path, raw: bytes, role: str, fingerprint: str | None, p
     except FedFmsError as exc:
         rep.problem(file, str(exc), export)
         return
+    _check_params(file, ctx, params, rep, export)
     if role == "server":
         if ctx.has_secret_key():
             rep.problem(file, "the server's CKKS context holds the SECRET KEY: the server could decrypt every update",
@@ -291,6 +297,35 @@ def _check_context(file: Path, raw: bytes, role: str, fingerprint: str | None, p
     elif context_fingerprint(ctx) != fingerprint:
         rep.problem(file, f"has context fingerprint {context_fingerprint(ctx)[:16]}..., the manifest says "
                     f"{str(fingerprint)[:16]}...", export)
+
+
+def _check_params(file: Path, ctx: Any, params: Any, rep: _Report, export: str) -> None:
+    """The context's CKKS ring is the manifest's (a manifest edited after export shows here)."""
+    try:
+        actual = params_of(ctx)
+    except FedFmsError as exc:
+        rep.problem(file, f"holds CKKS parameters this build refuses ({exc})", export)
+        return
+    if actual != params.ring:
+        rep.problem(file, f"has CKKS parameters {actual.to_dict()}, {MANIFEST} says {params.ring.to_dict()}", export)
+
+
+def _check_he_store(path: Path, params: Any, rep: _Report) -> None:
+    """A site's ``he/`` folder: its current (and pending) context is there, private, holds the secret
+    key with the recorded fingerprint and has the manifest's parameters."""
+    store = HeStore(path)
+    try:
+        keys = [k for k in (store.current(), store.pending()) if k is not None]
+        for key in keys:
+            _check_params(key.path, store.load(key), params, rep,
+                          "delete the bundle's he/ folder and start the site again: it fetches its envelope")
+    except KeyMaterialError as exc:
+        rep.problem(store.folder, str(exc), "delete the bundle's he/ folder and start the site again: it fetches "
+                    "its envelope from the server")
+        return
+    if keys:
+        rep.notes.append(f"{store.folder}: CKKS key epoch {keys[0].epoch} ({keys[0].fingerprint[:16]}...)"
+                         + (f", pending epoch {keys[1].epoch}" if len(keys) > 1 else ""))
 
 
 def _scan_extra_files(path: Path, known: set[str], role: str, rep: _Report, export: str) -> None:
