@@ -214,8 +214,10 @@ def _add_client(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import install_crl, revoke
+    from fedfms_secure.crypto.keystore import check_crl_target, install_crl, revoke
 
+    if args.server_bundle:
+        check_crl_target(args.source, args.server_bundle)  # a wrong folder fails before anything is revoked
     entry = revoke(args.source, args.name, reason=args.reason, passphrase=_passphrase(args))
     crl = Path(args.source) / "ca" / "crl.pem"
     installed = install_crl(args.source, args.server_bundle) if args.server_bundle else None
@@ -232,12 +234,14 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _rotate_tls(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import export_bundle, install_crl, rotate_tls
+    from fedfms_secure.crypto.keystore import check_crl_target, export_bundle, install_crl, rotate_tls
 
     if args.all and args.names:
         raise ConfigError("give site NAMEs or --all, not both")
     if not args.all and not args.names:
         raise ConfigError("name the site(s) to rotate, or give --all (every site and the server)")
+    if args.server_bundle and not args.all:
+        check_crl_target(args.source, args.server_bundle)  # a wrong folder fails before anything is rotated
     done = rotate_tls(args.source, None if args.all else args.names, server=args.all,
                       passphrase=_passphrase(args), days=args.days)
     bundles = {}

@@ -41,13 +41,15 @@ rotate-tls) need it to open ``ca.key``, and the daemons need it to open their bu
 ``revoke`` puts a site's certificate on the CA-signed CRL (``ca/crl.pem``) and removes the site
 from the federation; ``rotate_tls`` replaces certificates and revokes the old ones as
 ``superseded``; ``install_crl`` copies the CRL into a server bundle (a running server reloads
-it). Then re-export the bundles that changed (``export_bundle(..., update=True)`` rewrites a
-bundle in place, keeping the files a site added to it).
+it) or a site's (it then refuses envelopes signed by a removed site), never over a newer list.
+Then re-export the bundles that changed (``export_bundle(..., update=True)`` rewrites a bundle in
+place, keeping the files a site added to it).
 
 ``export_bundle(role, name, src, out)`` (``fedfms-secure keys export``) copies what one party needs::
 
     server: ca.crt  tls.crt  tls.key (0600)  ckks.ctx (params only)  crl.pem (when any)  manifest.json
-    client: ca.crt  tls.crt  tls.key (0600)  envelope.key (0600)  ckks.ctx (dealer only, 0600)  manifest.json
+    client: ca.crt  tls.crt  tls.key (0600)  envelope.key (0600)  ckks.ctx (dealer only, 0600)  crl.pem (when
+            any)  manifest.json
 
 ``load_bundle`` (in ``bundle.py``, re-exported here) checks a bundle before a daemon uses it.
 """
@@ -85,6 +87,7 @@ from fedfms_secure.crypto.ckks import (
     context_fingerprint,
     load_context,
     new_secret_context,
+    params_of,
     serialize_params_only,
     serialize_site_context,
 )
@@ -94,6 +97,7 @@ from fedfms_secure.errors import ConfigError, KeyMaterialError
 __all__ = [
     "Bundle",
     "add_client",
+    "check_crl_target",
     "export_bundle",
     "init_federation",
     "install_crl",
@@ -111,6 +115,8 @@ FEDERATION_JSON = "federation.json"
 DEFAULT_DAYS = 365
 DEFAULT_CA_DAYS = 3650
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# what to do about a damaged file of the provisioning folder (exporting again would copy it)
+_RESTORE = "restore it from a backup of the provisioning folder, or provision again with `fedfms-secure keys init`"
 
 
 def validate_name(name: str, *, what: str) -> str:
@@ -301,6 +307,7 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
             "--max-sites N`), or revoke a site that left"
         )
     ca, ca_key = _load_ca(src, passphrase)
+    _need_passphrase(src, meta, passphrase)
     public = _new_site(src, ca, ca_key, name, meta["algorithm"], days or int(meta.get("days", DEFAULT_DAYS)), passphrase)
     meta["clients"] = [*meta["clients"], name]
     meta["envelope_keys"] = {**meta["envelope_keys"], name: public}
@@ -327,7 +334,7 @@ def revoke(
     revoked = _revoked_sites(meta)
     if name in revoked:
         raise ConfigError(f"site {name!r} was already revoked on {revoked[name]['date']} ({revoked[name]['reason']})")
-    cert = pki.load_cert(src / "clients" / name / "tls.crt")
+    cert = pki.load_cert(src / "clients" / name / "tls.crt", remedy=_RESTORE)
     ca, ca_key = _load_ca(src, passphrase)
     entry = pki.Revocation(cert.serial_number, dt.datetime.now(dt.timezone.utc), reason, name, True)
     _publish_revocations(src, meta, ca, ca_key, [entry])
@@ -363,13 +370,14 @@ def rotate_tls(
     if not targets and not server:
         raise ConfigError("nothing to rotate: name a site, or give --all")
     ca, ca_key = _load_ca(src, passphrase)
+    _need_passphrase(src, meta, passphrase)
     meta["encrypted"] = bool(meta.get("encrypted") or passphrase)
     lifetime = days or int(meta.get("days", DEFAULT_DAYS))
     now = dt.datetime.now(dt.timezone.utc)
     entries, done = [], []
     for name in targets:
         folder = src / "clients" / name
-        old = pki.load_cert(folder / "tls.crt")
+        old = pki.load_cert(folder / "tls.crt", remedy=_RESTORE)
         key = pki.new_private_key(meta["algorithm"])
         envelope = bytes.fromhex(meta["envelope_keys"][name])
         cert = pki.issue_certificate(ca, ca_key, name, key, role="client", days=lifetime, envelope_key=envelope)
@@ -378,7 +386,7 @@ def rotate_tls(
         done.append(name)
     if server:
         folder = src / "server"
-        old = pki.load_cert(folder / "tls.crt")
+        old = pki.load_cert(folder / "tls.crt", remedy=_RESTORE)
         key = pki.new_private_key(meta["algorithm"])
         cert = pki.issue_certificate(ca, ca_key, meta["server_host"], key, role="server", hosts=[meta["server_host"]],
                                      days=lifetime)
@@ -389,24 +397,58 @@ def rotate_tls(
     return done
 
 
-def install_crl(src: Path, server_bundle: Path) -> Path:
-    """Copy ``ca/crl.pem`` into a server bundle (atomically: a running server reloads it)."""
-    src, server_bundle = Path(src), Path(server_bundle)
+def install_crl(src: Path, bundle: Path, *, role: str | None = "server") -> Path:
+    """Copy ``ca/crl.pem`` into a bundle of this federation, of ``role`` unless None (atomically: a
+    running server reloads it; a site refuses envelopes signed by a site it removes). Refuses to
+    replace a newer list."""
+    src, bundle = Path(src), Path(bundle)
     crl_file = src / "ca" / CRL
     if not crl_file.is_file():
         raise KeyMaterialError(f"{crl_file} does not exist: nothing has been revoked yet")
-    manifest, _ = read_manifest(server_bundle, "`fedfms-secure keys export server`")
-    meta = read_federation(src)
-    if manifest["role"] != "server" or manifest["federation"] != meta["federation"]:
-        raise KeyMaterialError(
-            f"{server_bundle} is a {manifest['role']} bundle of federation {manifest['federation']!r}, not the server "
-            f"bundle of {meta['federation']!r}: give --server-bundle the server's bundle folder"
-        )
+    ca = check_crl_target(src, bundle, role=role)
     data = crl_file.read_bytes()
-    ca = pki.cert_from_pem((server_bundle / "ca.crt").read_bytes(), source=str(server_bundle / "ca.crt"))
-    pki.crl_from_pem(data, ca, source=str(crl_file))
-    _write_public(server_bundle / CRL, data)
-    return server_bundle / CRL
+    _check_crl_not_older(crl_file, data, bundle, ca)
+    _write_public(bundle / CRL, data)
+    return bundle / CRL
+
+
+def check_crl_target(src: Path, bundle: Path, *, role: str | None = "server") -> x509.Certificate:
+    """The CA certificate of ``bundle`` when it is a bundle (of ``role`` unless None) of the
+    federation in ``src``; checked before anything is revoked, so that a wrong ``--server-bundle``
+    changes nothing."""
+    src, bundle = Path(src), Path(bundle)
+    manifest, _ = read_manifest(bundle, "`fedfms-secure keys export server`")
+    meta = read_federation(src)
+    if manifest["federation"] != meta["federation"] or role not in (None, manifest["role"]):
+        want = f"the {role} bundle" if role else "a bundle"
+        raise KeyMaterialError(
+            f"{bundle} is a {manifest['role']} bundle (of {manifest['name']!r}) of federation "
+            f"{manifest['federation']!r}, not {want} of {meta['federation']!r}: give --server-bundle the server's "
+            "bundle folder"
+        )
+    ca = pki.load_cert(bundle / "ca.crt")
+    if pki.pem_cert(ca) != pki.pem_cert(pki.load_cert(src / "ca" / "ca.crt", remedy=_RESTORE)):
+        raise KeyMaterialError(f"{bundle / 'ca.crt'} is not the CA of {src}: give --server-bundle the server bundle "
+                               "exported from this provisioning folder")
+    return ca
+
+
+def _check_crl_not_older(crl_file: Path, data: bytes, out: Path, ca: x509.Certificate) -> None:
+    """KeyMaterialError unless the CRL ``data`` (from ``crl_file``) is signed by ``ca`` and is at least
+    as new as the one ``out`` holds (replacing a newer one would un-revoke at the next restart)."""
+    number = pki.crl_number(pki.crl_from_pem(data, ca, source=str(crl_file)))
+    if (out / CRL).is_file():
+        try:
+            held = pki.crl_number(pki.crl_from_pem((out / CRL).read_bytes(), ca, source=str(out / CRL)))
+        except KeyMaterialError:
+            held = -1  # unreadable or forged: the CA-signed list replaces it
+        if held > number:
+            raise KeyMaterialError(
+                f"{out / CRL} is revocation list number {held}, newer than {crl_file} (number {number}): the "
+                "provisioning folder is older than the bundle (restored from a backup?). Installing it would "
+                "un-revoke certificates at the next restart; use the provisioning folder that made list "
+                f"number {held}"
+            )
 
 
 def _publish_revocations(
@@ -468,7 +510,14 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
             )
         if role == "client" and not ctx.has_secret_key():
             raise KeyMaterialError(f"{ctx_file} lacks the CKKS secret key that sites need; re-run `keys init`")
+        if params_of(ctx) != CkksParams.from_dict(meta["ckks"]["params"]).ring:
+            raise KeyMaterialError(f"{ctx_file} has other CKKS parameters than {src / FEDERATION_JSON}; {_RESTORE}")
+    _check_sources(src, role, party, sources, meta)
 
+    crl_file = src / "ca" / CRL
+    crl = crl_file.read_bytes() if crl_file.is_file() else None
+    if crl is not None:  # checked before anything is written
+        _check_crl_not_older(crl_file, crl, out, pki.load_cert(sources["ca.crt"], remedy=_RESTORE))
     _prepare_out(out, role, party, meta["federation"], update)
     secret = {"tls.key", ENVELOPE_KEY} | ({"ckks.ctx"} if role == "client" else set())
     digests = {}
@@ -481,9 +530,8 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
         digests[filename] = hashlib.sha256(data).hexdigest()
     if role == "client" and ctx_file is None and (out / "ckks.ctx").exists():
         (out / "ckks.ctx").unlink()  # an updated bundle whose key now comes from a site
-    crl_file = src / "ca" / CRL
-    if role == "server" and crl_file.is_file():
-        _write_public(out / CRL, crl_file.read_bytes())
+    if crl is not None:  # the server refuses revoked peers; a site, envelopes signed by a removed site
+        _write_public(out / CRL, crl)
     active = _active(meta)
     ckks = {**meta["ckks"], "source": source, "has_secret_key": role == "client" and source == "dealer"}
     ckks.setdefault("params_fingerprint", params_fingerprint(CkksParams.from_dict(meta["ckks"]["params"])))
@@ -499,6 +547,42 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
     }
     _write_public(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
+
+
+def _check_sources(src: Path, role: str, party: str, sources: dict[str, Path], meta: dict[str, Any]) -> None:
+    """The files about to be exported are sound: the certificate is the CA's, valid now, the
+    party's, and matches its keys (those not encrypted; an encrypted key is checked by the daemon
+    that holds the passphrase, and by ``keys verify --passphrase-file``). KeyMaterialError naming the
+    provisioning folder's file otherwise, so that no broken bundle leaves this host."""
+    ca = pki.load_cert(sources["ca.crt"], remedy=_RESTORE)
+    cert = pki.load_cert(sources["tls.crt"], remedy=_RESTORE)
+    pki.verify_issued_by(cert, ca, source=str(sources["tls.crt"]))
+    if role == "client":
+        if pki.common_name(cert) != party:
+            raise KeyMaterialError(f"{sources['tls.crt']} is issued to {pki.common_name(cert)!r}, not to site "
+                                   f"{party!r}; {_RESTORE}")
+        try:
+            listed = bytes.fromhex(str(meta["envelope_keys"].get(party, "")))
+        except ValueError:
+            raise KeyMaterialError(
+                f"{src / FEDERATION_JSON}: the envelope key of {party!r} is not hex; {_RESTORE}"
+            ) from None
+        if pki.envelope_key_of(cert) not in (None, listed):
+            raise KeyMaterialError(f"{sources['tls.crt']} certifies another envelope key than {src / FEDERATION_JSON} "
+                                   f"lists for {party!r}; {_RESTORE}")
+        raw = sources[ENVELOPE_KEY].read_bytes()
+        if not pki.is_encrypted_pem(raw):
+            envelope = pki.envelope_key_from_pem(raw, source=str(sources[ENVELOPE_KEY]), remedy=_RESTORE)
+            if pki.raw_public(envelope) != listed:
+                raise KeyMaterialError(f"{sources[ENVELOPE_KEY]} is not the envelope key {src / FEDERATION_JSON} lists "
+                                       f"for {party!r}; {_RESTORE}")
+    raw = sources["tls.key"].read_bytes()
+    if not pki.is_encrypted_pem(raw):
+        key = pki.private_key_from_pem(raw, source=str(sources["tls.key"]), remedy=_RESTORE)
+        if not pki.key_matches_cert(key, cert):
+            raise KeyMaterialError(f"{sources['tls.key']} is not the private key of {sources['tls.crt']}; {_RESTORE}")
+    elif b"-----END ENCRYPTED PRIVATE KEY-----" not in raw:
+        raise KeyMaterialError(f"{sources['tls.key']} is a damaged encrypted private key; {_RESTORE}")
 
 
 def _prepare_out(out: Path, role: str, party: str, federation: str, update: bool) -> None:
@@ -558,9 +642,19 @@ def _active(meta: dict[str, Any]) -> list[str]:
     return [c for c in meta["clients"] if c not in revoked]
 
 
+def _need_passphrase(src: Path, meta: dict[str, Any], passphrase: bytes | None) -> None:
+    """ConfigError when the federation's keys are encrypted but no passphrase was given: a new key
+    would otherwise be written in the clear next to encrypted ones (even when ``ca.key`` is not)."""
+    if meta.get("encrypted") and not passphrase:
+        raise ConfigError(
+            f"the private keys of this federation are encrypted with a passphrase ({src / FEDERATION_JSON}: "
+            "encrypted): give it with --passphrase-file, so that the new keys are encrypted too"
+        )
+
+
 def _load_ca(src: Path, passphrase: bytes | None) -> tuple[x509.Certificate, pki.PrivateKey]:
-    ca = pki.load_cert(src / "ca" / "ca.crt")
-    key = pki.load_private_key(src / "ca" / "ca.key", passphrase)
+    ca = pki.load_cert(src / "ca" / "ca.crt", remedy=_RESTORE)
+    key = pki.load_private_key(src / "ca" / "ca.key", passphrase, remedy=_RESTORE)
     if not pki.key_matches_cert(key, ca):
         raise KeyMaterialError(f"{src / 'ca' / 'ca.key'} is not the key of {src / 'ca' / 'ca.crt'}; restore both "
                                "from the same backup")

@@ -62,6 +62,7 @@ REVOCATION_REASONS = {
 _REASON_NAMES = {flag: name for name, flag in REVOCATION_REASONS.items()}
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 _CLOCK_SKEW = dt.timedelta(minutes=5)
+_EXPORT_AGAIN = "export the bundle again with `fedfms-secure keys export`"
 
 
 def new_private_key(algorithm: str = "ecdsa-p256") -> PrivateKey:
@@ -232,28 +233,31 @@ def raw_public(key: x25519.X25519PrivateKey | x25519.X25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def load_cert(path: Path | str) -> x509.Certificate:
-    """Read a PEM certificate; KeyMaterialError naming ``path`` if missing or invalid."""
-    return cert_from_pem(_read(path, "certificate"), source=str(path))
+def load_cert(path: Path | str, *, remedy: str = _EXPORT_AGAIN) -> x509.Certificate:
+    """Read a PEM certificate; KeyMaterialError naming ``path`` if missing or invalid, ending with
+    ``remedy`` (what to do; a file of the provisioning folder is restored, not exported)."""
+    return cert_from_pem(_read(path, "certificate", remedy), source=str(path), remedy=remedy)
 
 
-def load_private_key(path: Path | str, passphrase: bytes | None = None) -> PrivateKey:
+def load_private_key(path: Path | str, passphrase: bytes | None = None, *, remedy: str = _EXPORT_AGAIN) -> PrivateKey:
     """Read a PEM private key; KeyMaterialError naming ``path`` if missing, invalid or locked."""
-    return private_key_from_pem(_read(path, "private key"), source=str(path), passphrase=passphrase)
+    return private_key_from_pem(_read(path, "private key", remedy), source=str(path), passphrase=passphrase,
+                                remedy=remedy)
 
 
-def cert_from_pem(data: bytes, *, source: str) -> x509.Certificate:
+def cert_from_pem(data: bytes, *, source: str, remedy: str = _EXPORT_AGAIN) -> x509.Certificate:
     """Parse PEM certificate bytes; KeyMaterialError naming ``source``."""
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError as exc:
-        raise KeyMaterialError(f"{source} is not a PEM certificate ({exc}); export the bundle again") from None
+        raise KeyMaterialError(f"{source} is not a PEM certificate ({exc}); {remedy}") from None
 
 
-def private_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None) -> PrivateKey:
+def private_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None,
+                         remedy: str = _EXPORT_AGAIN) -> PrivateKey:
     """Parse a PEM private key (ECDSA or Ed25519), decrypting it with ``passphrase`` when it is
     encrypted; KeyMaterialError naming ``source`` (and saying what to do) otherwise."""
-    key = _load_key(data, source, passphrase)
+    key = _load_key(data, source, passphrase, remedy)
     if not isinstance(key, (ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey)):
         raise KeyMaterialError(
             f"{source} holds a {type(key).__name__}; fedfms-secure uses ECDSA P-256 or Ed25519 keys"
@@ -261,16 +265,17 @@ def private_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None =
     return key
 
 
-def envelope_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None) -> x25519.X25519PrivateKey:
+def envelope_key_from_pem(data: bytes, *, source: str, passphrase: bytes | None = None,
+                          remedy: str = _EXPORT_AGAIN) -> x25519.X25519PrivateKey:
     """Parse a PEM X25519 private key (a site's ``envelope.key``); KeyMaterialError naming ``source``."""
-    key = _load_key(data, source, passphrase)
+    key = _load_key(data, source, passphrase, remedy)
     if not isinstance(key, x25519.X25519PrivateKey):
         raise KeyMaterialError(f"{source} holds a {type(key).__name__}, not the X25519 key of sealed envelopes; "
-                               "export the bundle again")
+                               f"{remedy}")
     return key
 
 
-def _load_key(data: bytes, source: str, passphrase: bytes | None) -> object:
+def _load_key(data: bytes, source: str, passphrase: bytes | None, remedy: str = _EXPORT_AGAIN) -> object:
     encrypted = is_encrypted_pem(data)
     if encrypted and not passphrase:
         raise KeyMaterialError(
@@ -285,9 +290,9 @@ def _load_key(data: bytes, source: str, passphrase: bytes | None) -> object:
                 f"wrong passphrase for {source}: the passphrase file does not hold the passphrase this key was "
                 "encrypted with; give the right one with --passphrase-file"
             ) from None
-        raise KeyMaterialError(f"{source} is not a PEM private key ({exc}); export the bundle again") from None
+        raise KeyMaterialError(f"{source} is not a PEM private key ({exc}); {remedy}") from None
     except (TypeError, UnsupportedAlgorithm) as exc:
-        raise KeyMaterialError(f"{source} is not a usable PEM private key ({exc}); export the bundle again") from None
+        raise KeyMaterialError(f"{source} is not a usable PEM private key ({exc}); {remedy}") from None
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -484,12 +489,10 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _read(path: Path | str, what: str) -> bytes:
+def _read(path: Path | str, what: str, remedy: str = _EXPORT_AGAIN) -> bytes:
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise KeyMaterialError(
-            f"{what} {path} does not exist; export the bundle again with `fedfms-secure keys export`"
-        ) from None
+        raise KeyMaterialError(f"{what} {path} does not exist; {remedy}") from None
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {what} {path}: {exc.strerror}") from None

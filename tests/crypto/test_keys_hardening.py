@@ -1,5 +1,6 @@
-"""Key management edge cases: a site's he/ folder under ``keys verify`` and a manifest edited after
-export (real keys, real TenSEAL contexts)."""
+"""Key management edge cases: a site's he/ folder under ``keys verify``, a manifest
+edited after export, new keys in an encrypted federation, damaged provisioning files and an older
+revocation list (real keys, real TenSEAL contexts)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,27 @@ from pathlib import Path
 
 import pytest
 
+from fedfms_secure.cli import main
+from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.bundle import params_fingerprint
 from fedfms_secure.crypto.ckks import CkksParams, new_secret_context, serialize_site_context
 from fedfms_secure.crypto.hestore import HeStore
 from fedfms_secure.crypto.keycheck import verify_bundle
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.keystore import (
+    add_client,
+    export_bundle,
+    init_federation,
+    install_crl,
+    load_bundle,
+    read_federation,
+    revoke,
+    rotate_tls,
+)
 from fedfms_secure.crypto.packing import fit_params
-from fedfms_secure.errors import KeyMaterialError
+from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PARAMS = fit_params(bound=1.0, sites=3, rounds=3)
+RESTORE = "restore it from a backup of the provisioning folder"
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +86,73 @@ def test_verify_catches_a_manifest_whose_parameters_are_not_the_contexts(fed: di
     assert f"{bundle / 'ckks.ctx'}: has CKKS parameters" in _problems(report)
     with pytest.raises(KeyMaterialError, match="the manifest says"):  # the daemon refuses it as well
         load_bundle(bundle, role="server")
+
+
+def test_no_new_key_is_written_in_the_clear_in_an_encrypted_federation(tmp_path: Path) -> None:
+    prov = init_federation(tmp_path / "prov", federation="h", server_host="localhost", clients=["a", "b"],
+                           params=fit_params(bound=1.0, sites=3, rounds=3))
+    add_client(prov, "c", passphrase=b"pass")  # from now on the federation's keys are encrypted
+    assert read_federation(prov)["encrypted"]
+    before = (prov / "clients" / "c" / "tls.key").read_bytes()
+    for call in (lambda: rotate_tls(prov, ["c"]), lambda: rotate_tls(prov, None, server=True)):
+        with pytest.raises(ConfigError, match=rf"{prov / 'federation.json'}.*--passphrase-file"):
+            call()
+    assert (prov / "clients" / "c" / "tls.key").read_bytes() == before
+    assert "revocations" in read_federation(prov) and read_federation(prov)["revocations"] == []
+    rotate_tls(prov, ["c"], passphrase=b"pass")
+    assert pki.is_encrypted_pem((prov / "clients" / "c" / "tls.key").read_bytes())
+
+
+def test_export_refuses_damaged_or_mismatched_provisioning_files(fed: dict[str, Path], tmp_path: Path) -> None:
+    cases = {
+        "clients/a/tls.crt": b"garbage",
+        "ca/ca.crt": b"garbage",
+        "clients/a/tls.key": b"garbage",
+        "clients/a/envelope.key": b"garbage",
+    }
+    for rel, data in cases.items():
+        prov = _copy(fed["prov"], tmp_path / f"prov-{rel.replace('/', '-')}")
+        (prov / rel).write_bytes(data)
+        out = tmp_path / f"out-{rel.replace('/', '-')}"
+        with pytest.raises(KeyMaterialError, match=rf"{prov / rel} is not a PEM .*{RESTORE}"):
+            export_bundle("client", "a", prov, out)
+        assert not out.exists()  # no broken bundle leaves the host
+    prov = _copy(fed["prov"], tmp_path / "swapped")
+    shutil.copy(prov / "clients" / "b" / "envelope.key", prov / "clients" / "a" / "envelope.key")
+    with pytest.raises(KeyMaterialError, match=rf"{prov / 'clients/a/envelope.key'} is not the envelope key"):
+        export_bundle("client", "a", prov, tmp_path / "o1")
+    shutil.copy(prov / "clients" / "b" / "tls.key", prov / "clients" / "a" / "tls.key")
+    shutil.copy(prov / "clients" / "b" / "tls.crt", prov / "clients" / "a" / "tls.crt")
+    with pytest.raises(KeyMaterialError, match=r"clients/a/tls.crt is issued to 'b', not to site 'a'"):
+        export_bundle("client", "a", prov, tmp_path / "o2")
+    shutil.copy(prov / "clients" / "b" / "tls.crt", prov / "server" / "tls.crt")
+    with pytest.raises(KeyMaterialError, match=r"server/tls.key is not the private key of .*server/tls.crt"):
+        export_bundle("server", None, prov, tmp_path / "o3")
+    # a damaged file of the provisioning folder is restored, not exported again
+    with pytest.raises(KeyMaterialError, match=rf"clients/zz/tls.crt does not exist; {RESTORE}"):
+        pki.load_cert(prov / "clients" / "zz" / "tls.crt", remedy=RESTORE + ", or provision again")
+
+
+def test_an_older_revocation_list_never_replaces_a_newer_one(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    prov = init_federation(tmp_path / "prov", federation="h", server_host="localhost", clients=["a", "b", "c"],
+                           params=PARAMS)
+    server = export_bundle("server", None, prov, tmp_path / "server")
+    site = export_bundle("client", "c", prov, tmp_path / "c")
+    # --server-bundle naming a site's bundle fails before anything is revoked
+    assert main(["keys", "revoke", "a", "--from", str(prov), "--server-bundle", str(site)]) == 1
+    assert "is a client bundle (of 'c')" in capsys.readouterr().err
+    assert read_federation(prov)["revocations"] == []
+    revoke(prov, "a")
+    first = (prov / "ca" / "crl.pem").read_bytes()
+    revoke(prov, "b")
+    install_crl(prov, server)
+    newer = (server / "crl.pem").read_bytes()
+    (prov / "ca" / "crl.pem").write_bytes(first)  # a provisioning folder restored from an older backup
+    with pytest.raises(KeyMaterialError, match=r"crl.pem is revocation list number 2, newer than .*number 1"):
+        install_crl(prov, server)
+    with pytest.raises(KeyMaterialError, match=r"newer than"):
+        export_bundle("server", None, prov, server, update=True)
+    assert (server / "crl.pem").read_bytes() == newer
+    # the refused update left the bundle as it was (exported before both revocations)
+    assert load_bundle(server, role="server").clients == ("a", "b", "c")
