@@ -12,7 +12,8 @@ The CKKS secret key is generated at a site, never at the provisioning host or th
                                 PublishKeys(epoch e+1, round r, envelopes, state chunks)
 
 A site never goes back to an older key epoch (``current_key`` refuses a rollback the server might
-announce). The server accepts a new epoch only at a round boundary (round r open, no commit yet)
+announce), and refuses an envelope from a site that the revocation list in its bundle
+(``BUNDLE/crl.pem``) removed. The server accepts a new epoch only at a round boundary (round r open, no commit yet)
 and then refuses ciphertexts of the old one; ``rotate_key`` retries until a boundary comes or its wait
 ends. Every other site notices the new epoch (Join, GetStatus, or a refused commit), fetches its
 envelope and goes on with the new key: a site that had already trained in round r under the old
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedfms_secure.crypto import pki
-from fedfms_secure.crypto.bundle import Bundle
+from fedfms_secure.crypto.bundle import CRL, Bundle
 from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.crypto.codec import UpdateCodec, make_site_codec
 from fedfms_secure.crypto.envelope import open_envelope, seal_for_sites
@@ -259,6 +260,7 @@ def _adopt(bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey, paylo
         payload, recipient=bundle.name, recipient_key=envelope_key, federation=bundle.federation,
         sites=bundle.clients, ca_pem=bundle.ca_pem, params=bundle.params, epoch=key.epoch,
         fingerprint=key.fingerprint, source=f"the envelope of key epoch {key.epoch}",
+        revoked_sites=bundle_removed_sites(bundle),
     )
     stored = store.put(key.epoch, opened.context_bytes)
     log.info("CKKS key received", extra={"epoch": key.epoch, "from": opened.header.sender,
@@ -275,10 +277,28 @@ def removed_sites(bundle: Bundle, crl_pem: bytes | None) -> set[str]:
     return {r.site for r in pki.revocations_of(crl).values() if r.removes_site}
 
 
+def bundle_removed_sites(bundle: Bundle) -> set[str]:
+    """The sites removed by the revocation list in the site's own bundle (``BUNDLE/crl.pem``, put
+    there by ``keys export client ... --update`` after a ``keys revoke``); none without one. A
+    list not signed by the bundle's CA is an error naming the file, not an empty list."""
+    file = bundle.path / CRL
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return set()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read {file} ({exc.strerror}); export the bundle again with "
+                               f"`fedfms-secure keys export client {bundle.name} --update`") from None
+    ca = pki.cert_from_pem(bundle.ca_pem, source=str(bundle.path / "ca.crt"))
+    crl = pki.crl_from_pem(data, ca, source=str(file))
+    return {r.site for r in pki.revocations_of(crl).values() if r.removes_site}
+
+
 def _seal(bundle: Bundle, context: bytes, epoch: int, status: Status, removed: set[str] = frozenset()
           ) -> tuple[dict[str, bytes], tuple[str, ...], tuple[str, ...]]:
-    """Envelopes for the federation's active sites that this bundle knows an envelope key of."""
-    active = {s.name for s in status.sites if not s.retired} - set(removed)
+    """Envelopes for the federation's active sites that this bundle knows an envelope key of (none
+    for a site that ``removed`` or the bundle's own revocation list names)."""
+    active = {s.name for s in status.sites if not s.retired} - set(removed) - bundle_removed_sites(bundle)
     recipients = {name: key for name, key in bundle.envelope_keys.items()
                   if name in active and name != bundle.name}
     skipped = tuple(sorted({s.name for s in status.sites} - set(recipients) - {bundle.name}))

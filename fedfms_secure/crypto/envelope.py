@@ -27,7 +27,10 @@ issue a fake site certificate: the CA is trusted (README, "Trust model").
 signature (so that every later check reads signed data); that it is addressed to this site, for
 this federation, the expected epoch and fingerprint, and the manifest's parameters; the AEAD
 (which fails for another recipient's key and for any modified byte); and that the opened context
-holds the secret key, has the manifest's parameters and exactly the header's context fingerprint. Each failure raises ``CryptoError`` (the envelope
+holds the secret key, has the manifest's parameters and exactly the header's context fingerprint. A sender
+that the CA's revocation list removed (``revoked_sites``, from the site bundle's ``crl.pem``) is
+refused first: its certificate may still be valid, and a malicious server could otherwise relay a
+key that a revoked site made. Each failure raises ``CryptoError`` (the envelope
 is damaged or forged) or ``KeyMaterialError`` (it does not belong to this site or federation),
 naming what failed and what to do.
 """
@@ -39,7 +42,7 @@ import binascii
 import datetime as dt
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -197,16 +200,24 @@ def open_envelope(
     epoch: int | None = None,
     fingerprint: str | None = None,
     source: str = "envelope",
+    revoked_sites: Collection[str] = (),
 ) -> OpenedEnvelope:
     """Verify and open an envelope sealed to site ``recipient`` (see the module doc for every check).
 
     ``sites`` are the federation's sites (the manifest's clients), ``ca_pem`` its CA, ``params``
     its CKKS parameters; ``epoch`` and ``fingerprint``, when given, are what the server announced,
-    and the header must say the same.
+    and the header must say the same. ``revoked_sites``: sites the CA's revocation list removed
+    (``keys revoke``); a site's manifest may still list them, but their envelopes are refused.
     """
     doc = _parse(envelope, source)
     header = EnvelopeHeader.from_dict(doc["header"], source=source)
     where = f"{source} (epoch {header.epoch}, from {_short(header.sender)} to {_short(header.recipient)})"
+    if header.sender in revoked_sites:
+        raise KeyMaterialError(
+            f"{where}: sender {_short(header.sender)} was revoked by the federation CA (crl.pem): a revoked site may "
+            "not publish the CKKS key. Do not use this envelope; report it to the operator and run "
+            "`fedfms-secure keys rotate-he` at a site in good standing"
+        )
     _check_sender(doc, header, where, sites=sites, ca_pem=ca_pem)  # first: the checks below read signed data
     if header.recipient != recipient:
         raise KeyMaterialError(

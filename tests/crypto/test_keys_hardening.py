@@ -1,6 +1,6 @@
 """Key management edge cases: a site's he/ folder under ``keys verify``, a manifest
-edited after export, new keys in an encrypted federation, damaged provisioning files and an older
-revocation list (real keys, real TenSEAL contexts)."""
+edited after export, new keys in an encrypted federation, damaged provisioning files, an older
+revocation list, and envelopes from a revoked site (real keys, real TenSEAL contexts)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from fedfms_secure.cli import main
+from fedfms_secure.client.hekeys import bundle_removed_sites
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.bundle import params_fingerprint
 from fedfms_secure.crypto.ckks import CkksParams, new_secret_context, serialize_site_context
+from fedfms_secure.crypto.envelope import open_envelope, seal_for_sites
 from fedfms_secure.crypto.hestore import HeStore
 from fedfms_secure.crypto.keycheck import verify_bundle
 from fedfms_secure.crypto.keystore import (
@@ -23,6 +25,7 @@ from fedfms_secure.crypto.keystore import (
     init_federation,
     install_crl,
     load_bundle,
+    load_envelope_key,
     read_federation,
     revoke,
     rotate_tls,
@@ -156,3 +159,39 @@ def test_an_older_revocation_list_never_replaces_a_newer_one(tmp_path: Path,
     assert (server / "crl.pem").read_bytes() == newer
     # the refused update left the bundle as it was (exported before both revocations)
     assert load_bundle(server, role="server").clients == ("a", "b", "c")
+
+
+def test_a_site_refuses_an_envelope_from_a_revoked_site(tmp_path: Path) -> None:
+    prov = init_federation(tmp_path / "prov", federation="h", server_host="localhost", clients=["a", "b", "c"],
+                           params=PARAMS)
+    site = export_bundle("client", "a", prov, tmp_path / "a")
+    revoke(prov, "c", reason="key-compromise")
+    # c's certificate is still within its lifetime and a's manifest still lists c: a malicious
+    # server could relay a key that c made
+    bundle = load_bundle(site, role="client")
+    assert "c" in bundle.clients and bundle_removed_sites(bundle) == set()
+    context = serialize_site_context(new_secret_context(PARAMS))
+    c = prov / "clients" / "c"
+    envelope = seal_for_sites(context, federation="h", epoch=2, params=PARAMS, sender="c",
+                              sender_key=pki.load_private_key(c / "tls.key"),
+                              sender_cert_pem=(c / "tls.crt").read_bytes(),
+                              recipients={"a": bundle.envelope_keys["a"]})["a"]
+    args = dict(recipient="a", recipient_key=load_envelope_key(site), federation="h", sites=bundle.clients,
+                ca_pem=bundle.ca_pem, params=PARAMS, epoch=2)
+    assert open_envelope(envelope, **args).header.sender == "c"  # what a site without the list accepts
+
+    # the site's bundle, updated after the revocation, carries the CA's list; c's envelope is refused
+    export_bundle("client", "a", prov, site, update=True)
+    assert (site / "crl.pem").read_bytes() == (prov / "ca" / "crl.pem").read_bytes()
+    assert verify_bundle(site)["ok"]
+    bundle = load_bundle(site, role="client")
+    assert bundle_removed_sites(bundle) == {"c"}
+    with pytest.raises(KeyMaterialError, match=r"sender 'c' was revoked by the federation CA"):
+        open_envelope(envelope, revoked_sites=bundle_removed_sites(bundle), **args)
+    # a list the CA did not sign is an error naming the file, never an empty list
+    other = init_federation(tmp_path / "other", federation="h", server_host="localhost", clients=["a", "c"],
+                            params=PARAMS)
+    revoke(other, "a")
+    (site / "crl.pem").write_bytes((other / "ca" / "crl.pem").read_bytes())
+    with pytest.raises(KeyMaterialError, match=rf"{site / 'crl.pem'} is not signed by this federation's CA"):
+        bundle_removed_sites(bundle)
