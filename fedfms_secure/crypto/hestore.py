@@ -90,7 +90,11 @@ class HeStore:
 
     # --- writing ------------------------------------------------------------------------------
     def put(self, epoch: int, context_bytes: bytes, *, pending: bool = False) -> HeKey:
-        """Stores the context of ``epoch``; as the current key (deleting older ones), or as pending."""
+        """Stores the context of ``epoch``; as the current key (deleting older ones), or as pending.
+
+        Never goes back: a current key of an older epoch, or another key of the current epoch, is
+        refused, and so is a pending key that is not newer than the current one (its file would
+        replace the current context)."""
         if not isinstance(epoch, int) or epoch < 1:
             raise KeyMaterialError(f"key epoch {epoch!r} is invalid: epochs count from 1")
         ctx = load_context(context_bytes, source=f"the context of key epoch {epoch}")
@@ -98,8 +102,18 @@ class HeStore:
             raise KeyMaterialError(f"the context of key epoch {epoch} has no secret key: a site must store the full one")
         key = HeKey(epoch, context_fingerprint(ctx), self.folder / f"epoch-{epoch}.ctx")
         with self._locked():
-            pki.write_private(key.path, bytes(context_bytes))
             state = self._read()
+            current = self._entry(state.get("current"), "current")
+            if current is not None and (epoch < current.epoch or (epoch == current.epoch and (
+                    pending or key.fingerprint != current.fingerprint))):
+                raise KeyMaterialError(
+                    f"{self.folder} already holds CKKS key epoch {current.epoch} ({current.fingerprint[:16]}...): "
+                    f"refusing {'a rotation to ' if pending else ''}epoch {epoch} ({key.fingerprint[:16]}...), a site "
+                    "never goes back to an older key or to another key of its epoch. "
+                    + ("Another rotation came first: run `fedfms-secure keys rotate-he` again if still wanted"
+                       if pending else "Check the server: it announced an old key")
+                )
+            pki.write_private(key.path, bytes(context_bytes))
             entry = {"epoch": epoch, "fingerprint": key.fingerprint}
             if pending:
                 state["pending"] = entry

@@ -195,3 +195,21 @@ def test_a_site_refuses_an_envelope_from_a_revoked_site(tmp_path: Path) -> None:
     (site / "crl.pem").write_bytes((other / "ca" / "crl.pem").read_bytes())
     with pytest.raises(KeyMaterialError, match=rf"{site / 'crl.pem'} is not signed by this federation's CA"):
         bundle_removed_sites(bundle)
+
+
+def test_the_site_key_store_never_goes_back_nor_overwrites_its_current_key(fed: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    store = HeStore(_copy(fed["a"], tmp_path / "a"))
+    data = serialize_site_context(new_secret_context(PARAMS))
+    current = store.put(2, data)
+    other = serialize_site_context(new_secret_context(PARAMS))
+    with pytest.raises(KeyMaterialError, match=r"already holds CKKS key epoch 2 .*refusing epoch 1"):
+        store.put(1, other)
+    with pytest.raises(KeyMaterialError, match=r"refusing epoch 2 .*another key of its epoch"):
+        store.put(2, other)
+    # a rotation started from epoch 1 while another site's epoch 2 arrived must not replace epoch-2.ctx
+    with pytest.raises(KeyMaterialError, match=r"refusing a rotation to epoch 2 .*run `fedfms-secure keys rotate-he`"):
+        store.put(2, other, pending=True)
+    assert store.current() == current and store.pending() is None
+    assert store.context_bytes(current) == data  # the file is intact
+    assert store.put(2, data) == current  # storing the same key again is harmless
