@@ -20,7 +20,9 @@ envelope and goes on with the new key: a site that had already trained in round 
 key still holds a valid plaintext update and only encrypts it again.
 
 Each function takes a connected ``FederationClient`` and a loaded client ``Bundle``; the
-``keys he-init``/``keys rotate-he`` commands and the site daemon are thin layers over them.
+``keys he-init``/``keys rotate-he`` commands and the site daemon are thin layers over them. In a
+passphrase-protected bundle, ``passphrase`` (the bundle's) encrypts the contexts kept in ``he/``
+(``crypto/hestore.py``) and opens them again.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ class Published:
     attempts: int
 
 
-def init_key(client: FederationClient, bundle: Bundle, store: HeStore | None = None) -> Published:
+def init_key(client: FederationClient, bundle: Bundle, store: HeStore | None = None, *,
+             passphrase: bytes | None = None) -> Published:
     """``keys he-init``: make the federation's first CKKS key here and publish it as epoch 1."""
-    store = store or HeStore(bundle.path)
+    store = store or HeStore(bundle.path, passphrase=passphrase)
     if bundle.has_he_secret:
         raise ConfigError(
             f"{bundle.path} holds the CKKS key made by the provisioning host (ckks.ctx): this federation has its "
@@ -105,6 +108,7 @@ def rotate_key(
     poll_interval: float = 0.1,
     store: HeStore | None = None,
     crl_pem: bytes | None = None,
+    passphrase: bytes | None = None,
 ) -> Published:
     """``keys rotate-he``: replace the current key by a new one made here, at the next round boundary.
 
@@ -112,9 +116,10 @@ def rotate_key(
     lets this site first fetch the current key if it does not hold it yet. Sites the server reports
     as retired get no envelope, and neither does any site that ``crl_pem`` (the federation CA's
     revocation list, ``ca/crl.pem``) removes: the CA signs that list, so a server that hides a
-    revocation cannot get the new key sealed to a revoked site.
+    revocation cannot get the new key sealed to a revoked site. ``passphrase`` (without ``store``)
+    keeps the contexts encrypted in a passphrase-protected bundle.
     """
-    store = store or HeStore(bundle.path)
+    store = store or HeStore(bundle.path, passphrase=passphrase)
     status = client.status()
     if not status.key.epoch:
         raise ConfigError("the federation has no CKKS key yet: make the first one with `fedfms-secure keys he-init`")
@@ -181,11 +186,13 @@ def current_key(
     store: HeStore | None = None,
     timeout: float = 0.0,
     interval: float = 0.5,
+    passphrase: bytes | None = None,
 ) -> SiteKey:
     """This site's context for the ``announced`` key epoch: the stored one, else its envelope,
     fetched (with backoff for up to ``timeout`` seconds while the server has none yet), opened,
-    verified and stored. Older contexts are deleted once the new one is stored."""
-    store = store or HeStore(bundle.path)
+    verified and stored. Older contexts are deleted once the new one is stored. ``passphrase``
+    (without ``store``) opens and writes contexts encrypted at rest."""
+    store = store or HeStore(bundle.path, passphrase=passphrase)
     deadline = time.monotonic() + timeout
     delay = interval
     while True:
@@ -330,7 +337,7 @@ class Keyring:
         self._bundle = bundle
         self._passphrase = passphrase
         self._timeout = timeout
-        self._store = HeStore(bundle.path)
+        self._store = HeStore(bundle.path, passphrase=passphrase)
         self._envelope_key: X25519PrivateKey | None = None
         held = site_key(bundle, self._store)
         self.codec: UpdateCodec | None = (

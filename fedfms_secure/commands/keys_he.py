@@ -48,7 +48,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keys", type=Path, required=True, metavar="CLIENT_BUNDLE", help="this site's bundle")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's address")
     p.add_argument("--passphrase-file", type=Path,
-                   help="file whose first line is the passphrase of the bundle's encrypted private keys")
+                   help="file whose first line is the passphrase of the bundle's encrypted private keys; in such a "
+                        "bundle it also encrypts the CKKS contexts kept in BUNDLE/he/")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     p.add_argument("--json", action="store_true")
 
@@ -85,9 +86,9 @@ def _report(args: argparse.Namespace, what: str, published: Any) -> None:
 def _he_init(args: argparse.Namespace) -> int:
     from fedfms_secure.client.hekeys import init_key
 
-    bundle, client, _ = _connect(args)
+    bundle, client, passphrase = _connect(args)
     with client:
-        published = init_key(client, bundle)
+        published = init_key(client, bundle, passphrase=passphrase)
     _report(args, "he-init", published)
     return 0
 
@@ -100,7 +101,7 @@ def _rotate_he(args: argparse.Namespace) -> int:
     envelope_key = load_envelope_key(args.keys, passphrase=passphrase)
     crl = _read(args.crl) if args.crl is not None else None
     with client:
-        published = rotate_key(client, bundle, envelope_key, wait=args.wait, crl_pem=crl)
+        published = rotate_key(client, bundle, envelope_key, wait=args.wait, crl_pem=crl, passphrase=passphrase)
     _report(args, "rotate-he", published)
     return 0
 

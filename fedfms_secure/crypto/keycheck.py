@@ -9,7 +9,9 @@ finds (not only the first), each naming the file and the fix: the manifest, the 
 file modes (private files 0600, no file writable by others), the certificate chain to the
 bundle's CA and its expiry, that each private key matches, the envelope key, the CKKS context
 (loaded with TenSEAL: a server bundle must hold no secret key, anywhere in the folder; its
-parameters are the manifest's), a site's ``he/`` contexts, and the CRL's signature when there is one.
+parameters are the manifest's), a site's ``he/`` contexts (those encrypted at rest are opened with
+``passphrase``; without it they are reported as encrypted, not checked), and the CRL's signature
+when there is one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from cryptography import x509
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.bundle import CRL, ENVELOPE_KEY, MANIFEST, bundle_files, private_files, read_manifest
 from fedfms_secure.crypto.ckks import context_fingerprint, load_context, params_of
-from fedfms_secure.crypto.hestore import HE_DIR, LOCK_FILE, HeStore
+from fedfms_secure.crypto.hestore import HE_DIR, LOCK_FILE, HePassphraseError, HeStore
 from fedfms_secure.crypto.keystore import read_federation
 from fedfms_secure.errors import FedFmsError, KeyMaterialError
 
@@ -191,7 +193,7 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
                        export)
     _scan_extra_files(path, set(expected) | {MANIFEST, CRL}, role, rep, export)
     if role == "client" and (path / HE_DIR).is_dir():
-        _check_he_store(path, params, rep)
+        _check_he_store(path, params, rep, passphrase)
     if (path / CRL).is_file() and ca is not None:
         _check_crl(path / CRL, ca, cert, rep)
     return _finish(result, rep)
@@ -310,19 +312,37 @@ def _check_params(file: Path, ctx: Any, params: Any, rep: _Report, export: str) 
         rep.problem(file, f"has CKKS parameters {actual.to_dict()}, {MANIFEST} says {params.ring.to_dict()}", export)
 
 
-def _check_he_store(path: Path, params: Any, rep: _Report) -> None:
+def _check_he_store(path: Path, params: Any, rep: _Report, passphrase: bytes | None = None) -> None:
     """A site's ``he/`` folder: its current (and pending) context is there, private, holds the secret
-    key with the recorded fingerprint and has the manifest's parameters."""
-    store = HeStore(path)
+    key with the recorded fingerprint and has the manifest's parameters. A context encrypted at rest
+    is opened with ``passphrase``; without one it is noted as encrypted (its content unchecked)."""
+    store = HeStore(path, passphrase=passphrase)
+    refetch = "delete the bundle's he/ folder and start the site again: it fetches its envelope from the server"
     try:
         keys = [k for k in (store.current(), store.pending()) if k is not None]
-        for key in keys:
-            _check_params(key.path, store.load(key), params, rep,
-                          "delete the bundle's he/ folder and start the site again: it fetches its envelope")
     except KeyMaterialError as exc:
-        rep.problem(store.folder, str(exc), "delete the bundle's he/ folder and start the site again: it fetches "
-                    "its envelope from the server")
+        rep.problem(store.folder, str(exc), refetch)
         return
+    for key in keys:
+        encrypted = store.is_encrypted(key)
+        try:
+            _check_params(key.path, store.load(key), params, rep, refetch)
+        except HePassphraseError as exc:
+            if passphrase:
+                rep.problem(key.path, str(exc), "give the bundle's passphrase with --passphrase-file (if it is "
+                            f"right, {refetch})")
+            else:
+                rep.notes.append(f"{key.path}: CKKS key epoch {key.epoch}, encrypted with the bundle's passphrase; "
+                                 "give it with --passphrase-file to check the context")
+            continue
+        except KeyMaterialError as exc:
+            rep.problem(store.folder, str(exc), refetch)
+            continue
+        if encrypted:
+            rep.notes.append(f"{key.path}: encrypted at rest with the bundle's passphrase")
+        elif store.protected:
+            rep.notes.append(f"{key.path}: stored in the clear although tls.key is encrypted (written by an older "
+                             "version or without --passphrase-file); the next key epoch is stored encrypted")
     if keys:
         rep.notes.append(f"{store.folder}: CKKS key epoch {keys[0].epoch} ({keys[0].fingerprint[:16]}...)"
                          + (f", pending epoch {keys[1].epoch}" if len(keys) > 1 else ""))
