@@ -2,8 +2,10 @@
 
 Every call passes the ``RevocationInterceptor`` (``transport/revocation.py``): a certificate on the
 bundle's CA-signed ``crl.pem`` is refused with ``PERMISSION_DENIED`` and the reason, from the next
-call on, also while the server runs (the list is reloaded when the file changes). A site removed
-by ``keys revoke`` also counts as retired, so rounds no longer wait for it.
+call on, also while the server runs (the list is reloaded when the file changes). What the server
+has seen revoked is also kept in its ``--state`` folder (``revocations.json``), so a restart from a
+bundle whose ``crl.pem`` is missing or older still refuses it. A site removed by ``keys revoke``
+also counts as retired, so rounds no longer wait for it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
-from fedfms_secure.transport.revocation import RevocationInterceptor, RevocationList
+from fedfms_secure.transport.revocation import PERSISTED, RevocationInterceptor, RevocationList
 from fedfms_secure.transport.servicer import FederationServicer
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
@@ -72,7 +74,8 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
 def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
     """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
     coordinator, bundle, store = build_coordinator(config)
-    revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem)
+    revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem,
+                                                              persist=store.root / PERSISTED)
     interceptors = [RevocationInterceptor(revocations)] if revocations is not None else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS,
                          interceptors=interceptors)

@@ -10,6 +10,8 @@ Layout under ``--state DIR``::
     status.json           the latest status snapshot (for the demo's progress display)
     metrics.jsonl         public metrics the sites chose to report, one record a line
     rounds.jsonl          one record per closed round: participants, seconds, bytes
+    revocations.json      every certificate revocation the server has seen and the highest CRL number
+                          (written atomically by ``transport/revocation.py``; it outlives the bundle's crl.pem)
 
 A blob is written to a temporary name, flushed and renamed, and its name is checked against its
 content on every read, so a half-written or damaged blob is detected and never used. Every state

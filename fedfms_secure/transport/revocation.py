@@ -9,6 +9,13 @@ CA, or older (a lower CRL number) than the one in use is ignored with an error i
 server keeps refusing what it refused before. Deleting the file does not un-revoke anything
 either.
 
+With ``persist`` (the daemon gives ``revocations.json`` in its ``--state`` folder) the list also
+outlives the file: the highest CRL number seen and every revoked serial (site, date, reason) are
+written there atomically whenever they grow, and read back at start. The revocations in force are
+always the union of that record and every CA-signed ``crl.pem`` loaded since, so a server
+restarted from a bundle whose ``crl.pem`` was deleted, or replaced by an older signed list, still
+refuses every certificate it ever saw revoked (a missing file at start is logged as a warning).
+
 ``RevocationInterceptor`` wraps every method handler of the gRPC server so the check runs on each
 call, with the peer certificate from ``context.auth_context()["x509_pem_cert"]``: a revoked one
 is aborted with ``PERMISSION_DENIED`` and a message naming the site, the serial, the date and
@@ -20,8 +27,11 @@ servers), so a revoked site still completes the handshake and is refused at its 
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -31,25 +41,43 @@ import grpc
 from cryptography import x509
 
 from fedfms_secure.crypto import pki
-from fedfms_secure.errors import FederationError, KeyMaterialError
+from fedfms_secure.errors import ConfigError, FederationError, KeyMaterialError
 
 log = logging.getLogger("fedfms_secure.server")
 
+#: the file in the server's ``--state`` folder that keeps every revocation the server has seen
+PERSISTED = "revocations.json"
+
 
 class RevocationList:
-    """The revoked serials of the federation's CA, reloaded when ``crl_path`` changes; thread-safe."""
+    """The revoked serials of the federation's CA, reloaded when ``crl_path`` changes; thread-safe.
 
-    def __init__(self, crl_path: Path, ca_pem: bytes) -> None:
+    ``persist``: a JSON file (in the server's state folder) that keeps the highest CRL number and
+    every revocation seen, across restarts; None keeps them in memory only.
+    """
+
+    def __init__(self, crl_path: Path, ca_pem: bytes, *, persist: Path | None = None) -> None:
         self.path = Path(crl_path)
+        self.persist = Path(persist) if persist is not None else None
         self._ca = pki.cert_from_pem(ca_pem, source="the bundle's ca.crt")
         self._lock = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._number = -1
         self._entries: dict[int, pki.Revocation] = {}
         self._certs: dict[bytes, x509.Certificate] = {}
+        self._saved: tuple[int, frozenset[int]] = (-1, frozenset())
+        if self.persist is not None and self.persist.exists():
+            self._number, self._entries = _read_persisted(self.persist)
+            self._saved = (self._number, frozenset(self._entries))
         if self.path.exists():
             # at start a broken list is an error the operator must fix, not something to ignore
             self._load(strict=True)
+        elif self._entries or self._number >= 0:
+            log.warning("the bundle has no revocation list; still refusing the revocations recorded in the "
+                        "server's state (copy ca/crl.pem into the bundle again with `keys export server --update`)",
+                        extra={"crl": str(self.path), "record": str(self.persist), "number": self._number,
+                               "revoked": len(self._entries)})
+        self._save(strict=True)
 
     @property
     def number(self) -> int:
@@ -91,16 +119,42 @@ class RevocationList:
             return False
         self._stamp = stamp
         number = pki.crl_number(crl)
+        entries = pki.revocations_of(crl)
         if number < self._number:
             log.error("ignoring an older revocation list (lower CRL number); the newer one stays in force",
                       extra={"crl": str(self.path), "number": number, "in_force": self._number})
+            # still signed by the CA: whatever it revokes stays revoked, nothing it lacks comes back
+            added = {k: v for k, v in entries.items() if k not in self._entries}
+            if added:
+                self._entries = {**self._entries, **added}
+                self._save(strict=strict)
             return False
-        entries = pki.revocations_of(crl)
-        # a newer list never drops an entry: revocation is permanent
+        # a newer list never drops an entry: revocation is permanent (the list in force replaces an
+        # entry's details only when it names the same serial)
         self._entries = {**self._entries, **entries}
         self._number = number
         log.info("revocation list loaded", extra={"crl": str(self.path), "number": number, "revoked": len(entries)})
+        self._save(strict=strict)
         return True
+
+    def _save(self, *, strict: bool) -> None:
+        """Writes the record to ``persist`` when it grew (atomically); at start a failure is an error."""
+        if self.persist is None:
+            return
+        current = (self._number, frozenset(self._entries))
+        if current == self._saved:
+            return
+        try:
+            _write_persisted(self.persist, self._number, self._entries)
+        except OSError as exc:
+            message = (f"cannot write the revocation record {self.persist} ({exc.strerror or exc}); check the "
+                       "state folder's free space and permissions")
+            if strict:
+                raise ConfigError(message) from None
+            log.error(message + "; the revocations stay in force while the server runs",
+                      extra={"record": str(self.persist)})
+            return
+        self._saved = current
 
     def revoked(self, serial: int) -> pki.Revocation | None:
         """The revocation of ``serial``, or None."""
@@ -135,6 +189,43 @@ class RevocationList:
             f"{entry.date:%Y-%m-%d %H:%M} UTC, reason: {entry.reason}; {todo}",
             "permission_denied",
         )
+
+
+def _read_persisted(path: Path) -> tuple[int, dict[int, pki.Revocation]]:
+    """The CRL number and revocations kept in ``path``; ConfigError naming it when it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        number = int(data["crl_number"])
+        entries = {}
+        for item in data["revoked"]:
+            # not Revocation.from_dict: a CA-signed list may carry any RFC 5280 reason, and each must load
+            date = dt.datetime.fromisoformat(str(item["date"]))
+            entry = pki.Revocation(int(str(item["serial"]), 16), date if date.tzinfo else date.replace(
+                tzinfo=dt.timezone.utc), str(item["reason"]), str(item["site"]), bool(item["removes_site"]))
+            entries[entry.serial] = entry
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"the revocation record {path} is unreadable or damaged ({exc}); restore it from a backup of the "
+            "server's state folder (deleting it would let a server whose bundle lacks the newest crl.pem accept "
+            "revoked sites again: do so only after copying the newest ca/crl.pem into the bundle)"
+        ) from None
+    return number, entries
+
+
+def _write_persisted(path: Path, number: int, entries: dict[int, pki.Revocation]) -> None:
+    """Writes the record to a temporary file, flushes it and renames it over ``path``."""
+    record = {"crl_number": number,
+              "revoked": [entries[serial].to_dict() for serial in sorted(entries)]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class RevocationInterceptor(grpc.ServerInterceptor):
