@@ -1,0 +1,88 @@
+"""``fedfms-secure status`` with a passphrase-protected bundle, against the real server over mutual TLS.
+
+The federation's private keys are encrypted at rest (``keys init --passphrase-file``); the server
+daemon runs in a thread with the passphrase, and ``status`` opens the site's bundle only with it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedfms_secure.cli import main
+from fedfms_secure.config import ServerConfig
+from fedfms_secure.crypto.keystore import export_bundle, init_federation
+from fedfms_secure.server.daemon import serve
+
+PASS = b"correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    root = tmp_path_factory.mktemp("status")
+    (root / "pass.txt").write_bytes(PASS + b"\n")
+    prov = init_federation(root / "prov", federation="st", server_host="localhost", clients=["a", "b"],
+                           he_dealer=True, passphrase=PASS)
+    export_bundle("server", None, prov, root / "server")
+    export_bundle("client", "a", prov, root / "a")
+    stop, errors = threading.Event(), []
+    config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=2,
+                          passphrase_file=root / "pass.txt")
+
+    def run() -> None:
+        try:
+            serve(config, stop)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    address_file = root / "state" / "address.json"
+    deadline = time.monotonic() + 30
+    while not address_file.exists():
+        assert not errors and time.monotonic() < deadline, f"server did not start: {errors}"
+        time.sleep(0.02)
+    yield root, json.loads(address_file.read_text())["address"]
+    stop.set()
+    thread.join(timeout=15)
+    assert not errors, errors
+
+
+def test_status_opens_a_protected_bundle_with_its_passphrase_and_shows_the_key_epoch(
+    federation: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, address = federation
+    argv = ["status", "--server", address, "--keys", str(root / "a"), "--passphrase-file", str(root / "pass.txt")]
+    assert main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["federation"] == "st" and printed["key"]["epoch"] == 1
+    fingerprint = printed["key"]["fingerprint"]
+    assert len(fingerprint) >= 16
+
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "federation st: round 1 of 2" in out
+    assert f"CKKS key: epoch 1, fingerprint {fingerprint[:16]}, from round 1, made by the provisioning host" in out
+
+
+def test_status_without_or_with_a_wrong_passphrase_names_the_file(
+    federation: tuple[Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, address = federation
+    base = ["status", "--server", address, "--keys", str(root / "a")]
+    assert main(base) == 1
+    err = capsys.readouterr().err
+    assert str(root / "a" / "tls.key") in err and "--passphrase-file" in err
+
+    (root / "wrong.txt").write_bytes(b"not the passphrase\n")
+    assert main([*base, "--passphrase-file", str(root / "wrong.txt")]) == 1
+    err = capsys.readouterr().err
+    assert f"wrong passphrase for {root / 'a' / 'tls.key'}" in err and "--passphrase-file" in err
+
+    assert main([*base, "--passphrase-file", str(root / "missing.txt")]) == 1
+    assert f"passphrase file {root / 'missing.txt'} does not exist" in capsys.readouterr().err
