@@ -7,17 +7,14 @@ daemon runs in a thread with the passphrase, and ``status`` opens the site's bun
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.config import ServerConfig
-from fedfms_secure.crypto.keystore import export_bundle, init_federation
-from fedfms_secure.server.daemon import serve
+
+from federation_kit import provision_sites, running_server
 
 PASS = b"correct horse battery staple"
 
@@ -26,31 +23,9 @@ PASS = b"correct horse battery staple"
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     root = tmp_path_factory.mktemp("status")
     (root / "pass.txt").write_bytes(PASS + b"\n")
-    prov = init_federation(root / "prov", federation="st", server_host="localhost", clients=["a", "b"],
-                           he_dealer=True, passphrase=PASS)
-    export_bundle("server", None, prov, root / "server")
-    export_bundle("client", "a", prov, root / "a")
-    stop, errors = threading.Event(), []
-    config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=2,
-                          passphrase_file=root / "pass.txt")
-
-    def run() -> None:
-        try:
-            serve(config, stop)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    address_file = root / "state" / "address.json"
-    deadline = time.monotonic() + 30
-    while not address_file.exists():
-        assert not errors and time.monotonic() < deadline, f"server did not start: {errors}"
-        time.sleep(0.02)
-    yield root, json.loads(address_file.read_text())["address"]
-    stop.set()
-    thread.join(timeout=15)
-    assert not errors, errors
+    provision_sites(root, ["a", "b"], federation="st", he_dealer=True, passphrase=PASS)
+    with running_server(root / "server", root / "state", rounds=2, passphrase_file=root / "pass.txt") as address:
+        yield root, address
 
 
 def test_status_opens_a_protected_bundle_with_its_passphrase_and_shows_the_key_epoch(

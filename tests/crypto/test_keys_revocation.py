@@ -8,59 +8,21 @@ channels with each site's bundle.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle, revoke
 from fedfms_secure.errors import KeyMaterialError
-from fedfms_secure.server.daemon import serve
 from fedfms_secure.transport.revocation import RevocationList
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
-
-@contextmanager
-def _server(bundle: Path, state: Path) -> Iterator[str]:
-    stop, errors = threading.Event(), []
-    config = ServerConfig(keys=bundle, state=state, address="127.0.0.1:0", rounds=2)
-    address_file = state / "address.json"
-    if address_file.exists():
-        address_file.unlink()
-
-    def run() -> None:
-        try:
-            serve(config, stop)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not address_file.exists():
-        assert not errors and time.monotonic() < deadline, f"server did not start: {errors}"
-        time.sleep(0.02)
-    try:
-        yield json.loads(address_file.read_text())["address"]
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-    assert not errors, errors
-
-
-def _stub(address: str, bundle: Path) -> tuple[grpc.Channel, pb_grpc.FederationStub]:
-    b = load_bundle(bundle, role="client")
-    creds = grpc.ssl_channel_credentials(root_certificates=b.ca_pem, private_key=b.key_pem, certificate_chain=b.cert_pem)
-    channel = grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", b.server_host)])
-    return channel, pb_grpc.FederationStub(channel)
+from federation_kit import running_server, site_stub
 
 
 def _status(stub: pb_grpc.FederationStub) -> pb.GetStatusResponse:
@@ -96,8 +58,8 @@ def test_revoke_rotate_and_add_client_on_a_running_server(tmp_path: Path) -> Non
         _cli("keys", "export", "client", name, "--from", str(prov), "--out", str(tmp_path / name))
     old_b_serial = pki.load_cert(tmp_path / "b" / "tls.crt").serial_number
 
-    with _server(tmp_path / "server", tmp_path / "state") as address:
-        channels = {n: _stub(address, tmp_path / n) for n in "abc"}
+    with running_server(tmp_path / "server", tmp_path / "state", rounds=2) as address:
+        channels = {n: site_stub(address, tmp_path / n) for n in "abc"}
         for _, stub in channels.values():
             assert _status(stub).federation == "rv"
 
@@ -122,7 +84,7 @@ def test_revoke_rotate_and_add_client_on_a_running_server(tmp_path: Path) -> Non
         assert pki.envelope_key_of(new_a) == pki.envelope_key_of(old_a)  # the envelope key stays
         message = _refused(channels["a"][1])
         assert "reason: superseded" in message and "keys rotate-tls" in message
-        new_channel, new_stub = _stub(address, tmp_path / "new" / "a")
+        new_channel, new_stub = site_stub(address, tmp_path / "new" / "a")
         assert _status(new_stub).federation == "rv"
         assert not {s.name: s for s in _status(new_stub).sites}["a"].retired  # a rotation retires nobody
         new_channel.close()
@@ -130,7 +92,7 @@ def test_revoke_rotate_and_add_client_on_a_running_server(tmp_path: Path) -> Non
         # a new site: certified by the CA, but the running server does not know it yet
         _cli("keys", "add-client", "d", "--from", str(prov))
         _cli("keys", "export", "client", "d", "--from", str(prov), "--out", str(tmp_path / "d"))
-        d_channel, d_stub = _stub(address, tmp_path / "d")
+        d_channel, d_stub = site_stub(address, tmp_path / "d")
         assert "'d' is not a site of federation" in _refused(d_stub)
         d_channel.close()
         for channel, _ in channels.values():
@@ -139,12 +101,12 @@ def test_revoke_rotate_and_add_client_on_a_running_server(tmp_path: Path) -> Non
     # the operator re-exports the server bundle and restarts the server
     _cli("keys", "export", "server", "--from", str(prov), "--out", str(tmp_path / "server"), "--update")
     assert load_bundle(tmp_path / "server", role="server").clients == ("a", "c", "d")
-    with _server(tmp_path / "server", tmp_path / "state") as address:
-        d_channel, d_stub = _stub(address, tmp_path / "d")
+    with running_server(tmp_path / "server", tmp_path / "state", rounds=2) as address:
+        d_channel, d_stub = site_stub(address, tmp_path / "d")
         assert "d" in {s.name for s in _status(d_stub).sites}
-        b_channel, b_stub = _stub(address, tmp_path / "b")
+        b_channel, b_stub = site_stub(address, tmp_path / "b")
         assert "reason: cessation-of-operation" in _refused(b_stub)  # still revoked after the restart
-        old_a_channel, old_a_stub = _stub(address, tmp_path / "a")
+        old_a_channel, old_a_stub = site_stub(address, tmp_path / "a")
         assert "superseded" in _refused(old_a_stub)
         for channel in (d_channel, b_channel, old_a_channel):
             channel.close()

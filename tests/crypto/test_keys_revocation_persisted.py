@@ -9,59 +9,25 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.errors import ConfigError
-from fedfms_secure.server.daemon import serve
 from fedfms_secure.transport.revocation import PERSISTED, RevocationList
 from fedfms_secure.v1 import federation_pb2 as pb
-from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
-
-@contextmanager
-def _server(bundle: Path, state: Path) -> Iterator[str]:
-    stop, errors = threading.Event(), []
-    config = ServerConfig(keys=bundle, state=state, address="127.0.0.1:0", rounds=2)
-    address_file = state / "address.json"
-    if address_file.exists():
-        address_file.unlink()
-
-    def run() -> None:
-        try:
-            serve(config, stop)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not address_file.exists():
-        assert not errors and time.monotonic() < deadline, f"server did not start: {errors}"
-        time.sleep(0.02)
-    try:
-        yield json.loads(address_file.read_text())["address"]
-    finally:
-        stop.set()
-        thread.join(timeout=15)
-    assert not errors, errors
+from federation_kit import running_server, site_stub
 
 
 def _status(address: str, bundle: Path) -> pb.GetStatusResponse:
-    b = load_bundle(bundle, role="client")
-    creds = grpc.ssl_channel_credentials(root_certificates=b.ca_pem, private_key=b.key_pem, certificate_chain=b.cert_pem)
-    with grpc.secure_channel(address, creds, options=[("grpc.ssl_target_name_override", b.server_host)]) as channel:
-        return pb_grpc.FederationStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+    channel, stub = site_stub(address, bundle)
+    with channel:
+        return stub.GetStatus(pb.GetStatusRequest(), timeout=10)
 
 
 def _refused(address: str, bundle: Path) -> str:
@@ -97,7 +63,7 @@ def test_a_restart_without_or_with_an_older_crl_still_refuses_revoked_sites(tmp_
     c_serial = pki.load_cert(tmp_path / "c" / "tls.crt").serial_number
 
     # b is revoked while the server runs: the server learns it from the reloaded crl.pem
-    with _server(server, state) as address:
+    with running_server(server, state, rounds=2) as address:
         assert _status(address, tmp_path / "b").federation == "pr"
         _cli("keys", "revoke", "b", "--from", str(prov), "--reason", "key-compromise", "--server-bundle", str(server))
         assert "reason: key-compromise" in _refused(address, tmp_path / "b")
@@ -115,7 +81,7 @@ def test_a_restart_without_or_with_an_older_crl_still_refuses_revoked_sites(tmp_
     logger.addHandler(logged)
     logger.setLevel(logging.WARNING)  # the CLI calls above set fedfms_secure's level to ERROR
     try:
-        with _server(server, state) as address:
+        with running_server(server, state, rounds=2) as address:
             message = _refused(address, tmp_path / "b")
             assert "'b'" in message and f"{b_serial:x}" in message and "revoked on" in message
             assert "reason: key-compromise" in message and "no longer part of the federation" in message
@@ -129,13 +95,13 @@ def test_a_restart_without_or_with_an_older_crl_still_refuses_revoked_sites(tmp_
 
     # c is revoked next (CRL number 2) and the server sees it at its start
     _cli("keys", "revoke", "c", "--from", str(prov), "--reason", "cessation-of-operation", "--server-bundle", str(server))
-    with _server(server, state) as address:
+    with running_server(server, state, rounds=2) as address:
         assert "reason: cessation-of-operation" in _refused(address, tmp_path / "c")
     assert json.loads((state / PERSISTED).read_text())["crl_number"] == 2
 
     # restarted from a bundle holding the older list (number 1, validly signed): it lowers nothing
     (server / "crl.pem").write_bytes(first_crl)
-    with _server(server, state) as address:
+    with running_server(server, state, rounds=2) as address:
         assert f"{c_serial:x}" in (message := _refused(address, tmp_path / "c"))
         assert "reason: cessation-of-operation" in message
         assert "reason: key-compromise" in _refused(address, tmp_path / "b")
