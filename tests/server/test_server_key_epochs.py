@@ -14,13 +14,15 @@ from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.crypto.codec import make_site_codec, make_summer
 from fedfms_secure.crypto.envelope import open_envelope, seal_for_sites
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle, load_envelope_key
+from fedfms_secure.crypto.keystore import load_bundle, load_envelope_key
 from fedfms_secure.crypto.packing import fit_params
 from fedfms_secure.crypto.rekey import reencrypt_chunks
 from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, KeyPublication, Plan, SealedEnvelope
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
+
+from federation_kit import provision_sites
 
 SITES = ("a", "b", "c")
 
@@ -29,11 +31,7 @@ SITES = ("a", "b", "c")
 def fed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("epochs")
     params = fit_params(bound=1.0, sites=len(SITES), rounds=4)
-    prov = init_federation(root / "prov", federation="ep", server_host="localhost", clients=SITES, params=params,
-                           he_dealer=False)
-    export_bundle("server", None, prov, root / "server")
-    for name in SITES:
-        export_bundle("client", name, prov, root / name)
+    provision_sites(root, SITES, federation="ep", params=params, he_dealer=False)
     return root
 
 

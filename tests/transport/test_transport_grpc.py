@@ -3,60 +3,35 @@
 from __future__ import annotations
 
 import json
-import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
-from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.codec import make_site_codec
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
-from fedfms_secure.server.daemon import serve
 from fedfms_secure.transport.client import FederationClient
+
+from federation_kit import provision_sites, running_server, site_client
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("fed")
-    prov = init_federation(root / "prov", federation="t", server_host="localhost", clients=["a", "b"], he_dealer=True)
-    export_bundle("server", None, prov, root / "server")
-    for name in ("a", "b"):
-        export_bundle("client", name, prov, root / name)
+    provision_sites(root, ["a", "b"], federation="t", he_dealer=True)
     # a second federation whose site certificate the first server must refuse
     other = init_federation(root / "other", federation="o", server_host="localhost", clients=["a"], he_dealer=True)
     export_bundle("client", "a", other, root / "foreign_a")
-    stop = threading.Event()
-    config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=1)
-    thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
-    thread.start()
-    address_file = root / "state" / "address.json"
-    for _ in range(200):
-        if address_file.exists():
-            break
-        threading.Event().wait(0.05)
-    import json
-
-    address = json.loads(address_file.read_text())["address"]
-    yield root, address
-    stop.set()
-    thread.join(timeout=10)
-
-
-def connect(root: Path, address: str, name: str) -> FederationClient:
-    b = load_bundle(root / name, role="client")
-    client = FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem, server_name=b.server_host,
-                              call_timeout=10)
-    return client
+    with running_server(root / "server", root / "state", rounds=1) as address:
+        yield root, address
 
 
 def test_site_identity_comes_from_its_certificate(federation):
     root, address = federation
     b = load_bundle(root / "a", role="client")
-    with connect(root, address, "a") as client:
+    with site_client(address, root / "a", timeout=10) as client:
         joined = client.join(b.fingerprint, "test")
         assert joined.site == "a"
         assert joined.plan.rounds == 1 and joined.plan.scheme == "ckks" and joined.plan.pretrained
@@ -65,7 +40,7 @@ def test_site_identity_comes_from_its_certificate(federation):
 
 def test_a_certificate_from_another_ca_is_refused(federation):
     root, address = federation
-    with connect(root, address, "a") as good:  # the server is up and answers a genuine site
+    with site_client(address, root / "a", timeout=10) as good:  # the server is up and answers a genuine site
         assert good.status().federation == "t"
     b = load_bundle(root / "foreign_a", role="client")
     client = FederationClient(address, ca_pem=load_bundle(root / "a", role="client").ca_pem, cert_pem=b.cert_pem,
@@ -76,7 +51,7 @@ def test_a_certificate_from_another_ca_is_refused(federation):
 
 def test_plaintext_connection_is_refused(federation):
     root, address = federation
-    with connect(root, address, "a") as good:
+    with site_client(address, root / "a", timeout=10) as good:
         assert good.status().round == 0
     with FederationClient(address, insecure=True, site="a", call_timeout=5) as client, pytest.raises(FederationError):
         client.status()
@@ -86,7 +61,7 @@ def test_wrong_fingerprint_and_bad_stream_get_deliberate_codes(federation):
     root, address = federation
     b = load_bundle(root / "b", role="client")
     codec = make_site_codec("ckks", b.context(), b.fingerprint)
-    with connect(root, address, "b") as client:
+    with site_client(address, root / "b", timeout=10) as client:
         with pytest.raises(FederationError, match="context mismatch") as exc:
             client.join("deadbeef", "test")
         assert exc.value.code == "invalid_argument"
@@ -102,7 +77,7 @@ def test_wrong_fingerprint_and_bad_stream_get_deliberate_codes(federation):
 def test_an_oversized_message_is_refused(federation):
     root, address = federation
     b = load_bundle(root / "a", role="client")
-    with connect(root, address, "a") as client:
+    with site_client(address, root / "a", timeout=10) as client:
         with pytest.raises(FederationError) as exc:
             client.commit_weight(0, b.fingerprint, b"x" * (5 * 1024 * 1024))
         assert exc.value.code == "resource_exhausted"

@@ -8,21 +8,19 @@ import json
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedfms_secure.cli import main
 from fedfms_secure.client.hekeys import Keyring
-from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.hestore import HeStore
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.crypto.packing import fit_params
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
-from fedfms_secure.server.daemon import serve
-from fedfms_secure.transport.client import FederationClient
+
+from federation_kit import provision_sites, running_server, site_client
 
 SITES = ("a", "b", "c")
 
@@ -31,30 +29,9 @@ SITES = ("a", "b", "c")
 def federation(tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
     params = fit_params(bound=1.0, sites=len(SITES), rounds=4)
-    prov = init_federation(root / "prov", federation="hk", server_host="localhost", clients=SITES, params=params,
-                           he_dealer=False)
-    export_bundle("server", None, prov, root / "server")
-    for name in SITES:
-        export_bundle("client", name, prov, root / name)
-    stop = threading.Event()
-    config = ServerConfig(keys=root / "server", state=root / "state", address="127.0.0.1:0", rounds=3)
-    thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
-    thread.start()
-    address_file = root / "state" / "address.json"
-    for _ in range(400):
-        if address_file.exists():
-            break
-        threading.Event().wait(0.05)
-    address = json.loads(address_file.read_text())["address"]
-    yield root, address
-    stop.set()
-    thread.join(timeout=10)
-
-
-def connect(root: Path, address: str, name: str) -> FederationClient:
-    b = load_bundle(root / name, role="client")
-    return FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                            server_name=b.server_host, call_timeout=20)
+    provision_sites(root, SITES, federation="hk", params=params, he_dealer=False)
+    with running_server(root / "server", root / "state", rounds=3) as address:
+        yield root, address
 
 
 def chunks(codec, round_, vec):
@@ -66,7 +43,7 @@ def chunks(codec, round_, vec):
 
 def test_he_init_round_and_rotation_over_grpc(federation, capsys):
     root, address = federation
-    clients = {name: connect(root, address, name) for name in SITES}
+    clients = {name: site_client(address, root / name) for name in SITES}
     try:
         # before he-init: no key, commits refused, envelopes not there yet
         assert clients["b"].status().key.epoch == 0
@@ -167,13 +144,13 @@ def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
     shutil.copytree(root / "b", bundle_dir)
     shutil.rmtree(bundle_dir / "he")
     bundle = load_bundle(bundle_dir, role="client")
-    with connect(root, address, "b") as client:
+    with site_client(address, root / "b") as client:
         ring = Keyring(client, bundle, timeout=10)
         assert ring.codec is None
         status = client.status()
         assert ring.sync(status.key) is True and ring.fingerprint == status.key.fingerprint
     assert HeStore(bundle_dir).current().epoch == status.key.epoch
-    with connect(root, address, "a") as client_a:
+    with site_client(address, root / "a") as client_a:
         for_a = client_a.envelope()
     with pytest.raises(KeyMaterialError, match="sealed to site 'a', not to this site 'b'"):
         open_envelope(for_a.payload, recipient="b", recipient_key=load_envelope_key(bundle_dir), federation="hk",
@@ -189,22 +166,9 @@ def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_pa
     from fedfms_secure.crypto.keystore import load_envelope_key
 
     sites = ("a", "b")
-    prov = init_federation(tmp_path / "prov", federation="re", server_host="localhost", clients=sites,
-                           params=fit_params(bound=1.0, sites=2, rounds=2))
-    export_bundle("server", None, prov, tmp_path / "server")
-    for name in sites:
-        export_bundle("client", name, prov, tmp_path / name)
-    stop = threading.Event()
-    config = ServerConfig(keys=tmp_path / "server", state=tmp_path / "state", address="127.0.0.1:0", rounds=2)
-    thread = threading.Thread(target=serve, args=(config, stop), daemon=True)
-    thread.start()
-    try:
-        for _ in range(400):
-            if (tmp_path / "state" / "address.json").exists():
-                break
-            threading.Event().wait(0.05)
-        address = json.loads((tmp_path / "state" / "address.json").read_text())["address"]
-        with connect(tmp_path, address, "a") as client_a, connect(tmp_path, address, "b") as client_b:
+    provision_sites(tmp_path, sites, federation="re", params=fit_params(bound=1.0, sites=2, rounds=2))
+    with running_server(tmp_path / "server", tmp_path / "state", rounds=2) as address:
+        with site_client(address, tmp_path / "a") as client_a, site_client(address, tmp_path / "b") as client_b:
             bundle_a = load_bundle(tmp_path / "a", role="client")
             init_key(client_a, bundle_a)
             ring_b = Keyring(client_b, load_bundle(tmp_path / "b", role="client"), timeout=30)
@@ -229,7 +193,4 @@ def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_pa
             waiter.join(timeout=30)
             assert weight == {"b": pytest.approx(30 / 40)}
             assert site_b.codec.fingerprint == rotated.key.fingerprint != old
-    finally:
-        stop.set()
-        thread.join(timeout=10)
 
