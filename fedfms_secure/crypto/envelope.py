@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto.bundle import params_fingerprint  # the manifest's ckks.params_fingerprint
@@ -290,22 +290,18 @@ def _check_sender(doc: dict[str, Any], header: EnvelopeHeader, where: str, *, si
     except (ValueError, UnicodeEncodeError) as exc:
         raise CryptoError(f"{where}: sender_cert is not a PEM certificate ({exc}); {_REDO}") from None
     ca = pki.cert_from_pem(ca_pem, source="the bundle's ca.crt")
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    if not pki.issued_by(cert, ca):
         raise KeyMaterialError(
             f"{where}: the sender's certificate was not issued by this federation's CA (ca.crt): the envelope is "
             "forged or comes from another federation. Do not use it; report it to the operator"
-        ) from None
-    now = dt.datetime.now(dt.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        )
+    if not pki.valid_now(cert):
         raise KeyMaterialError(
             f"{where}: the sender's certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
             f"{cert.not_valid_after_utc:%Y-%m-%d}; the sending site needs a new certificate (`keys rotate-tls`), "
             "then publishes the key again"
         )
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = str(names[0].value) if names else ""
+    cn = pki.common_name(cert)
     if cn != header.sender:
         raise KeyMaterialError(
             f"{where}: the header names sender {_short(header.sender)}, but the signing certificate belongs to {cn!r}: "

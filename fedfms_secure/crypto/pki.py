@@ -317,17 +317,29 @@ def write_private(path: Path, data: bytes) -> None:
         raise
 
 
-def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, *, source: str) -> None:
-    """KeyMaterialError unless ``cert`` is signed by ``ca_cert`` and valid now."""
+def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    """Whether ``cert`` carries a valid signature of ``ca_cert`` (and names it as issuer)."""
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def valid_now(cert: x509.Certificate) -> bool:
+    """Whether now lies within ``cert``'s validity period."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def verify_issued_by(cert: x509.Certificate, ca_cert: x509.Certificate, *, source: str) -> None:
+    """KeyMaterialError unless ``cert`` is signed by ``ca_cert`` and valid now."""
+    if not issued_by(cert, ca_cert):
         raise KeyMaterialError(
             f"{source} was not issued by this federation's CA (ca.crt); the bundle mixes files of two "
             "federations: export it again from one `fedfms-secure keys init` folder"
-        ) from None
-    now = dt.datetime.now(dt.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        )
+    if not valid_now(cert):
         raise KeyMaterialError(
             f"{source} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}; "
             "issue a new certificate with `fedfms-secure keys rotate-tls` and export the bundle again"
