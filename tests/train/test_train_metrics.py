@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from fedfms_secure.train.metrics import ImageScores, evaluate_segmentation, score_masks, summarize
+
+from mask_oracle import MaskOracle
 
 DIAGONAL = math.hypot(8, 8)
 
@@ -82,26 +83,11 @@ def test_nothing_scored_is_nan_and_pooling_concatenates() -> None:
     assert summarize(pooled)["dice_mean"] == pytest.approx(summarize(a)["dice_mean"])
 
 
-class _Oracle(nn.Module):
-    """Returns +/-10 logits from a fixed mask list, in dataset order."""
-
-    num_classes = 1
-
-    def __init__(self, masks: torch.Tensor) -> None:
-        super().__init__()
-        self.masks, self.pos = masks, 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.masks[self.pos : self.pos + len(images)] * 20 - 10
-        self.pos += len(images)
-        return out
-
-
 def test_evaluate_a_model_on_a_dataset(ellipses) -> None:
     data = ellipses(4)
     labels = data.tensors[1]
-    perfect = evaluate_segmentation(_Oracle(labels), data, ["ellipse"], batch_size=3)
+    perfect = evaluate_segmentation(MaskOracle(labels), data, ["ellipse"], batch_size=3)
     assert (perfect["dice_mean"], perfect["iou_mean"], perfect["hd95_mean"]) == (1.0, 1.0, 0.0)
     assert perfect["per_class"][0]["name"] == "ellipse"
-    shifted = evaluate_segmentation(_Oracle(torch.roll(labels, shifts=3, dims=-1)), data, batch_size=3)
+    shifted = evaluate_segmentation(MaskOracle(torch.roll(labels, shifts=3, dims=-1)), data, batch_size=3)
     assert 0.5 < shifted["dice_mean"] < 1.0 and shifted["hd95_mean"] == pytest.approx(3.0, abs=0.5)
