@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -407,10 +408,17 @@ class _Site:
     def _save_update(self, round_: int, delta, n: int, weight: float, aggregate) -> None:
         folder = self.config.state / "updates"
         folder.mkdir(exist_ok=True)
-        np.savez(folder / f"round_{round_}.npz", delta=delta, n=n, weight=weight, aggregate=aggregate)
+        # atomically: a site stopped while writing (SIGTERM between two steps) leaves no partial file
+        tmp = folder / f".round_{round_}.npz.tmp"
+        with open(tmp, "wb") as fh:
+            np.savez(fh, delta=delta, n=n, weight=weight, aggregate=aggregate)
+        os.replace(tmp, folder / f"round_{round_}.npz")
 
     def _write_json(self, name: str, data: dict) -> None:
-        (self.config.state / name).write_text(json.dumps(data, indent=2) + "\n")
+        path = self.config.state / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def _check_accountant(state: Path) -> None:
