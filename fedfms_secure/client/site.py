@@ -25,10 +25,10 @@ commit refused under an old key) and re-encrypts under a rotated key (``client/h
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -39,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure import __version__
 from fedfms_secure.config import ClientConfig
 from fedfms_secure.client.hekeys import Keyring
@@ -409,16 +410,12 @@ class _Site:
         folder = self.config.state / "updates"
         folder.mkdir(exist_ok=True)
         # atomically: a site stopped while writing (SIGTERM between two steps) leaves no partial file
-        tmp = folder / f".round_{round_}.npz.tmp"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, delta=delta, n=n, weight=weight, aggregate=aggregate)
-        os.replace(tmp, folder / f"round_{round_}.npz")
+        buffer = io.BytesIO()
+        np.savez(buffer, delta=delta, n=n, weight=weight, aggregate=aggregate)
+        write_atomic(folder / f"round_{round_}.npz", buffer.getvalue())
 
     def _write_json(self, name: str, data: dict) -> None:
-        path = self.config.state / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(self.config.state / name, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _check_accountant(state: Path) -> None:

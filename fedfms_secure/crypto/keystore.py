@@ -60,16 +60,15 @@ import datetime as dt
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.crypto import pki
 from fedfms_secure.crypto._jsonfile import read_json_object
 from fedfms_secure.crypto.bundle import (
@@ -668,18 +667,7 @@ def _write_pair(folder: Path, cert: Any, key: pki.PrivateKey, passphrase: bytes 
 
 def _write_public(path: Path, data: bytes) -> None:
     """Write a file others may read (mode 0644), atomically: readers see the old or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o644)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, mode=0o644)
 
 
 def _write_federation(src: Path, meta: dict[str, Any]) -> None:

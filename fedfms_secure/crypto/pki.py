@@ -25,11 +25,8 @@ CA vouches for it: ``envelope_key_of(cert)`` reads it back.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
@@ -296,25 +294,8 @@ def _load_key(data: bytes, source: str, passphrase: bytes | None, remedy: str = 
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write secret material readable by its owner only (mode 0600), atomically.
-
-    The bytes go to a fresh temporary file (``mkstemp``: 0600, never a followed link) in the same
-    folder, are flushed to disk and then renamed over ``path``. A crash leaves either the old file
-    or the new one, never a truncated key; a symlink at ``path`` is replaced, not written through.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(data)  # a buffered write writes everything or raises
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write secret material readable by its owner only (mode 0600), atomically (``write_atomic``)."""
+    write_atomic(path, data, mode=0o600)
 
 
 def issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:

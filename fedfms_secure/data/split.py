@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.errors import DataError
 
 SPLIT_FORMAT = 1
@@ -93,9 +93,7 @@ def _write(path: Path, split: Split, *, val_fraction: float, seed: int) -> None:
         "train": list(split.train),
         "val": list(split.val),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def _read(path: Path) -> Split:

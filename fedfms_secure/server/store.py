@@ -26,11 +26,11 @@ import json
 import math
 import os
 import sqlite3
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.protocol import KeyEpoch
 
@@ -105,12 +105,7 @@ class StateStore:
         path = self._blob_path(digest)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest[:16]}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_atomic(path, data, mode=0o600)
         return digest
 
     def get_blob(self, digest: str) -> bytes:
@@ -237,10 +232,7 @@ class StateStore:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        path = self.root / name
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(self.root / name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _nan_to_null(value: Any) -> Any:

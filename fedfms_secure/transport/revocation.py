@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.crypto import pki
 from fedfms_secure.errors import ConfigError, FederationError, KeyMaterialError
 
@@ -213,19 +213,10 @@ def _read_persisted(path: Path) -> tuple[int, dict[int, pki.Revocation]]:
 
 
 def _write_persisted(path: Path, number: int, entries: dict[int, pki.Revocation]) -> None:
-    """Writes the record to a temporary file, flushes it and renames it over ``path``."""
+    """Writes the record atomically (``write_atomic``; 0600, as ``mkstemp`` made it before)."""
     record = {"crl_number": number,
               "revoked": [entries[serial].to_dict() for serial in sorted(entries)]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
 
 
 class RevocationInterceptor(grpc.ServerInterceptor):
