@@ -25,22 +25,10 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedfms_secure.data.synth import ellipses  # noqa: E402
 from fedfms_secure.model import apply_mode, build_model  # noqa: E402
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy  # noqa: E402
 from fedfms_secure.train import TrainConfig, steps_per_epoch, train_local  # noqa: E402
-
-
-def ellipses(n: int, size: int = 64, seed: int = 0) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images, labels = [], []
-    for _ in range(n):
-        cy, cx = ((torch.rand(2, generator=gen) * 0.5 + 0.25) * size).tolist()
-        ry, rx = ((torch.rand(2, generator=gen) * 0.15 + 0.12) * size).tolist()
-        mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).float()
-        images.append((0.25 + 0.1 * torch.randn(size, size, generator=gen) + 0.5 * mask).clamp(0, 1))
-        labels.append(mask)
-    return TensorDataset(torch.stack(images)[:, None], torch.stack(labels)[:, None])
 
 
 class Counting(TensorDataset):

@@ -37,15 +37,15 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
     durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl")}
     sites = list(site_states)
     initial = [_initial_dice(path) for path in site_states.values()]
-    initial = [d for d in initial if _finite(d)]
+    initial = [d for d in initial if _number(d) is not None]
     rounds = []
     ledgers = {site: {e["round"]: e["epsilon"] for e in read_ledger(path)} if Path(path).is_dir() else {}
                for site, path in site_states.items()}
     for r in sorted({m["round"] for m in metrics}):
         rows = {m["site"]: m for m in metrics if m["round"] == r}
         # a site without validation slices reports NaN: it is left out of the means, not fatal
-        dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _finite(d)]
-        dice_local = [d for d in (rows[s]["dice_local"] for s in rows) if _finite(d)]
+        dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _number(d) is not None]
+        dice_local = [d for d in (rows[s]["dice_local"] for s in rows) if _number(d) is not None]
         eps = {s: _spent(ledgers[s], r) for s in sites if s in rows}
         finite_eps = [e for e in eps.values() if e is not None]
         rounds.append({
@@ -72,10 +72,6 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
         "epsilon_final_max": rounds[-1]["epsilon_max"] if rounds else None,
         "seconds_total": wall_seconds,
     }
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def plot_report(report: Mapping[str, Any], path: Path) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch.utils.data import TensorDataset
 
 from fedfms_secure.errors import ConfigError, DataError
 
@@ -235,3 +237,20 @@ def _gaussian_blur(volume: np.ndarray, sigma: tuple[float, ...]) -> np.ndarray:
     exponent = sum((2 * np.pi * f * s) ** 2 for f, s in zip(grids, sigma)) / 2
     blurred = np.fft.irfftn(spectrum * np.exp(-exponent), s=volume.shape, axes=range(volume.ndim))
     return blurred.astype(np.float32)
+
+
+def ellipses(n: int, size: int = 64, seed: int = 0) -> TensorDataset:
+    """A tiny, easy 2-D segmentation task for speed measurements and tests: bright noisy ellipses on
+    a darker noisy background. ``n`` items ``(image [1,S,S] in [0,1], label [1,S,S] in {0,1})``, as
+    the data layer gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    images, labels = [], []
+    for _ in range(n):
+        cy, cx = ((torch.rand(2, generator=gen) * 0.5 + 0.25) * size).tolist()
+        ry, rx = ((torch.rand(2, generator=gen) * 0.15 + 0.12) * size).tolist()
+        mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).float()
+        noise = 0.1 * torch.randn(size, size, generator=gen)
+        images.append((0.25 + noise + 0.5 * mask).clamp(0, 1))
+        labels.append(mask)
+    return TensorDataset(torch.stack(images)[:, None], torch.stack(labels)[:, None])

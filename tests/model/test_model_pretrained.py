@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fedfms_secure.model.registry as registry
+from fedfms_secure.data.synth import ellipses
 from fedfms_secure.errors import ModelError
 from fedfms_secure.model import apply_mode, build_model, flatten
 from fedfms_secure.model.adapters import adapter_parameter_names
@@ -47,23 +48,9 @@ def test_pretrained_is_the_default_for_tiny_and_identical_on_every_site() -> Non
                            sam["image_encoder.neck.0.weight"])  # fmt: skip
 
 
-def _ellipses(n: int, size: int = 64, seed: int = 0) -> torch.utils.data.TensorDataset:
-    """Bright noisy ellipses on a darker noisy background (as tests/train's fixture)."""
-    gen = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    images, labels = [], []
-    for _ in range(n):
-        cy, cx = ((torch.rand(2, generator=gen) * 0.5 + 0.25) * size).tolist()
-        ry, rx = ((torch.rand(2, generator=gen) * 0.15 + 0.12) * size).tolist()
-        mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).float()
-        images.append((0.25 + 0.1 * torch.randn(size, size, generator=gen) + 0.5 * mask).clamp(0, 1))
-        labels.append(mask)
-    return torch.utils.data.TensorDataset(torch.stack(images)[:, None], torch.stack(labels)[:, None])
-
-
 def test_pretrained_tiny_already_segments_generic_shapes() -> None:
     # ellipses are generic shapes (the pretraining never saw this generator or any medical data)
-    data = _ellipses(32, seed=3)
+    data = ellipses(32, seed=3)
     pretrained = evaluate_dice(build_model("tiny"), data)
     scratch = evaluate_dice(build_model("tiny", pretrained=False), data)
     assert pretrained > 0.7 and pretrained > scratch + 0.3, (pretrained, scratch)
