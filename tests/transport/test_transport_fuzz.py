@@ -40,6 +40,7 @@ from fedfms_secure.crypto.envelope import seal_for_sites
 from fedfms_secure.crypto.hestore import site_key
 from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
 from fedfms_secure.crypto.rekey import reencrypt_chunks
+from fedfms_secure.errors import CryptoError
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.transport import serde
 from fedfms_secure.crypto.packing import fit_params
@@ -138,6 +139,7 @@ class Fuzzer:
         self.silent: list[tuple[str, grpc.StatusCode]] = []  # errors without a message
         self.round = 0  # the round the server is at, refreshed now and then
         self.oversized = False  # whether the next call sends a message past the limit
+        self.poisoned = 0  # genuine rotations given up: a fuzzed upload spoiled the global state
         step = self.codec.chunk_values
         self.length = step + 10  # the federation's vector: one full chunk and a partial one
         self._encrypt_samples()
@@ -240,9 +242,18 @@ class Fuzzer:
         """
         status = self.stubs[KEEPER].GetStatus(pb.GetStatusRequest(), timeout=30)
         boundary = status.phase == "commit" and not any(s.committed for s in status.sites) and not status.done
+        messages = None
         if boundary and (genuine or self.rng.random() < 0.05):
-            messages, site = self.rotation(status.round), KEEPER
-        else:
+            try:
+                messages, site = self.rotation(status.round), KEEPER
+            except CryptoError:
+                # A bit-flipped upload can still parse as a ciphertext: the server, without the key,
+                # cannot tell it from a genuine one and sums it in. The global state then no longer
+                # decrypts, and the keeper refuses to re-encrypt it, as a real site does. From here
+                # on, only mutated rotations are sent.
+                assert status.round > 0
+                self.poisoned += 1
+        if messages is None:
             messages, site = self.mutate_keys(self.rotation(status.round, cheap=True)), self.site()
         reply = self.call("PublishKeys", lambda: self.stubs[site].PublishKeys(iter(messages), timeout=60))
         if reply is not None:  # only the next key can be accepted: from now on, encrypt under it
