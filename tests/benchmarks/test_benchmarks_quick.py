@@ -20,6 +20,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import ckks_vs_plain  # noqa: E402
 import communication  # noqa: E402
 import overhead  # noqa: E402
 import privacy_budget  # noqa: E402
@@ -127,3 +128,23 @@ def test_overhead_toy_gives_the_three_ratios(tmp_path: Path) -> None:
         assert (row["encrypt_s"] > 0) or not row["he"]
     assert data["skipped"]  # vit_b is never measured by --toy
     assert "vit_b" in (tmp_path / "overhead.md").read_text()
+
+
+@pytest.mark.timeout(400)
+def test_ckks_vs_plain_toy_compares_runs_one_step_and_the_chaos_floor(tmp_path: Path) -> None:
+    args = ["--seeds", "0", "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--perturb", "1e-12",
+            "--out", str(tmp_path)]
+    assert ckks_vs_plain.main(args) == 0
+    data = json.loads((tmp_path / "ckks_vs_plain.json").read_text())
+    (run,) = data["runs"]
+    assert len(run["dice_plain"]) == len(run["dice_ckks"]) == 2
+    # one aggregation of the same deltas: CKKS's error is quantisation only (step 2**-16 of the bound)
+    for step in run["one_step"]:
+        assert 0 < step["max_abs_error"] < 1e-4, step
+        assert abs(step["delta"]) < 0.002, step
+    exact, nudged = run["sensitivity"]
+    assert exact["size"] == 0 and exact["max_abs_theta_delta"] == 0 and len(exact["dice"]) == 2
+    assert nudged["size"] == 1e-12 and nudged["max_abs_theta_delta"] > 0  # the noise did reach the weights
+    md = (tmp_path / "ckks_vs_plain.md").read_text()
+    assert "## Whole runs" in md and "## One aggregation" in md and "## Training's own sensitivity" in md
+    assert "| 0 | +-1e-12 |" in md
