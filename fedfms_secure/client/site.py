@@ -343,8 +343,10 @@ class _Site:
         if round_ == 0:
             return self.theta0.astype(np.float64)
         chunks = self.client.global_state(round_)
-        if not chunks:
-            raise FederationError(f"the server sent no global state for round {round_}", "not_found")
+        if not chunks:  # every round so far closed without an upload (its committed sites retired)
+            log.warning("the global state is still theta_0: no round so far has summed an update",
+                        extra={"round": round_})
+            return self.theta0.astype(np.float64)
         if any(c.fingerprint != self.codec.fingerprint for c in chunks) and self._sync_key(self.client.status().key):
             chunks = self.client.global_state(round_)  # re-encrypted under a key rotated meanwhile
         for chunk in chunks:

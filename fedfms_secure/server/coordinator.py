@@ -125,6 +125,8 @@ class Coordinator:
         self._phase_started = float(store.get_state("phase_started", str(self._clock())))
         self._round_started = float(store.get_state("round_started", str(self._clock())))
         current = store.global_row(self._round) if self._round > 0 else None
+        if current is not None and not current.blobs:
+            current = None  # no upload has ever been summed: the state is still theta_0
         self._vector_length: int | None = current.vector_length if current else None
         self._chunks: int | None = len(current.blobs) if current else None
         self._commits: dict[str, Any] = {}
@@ -737,18 +739,32 @@ class Coordinator:
         after a restart, when a crash fell between two writes)."""
         if self._phase == PHASE_COMMIT and self._commits and self._active() <= set(self._commits):
             self._start_uploads(self._sum(self._commits.values(), what="the committed weights"))
-        if self._phase == PHASE_UPLOAD and self._receipts and set(self._receipts) >= set(self._commits) - set(self._retired):
-            self._close_round()
+        if self._phase == PHASE_UPLOAD:
+            pending = set(self._commits) - set(self._retired) - set(self._receipts)
+            # with no upload yet, only a round whose committed sites have all retired closes (unchanged)
+            if not pending and (self._receipts or set(self._commits) <= set(self._retired)):
+                self._close_round()
 
     def _check_finished(self) -> None:
         if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= self._active():
             self.finished.set()
 
     def _close_round(self) -> None:
-        """E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's sum; the next round opens."""
+        """E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's sum; the next round opens.
+
+        A round without uploads (every committed site retired first) carries the state over unchanged:
+        the same blobs, or none while nothing was ever uploaded (the sites then start from theta_0).
+        """
         previous = self._store.global_row(self._round) if self._round > 0 else None
-        blobs = []
-        for index in range(self._chunks or 0):
+        if previous is not None and not previous.blobs:
+            previous = None  # no upload has ever been summed: the state is still theta_0
+        blobs: list[str] = []
+        length = self._vector_length or 0
+        if not self._receipts:
+            log.warning("every committed site retired before uploading: the global state carries over unchanged",
+                        extra={"round": self._round})
+            blobs, length = (list(previous.blobs), previous.vector_length) if previous is not None else ([], 0)
+        for index in range(self._chunks or 0) if self._receipts else ():
             total = self._round_sum[index]
             if previous is not None:
                 try:
@@ -770,7 +786,7 @@ class Coordinator:
             "bytes_received": sum(r.bytes for r in self._receipts.values()),
         }
         # one transaction moves the federation to the next round, with its clocks
-        self._store.put_global(GlobalRow(next_round, self._vector_length or 0, tuple(blobs)),
+        self._store.put_global(GlobalRow(next_round, length, tuple(blobs)),
                                round_=next_round, phase=next_phase, started=now)
         self._round, self._phase = next_round, next_phase
         self._phase_started = self._round_started = now

@@ -68,3 +68,63 @@ def test_when_every_site_retires_the_federation_stops(tmp_path):
         coord.retire(site, 0, "done")
     assert coord.status().phase == PHASE_DONE
     assert coord.finished.is_set()
+
+
+def test_a_round_whose_committed_sites_all_retire_carries_the_state_over(tmp_path, codec):
+    """Round 1: a and b commit, the commit deadline leaves c out, then a and b retire before uploading."""
+    now = [0.0]
+
+    def make():
+        plan = Plan("t", 4, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
+        return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path),
+                           clock=lambda: now[0], round_deadline=10, min_sites=2)
+
+    coord = make()
+    for site in SITES:
+        coord.commit_weight(site, 0, "plain", codec.encrypt_scalar(1))
+    for site in SITES:
+        upload(coord, codec, site, 0, np.full(3, 0.125))
+    assert coord.status().round == 1
+    before = codec.decrypt_vector([coord.global_chunk(1, 0).payload], 3)
+    coord.commit_weight("a", 1, "plain", codec.encrypt_scalar(1))
+    coord.commit_weight("b", 1, "plain", codec.encrypt_scalar(1))
+    now[0] += 11
+    coord.tick()
+    assert coord.status().phase == PHASE_UPLOAD
+    coord.retire("a", 1, "stopped")
+    assert coord.status().round == 1  # b may still upload
+    coord.retire("b", 1, "stopped")
+    status = coord.status()
+    assert (status.round, status.phase) == (2, PHASE_COMMIT)  # closed, not stalled
+    assert coord.global_state("c", 2) == 1
+    np.testing.assert_array_equal(codec.decrypt_vector([coord.global_chunk(2, 0).payload], 3), before)
+    # after a restart, c goes on from the carried state
+    coord = make()
+    coord.commit_weight("c", 2, "plain", codec.encrypt_scalar(1))
+    upload(coord, codec, "c", 2, np.full(3, 0.5))
+    assert coord.status().round == 3
+    np.testing.assert_allclose(codec.decrypt_vector([coord.global_chunk(3, 0).payload], 3), before + 0.5)
+
+
+def test_a_first_round_without_uploads_leaves_theta_0(tmp_path, codec):
+    now = [0.0]
+
+    def make():
+        plan = Plan("t", 3, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
+        return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path),
+                           clock=lambda: now[0], round_deadline=10, min_sites=2)
+
+    coord = make()
+    coord.commit_weight("a", 0, "plain", codec.encrypt_scalar(1))
+    coord.commit_weight("b", 0, "plain", codec.encrypt_scalar(1))
+    now[0] += 11
+    coord.tick()
+    coord.retire("a", 0, "stopped")
+    coord.retire("b", 0, "stopped")
+    assert coord.status().round == 1
+    assert coord.global_state("c", 1) == 0  # no chunks: the sites start from theta_0
+    coord = make()  # a restart does not take the empty state for the federation's vector length
+    coord.commit_weight("c", 1, "plain", codec.encrypt_scalar(1))
+    upload(coord, codec, "c", 1, np.full(4, 0.25))
+    assert coord.status().round == 2
+    np.testing.assert_allclose(codec.decrypt_vector([coord.global_chunk(2, 0).payload], 4), np.full(4, 0.25))
