@@ -45,7 +45,7 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
         rows = {m["site"]: m for m in metrics if m["round"] == r}
         # a site without validation slices reports NaN: it is left out of the means, not fatal
         dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _number(d) is not None]
-        dice_local = [d for d in (rows[s]["dice_local"] for s in rows) if _number(d) is not None]
+        dice_local = [d for d in (rows[s].get("dice_local") for s in rows) if _number(d) is not None]
         eps = {s: _spent(ledgers[s], r) for s in sites if s in rows}
         finite_eps = [e for e in eps.values() if e is not None]
         rounds.append({

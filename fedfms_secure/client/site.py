@@ -55,7 +55,7 @@ from fedfms_secure.model.vector import flatten, load_vector
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.budget import append_ledger, read_ledger, resolve_delta
 from fedfms_secure.privacy.site import STATE_FILE
-from fedfms_secure.protocol import Chunk, Joined, KeyEpoch, Plan, Status
+from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status
 from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
 from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
@@ -189,12 +189,33 @@ class _Site:
             initial = self._evaluate()
             self._write_json("initial.json", initial)
             log.info("initial model evaluated", extra={"dice": initial["dice"]})
-        for round_ in range(start, self.plan.rounds):
-            self._sync_key(self._wait_for_round(round_).key)
+        round_ = start
+        while round_ < self.plan.rounds:
+            status = self._wait_for_round(round_)
+            self._sync_key(status.key)
+            later = missed_round(status, self.joined.site, round_)
+            if later is not None:  # e.g. restarted after its commit deadline: training now spends budget for nothing
+                log.warning("this round went on without this site: it waits for the next one instead of training",
+                            extra={"round": round_, "next_round": later})
+                up0, down0 = self.client.bytes_up, self.client.bytes_down
+                status = self._wait_for_round(later)
+                self._sync_key(status.key)
+                round_ = min(max(later, status.round), self.plan.rounds)
+                theta = self._fetch_theta(round_)
+                load_vector(self.model, self.names, theta)
+                if round_ == self.plan.rounds:
+                    self._save_final_model(round_)
+                # the global model after the round it missed, as after any round (the server's report
+                # and its end of the federation count on every active site's metrics)
+                self.client.report_metrics(round_ - 1, {
+                    **self._evaluate(), "contributed": 0.0, "bytes_up": float(self.client.bytes_up - up0),
+                    "bytes_down": float(self.client.bytes_down - down0)})
+                continue
             if self._budget_spent(round_):
                 break
             outcome, theta = self._round(round_, theta)
             outcomes.append(outcome)
+            round_ += 1
         else:
             log.info("federation finished", extra={"rounds": self.plan.rounds})
         return outcomes
@@ -281,10 +302,7 @@ class _Site:
 
     def _left_behind(self, round_: int) -> bool:
         status = self.client.status()
-        me = self._me(status)
-        return status.round > round_ and not me.retired or (
-            status.round == round_ and status.phase == "upload" and not me.committed
-        )
+        return missed_round(status, self.joined.site, round_) is not None and not self._me(status).retired
 
     def _bounded(self, update: np.ndarray, round_: int) -> np.ndarray:
         """Clips the weighted update to the codec's bound (post-processing: DP is unaffected)."""
@@ -418,6 +436,21 @@ class _Site:
 
     def _write_json(self, name: str, data: dict) -> None:
         write_atomic(self.config.state / name, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def missed_round(status: Status, site: str, round_: int) -> int | None:
+    """The round ``site`` can next take part in if ``round_`` can no longer take its update, else None.
+
+    ``round_`` is lost once it has closed, or once its commits have closed without this site (the
+    upload phase: E(N) is the committed sites' total). Training it then would spend privacy budget
+    on an update that nobody takes.
+    """
+    if status.round > round_:
+        return status.round
+    me = next((s for s in status.sites if s.name == site), None)
+    if status.round == round_ and status.phase == PHASE_UPLOAD and (me is None or not me.committed):
+        return round_ + 1
+    return None
 
 
 def _check_accountant(state: Path) -> None:

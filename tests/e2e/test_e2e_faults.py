@@ -41,6 +41,7 @@ from fedfms_secure.config import ServerConfig
 from fedfms_secure.crypto.keystore import load_bundle
 from fedfms_secure.data import synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
+from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.server.daemon import serve
@@ -318,13 +319,53 @@ def test_a_late_site_misses_a_round_and_takes_part_again(federation):
     fed.signal(late, signal.SIGCONT)  # ... and wakes up with a round-0 update nobody wants any more
 
     fed.wait_ok(punctual, late, "server")
-    assert "takes part again from the next round" in fed.log(late)
+    # woken mid-training, its update is refused; woken before training, it does not train round 0 at all
+    log = fed.log(late)
+    assert "takes part again from the next round" in log or "waits for the next one instead of training" in log
     rounds = fed.rounds()
     assert [r["round"] for r in rounds] == list(range(ROUNDS))
     assert rounds[0]["participants"] == [punctual]
     metrics = StateStore(fed.state).read_records("metrics.jsonl")
     late_rounds = {m["round"]: m["contributed"] for m in metrics if m["site"] == late}
-    assert late_rounds[0] == 0.0 and set(late_rounds) == set(range(ROUNDS))
+    # it reports every round whose global model it scored (a site that woke after several rounds
+    # closed scores only the newest), the last one included, so the server could finish
+    assert late_rounds.get(0, 0.0) == 0.0 and ROUNDS - 1 in late_rounds
+
+
+@pytest.mark.parametrize("federation", [2], indirect=True)
+def test_a_site_restarted_after_its_commit_deadline_waits_without_training(federation):
+    fed = federation
+    server = fed.start_server("127.0.0.1:0", "--round-deadline", "4", "--min-sites", "1", "--exit-when-done")
+    address = _wait_for_address(fed.state, server, fed.root / "server.log")
+    punctual, late = sorted(fed.sites)
+    for name in fed.sites:
+        fed.start_site(name, address)
+    fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    fed.procs[late].kill()  # joined, so the commit phases wait for it until their deadline
+    assert fed.procs[late].wait(timeout=30) == -signal.SIGKILL
+    fed.expected_dead.add(late)
+    # round 1: hold the punctual site once it has committed, so that the upload phase stays open
+    fed.wait_for(f"{punctual} to commit in round 1",
+                 lambda: (s := fed.status()).get("round") == 1 and punctual in s.get("committed", []))
+    fed.signal(punctual, signal.SIGSTOP)
+    fed.wait_for("the commit deadline of round 1", lambda: fed.status().get("phase") == "upload")
+    state = fed.root / f"state_{late}"
+    spent_before = [e["round"] for e in read_ledger(state)] if state.is_dir() else []
+    fed.expected_dead.discard(late)
+    fed.start_site(late, address)  # restarted with the same --state, too late for round 1
+    fed.wait_for(f"{late} to wait for round 2",
+                 lambda: "waits for the next one instead of training" in fed.log(late))
+    fed.signal(punctual, signal.SIGCONT)
+
+    fed.wait_ok(punctual, late, "server")
+    # no training, so no budget spent, for the round it could not join
+    assert [e["round"] for e in read_ledger(state)] == spent_before
+    assert 1 not in spent_before
+    assert (state / "final_model.pt").exists()
+    assert fed.rounds()[1]["participants"] == [punctual]
+    metrics = StateStore(fed.state).read_records("metrics.jsonl")
+    reported = {m["round"]: m["contributed"] for m in metrics if m["site"] == late}
+    assert reported[1] == 0.0  # it scored the final global model like the others
 
 
 # --- duplicated and replayed uploads (in-process server and clients) ------------------------------
