@@ -151,11 +151,25 @@ class Coordinator:
             self._vector_length, self._chunks = row.vector_length, row.chunks
         if self._deadline is not None and self._phase != PHASE_DONE:
             self._phase_started = self._clock()  # a restart gives the sites a whole deadline to reconnect
+        self._restore_reports()
         self._progress()
         if self._round > 0 or self._commits:
             log.info("resumed from the state folder", extra={"round": self._round, "phase": self._phase,
                                                              "commits": len(self._commits), "uploads": len(self._receipts)})
         self._write_status()
+
+    def _restore_reports(self) -> None:
+        """Who reported the last round's metrics, so that a restart once done need not wait for them again."""
+        try:
+            records = self._store.read_records("metrics.jsonl", skip_bad=True)  # a line cut short by a crash is skipped
+        except OSError as exc:
+            log.warning("could not read metrics.jsonl: the sites' final reports are awaited again",
+                        extra={"error": str(exc)})
+            return
+        for record in records:
+            if isinstance(record, dict) and isinstance(record.get("round"), int) and record.get("site") in self._joined:
+                self._reported.setdefault(record["round"], set()).add(record["site"])
+        self._check_finished()
 
     def _restore_keys(self) -> None:
         """The key epochs from the database; a dealer-made key becomes epoch 1 of a fresh state."""

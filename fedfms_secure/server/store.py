@@ -225,11 +225,22 @@ class StateStore:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def read_records(self, name: str) -> list[dict[str, Any]]:
+    def read_records(self, name: str, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+        """The records of ``name``; with ``skip_bad``, a line that does not parse (e.g. cut short by a
+        crash) is left out instead of raising ValueError."""
         path = self.root / name
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in path.read_text(errors="replace" if skip_bad else "strict").splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if not skip_bad:
+                    raise
+        return records
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         write_atomic(self.root / name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

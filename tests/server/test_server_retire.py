@@ -128,3 +128,24 @@ def test_a_first_round_without_uploads_leaves_theta_0(tmp_path, codec):
     upload(coord, codec, "c", 1, np.full(4, 0.25))
     assert coord.status().round == 2
     np.testing.assert_allclose(codec.decrypt_vector([coord.global_chunk(2, 0).payload], 4), np.full(4, 0.25))
+
+
+def test_a_restart_once_done_remembers_who_reported_the_final_metrics(tmp_path, codec):
+    coord = coordinator(tmp_path, rounds=1)
+    for site in SITES:
+        coord.commit_weight(site, 0, "plain", codec.encrypt_scalar(1))
+    for site in SITES:
+        upload(coord, codec, site, 0, np.full(2, 0.1))
+    assert coord.status().phase == PHASE_DONE
+    coord.report_metrics("a", 0, {"dice": 0.5})
+    coord.report_metrics("b", 0, {"dice": 0.6})
+    assert not coord.finished.is_set()
+    coord = coordinator(tmp_path, rounds=1)  # restarted: still waiting for c only
+    assert not coord.finished.is_set()
+    coord.report_metrics("c", 0, {"dice": 0.7})
+    assert coord.finished.is_set()
+    assert coordinator(tmp_path, rounds=1).finished.is_set()  # and a restart after that need not wait at all
+    # a line cut short by a crash is skipped, the others still count
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"site": "a", "rou')
+    assert coordinator(tmp_path, rounds=1).finished.is_set()
