@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedfms_secure.privacy.budget import read_ledger
+from fedfms_secure.privacy.site import STATE_FILE as PRIVACY_STATE
 from fedfms_secure.server.store import StateStore
 
 
@@ -33,20 +34,22 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
                  wall_seconds: float, holdout: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Collects the report of one federation run (``holdout``: the held-out site's scores)."""
     store = StateStore(server_state)
-    metrics = store.read_records("metrics.jsonl")
-    durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl")}
+    metrics = store.read_records("metrics.jsonl", skip_bad=True)  # a line cut short by a crash is left out
+    durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl", skip_bad=True)}
     sites = list(site_states)
     initial = [_initial_dice(path) for path in site_states.values()]
     initial = [d for d in initial if _number(d) is not None]
     rounds = []
     ledgers = {site: {e["round"]: e["epsilon"] for e in read_ledger(path)} if Path(path).is_dir() else {}
                for site, path in site_states.items()}
+    private = {site: (Path(path) / PRIVACY_STATE).exists() for site, path in site_states.items()}
     for r in sorted({m["round"] for m in metrics}):
         rows = {m["site"]: m for m in metrics if m["round"] == r}
         # a site without validation slices reports NaN: it is left out of the means, not fatal
         dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _number(d) is not None]
         dice_local = [d for d in (rows[s].get("dice_local") for s in rows) if _number(d) is not None]
-        eps = {s: _spent(ledgers[s], r) for s in sites if s in rows}
+        # every site, also in a round it did not report (it may have waited it out, or retired)
+        eps = {s: _spent(ledgers[s], r) if private[s] else None for s in sites}
         finite_eps = [e for e in eps.values() if e is not None]
         rounds.append({
             "round": r + 1,
@@ -135,7 +138,7 @@ def _initial_dice(state: Path) -> float | None:
     return json.loads(path.read_text())["dice"] if path.exists() else None
 
 
-def _spent(ledger: dict[int, float], round_: int) -> float | None:
-    """Epsilon a site had spent after ``round_`` (None: it trained without DP)."""
+def _spent(ledger: dict[int, float], round_: int) -> float:
+    """Epsilon a site with DP had spent after ``round_`` (0 before the first round it trained)."""
     spent = [ledger[r] for r in sorted(ledger) if r <= round_]
-    return float(spent[-1]) if spent else None
+    return float(spent[-1]) if spent else 0.0

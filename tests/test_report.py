@@ -29,3 +29,28 @@ def test_report_leaves_out_a_site_without_scores(tmp_path):
     assert row["sites_reporting"] == 2
     assert report["final"]["sites"]["b"]["dice_mean"] is None
     assert report["final"]["mean"]["dice_mean"] == 0.6
+
+
+def test_report_gives_epsilon_for_every_site_and_round(tmp_path):
+    """b waited round 0 out (it reports round 1 only, and trained from round 1); c ran without DP."""
+    from fedfms_secure.privacy.budget import append_ledger
+    from fedfms_secure.privacy.site import STATE_FILE
+
+    store = StateStore(tmp_path / "server")
+    for r, site in ((0, "a"), (0, "c"), (1, "a"), (1, "b"), (1, "c")):
+        store.append_record("metrics.jsonl", {**_record(site, 0.5), "round": r})
+    for site in ("a", "b", "c"):
+        (tmp_path / site).mkdir()
+    for site in ("a", "b"):
+        (tmp_path / site / STATE_FILE).write_text("{}")
+    append_ledger(tmp_path / "a", {"round": 0, "epsilon": 1.5})
+    append_ledger(tmp_path / "a", {"round": 1, "epsilon": 2.5})
+    append_ledger(tmp_path / "b", {"round": 1, "epsilon": 1.25})
+    with open(tmp_path / "server" / "metrics.jsonl", "a") as fh:
+        fh.write('{"site": "a", "rou')  # cut short by a crash: left out
+
+    report = build_report(tmp_path / "server", {s: tmp_path / s for s in "abc"}, {}, 1.0)
+    assert [row["epsilon"] for row in report["rounds"]] == [
+        {"a": 1.5, "b": 0.0, "c": None}, {"a": 2.5, "b": 1.25, "c": None}]
+    assert [row["epsilon_max"] for row in report["rounds"]] == [1.5, 2.5]
+    assert [row["sites_reporting"] for row in report["rounds"]] == [2, 3]

@@ -360,7 +360,6 @@ def test_a_site_restarted_after_its_commit_deadline_waits_without_training(feder
     fed.wait_ok(punctual, late, "server")
     # no training, so no budget spent, for the round it could not join
     assert [e["round"] for e in read_ledger(state)] == spent_before
-    assert 1 not in spent_before
     assert (state / "final_model.pt").exists()
     assert fed.rounds()[1]["participants"] == [punctual]
     metrics = StateStore(fed.state).read_records("metrics.jsonl")
