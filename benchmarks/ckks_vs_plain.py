@@ -108,6 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _demo_setup(out: Path, options: DemoOptions) -> tuple[list[str], Any, list[str], np.ndarray, dict[str, Any]]:
+    """The demo run's sites, its model (theta_0 loaded) and trained names, theta_0, and each site's data."""
+    run = out / "run"
+    sites = sorted(p.name for p in (out / "data").iterdir() if p.is_dir())
+    model = build_model(options.preset, seed=options.seed, pretrained=None if options.pretrained else False)
+    names = apply_mode(model, options.mode)
+    theta_0 = flatten(model, names).astype(np.float64)
+    data = {s: load_site(out / "data" / s, image_size=model.preset.img_size, split_file=run / s / "split.json",
+                         seed=options.seed, cache_dir=run / s / "cache") for s in sites}
+    return sites, model, names, theta_0, data
+
+
 def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]:
     """Per round: the decrypted CKKS aggregate against the plaintext FedAvg of the same deltas.
 
@@ -115,12 +127,8 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
     validation Dice of the global model built from each) and their difference.
     """
     run = out / "run"
-    sites = sorted(p.name for p in (out / "data").iterdir() if p.is_dir())
-    model = build_model(options.preset, seed=options.seed, pretrained=None if options.pretrained else False)
-    names = apply_mode(model, options.mode)
-    theta = flatten(model, names).astype(np.float64)
-    val = {s: load_site(out / "data" / s, image_size=model.preset.img_size, split_file=run / s / "split.json",
-                        seed=options.seed, cache_dir=run / s / "cache").val for s in sites}
+    sites, model, names, theta, data = _demo_setup(out, options)
+    val = {s: data[s].val for s in sites}
     rows = []
     for round_ in range(options.rounds):
         saved = [np.load(run / s / "updates" / f"round_{round_}.npz") for s in sites]
@@ -155,13 +163,7 @@ def perturbed_rounds(out: Path, options: DemoOptions, sizes: list[float]) -> lis
     Returns one row per run: ``size`` (0 for the exact run), Dice per round (mean over sites of the
     global model's validation Dice), and the largest |theta - theta_exact| at the end.
     """
-    run = out / "run"
-    sites = sorted(p.name for p in (out / "data").iterdir() if p.is_dir())
-    model = build_model(options.preset, seed=options.seed, pretrained=None if options.pretrained else False)
-    names = apply_mode(model, options.mode)
-    theta_0 = flatten(model, names).astype(np.float64)
-    data = {s: load_site(out / "data" / s, image_size=model.preset.img_size, split_file=run / s / "split.json",
-                         seed=options.seed, cache_dir=run / s / "cache") for s in sites}
+    sites, model, names, theta_0, data = _demo_setup(out, options)
     plan = ServerConfig(keys=out, state=out)  # the plan's defaults: batch size and learning rate
     configs = {s: TrainConfig(epochs=options.local_epochs, batch_size=min(plan.batch_size, len(data[s].train)),
                               lr=options.learning_rate or plan.learning_rate, seed=options.seed)

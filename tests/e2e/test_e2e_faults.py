@@ -305,15 +305,22 @@ def test_a_site_that_never_answers_the_rounds_close_on_quorum(federation):
     assert not (fed.root / f"state_{silent}" / "updates").exists()
 
 
-@pytest.mark.parametrize("federation", [2], indirect=True)
-def test_a_late_site_misses_a_round_and_takes_part_again(federation):
-    fed = federation
+def _deadline_federation_joined(fed: Federation) -> tuple[str, str, str]:
+    """A server with a 4 s round deadline and a quorum of one, and both sites joined; returns the
+    address and the two sites' names (punctual, late)."""
     server = fed.start_server("127.0.0.1:0", "--round-deadline", "4", "--min-sites", "1", "--exit-when-done")
     address = _wait_for_address(fed.state, server, fed.root / "server.log")
     punctual, late = sorted(fed.sites)
     for name in fed.sites:
         fed.start_site(name, address)
     fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    return address, punctual, late
+
+
+@pytest.mark.parametrize("federation", [2], indirect=True)
+def test_a_late_site_misses_a_round_and_takes_part_again(federation):
+    fed = federation
+    address, punctual, late = _deadline_federation_joined(fed)
     fed.signal(late, signal.SIGSTOP)  # it sleeps through round 0 ...
     fed.wait_for("round 0 to close", lambda: fed.rounds())
     fed.signal(late, signal.SIGCONT)  # ... and wakes up with a round-0 update nobody wants any more
@@ -335,12 +342,7 @@ def test_a_late_site_misses_a_round_and_takes_part_again(federation):
 @pytest.mark.parametrize("federation", [2], indirect=True)
 def test_a_site_restarted_after_its_commit_deadline_waits_without_training(federation):
     fed = federation
-    server = fed.start_server("127.0.0.1:0", "--round-deadline", "4", "--min-sites", "1", "--exit-when-done")
-    address = _wait_for_address(fed.state, server, fed.root / "server.log")
-    punctual, late = sorted(fed.sites)
-    for name in fed.sites:
-        fed.start_site(name, address)
-    fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    address, punctual, late = _deadline_federation_joined(fed)
     fed.procs[late].kill()  # joined, so the commit phases wait for it until their deadline
     assert fed.procs[late].wait(timeout=30) == -signal.SIGKILL
     fed.expected_dead.add(late)

@@ -19,9 +19,9 @@ def codec():
     return make_site_codec("plain", None, "plain")
 
 
-def coordinator(tmp_path, rounds=2):
+def coordinator(tmp_path, rounds=2, **kwargs):
     plan = Plan("t", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
-    return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path))
+    return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path), **kwargs)
 
 
 def upload(coord, codec, site, round_, vec):
@@ -75,9 +75,7 @@ def test_a_round_whose_committed_sites_all_retire_carries_the_state_over(tmp_pat
     now = [0.0]
 
     def make():
-        plan = Plan("t", 4, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
-        return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path),
-                           clock=lambda: now[0], round_deadline=10, min_sites=2)
+        return coordinator(tmp_path, rounds=4, clock=lambda: now[0], round_deadline=10, min_sites=2)
 
     coord = make()
     for site in SITES:
@@ -110,9 +108,7 @@ def test_a_first_round_without_uploads_leaves_theta_0(tmp_path, codec):
     now = [0.0]
 
     def make():
-        plan = Plan("t", 3, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
-        return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path),
-                           clock=lambda: now[0], round_deadline=10, min_sites=2)
+        return coordinator(tmp_path, rounds=3, clock=lambda: now[0], round_deadline=10, min_sites=2)
 
     coord = make()
     coord.commit_weight("a", 0, "plain", codec.encrypt_scalar(1))
