@@ -61,6 +61,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
             "learning_rate": args.lr,
             "he": False if args.no_he else None,
             "pretrained": False if args.no_pretrained else None,
+            "num_classes": args.num_classes,
             "exit_when_done": True if args.exit_when_done else None,
             "round_deadline": args.round_deadline,
             "min_sites": args.min_sites,
@@ -155,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-he", action="store_true", help="sum plaintext updates (a baseline, not private)")
     s.add_argument("--no-pretrained", action="store_true",
                    help="start from the seeded initialisation instead of the preset's pretrained weights")
+    s.add_argument("--num-classes", type=int,
+                   help="foreground classes of the model (default 1): every site's --labels must map to this many")
     s.add_argument("--insecure", action="store_true", help="serve without TLS (local experiments only)")
     s.add_argument("--exit-when-done", action="store_true", help="exit once every round is done")
     s.add_argument("--round-deadline", type=float,

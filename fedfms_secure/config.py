@@ -45,6 +45,8 @@ class ServerConfig:
     he: bool = True
     # start from the preset's shipped pretrained weights (tiny); False: the seeded initialisation
     pretrained: bool = True
+    # foreground classes of the federation's model: every site's --labels must map to this many
+    num_classes: int = 1
     exit_when_done: bool = False
     # seconds a phase (commit, then upload) waits before going on with min_sites sites; None: wait for all
     round_deadline: float | None = None
@@ -61,6 +63,11 @@ class ServerConfig:
         _require(self.local_epochs >= 1, "local_epochs must be at least 1")
         _require(self.batch_size >= 1, "batch_size must be at least 1")
         _require(self.learning_rate > 0, "learning_rate must be positive")
+        from fedfms_secure.data.labels import MAX_CLASSES
+
+        _require(isinstance(self.num_classes, int) and 1 <= self.num_classes <= MAX_CLASSES,
+                 f"num_classes must be 1..{MAX_CLASSES} (SAM's mask decoder has one mask token per class), "
+                 f"not {self.num_classes!r}")
         _require(":" in self.address, f"address must be HOST:PORT, not {self.address!r}")
         _require(self.round_deadline is None or self.round_deadline > 0, "round_deadline must be positive")
         _require(self.min_sites is None or self.min_sites >= 1, "min_sites must be at least 1")

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.report import build_report, plot_report
 
@@ -131,8 +132,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     cmd = [sys.executable, "-m", "fedfms_secure", "server", "--keys", str(bundles / "server"),
            "--address", "127.0.0.1:0", "--state", str(server_state), "--rounds", str(options.rounds),
            "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
-           "--local-epochs", str(options.local_epochs), "--exit-when-done",
-           *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
+           "--local-epochs", str(options.local_epochs), "--num-classes", str(num_classes_of(options.labels)),
+           "--exit-when-done", *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
     if not options.he:
         cmd.append("--no-he")
     if not options.pretrained:

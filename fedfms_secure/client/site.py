@@ -138,10 +138,17 @@ class _Site:
         self.keys = keys
         self.joined = joined
         self.plan: Plan = joined.plan
+        classes = num_classes_of(config.labels)
+        if classes != self.plan.num_classes:  # before any training: the vectors would not add up
+            raise ConfigError(
+                f"this site's label map ({config.labels or 'default: every label > 0 is the foreground'}) gives "
+                f"{classes} foreground class(es), but the federation's plan has {self.plan.num_classes}: give "
+                f"--labels with a map to {self.plan.num_classes} class(es), as the other sites do"
+            )
         config.state.mkdir(parents=True, exist_ok=True)
         # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
         self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False,
-                                 num_classes=num_classes_of(config.labels))
+                                 num_classes=classes)
         self.data = load_site(
             site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed,
             axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,

@@ -64,6 +64,7 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         learning_rate=config.learning_rate,
         scheme=config.scheme,
         pretrained=config.pretrained,
+        num_classes=config.num_classes,
     )
     store = StateStore(config.state)
     coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, store,

@@ -31,6 +31,7 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
         learning_rate=plan.learning_rate,
         scheme=plan.scheme,
         random_init=not plan.pretrained,
+        num_classes=plan.num_classes,
     )
 
 
@@ -46,6 +47,7 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         learning_rate=msg.learning_rate,
         scheme=msg.scheme,
         pretrained=not msg.random_init,
+        num_classes=msg.num_classes or 1,
     )
 
 

@@ -15,7 +15,7 @@ class JoinRequest(_message.Message):
     def __init__(self, context_fingerprint: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("federation", "rounds", "mode", "preset", "seed", "local_epochs", "batch_size", "learning_rate", "scheme", "random_init")
+    __slots__ = ("federation", "rounds", "mode", "preset", "seed", "local_epochs", "batch_size", "learning_rate", "scheme", "random_init", "num_classes")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Plan(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     federation: str
     rounds: int
     mode: str
@@ -36,7 +37,8 @@ class Plan(_message.Message):
     learning_rate: float
     scheme: str
     random_init: bool
-    def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ...) -> None: ...
+    num_classes: int
+    def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("site", "plan", "round", "key")

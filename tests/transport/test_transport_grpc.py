@@ -126,6 +126,10 @@ def test_the_plan_survives_the_wire():
     from fedfms_secure.protocol import Plan
     from fedfms_secure.transport import serde
 
-    for pretrained in (True, False):
-        plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained)
+    for pretrained, classes in ((True, 1), (False, 3)):
+        plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained, num_classes=classes)
         assert serde.plan_from_proto(serde.plan_to_proto(plan)) == plan
+    # a plan from a server without the field (0 on the wire) means one class
+    legacy = serde.plan_to_proto(plan)
+    legacy.ClearField("num_classes")
+    assert serde.plan_from_proto(legacy).num_classes == 1
