@@ -1,7 +1,8 @@
 """``fedfms-secure keys``: provision the federation, change its keys, and check them.
 
 ``init`` makes a provisioning folder (the CA and every certificate; no CKKS secret key: one site
-makes it with ``keys he-init``), ``export`` writes the bundle one party needs, ``add-client``,
+makes it with ``keys he-init``), ``envelope-key`` makes a site's envelope key at the site (only its
+public key goes to ``init`` / ``add-client``), ``export`` writes the bundle one party needs, ``add-client``,
 ``revoke`` and ``rotate-tls`` change the federation afterwards, ``show`` lists who holds which
 key, ``verify`` checks a bundle. ``he-init`` and ``rotate-he`` (the CKKS key, at a site) come
 from ``commands/keys_he.py``. The library behind them: ``crypto/keystore.py`` and
@@ -49,8 +50,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "that fits 8 B per parameter)")
     ki.add_argument("--legacy-ckks", action="store_true",
                     help="one value per CKKS slot (57 B per parameter) instead of packed integers")
+    ki.add_argument("--envelope-public", action="append", default=[], metavar="NAME=FILE",
+                    help="a site's envelope public key (the .pub of `keys envelope-key` run at that site): its "
+                         "private key never comes here (repeat per site)")
     ki.add_argument("--json", action="store_true", help="print what was made as JSON")
     ki.set_defaults(handler=_init)
+
+    kn = ksub.add_parser("envelope-key", help="at a site: make its X25519 envelope key; only the .pub goes to "
+                                              "the provisioning host",
+                         description="Run at the site before provisioning. Give OUT.pub to the provisioning host "
+                                     "(`keys init --envelope-public NAME=OUT.pub` or `keys add-client NAME "
+                                     "--envelope-public OUT.pub`), then copy OUT into the site's bundle as "
+                                     "envelope.key. The provisioning host then cannot open the CKKS key sealed "
+                                     "to this site.")
+    kn.add_argument("--out", type=Path, required=True, help="the private key file to write (0600); OUT.pub too")
+    _passphrase_arg(kn, "encrypt the key with the passphrase in this file")
+    kn.add_argument("--json", action="store_true")
+    kn.set_defaults(handler=_envelope_key)
 
     ke = ksub.add_parser("export", help="write the bundle one party needs, and nothing more")
     ke.add_argument("role", choices=["server", "client"])
@@ -70,6 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ka.add_argument("--days", type=int, help="certificate lifetime (default: the federation's)")
     _passphrase_arg(ka, "opens the CA key and encrypts the new keys")
     ka.add_argument("--out-bundle", type=Path, help="also export the new site's bundle here")
+    ka.add_argument("--envelope-public", type=Path, metavar="FILE",
+                    help="the site's envelope public key (the .pub of `keys envelope-key` run there)")
     ka.add_argument("--json", action="store_true")
     ka.set_defaults(handler=_add_client)
 
@@ -159,7 +177,7 @@ def _init(args: argparse.Namespace) -> int:
     out = init_federation(
         args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days,
         ca_days=args.ca_days, params=params, algorithm=args.algorithm, ca_algorithm=args.ca_algorithm,
-        passphrase=passphrase, he_dealer=False,
+        passphrase=passphrase, he_dealer=False, envelope_publics=_envelope_publics(args.envelope_public),
     )
     lines = [f"provisioned federation {args.federation!r} with {len(clients)} site(s) in {out}"
              + (" (private keys encrypted with the passphrase)" if passphrase else "")]
@@ -181,6 +199,53 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _envelope_key(args: argparse.Namespace) -> int:
+    from fedfms_secure.crypto import pki
+
+    out: Path = args.out
+    pub = out.with_name(out.name + ".pub")
+    for path in (out, pub):
+        if path.exists():
+            raise ConfigError(f"{path} exists: an envelope key is never overwritten here (a bundle may rely on "
+                              "it); give another --out")
+    if not out.parent.is_dir():
+        raise ConfigError(f"folder {out.parent} does not exist; create it first")
+    key = pki.new_envelope_key()
+    public = pki.raw_public(key).hex()
+    pki.write_private(out, pki.pem_private_key(key, _passphrase(args)))
+    pub.write_text(public + "\n")
+    _emit(args, {"key": str(out), "public": str(pub), "public_key": public}, [
+        f"wrote the envelope key {out} (0600) and its public key {pub}: {public}",
+        f"next: give {pub.name} to the provisioning host (keys init --envelope-public NAME={pub.name}), keep {out.name} "
+        f"here and copy it into this site's bundle as envelope.key once the bundle arrives",
+    ])
+    return 0
+
+
+def _read_public(path: Path) -> bytes:
+    """The raw X25519 public key in a .pub file of `keys envelope-key`."""
+    from fedfms_secure.crypto.keystore import check_envelope_public
+
+    try:
+        text = Path(path).read_text().strip()
+        return check_envelope_public(bytes.fromhex(text), what=str(path))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: make it at the site with `fedfms-secure keys envelope-key`") from None
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ConfigError(f"{path} is not a .pub file of `fedfms-secure keys envelope-key` (64 hex digits): make it "
+                          "again at the site") from None
+
+
+def _envelope_publics(items: list[str]) -> dict[str, bytes]:
+    publics: dict[str, bytes] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name.strip() or not file.strip():
+            raise ConfigError(f"--envelope-public {item!r}: write NAME=FILE, e.g. --envelope-public site-a=site-a.pub")
+        publics[name.strip()] = _read_public(Path(file.strip()))
+    return publics
+
+
 def _export(args: argparse.Namespace) -> int:
     from fedfms_secure.crypto.keystore import export_bundle
 
@@ -199,7 +264,8 @@ def _export(args: argparse.Namespace) -> int:
 def _add_client(args: argparse.Namespace) -> int:
     from fedfms_secure.crypto.keystore import add_client, export_bundle
 
-    folder = add_client(args.source, args.name, passphrase=_passphrase(args), days=args.days)
+    public = _read_public(args.envelope_public) if args.envelope_public else None
+    folder = add_client(args.source, args.name, passphrase=_passphrase(args), days=args.days, envelope_public=public)
     bundle = export_bundle("client", args.name, args.source, args.out_bundle) if args.out_bundle else None
     lines = [f"added site {args.name!r}: {folder}"]
     if bundle:

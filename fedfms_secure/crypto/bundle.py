@@ -148,7 +148,11 @@ def load_bundle(path: Path, *, role: str, passphrase: bytes | None = None) -> Bu
             f"{path / MANIFEST} lists {', '.join(unexpected)}, which a {role} bundle whose CKKS key comes from the "
             f"{source} must not hold; export the bundle again with {hint}"
         )
-    data = {name: _read_checked(path, name, manifest["files"], hint) for name in names}
+    site_made = role == "client" and site_made_envelope_key(manifest)
+    data = {name: _read_checked(path, name, manifest["files"], hint) for name in names
+            if not (site_made and name == ENVELOPE_KEY)}
+    if site_made:  # never on the provisioning host, so not in the manifest's checksums: checked against its public key
+        data[ENVELOPE_KEY] = read_site_made_envelope_key(path)
     for name in private_files(role, source):
         mode = stat.S_IMODE((path / name).stat().st_mode)
         if mode & 0o077:
@@ -196,7 +200,8 @@ def load_envelope_key(bundle_dir: Path, passphrase: bytes | None = None) -> x255
     manifest, _ = read_manifest(path, hint)
     if manifest["role"] != "client":
         raise KeyMaterialError(f"{path} is a {manifest['role']} bundle: only a site's bundle holds an envelope key")
-    raw = _read_checked(path, ENVELOPE_KEY, manifest["files"], hint)
+    raw = (read_site_made_envelope_key(path) if site_made_envelope_key(manifest)
+           else _read_checked(path, ENVELOPE_KEY, manifest["files"], hint))
     mode = stat.S_IMODE((path / ENVELOPE_KEY).stat().st_mode)
     if mode & 0o077:
         raise KeyMaterialError(
@@ -280,6 +285,22 @@ def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[
 
 def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and all(c in "0123456789abcdef" for c in text)
+
+
+def site_made_envelope_key(manifest: dict[str, Any]) -> bool:
+    """Whether the site of this client manifest made its envelope key itself (``keys envelope-key``)."""
+    return manifest.get("envelope_key_source") == "site"
+
+
+def read_site_made_envelope_key(path: Path) -> bytes:
+    """``envelope.key`` of a bundle whose site made it: the provisioning host never had the file."""
+    file = path / ENVELOPE_KEY
+    if not file.is_file():
+        raise KeyMaterialError(
+            f"{file} is missing: this site made its envelope key itself (`fedfms-secure keys envelope-key`), so "
+            f"its bundle comes without it; copy that key file here as {ENVELOPE_KEY} (mode 0600)"
+        )
+    return file.read_bytes()
 
 
 def _read_checked(path: Path, name: str, digests: dict[str, str], hint: str) -> bytes:

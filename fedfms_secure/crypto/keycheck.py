@@ -25,7 +25,15 @@ from typing import Any
 from cryptography import x509
 
 from fedfms_secure.crypto import pki
-from fedfms_secure.crypto.bundle import CRL, ENVELOPE_KEY, MANIFEST, bundle_files, private_files, read_manifest
+from fedfms_secure.crypto.bundle import (
+    CRL,
+    ENVELOPE_KEY,
+    MANIFEST,
+    bundle_files,
+    private_files,
+    read_manifest,
+    site_made_envelope_key,
+)
 from fedfms_secure.crypto.ckks import context_fingerprint, load_context, params_of
 from fedfms_secure.crypto.hestore import HE_DIR, LOCK_FILE, HePassphraseError, HeStore
 from fedfms_secure.crypto.keystore import read_federation
@@ -92,7 +100,10 @@ def show_federation(src: Path) -> dict[str, Any]:
         folder = src / "clients" / name
         he_key = ("CKKS secret key: generated at a site via `keys he-init`, sealed to this site's envelope key"
                   if source == "site" else "CKKS secret key: dealt by this provisioning host (he/site.ctx)")
-        keys = [f"TLS key (clients/{name}/tls.key)", f"envelope key, X25519 (clients/{name}/{ENVELOPE_KEY})", he_key]
+        envelope = ("envelope key, X25519: made at the site (`keys envelope-key`); this host holds only its public key"
+                    if name in meta.get("site_envelope_keys", []) else
+                    f"envelope key, X25519 (clients/{name}/{ENVELOPE_KEY})")
+        keys = [f"TLS key (clients/{name}/tls.key)", envelope, he_key]
         parties.append(party(name, "site", folder / "tls.crt", keys, folder / "tls.key"))
     if source == "dealer" and (src / "he" / "site.ctx").exists():
         warnings.append(f"{src / 'he' / 'site.ctx'}: this provisioning host holds the CKKS secret key (dealer mode); "
@@ -157,9 +168,15 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
     for fname in expected:
         file = path / fname
         if not file.is_file():
-            rep.problem(file, "missing", export)
+            if fname == ENVELOPE_KEY and role == "client" and site_made_envelope_key(manifest):
+                rep.problem(file, "missing", f"this site made its envelope key itself (`keys envelope-key`): copy "
+                            f"that key file here as {ENVELOPE_KEY} (mode 0600)")
+            else:
+                rep.problem(file, "missing", export)
             continue
         data[fname] = file.read_bytes()
+        if fname == ENVELOPE_KEY and role == "client" and site_made_envelope_key(manifest):
+            continue  # made at the site, never exported: checked against the public key the manifest lists
         digest = manifest["files"].get(fname)
         if digest is None:
             rep.problem(path / MANIFEST, f"lists no checksum for {fname}", export)

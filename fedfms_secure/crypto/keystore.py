@@ -16,7 +16,10 @@
                                  one per site: CN = SAN = site name, EKU clientAuth, and the
                                  site's envelope public key in a private extension; key 0600
     out/clients/<name>/envelope.key
-                          0600   the site's X25519 key for sealed envelopes (PKCS#8 PEM)
+                          0600   the site's X25519 key for sealed envelopes (PKCS#8 PEM); absent for a
+                                 site that made its own (``keys envelope-key`` there, its public key
+                                 passed as ``envelope_publics``; listed in ``site_envelope_keys``):
+                                 its bundle is exported without it and the site adds the file
     out/he/server.ctx            CKKS parameters only, no key of any kind (the server's)
     out/he/site.ctx       0600   only with ``he_dealer=True``: CKKS context with the SECRET key
 
@@ -64,7 +67,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from cryptography import x509
 
@@ -176,8 +179,12 @@ def init_federation(
     ca_days: int = DEFAULT_CA_DAYS,
     passphrase: bytes | None = None,
     he_dealer: bool = False,
+    envelope_publics: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Create CA, server and site certificates, envelope keys and the CKKS context(s) under ``out``.
+
+    ``envelope_publics``: ``{site: raw X25519 public key}`` of sites that made their envelope key
+    themselves (``keys envelope-key``); this host certifies those and never holds their private key.
 
     ``days``: lifetime of the server and site certificates; ``ca_days``: the CA's (at least one
     day longer than ``days``). ``ca_algorithm`` defaults to ``algorithm``. ``he_dealer=False``
@@ -198,11 +205,17 @@ def init_federation(
     check_algorithms(algorithm, ca_algorithm)
     if days < 1 or ca_days < 1:
         raise ConfigError(f"certificate lifetimes must be at least 1 day (days={days}, ca_days={ca_days})")
+    envelope_publics = dict(envelope_publics or {})
+    strangers = sorted(set(envelope_publics) - set(clients))
+    if strangers:
+        raise ConfigError(f"envelope keys given for {', '.join(strangers)}, which are not in the client list")
+    for site, public in envelope_publics.items():
+        check_envelope_public(public, what=f"the envelope key of {site!r}")
 
     existed = out.exists()
     try:
         _provision(out, federation, server_host, clients, params, algorithm, ca_algorithm, days,
-                   max(ca_days, days + 1), passphrase, he_dealer)
+                   max(ca_days, days + 1), passphrase, he_dealer, envelope_publics)
     except BaseException:
         # leave no half-written key store behind
         if existed:
@@ -220,6 +233,7 @@ def init_federation(
 def _provision(
     out: Path, federation: str, server_host: str, clients: list[str], params: CkksParams, algorithm: str,
     ca_algorithm: str, days: int, ca_days: int, passphrase: bytes | None, he_dealer: bool,
+    envelope_publics: dict[str, bytes],
 ) -> None:
     ctx = new_secret_context(params)
     for sub in ("ca", "server", "clients", "he"):
@@ -235,7 +249,8 @@ def _provision(
     _write_pair(out / "server", server, server_key, passphrase)
     envelope_keys = {}
     for name in clients:
-        envelope_keys[name] = _new_site(out, ca, ca_key, name, algorithm, days, passphrase)
+        envelope_keys[name] = _new_site(out, ca, ca_key, name, algorithm, days, passphrase,
+                                        envelope_publics.get(name))
 
     ckks: dict[str, Any] = {"params": params.to_dict(), "params_fingerprint": params_fingerprint(params)}
     if he_dealer:
@@ -256,6 +271,7 @@ def _provision(
         "encrypted": bool(passphrase),
         "ckks": ckks,
         "envelope_keys": envelope_keys,
+        "site_envelope_keys": sorted(envelope_publics),
         "revocations": [],
         "crl_number": 0,
     }
@@ -264,23 +280,40 @@ def _provision(
 
 def _new_site(
     out: Path, ca: x509.Certificate, ca_key: pki.PrivateKey, name: str, algorithm: str, days: int,
-    passphrase: bytes | None,
+    passphrase: bytes | None, envelope_public: bytes | None = None,
 ) -> str:
-    """Writes ``clients/<name>/`` (TLS pair and envelope key); returns the envelope public key (hex)."""
+    """Writes ``clients/<name>/`` (TLS pair and envelope key); returns the envelope public key (hex).
+
+    ``envelope_public``: the public key of an envelope key the site made itself; it is certified
+    and no ``envelope.key`` is written here.
+    """
     folder = out / "clients" / name
     folder.mkdir(mode=0o700)
-    envelope = pki.new_envelope_key()
-    public = pki.raw_public(envelope)
+    envelope = pki.new_envelope_key() if envelope_public is None else None
+    public = pki.raw_public(envelope) if envelope is not None else envelope_public
     key = pki.new_private_key(algorithm)
     cert = pki.issue_certificate(ca, ca_key, name, key, role="client", days=days, envelope_key=public)
     _write_pair(folder, cert, key, passphrase)
-    pki.write_private(folder / ENVELOPE_KEY, pki.pem_private_key(envelope, passphrase))
+    if envelope is not None:
+        pki.write_private(folder / ENVELOPE_KEY, pki.pem_private_key(envelope, passphrase))
     return public.hex()
 
 
+def check_envelope_public(public: bytes, *, what: str) -> bytes:
+    """A raw X25519 public key (32 bytes), else ConfigError saying how to make one."""
+    if not isinstance(public, bytes) or len(public) != 32:
+        raise ConfigError(f"{what} is not a raw X25519 public key (32 bytes, 64 hex digits): make one at the site "
+                          "with `fedfms-secure keys envelope-key --out envelope.key` and pass its .pub file")
+    return public
+
+
 # --- changes after init --------------------------------------------------------------------------
-def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: int | None = None) -> Path:
+def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: int | None = None,
+               envelope_public: bytes | None = None) -> Path:
     """Issue a certificate and an envelope key for a new site ``name``; returns its folder.
+
+    ``envelope_public``: the public key of an envelope key the site made itself (then certified,
+    and no private envelope key exists here).
 
     Refuses a name already provisioned (revoked ones included: a revoked name stays out) and a
     site the CKKS packing plan cannot hold. Afterwards re-export the server bundle and restart
@@ -295,6 +328,8 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
         state = f"was revoked ({revoked[name]['reason']}) and a revoked name stays out" if name in revoked else (
             "is already a site of this federation")
         raise ConfigError(f"site {name!r} {state} ({src / FEDERATION_JSON}): choose another name")
+    if envelope_public is not None:
+        check_envelope_public(envelope_public, what=f"the envelope key of {name!r}")
     params = CkksParams.from_dict(meta["ckks"]["params"])
     active = _active(meta)
     if params.packing is not None and len(active) + 1 > params.packing.sites:
@@ -307,9 +342,12 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
         )
     ca, ca_key = _load_ca(src, passphrase)
     _need_passphrase(src, meta, passphrase)
-    public = _new_site(src, ca, ca_key, name, meta["algorithm"], days or int(meta.get("days", DEFAULT_DAYS)), passphrase)
+    public = _new_site(src, ca, ca_key, name, meta["algorithm"], days or int(meta.get("days", DEFAULT_DAYS)), passphrase,
+                       envelope_public)
     meta["clients"] = [*meta["clients"], name]
     meta["envelope_keys"] = {**meta["envelope_keys"], name: public}
+    if envelope_public is not None:
+        meta["site_envelope_keys"] = sorted({*meta.get("site_envelope_keys", []), name})
     meta["encrypted"] = bool(meta.get("encrypted") or passphrase)
     _write_federation(src, meta)
     return src / "clients" / name
@@ -491,7 +529,8 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
     else:
         raise ConfigError(f"unknown bundle role {role!r}: use 'server' or 'client'")
     sources = {"ca.crt": src / "ca" / "ca.crt", "tls.crt": tls_dir / "tls.crt", "tls.key": tls_dir / "tls.key"}
-    if role == "client":
+    site_made = role == "client" and party in meta.get("site_envelope_keys", [])
+    if role == "client" and not site_made:
         sources[ENVELOPE_KEY] = tls_dir / ENVELOPE_KEY
     if ctx_file is not None:
         sources["ckks.ctx"] = ctx_file
@@ -544,6 +583,8 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
         "envelope_keys": {site: meta["envelope_keys"][site] for site in active if site in meta["envelope_keys"]},
         "files": digests,
     }
+    if site_made:  # the site adds its own envelope.key to the bundle; this host never had it
+        manifest["envelope_key_source"] = "site"
     _write_public(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return out
 
@@ -569,8 +610,8 @@ def _check_sources(src: Path, role: str, party: str, sources: dict[str, Path], m
         if pki.envelope_key_of(cert) not in (None, listed):
             raise KeyMaterialError(f"{sources['tls.crt']} certifies another envelope key than {src / FEDERATION_JSON} "
                                    f"lists for {party!r}; {_RESTORE}")
-        raw = sources[ENVELOPE_KEY].read_bytes()
-        if not pki.is_encrypted_pem(raw):
+        raw = sources[ENVELOPE_KEY].read_bytes() if ENVELOPE_KEY in sources else None
+        if raw is not None and not pki.is_encrypted_pem(raw):
             envelope = pki.envelope_key_from_pem(raw, source=str(sources[ENVELOPE_KEY]), remedy=_RESTORE)
             if pki.raw_public(envelope) != listed:
                 raise KeyMaterialError(f"{sources[ENVELOPE_KEY]} is not the envelope key {src / FEDERATION_JSON} lists "
