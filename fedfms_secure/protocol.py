@@ -27,7 +27,7 @@ class Plan:
     learning_rate: float
     scheme: str
     pretrained: bool = True  # the preset's shipped weights (tiny), else the seeded initialisation
-    num_classes: int = 1  # foreground classes: every site's label map must give this many
+    num_classes: int = 1  # foreground classes: every site's label map must give this many (0: not fixed)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
                 if bundle is not None else None)
         joined = client.join(keys.fingerprint if keys is not None else "plain", __version__)
         plan = joined.plan
+        _check_classes(config, plan)  # before waiting for any key, and before any training
         if plan.scheme == "plain":
             codec, keys = make_site_codec("plain", None, "plain"), None
         elif keys is None:
@@ -138,13 +139,7 @@ class _Site:
         self.keys = keys
         self.joined = joined
         self.plan: Plan = joined.plan
-        classes = num_classes_of(config.labels)
-        if classes != self.plan.num_classes:  # before any training: the vectors would not add up
-            raise ConfigError(
-                f"this site's label map ({config.labels or 'default: every label > 0 is the foreground'}) gives "
-                f"{classes} foreground class(es), but the federation's plan has {self.plan.num_classes}: give "
-                f"--labels with a map to {self.plan.num_classes} class(es), as the other sites do"
-            )
+        classes = _check_classes(config, self.plan)
         config.state.mkdir(parents=True, exist_ok=True)
         # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
         self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False,
@@ -443,6 +438,18 @@ class _Site:
 
     def _write_json(self, name: str, data: dict) -> None:
         write_atomic(self.config.state / name, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _check_classes(config: ClientConfig, plan: Plan) -> int:
+    """The number of classes of this site's label map; ConfigError if the plan fixes another."""
+    classes = num_classes_of(config.labels)
+    if plan.num_classes and classes != plan.num_classes:  # the updates' lengths would not match
+        raise ConfigError(
+            f"this site's label map ({config.labels or 'default: every label > 0 is the foreground'}) gives "
+            f"{classes} foreground class(es), but the federation's plan has {plan.num_classes}: give "
+            f"--labels with a map to {plan.num_classes} class(es), as the other sites do"
+        )
+    return classes
 
 
 def missed_round(status: Status, site: str, round_: int) -> int | None:

@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "envelope.key. The provisioning host then cannot open the CKKS key sealed "
                                      "to this site.")
     kn.add_argument("--out", type=Path, required=True, help="the private key file to write (0600); OUT.pub too")
-    _passphrase_arg(kn, "encrypt the key with the passphrase in this file")
+    _passphrase_arg(kn, "encrypt the key with the passphrase in this file; it must be the one the site's "
+                        "bundle and daemons use (one passphrase opens every key of a bundle)")
     kn.add_argument("--json", action="store_true")
     kn.set_defaults(handler=_envelope_key)
 
@@ -242,6 +243,8 @@ def _envelope_publics(items: list[str]) -> dict[str, bytes]:
         name, sep, file = item.partition("=")
         if not sep or not name.strip() or not file.strip():
             raise ConfigError(f"--envelope-public {item!r}: write NAME=FILE, e.g. --envelope-public site-a=site-a.pub")
+        if name.strip() in publics:
+            raise ConfigError(f"--envelope-public gives {name.strip()!r} twice: give each site's key once")
         publics[name.strip()] = _read_public(Path(file.strip()))
     return publics
 

@@ -280,6 +280,8 @@ def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[
         raise bad("envelope_keys is not a mapping of site names to 64 hex digits (raw X25519 public keys)")
     if manifest["role"] == "client" and manifest["name"] not in keys:
         raise bad(f"envelope_keys lacks this site's own key ({manifest['name']!r})")
+    if "envelope_key_source" in manifest and (manifest["role"] != "client" or manifest["envelope_key_source"] != "site"):
+        raise bad(f"envelope_key_source {manifest['envelope_key_source']!r} is not 'site' in a client bundle")
     return manifest, params
 
 

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import x25519
 
 from fedfms_secure.atomic import write_atomic
 from fedfms_secure.crypto import pki
@@ -211,6 +212,10 @@ def init_federation(
         raise ConfigError(f"envelope keys given for {', '.join(strangers)}, which are not in the client list")
     for site, public in envelope_publics.items():
         check_envelope_public(public, what=f"the envelope key of {site!r}")
+    shared = sorted(s for s, p in envelope_publics.items() if list(envelope_publics.values()).count(p) > 1)
+    if shared:
+        raise ConfigError(f"sites {', '.join(shared)} were given the same envelope public key: each site makes its own "
+                          "with `fedfms-secure keys envelope-key`")
 
     existed = out.exists()
     try:
@@ -301,9 +306,13 @@ def _new_site(
 
 def check_envelope_public(public: bytes, *, what: str) -> bytes:
     """A raw X25519 public key (32 bytes), else ConfigError saying how to make one."""
+    remedy = "make one at the site with `fedfms-secure keys envelope-key --out envelope.key` and pass its .pub file"
     if not isinstance(public, bytes) or len(public) != 32:
-        raise ConfigError(f"{what} is not a raw X25519 public key (32 bytes, 64 hex digits): make one at the site "
-                          "with `fedfms-secure keys envelope-key --out envelope.key` and pass its .pub file")
+        raise ConfigError(f"{what} is not a raw X25519 public key (32 bytes, 64 hex digits): {remedy}")
+    try:  # a low-order point gives no shared secret: sealing to it would fail at he-init for everyone
+        x25519.X25519PrivateKey.generate().exchange(x25519.X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise ConfigError(f"{what} is not a usable X25519 public key (a low-order point): {remedy}") from None
     return public
 
 
@@ -330,6 +339,9 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
         raise ConfigError(f"site {name!r} {state} ({src / FEDERATION_JSON}): choose another name")
     if envelope_public is not None:
         check_envelope_public(envelope_public, what=f"the envelope key of {name!r}")
+        if envelope_public.hex() in meta["envelope_keys"].values():
+            raise ConfigError(f"the envelope public key given for {name!r} is already another site's: each site "
+                              "makes its own with `fedfms-secure keys envelope-key`")
     params = CkksParams.from_dict(meta["ckks"]["params"])
     active = _active(meta)
     if params.packing is not None and len(active) + 1 > params.packing.sites:

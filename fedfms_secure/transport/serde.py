@@ -47,7 +47,7 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         learning_rate=msg.learning_rate,
         scheme=msg.scheme,
         pretrained=not msg.random_init,
-        num_classes=msg.num_classes or 1,
+        num_classes=msg.num_classes,  # 0: a server older than the field, which fixes no class count
     )
 
 

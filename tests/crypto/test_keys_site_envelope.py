@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from federation_kit import running_server, site_client
+from cryptography.hazmat.primitives import serialization
+
 from fedfms_secure.cli import main
 from fedfms_secure.client.hekeys import Keyring, init_key
 from fedfms_secure.crypto import pki
@@ -27,18 +29,17 @@ def _envelope_key(folder: Path, capsys: pytest.CaptureFixture[str]) -> tuple[Pat
     return folder / "envelope.key", bytes.fromhex(made["public_key"])
 
 
-def _holds_private_key_of(folder: Path, public: bytes) -> list[Path]:
-    """Every file under ``folder`` that is the X25519 private key of ``public``."""
-    found = []
-    for file in folder.rglob("*"):
-        if file.is_file():
-            try:
-                key = pki.envelope_key_from_pem(file.read_bytes(), source=str(file))
-            except Exception:  # not an (unencrypted) X25519 key
-                continue
-            if pki.raw_public(key) == public:
-                found.append(file)
-    return found
+def _files_holding(folder: Path, key_file: Path) -> list[Path]:
+    """Every file under ``folder`` whose bytes contain the X25519 private key of ``key_file``: its
+    raw 32 bytes, its PKCS#8 DER or its PEM (so also inside a database or another file)."""
+    key = pki.envelope_key_from_pem(key_file.read_bytes(), source=str(key_file))
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                            serialization.NoEncryption())
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    pem_body = b"".join(key_file.read_bytes().splitlines()[1:-1])
+    return sorted(f for f in folder.rglob("*") if f.is_file()
+                  and any(needle in f.read_bytes() for needle in (raw, der, pem_body)))
 
 
 def test_a_site_made_envelope_key_never_reaches_the_provisioning_host(tmp_path: Path, capsys) -> None:
@@ -76,6 +77,10 @@ def test_a_site_made_envelope_key_never_reaches_the_provisioning_host(tmp_path: 
     shutil.copy2(other / "envelope.key", wrong / "envelope.key")
     with pytest.raises(KeyMaterialError, match="is not the envelope key"):
         load_bundle(wrong, role="client")
+    manifest = json.loads((wrong / "manifest.json").read_text())
+    (wrong / "manifest.json").write_text(json.dumps({**manifest, "envelope_key_source": ["site"]}))
+    with pytest.raises(KeyMaterialError, match="envelope_key_source"):
+        load_bundle(wrong, role="client")
 
     # b makes the CKKS key and seals it to a through a real server; a opens it
     with running_server(server, tmp_path / "state", rounds=1) as address:
@@ -86,9 +91,11 @@ def test_a_site_made_envelope_key_never_reaches_the_provisioning_host(tmp_path: 
             ring.sync(client_a.status().key)
             assert published.recipients == ("a",) and ring.fingerprint == published.key.fingerprint
     # nothing the provisioning host or the server keeps is a's envelope private key
-    assert _holds_private_key_of(prov, public_a) == []
-    assert _holds_private_key_of(tmp_path / "state", public_a) == []
-    assert _holds_private_key_of(bundle_a, public_a) == [bundle_a / "envelope.key"]
+    assert _files_holding(prov, key_a) == []
+    assert _files_holding(tmp_path / "state", key_a) == []
+    assert _files_holding(bundle_a, key_a) == [bundle_a / "envelope.key"]  # the search does find it
+    # whereas the host made b's: it holds it, the way this test would catch
+    assert _files_holding(prov, bundle_b / "envelope.key") == [prov / "clients" / "b" / "envelope.key"]
 
     # a rotated certificate certifies the same key, and --update keeps the site's file in the bundle
     rotate_tls(prov, ["a"])
@@ -119,10 +126,19 @@ def test_bad_envelope_public_keys_are_refused_with_what_to_do(tmp_path: Path, ca
         assert message in capsys.readouterr().err
         assert not out.exists()
     key, _ = _envelope_key(tmp_path / "at_zed", capsys)
+    from fedfms_secure.crypto.keystore import init_federation
+
     with pytest.raises(ConfigError, match="zed, which are not in the client list"):
-        from fedfms_secure.crypto.keystore import init_federation
         init_federation(tmp_path / "p", federation="x", server_host="localhost", clients=["a"],
-                        envelope_publics={"zed": bytes(32)})
+                        envelope_publics={"zed": pki.raw_public(pki.new_envelope_key())})
+    with pytest.raises(ConfigError, match="low-order point"):  # no shared secret: he-init would fail for all
+        init_federation(tmp_path / "p", federation="x", server_host="localhost", clients=["a"],
+                        envelope_publics={"a": bytes(32)})
+    same = pki.raw_public(pki.new_envelope_key())
+    with pytest.raises(ConfigError, match="the same envelope public key"):
+        init_federation(tmp_path / "p", federation="x", server_host="localhost", clients=["a", "b"],
+                        envelope_publics={"a": same, "b": same})
+    assert not (tmp_path / "p").exists()
     # an existing key is never overwritten
     assert main(["keys", "envelope-key", "--out", str(key)]) == 1
     assert "never overwritten" in capsys.readouterr().err

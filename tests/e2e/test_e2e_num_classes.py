@@ -14,15 +14,17 @@ from fedfms_secure.data import synth_federation
 from fedfms_secure.errors import ConfigError
 
 
-@pytest.mark.parametrize("plan_classes, labels", [(2, None), (1, '{"1": 1, "2": 2}')])
-def test_a_site_whose_label_map_disagrees_with_the_plan_stops_before_training(tmp_path: Path, plan_classes, labels):
+@pytest.mark.parametrize("plan_classes, labels, he", [(2, None, False), (1, '{"1": 1, "2": 2}', True)])
+def test_a_site_whose_label_map_disagrees_with_the_plan_stops_before_training(tmp_path: Path, plan_classes, labels,
+                                                                               he):
+    """With CKKS no site has run he-init: the site stops at once instead of waiting for the key."""
     provision_sites(tmp_path, ["a"], federation="nc")
     (site_dir,) = synth_federation(tmp_path / "data", sites=1, seed=0, shape=(32, 32, 6))
     state = tmp_path / "state_a"
-    with running_server(tmp_path / "server", tmp_path / "state", rounds=1, he=False,
+    with running_server(tmp_path / "server", tmp_path / "state", rounds=1, he=he,
                         num_classes=plan_classes) as address:
         config = ClientConfig(keys=tmp_path / "a", server=address, data=site_dir, state=state, epsilon=8.0,
-                              labels=labels, connect_timeout=30)
+                              labels=labels, connect_timeout=30, round_timeout=600)
         with pytest.raises(ConfigError) as err:
             run_site(config)
     classes = 2 if labels else 1

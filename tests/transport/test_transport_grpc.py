@@ -129,7 +129,7 @@ def test_the_plan_survives_the_wire():
     for pretrained, classes in ((True, 1), (False, 3)):
         plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained, num_classes=classes)
         assert serde.plan_from_proto(serde.plan_to_proto(plan)) == plan
-    # a plan from a server without the field (0 on the wire) means one class
+    # a plan from a server older than the field (0 on the wire) fixes no class count
     legacy = serde.plan_to_proto(plan)
     legacy.ClearField("num_classes")
-    assert serde.plan_from_proto(legacy).num_classes == 1
+    assert serde.plan_from_proto(legacy).num_classes == 0
