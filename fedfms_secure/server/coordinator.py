@@ -124,9 +124,7 @@ class Coordinator:
         self._phase = store.get_state("phase", PHASE_COMMIT)
         self._phase_started = float(store.get_state("phase_started", str(self._clock())))
         self._round_started = float(store.get_state("round_started", str(self._clock())))
-        current = store.global_row(self._round) if self._round > 0 else None
-        if current is not None and not current.blobs:
-            current = None  # no upload has ever been summed: the state is still theta_0
+        current = self._summed_state(self._round)
         self._vector_length: int | None = current.vector_length if current else None
         self._chunks: int | None = len(current.blobs) if current else None
         self._commits: dict[str, Any] = {}
@@ -769,26 +767,13 @@ class Coordinator:
         A round without uploads (every committed site retired first) carries the state over unchanged:
         the same blobs, or none while nothing was ever uploaded (the sites then start from theta_0).
         """
-        previous = self._store.global_row(self._round) if self._round > 0 else None
-        if previous is not None and not previous.blobs:
-            previous = None  # no upload has ever been summed: the state is still theta_0
-        blobs: list[str] = []
-        length = self._vector_length or 0
-        if not self._receipts:
+        previous = self._summed_state(self._round)
+        if self._receipts:
+            blobs, length = self._fold_round_sum(previous), self._vector_length or 0
+        else:
             log.warning("every committed site retired before uploading: the global state carries over unchanged",
                         extra={"round": self._round})
             blobs, length = (list(previous.blobs), previous.vector_length) if previous is not None else ([], 0)
-        for index in range(self._chunks or 0) if self._receipts else ():
-            total = self._round_sum[index]
-            if previous is not None:
-                try:
-                    stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
-                except BlobError as exc:
-                    raise FederationError(
-                        f"the stored global state of round {self._round} is damaged ({exc}): stop the server "
-                        "and restore its --state folder from a backup", "failed_precondition") from exc
-                total = self._sum([stored, total], what=f"global chunk {index}")
-            blobs.append(self._store.put_blob(self._summer.dump(total)))
         next_round = self._round + 1
         next_phase = PHASE_DONE if next_round >= self.plan.rounds else PHASE_COMMIT
         now = self._clock()
@@ -813,6 +798,28 @@ class Coordinator:
             self._write_status()
         except OSError as exc:
             log.error("could not write the round's records", extra={"round": closed["round"], "error": str(exc)})
+
+    def _summed_state(self, round_: int) -> GlobalRow | None:
+        """The stored state that opens ``round_``; None while it is theta_0 (round 0, or no round so
+        far has summed an upload: its row holds no blobs)."""
+        row = self._store.global_row(round_) if round_ > 0 else None
+        return row if row is not None and row.blobs else None
+
+    def _fold_round_sum(self, previous: GlobalRow | None) -> list[str]:
+        """Blobs of the previous state plus the round's sum, chunk by chunk."""
+        blobs = []
+        for index in range(self._chunks or 0):
+            total = self._round_sum[index]
+            if previous is not None:
+                try:
+                    stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
+                except BlobError as exc:
+                    raise FederationError(
+                        f"the stored global state of round {self._round} is damaged ({exc}): stop the server "
+                        "and restore its --state folder from a backup", "failed_precondition") from exc
+                total = self._sum([stored, total], what=f"global chunk {index}")
+            blobs.append(self._store.put_blob(self._summer.dump(total)))
+        return blobs
 
     def _write_status(self) -> None:
         self._store.write_json(

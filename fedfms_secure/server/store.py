@@ -219,15 +219,14 @@ class StateStore:
 
     # --- files for other tools ----------------------------------------------------------------
     def append_record(self, name: str, record: dict[str, Any]) -> None:
-        path = self.root / name
-        with open(path, "a+b") as fh:  # a line cut short by a crash is ended, so that this record is whole
+        # NaN (e.g. the Dice of a site without validation slices) is not JSON: it is written as null
+        line = (json.dumps(_nan_to_null(record), sort_keys=True) + "\n").encode()
+        with open(self.root / name, "a+b") as fh:  # appends go to the end, wherever the read left off
             if fh.tell() > 0:
                 fh.seek(-1, os.SEEK_END)
                 if fh.read(1) != b"\n":
-                    fh.write(b"\n")
-        with open(path, "a", encoding="utf-8") as fh:
-            # NaN (e.g. the Dice of a site without validation slices) is not JSON: it is written as null
-            fh.write(json.dumps(_nan_to_null(record), sort_keys=True) + "\n")
+                    line = b"\n" + line  # a line cut short by a crash is ended, so that this record is whole
+            fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
 
