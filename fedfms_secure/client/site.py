@@ -139,11 +139,10 @@ class _Site:
         self.keys = keys
         self.joined = joined
         self.plan: Plan = joined.plan
-        classes = _check_classes(config, self.plan)
         config.state.mkdir(parents=True, exist_ok=True)
         # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
         self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False,
-                                 num_classes=classes)
+                                 num_classes=num_classes_of(config.labels))  # the plan's: checked in run_site
         self.data = load_site(
             site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed,
             axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,
@@ -204,14 +203,9 @@ class _Site:
                 self._sync_key(status.key)
                 round_ = min(max(later, status.round), self.plan.rounds)
                 theta = self._fetch_theta(round_)
-                load_vector(self.model, self.names, theta)
-                if round_ == self.plan.rounds:
-                    self._save_final_model(round_)
                 # the global model after the round it missed, as after any round (the server's report
                 # and its end of the federation count on every active site's metrics)
-                self.client.report_metrics(round_ - 1, {
-                    **self._evaluate(), "contributed": 0.0, "bytes_up": float(self.client.bytes_up - up0),
-                    "bytes_down": float(self.client.bytes_down - down0)})
+                self._report(round_ - 1, self._load_global(round_, theta), up0, down0, contributed=0.0)
                 continue
             if self._budget_spent(round_):
                 break
@@ -256,27 +250,36 @@ class _Site:
         new_theta = self._fetch_theta(round_ + 1)
         if self.config.save_updates and weight is not None:
             self._save_update(round_, delta, result.num_samples, weight, new_theta - theta)
-        load_vector(self.model, self.names, new_theta)
-        scores = self._evaluate()
+        scores = self._load_global(round_ + 1, new_theta)
         dice = scores["dice"]
-        if round_ + 1 == self.plan.rounds:
-            self._save_final_model(round_ + 1)
         epsilon = self.privacy.epsilon() if self.privacy is not None else None
         seconds = time.monotonic() - t0
-        metrics = {
-            **scores,
-            "dice_local": dice_local,
-            "bytes_up": float(self.client.bytes_up - up0),
-            "bytes_down": float(self.client.bytes_down - down0),
-            "contributed": 0.0 if weight is None else 1.0,
-        }
-        # not reported: epsilon (it depends on n_k through the sampling rate, steps and delta, so
-        # the server could invert it: it stays in STATE/privacy_ledger.jsonl), the training loss
-        # (training slices, no DP noise) and the time taken (a proxy for n_k); all stay in the log
-        self.client.report_metrics(round_, metrics)
+        self._report(round_, scores, up0, down0, dice_local=dice_local, contributed=0.0 if weight is None else 1.0)
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": epsilon if epsilon is not None else math.inf,
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
+
+    def _load_global(self, round_: int, theta: np.ndarray) -> dict[str, float]:
+        """Loads the global model that opens ``round_`` (kept as the final model once every round is
+        done) and returns its scores on this site's validation slices."""
+        load_vector(self.model, self.names, theta)
+        if round_ == self.plan.rounds:
+            self._save_final_model(round_)
+        return self._evaluate()
+
+    def _report(self, round_: int, scores: dict[str, float], up0: int, down0: int, **extra: float) -> None:
+        """Sends what a site reports after ``round_``: the global model's scores, bytes moved since
+        ``up0`` / ``down0``, and ``extra`` (``contributed``, ``dice_local``).
+
+        Not reported: epsilon (it depends on n_k through the sampling rate, steps and delta, so the
+        server could invert it: it stays in STATE/privacy_ledger.jsonl), the training loss (training
+        slices, no DP noise) and the time taken (a proxy for n_k); all stay in the log.
+        """
+        self.client.report_metrics(round_, {
+            **scores, **extra,
+            "bytes_up": float(self.client.bytes_up - up0),
+            "bytes_down": float(self.client.bytes_down - down0),
+        })
 
     def _contribute(self, round_: int, delta: np.ndarray, n: int) -> float | None:
         """Commit, then upload the weighted delta; returns the weight, or None if the round went on
@@ -440,8 +443,8 @@ class _Site:
         write_atomic(self.config.state / name, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def _check_classes(config: ClientConfig, plan: Plan) -> int:
-    """The number of classes of this site's label map; ConfigError if the plan fixes another."""
+def _check_classes(config: ClientConfig, plan: Plan) -> None:
+    """ConfigError if the plan fixes another number of classes than this site's label map gives."""
     classes = num_classes_of(config.labels)
     if plan.num_classes and classes != plan.num_classes:  # the updates' lengths would not match
         raise ConfigError(
@@ -449,7 +452,6 @@ def _check_classes(config: ClientConfig, plan: Plan) -> int:
             f"{classes} foreground class(es), but the federation's plan has {plan.num_classes}: give "
             f"--labels with a map to {plan.num_classes} class(es), as the other sites do"
         )
-    return classes
 
 
 def missed_round(status: Status, site: str, round_: int) -> int | None:
