@@ -201,6 +201,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _envelope_key(args: argparse.Namespace) -> int:
+    from fedfms_secure.atomic import write_atomic
     from fedfms_secure.crypto import pki
 
     out: Path = args.out
@@ -214,7 +215,7 @@ def _envelope_key(args: argparse.Namespace) -> int:
     key = pki.new_envelope_key()
     public = pki.raw_public(key).hex()
     pki.write_private(out, pki.pem_private_key(key, _passphrase(args)))
-    pub.write_text(public + "\n")
+    write_atomic(pub, (public + "\n").encode())
     _emit(args, {"key": str(out), "public": str(pub), "public_key": public}, [
         f"wrote the envelope key {out} (0600) and its public key {pub}: {public}",
         f"next: give {pub.name} to the provisioning host (keys init --envelope-public NAME={pub.name}), keep {out.name} "

@@ -148,11 +148,8 @@ def load_bundle(path: Path, *, role: str, passphrase: bytes | None = None) -> Bu
             f"{path / MANIFEST} lists {', '.join(unexpected)}, which a {role} bundle whose CKKS key comes from the "
             f"{source} must not hold; export the bundle again with {hint}"
         )
-    site_made = role == "client" and site_made_envelope_key(manifest)
-    data = {name: _read_checked(path, name, manifest["files"], hint) for name in names
-            if not (site_made and name == ENVELOPE_KEY)}
-    if site_made:  # never on the provisioning host, so not in the manifest's checksums: checked against its public key
-        data[ENVELOPE_KEY] = read_site_made_envelope_key(path)
+    data = {name: _read_envelope_key(path, manifest, hint) if name == ENVELOPE_KEY
+            else _read_checked(path, name, manifest["files"], hint) for name in names}
     for name in private_files(role, source):
         mode = stat.S_IMODE((path / name).stat().st_mode)
         if mode & 0o077:
@@ -200,8 +197,7 @@ def load_envelope_key(bundle_dir: Path, passphrase: bytes | None = None) -> x255
     manifest, _ = read_manifest(path, hint)
     if manifest["role"] != "client":
         raise KeyMaterialError(f"{path} is a {manifest['role']} bundle: only a site's bundle holds an envelope key")
-    raw = (read_site_made_envelope_key(path) if site_made_envelope_key(manifest)
-           else _read_checked(path, ENVELOPE_KEY, manifest["files"], hint))
+    raw = _read_envelope_key(path, manifest, hint)
     mode = stat.S_IMODE((path / ENVELOPE_KEY).stat().st_mode)
     if mode & 0o077:
         raise KeyMaterialError(
@@ -294,14 +290,20 @@ def site_made_envelope_key(manifest: dict[str, Any]) -> bool:
     return manifest.get("envelope_key_source") == "site"
 
 
-def read_site_made_envelope_key(path: Path) -> bytes:
-    """``envelope.key`` of a bundle whose site made it: the provisioning host never had the file."""
+SITE_MADE_ENVELOPE_KEY_MISSING = (
+    f"this site made its envelope key itself (`fedfms-secure keys envelope-key`), so its bundle comes without it; "
+    f"copy that key file here as {ENVELOPE_KEY} (mode 0600)"
+)
+
+
+def _read_envelope_key(path: Path, manifest: dict[str, Any], hint: str) -> bytes:
+    """A site bundle's ``envelope.key``. One the site made itself was never on the provisioning host,
+    so the manifest has no checksum of it: it is checked against the certified public key instead."""
+    if not site_made_envelope_key(manifest):
+        return _read_checked(path, ENVELOPE_KEY, manifest["files"], hint)
     file = path / ENVELOPE_KEY
     if not file.is_file():
-        raise KeyMaterialError(
-            f"{file} is missing: this site made its envelope key itself (`fedfms-secure keys envelope-key`), so "
-            f"its bundle comes without it; copy that key file here as {ENVELOPE_KEY} (mode 0600)"
-        )
+        raise KeyMaterialError(f"{file} is missing: {SITE_MADE_ENVELOPE_KEY_MISSING}")
     return file.read_bytes()
 
 

@@ -29,6 +29,7 @@ from fedfms_secure.crypto.bundle import (
     CRL,
     ENVELOPE_KEY,
     MANIFEST,
+    SITE_MADE_ENVELOPE_KEY_MISSING,
     bundle_files,
     private_files,
     read_manifest,
@@ -164,19 +165,17 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
     expected = bundle_files(role, source)
     private = set(private_files(role, source))
 
+    # a key the site made itself was never exported: no checksum, checked against the listed public key below
+    site_made = ENVELOPE_KEY if site_made_envelope_key(manifest) else None
     data: dict[str, bytes] = {}
     for fname in expected:
         file = path / fname
         if not file.is_file():
-            if fname == ENVELOPE_KEY and role == "client" and site_made_envelope_key(manifest):
-                rep.problem(file, "missing", f"this site made its envelope key itself (`keys envelope-key`): copy "
-                            f"that key file here as {ENVELOPE_KEY} (mode 0600)")
-            else:
-                rep.problem(file, "missing", export)
+            rep.problem(file, "missing", SITE_MADE_ENVELOPE_KEY_MISSING if fname == site_made else export)
             continue
         data[fname] = file.read_bytes()
-        if fname == ENVELOPE_KEY and role == "client" and site_made_envelope_key(manifest):
-            continue  # made at the site, never exported: checked against the public key the manifest lists
+        if fname == site_made:
+            continue
         digest = manifest["files"].get(fname)
         if digest is None:
             rep.problem(path / MANIFEST, f"lists no checksum for {fname}", export)
