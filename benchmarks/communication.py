@@ -11,7 +11,7 @@ daemons use, chunk by chunk as they stream:
 * up, per site: the ``CommitWeightRequest`` (E(n_k)) and every ``Chunk`` of the upload, each
   encoded by the site codec (``make_site_codec``) and converted with ``transport.serde``;
 * down, per site: the ``GetWeightTotalResponse`` (E(N)) and every ``Chunk`` of the next global
-  state, which the server makes by adding the sites' chunks (``make_summer``) and dumping the sum.
+  state, which the server makes by adding the sites' chunks (``make_aggregator``) and dumping the sum.
 
 Sizes are ``ByteSize()`` of the real protobuf messages, as the site's byte counter counts them
 (gRPC, HTTP/2 and TLS framing not included; nor the status polls and metric reports, a few
@@ -103,23 +103,23 @@ class _Fp32Summer:
 
 
 def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict[str, Any]]:
-    """(one codec per site, the server's summer, what was provisioned) for ``scheme``."""
-    from fedfms_secure.crypto import (
+    """(one codec per site, the server's aggregator, what was provisioned) for ``scheme``."""
+    from fedfms_secure.he import (
         context_fingerprint,
         load_context,
         make_site_codec,
-        make_summer,
+        make_aggregator,
         new_secret_context,
         serialize_params_only,
         serialize_site_context,
     )
-    from fedfms_secure.crypto.packing import fit_params
+    from fedfms_secure.he.packing import fit_params
     from fedfms_secure.demo import UPDATE_BOUND
 
     if scheme == "fp32":
         return [_Fp32Codec() for _ in range(sites)], _Fp32Summer(), {}
     if scheme == "plain":
-        return [make_site_codec("plain", None, "plain") for _ in range(sites)], make_summer("plain", None), {}
+        return [make_site_codec("plain", None, "plain") for _ in range(sites)], make_aggregator("plain", None), {}
     params = fit_params(bound=UPDATE_BOUND, sites=sites, rounds=rounds)
     ctx = new_secret_context(params)
     fingerprint = context_fingerprint(ctx)
@@ -128,7 +128,7 @@ def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict
     for _ in range(sites):  # each site loads its own copy of the bundle's context
         site_ctx = load_context(site_blob, source="communication benchmark")
         codecs.append(make_site_codec("ckks", site_ctx, fingerprint, params=params))
-    summer = make_summer("ckks", load_context(serialize_params_only(ctx), source="server"), fingerprint, params)
+    aggregator = make_aggregator("ckks", load_context(serialize_params_only(ctx), source="server"), fingerprint, params)
     packing = params.packing
     info = {
         "coeff_mod_bit_sizes": list(params.coeff_mod_bit_sizes),
@@ -139,7 +139,7 @@ def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict
         "lane_bits": packing.lane_bits,
         "bound": packing.bound,
     }
-    return codecs, summer, info
+    return codecs, aggregator, info
 
 
 def _chunk_proto(round_: int, index: int, total: int, payload: bytes, count: int, length: int,
@@ -164,7 +164,7 @@ def measure_round(length: int, scheme: str, *, sites: int = 3, rounds: int = 5, 
         from fedfms_secure.errors import ConfigError
 
         raise ConfigError(f"need at least one value and one site (got {length} values, {sites} sites)")
-    codecs, summer, info = _parties(scheme, sites, rounds)
+    codecs, aggregator, info = _parties(scheme, sites, rounds)
     fingerprint = codecs[0].fingerprint
     counts = list(weights) if weights is not None else [100 + 10 * k for k in range(sites)]
     rng = np.random.default_rng(seed)
@@ -176,10 +176,10 @@ def measure_round(length: int, scheme: str, *, sites: int = 3, rounds: int = 5, 
         payload = codec.encrypt_scalar(float(n))
         commit_up.append(pb.CommitWeightRequest(round=round_, context_fingerprint=fingerprint,
                                                 encrypted_weight=payload).ByteSize())  # fmt: skip
-        parsed = summer.parse(payload)
-        scalar_sum = parsed if scalar_sum is None else summer.add(scalar_sum, parsed)
+        parsed = aggregator.parse(payload)
+        scalar_sum = parsed if scalar_sum is None else aggregator.add(scalar_sum, parsed)
     total_down = pb.GetWeightTotalResponse(ready=True, round=round_, context_fingerprint=fingerprint,
-                                           encrypted_total=summer.dump(scalar_sum),
+                                           encrypted_total=aggregator.dump(scalar_sum),
                                            participants=sites).ByteSize()  # fmt: skip
     step = codecs[0].chunk_values
     chunks = math.ceil(length / step)
@@ -196,13 +196,13 @@ def measure_round(length: int, scheme: str, *, sites: int = 3, rounds: int = 5, 
             payload = codec.encrypt_vector(values)[0]
             t1 = time.perf_counter()
             upload[k] += _chunk_proto(round_, index, chunks, payload, count, length, fingerprint).ByteSize()
-            parsed = summer.parse(payload)
-            running = parsed if running is None else summer.add(running, parsed)
+            parsed = aggregator.parse(payload)
+            running = parsed if running is None else aggregator.add(running, parsed)
             t2 = time.perf_counter()
             encrypt_s += t1 - t0
             sum_s += t2 - t1
         t0 = time.perf_counter()
-        dumped = summer.dump(running)
+        dumped = aggregator.dump(running)
         sum_s += time.perf_counter() - t0
         global_down += _chunk_proto(round_ + 1, index, chunks, dumped, count, length, fingerprint).ByteSize()
     up = [u + c for u, c in zip(upload, commit_up)]

@@ -90,9 +90,9 @@ class _Bench:
     def __init__(self, setting: Setting, tmp: Path, *, sites: int, rounds: int, seed: int) -> None:
         import torch
 
-        from fedfms_secure.crypto import (context_fingerprint, load_context, make_site_codec, make_summer,
+        from fedfms_secure.he import (context_fingerprint, load_context, make_site_codec, make_aggregator,
                                           new_secret_context, serialize_params_only)  # fmt: skip
-        from fedfms_secure.crypto.packing import fit_params
+        from fedfms_secure.he.packing import fit_params
         from fedfms_secure.demo import UPDATE_BOUND
         from fedfms_secure.model import apply_mode, build_model, flatten
         from fedfms_secure.train import TrainConfig
@@ -121,9 +121,9 @@ class _Bench:
         fingerprint = context_fingerprint(ctx)
         self.codecs = {True: make_site_codec("ckks", ctx, fingerprint, params=params),
                        False: make_site_codec("plain", None, "plain")}  # fmt: skip
-        self.summers = {True: make_summer("ckks", load_context(serialize_params_only(ctx), source="server"),
+        self.aggregators = {True: make_aggregator("ckks", load_context(serialize_params_only(ctx), source="server"),
                                           fingerprint, params),
-                        False: make_summer("plain", None)}  # fmt: skip
+                        False: make_aggregator("plain", None)}  # fmt: skip
         self.bound = UPDATE_BOUND
         self._dp_runs = 0
 
@@ -136,7 +136,7 @@ class _Bench:
         from fedfms_secure.train import evaluate_dice, steps_per_epoch, train_local
 
         model, names, theta = self.models[cfg.mode], self.names[cfg.mode], self.theta0[cfg.mode]
-        codec, summer = self.codecs[cfg.he], self.summers[cfg.he]
+        codec, aggregator = self.codecs[cfg.he], self.aggregators[cfg.he]
         privacy = None
         if cfg.dp:  # a fresh accountant per measured round: each is a whole planned run at epsilon 8
             self._dp_runs += 1
@@ -164,13 +164,13 @@ class _Bench:
                 a = clock()
                 payload = codec.encrypt_vector(part)[0]
                 b = clock()
-                parsed = summer.parse(payload)
-                total = parsed if total is None else summer.add(total, parsed)
+                parsed = aggregator.parse(payload)
+                total = parsed if total is None else aggregator.add(total, parsed)
                 c = clock()
                 encrypt_s += b - a
                 server_s += c - b
             a = clock()
-            dumped = summer.dump(total)
+            dumped = aggregator.dump(total)
             b = clock()
             decoded = codec.decrypt_vector([dumped], part.size)
             c = clock()

@@ -72,7 +72,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedfms_secure.client.site import run_site
+    from fedfms_secure.site.daemon import run_site
     from fedfms_secure.config import ClientConfig, load_config
 
     config = load_config(

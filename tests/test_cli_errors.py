@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.crypto.keystore import export_bundle, init_federation
+from fedfms_secure.keys.keystore import export_bundle, init_federation
 from fedfms_secure.data import synth_federation
 
 

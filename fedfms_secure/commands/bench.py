@@ -65,10 +65,10 @@ def run_he_bench(
     """Encrypt ``params`` values at each of ``sites`` sites, sum them as the server does, decrypt."""
     import numpy as np
 
-    from fedfms_secure.crypto.ckks import context_fingerprint, load_context, new_secret_context, serialize_params_only
-    from fedfms_secure.crypto.codec import PackedCkksCodec
-    from fedfms_secure.crypto.packing import choose_params, noise_bound
-    from fedfms_secure.crypto.summer import PackedCkksSummer
+    from fedfms_secure.he.ckks import context_fingerprint, load_context, new_secret_context, serialize_params_only
+    from fedfms_secure.he.codec import PackedCkksCodec
+    from fedfms_secure.he.packing import choose_params, noise_bound
+    from fedfms_secure.he.aggregate import PackedCkksAggregator
     from fedfms_secure.errors import ConfigError
 
     if sites < 1 or params < 1:
@@ -78,7 +78,7 @@ def run_he_bench(
     ctx = new_secret_context(ckks)
     fingerprint = context_fingerprint(ctx)
     codec = PackedCkksCodec(ctx, fingerprint, ckks, rng=np.random.default_rng(seed + 1))
-    summer = PackedCkksSummer(load_context(serialize_params_only(ctx), source="bench"), fingerprint, ckks)
+    aggregator = PackedCkksAggregator(load_context(serialize_params_only(ctx), source="bench"), fingerprint, ckks)
     rng = np.random.default_rng(seed)
     step = codec.chunk_values
     enc_s = sum_s = dec_s = 0.0
@@ -92,14 +92,14 @@ def run_he_bench(
             t0 = time.perf_counter()
             payload = codec.encrypt_vector(part)[0]
             t1 = time.perf_counter()
-            chunk = summer.parse(payload)
-            total = chunk if total is None else summer.add(total, chunk)
+            chunk = aggregator.parse(payload)
+            total = chunk if total is None else aggregator.add(total, chunk)
             t2 = time.perf_counter()
             enc_s += t1 - t0
             sum_s += t2 - t1
             up_bytes += len(payload)
         t0 = time.perf_counter()
-        dumped = summer.dump(total)
+        dumped = aggregator.dump(total)
         t1 = time.perf_counter()
         decoded = codec.decrypt_vector([dumped], n)
         t2 = time.perf_counter()

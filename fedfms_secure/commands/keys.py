@@ -145,7 +145,7 @@ def _passphrase_arg(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _passphrase(args: argparse.Namespace) -> bytes | None:
-    from fedfms_secure.crypto.pki import read_passphrase
+    from fedfms_secure.keys.pki import read_passphrase
 
     return read_passphrase(args.passphrase_file)
 
@@ -160,9 +160,9 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> No
 
 # --- handlers ------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.ckks import CkksParams
-    from fedfms_secure.crypto.keystore import check_algorithms, init_federation
-    from fedfms_secure.crypto.packing import estimate_bytes_per_param, fit_params
+    from fedfms_secure.he.ckks import CkksParams
+    from fedfms_secure.keys.keystore import check_algorithms, init_federation
+    from fedfms_secure.he.packing import estimate_bytes_per_param, fit_params
 
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     check_algorithms(args.algorithm, args.ca_algorithm or args.algorithm)  # before any slow work
@@ -202,7 +202,7 @@ def _init(args: argparse.Namespace) -> int:
 
 def _envelope_key(args: argparse.Namespace) -> int:
     from fedfms_secure.atomic import write_atomic
-    from fedfms_secure.crypto import pki
+    from fedfms_secure.keys import pki
 
     out: Path = args.out
     pub = out.with_name(out.name + ".pub")
@@ -226,7 +226,7 @@ def _envelope_key(args: argparse.Namespace) -> int:
 
 def _read_public(path: Path) -> bytes:
     """The raw X25519 public key in a .pub file of `keys envelope-key`."""
-    from fedfms_secure.crypto.keystore import check_envelope_public
+    from fedfms_secure.keys.keystore import check_envelope_public
 
     try:
         text = Path(path).read_text().strip()
@@ -251,7 +251,7 @@ def _envelope_publics(items: list[str]) -> dict[str, bytes]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import export_bundle
+    from fedfms_secure.keys.keystore import export_bundle
 
     if args.role == "client" and not args.name:
         raise ConfigError("keys export client needs the site NAME: fedfms-secure keys export client NAME --from DIR --out DIR")
@@ -266,7 +266,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_client(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import add_client, export_bundle
+    from fedfms_secure.keys.keystore import add_client, export_bundle
 
     public = _read_public(args.envelope_public) if args.envelope_public else None
     folder = add_client(args.source, args.name, passphrase=_passphrase(args), days=args.days, envelope_public=public)
@@ -284,7 +284,7 @@ def _add_client(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import check_crl_target, install_crl, revoke
+    from fedfms_secure.keys.keystore import check_crl_target, install_crl, revoke
 
     if args.server_bundle:
         check_crl_target(args.source, args.server_bundle)  # a wrong folder fails before anything is revoked
@@ -304,7 +304,7 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _rotate_tls(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import check_crl_target, export_bundle, install_crl, rotate_tls
+    from fedfms_secure.keys.keystore import check_crl_target, export_bundle, install_crl, rotate_tls
 
     if args.all and args.names:
         raise ConfigError("give site NAMEs or --all, not both")
@@ -338,7 +338,7 @@ def _rotate_tls(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keycheck import show_federation
+    from fedfms_secure.keys.keycheck import show_federation
 
     report = show_federation(args.source)
     if args.json:
@@ -361,7 +361,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keycheck import verify_bundle
+    from fedfms_secure.keys.keycheck import verify_bundle
 
     report = verify_bundle(args.bundle, passphrase=_passphrase(args))
     if args.json:

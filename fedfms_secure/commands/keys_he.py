@@ -55,8 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, Any, bytes | None]:
-    from fedfms_secure.crypto.keystore import load_bundle
-    from fedfms_secure.crypto.pki import read_passphrase
+    from fedfms_secure.keys.keystore import load_bundle
+    from fedfms_secure.keys.pki import read_passphrase
     from fedfms_secure.transport.client import FederationClient
 
     passphrase = read_passphrase(args.passphrase_file)
@@ -84,7 +84,7 @@ def _report(args: argparse.Namespace, what: str, published: Any) -> None:
 
 
 def _he_init(args: argparse.Namespace) -> int:
-    from fedfms_secure.client.hekeys import init_key
+    from fedfms_secure.site.hekeys import init_key
 
     bundle, client, passphrase = _connect(args)
     with client:
@@ -94,8 +94,8 @@ def _he_init(args: argparse.Namespace) -> int:
 
 
 def _rotate_he(args: argparse.Namespace) -> int:
-    from fedfms_secure.client.hekeys import rotate_key
-    from fedfms_secure.crypto.keystore import load_envelope_key
+    from fedfms_secure.site.hekeys import rotate_key
+    from fedfms_secure.keys.keystore import load_envelope_key
 
     bundle, client, passphrase = _connect(args)
     envelope_key = load_envelope_key(args.keys, passphrase=passphrase)

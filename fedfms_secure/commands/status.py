@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedfms_secure.crypto.keystore import load_bundle
-    from fedfms_secure.crypto.pki import read_passphrase
+    from fedfms_secure.keys.keystore import load_bundle
+    from fedfms_secure.keys.pki import read_passphrase
     from fedfms_secure.transport.client import FederationClient
 
     if args.insecure:

@@ -1,7 +1,7 @@
 """The coordinator's round state machine: join, commit weights, receive updates, aggregate.
 
 It never imports gRPC and never sees a plaintext update: it adds payloads through a
-``PayloadSummer`` that, for CKKS, holds a parameters-only context (no secret, no public key).
+``PayloadAggregator`` that, for CKKS, holds a parameters-only context (no secret, no public key).
 
 One round r, for the sites S of the federation::
 
@@ -40,9 +40,9 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from fedfms_secure.crypto.ckks import is_fingerprint
-from fedfms_secure.crypto.envelope import peek_header
-from fedfms_secure.crypto.summer import PayloadSummer
+from fedfms_secure.he.ckks import is_fingerprint
+from fedfms_secure.keys.envelope import peek_header
+from fedfms_secure.he.aggregate import PayloadAggregator
 from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import (
     NO_KEY,
@@ -83,7 +83,7 @@ class Coordinator:
         self,
         plan: Plan,
         sites: Sequence[str],
-        summer: PayloadSummer,
+        aggregator: PayloadAggregator,
         fingerprint: str | None,
         store: StateStore,
         clock: Callable[[], float] = time.time,
@@ -97,7 +97,7 @@ class Coordinator:
         # key (a dealer-made bundle), or None when the key is made at a site.
         self._dealt = fingerprint if plan.scheme != "plain" and is_fingerprint(fingerprint) else None
         self.fingerprint = "plain" if plan.scheme == "plain" else ""
-        self._summer = summer
+        self._aggregator = aggregator
         self._store = store
         self._clock = clock
         self._deadline = round_deadline
@@ -130,12 +130,12 @@ class Coordinator:
         self._commits: dict[str, Any] = {}
         for site, blob in store.commits(self._round).items():
             try:
-                self._commits[site] = self._summer.parse(store.get_blob(blob))
+                self._commits[site] = self._aggregator.parse(store.get_blob(blob))
             except (BlobError, CryptoError) as exc:
                 log.warning("discarded a stored commit", extra={"site": site, "reason": str(exc)})
         self._weight_total: bytes | None = None
         if self._phase == PHASE_UPLOAD:
-            self._weight_total = self._summer.dump(self._sum(self._commits.values(), what="the committed weights"))
+            self._weight_total = self._aggregator.dump(self._sum(self._commits.values(), what="the committed weights"))
         self._receipts: dict[str, Receipt] = {}
         self._round_sum: dict[int, Any] = {}
         for site, row in store.uploads(self._round).items():
@@ -183,16 +183,16 @@ class Coordinator:
         else:
             log.warning("no CKKS key yet: waiting for `keys he-init` at one site")
 
-    def _use_key(self, keys: list[KeyEpoch], summer: PayloadSummer) -> None:
+    def _use_key(self, keys: list[KeyEpoch], aggregator: PayloadAggregator) -> None:
         self._keys, self._key = keys, keys[-1]
-        self.fingerprint, self._summer = self._key.fingerprint, summer
+        self.fingerprint, self._aggregator = self._key.fingerprint, aggregator
 
-    def _summer_for(self, fingerprint: str) -> PayloadSummer:
-        """A summer that refuses payloads made under any other context than ``fingerprint``."""
-        summer = copy.copy(self._summer)
-        if hasattr(summer, "fingerprint"):
-            summer.fingerprint = fingerprint  # type: ignore[attr-defined]
-        return summer
+    def _summer_for(self, fingerprint: str) -> PayloadAggregator:
+        """A aggregator that refuses payloads made under any other context than ``fingerprint``."""
+        aggregator = copy.copy(self._aggregator)
+        if hasattr(aggregator, "fingerprint"):
+            aggregator.fingerprint = fingerprint  # type: ignore[attr-defined]
+        return aggregator
 
     @property
     def key(self) -> KeyEpoch:
@@ -305,9 +305,9 @@ class Coordinator:
                 )
             self._check_round(round_, PHASE_COMMIT, "commit")
             obj = self._parse(payload, what="encrypted weight")
-            if self._summer.size(obj) != 1:
+            if self._aggregator.size(obj) != 1:
                 raise FederationError(
-                    f"an encrypted weight holds one value, this one holds {self._summer.size(obj)}",
+                    f"an encrypted weight holds one value, this one holds {self._aggregator.size(obj)}",
                     "invalid_argument",
                 )
             commits = {**self._commits, site: obj}
@@ -409,9 +409,9 @@ class Coordinator:
         for chunk in _chain(first, rest):
             self._check_chunk(chunk, first, expected_index)
             obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
-            if self._summer.size(obj) != chunk.num_values:
+            if self._aggregator.size(obj) != chunk.num_values:
                 raise FederationError(
-                    f"chunk {chunk.index} holds {self._summer.size(obj)} values, its header says {chunk.num_values}",
+                    f"chunk {chunk.index} holds {self._aggregator.size(obj)} values, its header says {chunk.num_values}",
                     "invalid_argument",
                 )
             with self._lock:
@@ -429,12 +429,12 @@ class Coordinator:
     def _check_layout(self, first: Chunk) -> None:
         """A vector of L values travels as ceil(L / chunk_values) chunks; L is the federation's."""
         length, total = first.vector_length, first.total
-        if not 0 < length <= MAX_CHUNKS * self._summer.chunk_values:
+        if not 0 < length <= MAX_CHUNKS * self._aggregator.chunk_values:
             raise FederationError(f"vector_length {length} is out of range", "invalid_argument")
-        expected = math.ceil(length / self._summer.chunk_values)
+        expected = math.ceil(length / self._aggregator.chunk_values)
         if total != expected:
             raise FederationError(
-                f"a vector of {length} values travels in {expected} chunks of {self._summer.chunk_values}, "
+                f"a vector of {length} values travels in {expected} chunks of {self._aggregator.chunk_values}, "
                 f"not {total}",
                 "invalid_argument",
             )
@@ -465,7 +465,7 @@ class Coordinator:
             )
 
     def _expected_values(self, index: int, length: int) -> int:
-        step = self._summer.chunk_values
+        step = self._aggregator.chunk_values
         return min(step, length - index * step)
 
     # --- CKKS key epochs -------------------------------------------------------------------------
@@ -483,9 +483,9 @@ class Coordinator:
             if self._publishing:
                 raise FederationError("another key publication is in progress; retry when it has ended", "unavailable")
             self._publishing = True
-            summer = self._summer_for(publication.fingerprint)
+            aggregator = self._summer_for(publication.fingerprint)
         try:
-            envelopes, blobs = self._stage_keys(site, publication, items, summer, row)
+            envelopes, blobs = self._stage_keys(site, publication, items, aggregator, row)
             with self._lock:
                 if self._check_publication(publication) != row:
                     raise FederationError("the global state changed while the new key was being published; publish "
@@ -494,7 +494,7 @@ class Coordinator:
                 state = GlobalRow(row.round, row.vector_length, tuple(blobs)) if row is not None else None
                 self._store.put_key(key, envelopes, state, created=self._clock())
                 previous = self._key
-                self._use_key([*self._keys, key], summer)
+                self._use_key([*self._keys, key], aggregator)
                 log.info("CKKS key epoch started", extra={"epoch": key.epoch, "site": site, "round": key.round,
                                                           "fingerprint": key.fingerprint[:16],
                                                           "previous": previous.fingerprint[:16] or "none",
@@ -587,7 +587,7 @@ class Coordinator:
         return row
 
     def _stage_keys(self, site: str, pub: KeyPublication, items: Iterable[SealedEnvelope | Chunk],
-                    summer: PayloadSummer, row: GlobalRow | None) -> tuple[dict[str, bytes], list[str]]:
+                    aggregator: PayloadAggregator, row: GlobalRow | None) -> tuple[dict[str, bytes], list[str]]:
         """Checks every envelope's routing (its header, unverified: only sites can verify) and every
         state chunk (layout, fingerprint, a valid ciphertext), storing the chunks as blobs."""
         envelopes: dict[str, bytes] = {}
@@ -615,17 +615,17 @@ class Coordinator:
                     "invalid_argument",
                 )
             try:
-                obj = summer.parse(item.payload)
+                obj = aggregator.parse(item.payload)
             except CryptoError as exc:
                 raise FederationError(f"state chunk {index} is not a valid ciphertext: {exc}", "invalid_argument") from exc
             expected = self._expected_values(index, row.vector_length)
-            if item.num_values != expected or summer.size(obj) != expected:
+            if item.num_values != expected or aggregator.size(obj) != expected:
                 raise FederationError(
-                    f"state chunk {index} holds {summer.size(obj)} values (header {item.num_values}), not {expected}",
+                    f"state chunk {index} holds {aggregator.size(obj)} values (header {item.num_values}), not {expected}",
                     "invalid_argument",
                 )
             with self._lock:
-                blobs.append(self._store.put_blob(summer.dump(obj)))
+                blobs.append(self._store.put_blob(aggregator.dump(obj)))
         if len(envelopes) != pub.envelopes or len(blobs) != pub.state_chunks:
             raise FederationError(
                 f"the key publication announced {pub.envelopes} envelopes and {pub.state_chunks} state chunks, but "
@@ -742,7 +742,7 @@ class Coordinator:
 
     def _start_uploads(self, weight_total: Any) -> None:
         """E(N) is formed from the committed sites, which are the round's participants from now on."""
-        self._weight_total = self._summer.dump(weight_total)
+        self._weight_total = self._aggregator.dump(weight_total)
         self._set_phase(PHASE_UPLOAD)
         self._write_status()
 
@@ -818,7 +818,7 @@ class Coordinator:
                         f"the stored global state of round {self._round} is damaged ({exc}): stop the server "
                         "and restore its --state folder from a backup", "failed_precondition") from exc
                 total = self._sum([stored, total], what=f"global chunk {index}")
-            blobs.append(self._store.put_blob(self._summer.dump(total)))
+            blobs.append(self._store.put_blob(self._aggregator.dump(total)))
         return blobs
 
     def _write_status(self) -> None:
@@ -880,7 +880,7 @@ class Coordinator:
 
     def _parse(self, payload: bytes, *, what: str) -> Any:
         try:
-            return self._summer.parse(payload)
+            return self._aggregator.parse(payload)
         except CryptoError as exc:
             raise FederationError(f"{what} is not a valid ciphertext: {exc}", "invalid_argument") from exc
 
@@ -888,7 +888,7 @@ class Coordinator:
         total = None
         try:
             for obj in objs:
-                total = obj if total is None else self._summer.add(total, obj)
+                total = obj if total is None else self._aggregator.add(total, obj)
         except CryptoError as exc:
             raise FederationError(f"cannot add {what}: {exc}", "invalid_argument") from exc
         return total

@@ -20,17 +20,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.crypto import pki
-from fedfms_secure.crypto.bundle import CRL
-from fedfms_secure.crypto.codec import make_summer
-from fedfms_secure.crypto.keystore import Bundle, load_bundle
+from fedfms_secure.keys import pki
+from fedfms_secure.keys.bundle import CRL
+from fedfms_secure.he.codec import make_aggregator
+from fedfms_secure.keys.keystore import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
-from fedfms_secure.transport.revocation import PERSISTED, RevocationInterceptor, RevocationList
-from fedfms_secure.transport.servicer import FederationServicer
+from fedfms_secure.keys.revocation import PERSISTED, RevocationInterceptor, RevocationList
+from fedfms_secure.server.servicer import FederationServicer
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
@@ -50,9 +50,9 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         # None with a key generated at a site (he_source "site"): the context fingerprint arrives with the
         # key epochs that `keys he-init` publishes through the coordinator
         fingerprint = bundle.fingerprint
-        summer = make_summer("ckks", bundle.context(), fingerprint, params=bundle.params)
+        aggregator = make_aggregator("ckks", bundle.context(), fingerprint, params=bundle.params)
     else:
-        summer, fingerprint = make_summer("plain", None), "plain"
+        aggregator, fingerprint = make_aggregator("plain", None), "plain"
     plan = Plan(
         federation=bundle.federation,
         rounds=config.rounds,
@@ -67,7 +67,7 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         num_classes=config.num_classes,
     )
     store = StateStore(config.state)
-    coordinator = Coordinator(plan, bundle.clients, summer, fingerprint, store,
+    coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
                               round_deadline=config.round_deadline, min_sites=config.min_sites)
     return coordinator, bundle, store
 

@@ -25,12 +25,12 @@ from fedfms_secure.protocol import (
 )
 from fedfms_secure.transport import serde
 from fedfms_secure.transport.channel import client_channel
-from fedfms_secure.transport.servicer import SITE_METADATA_KEY, STATUS_CODES
+from fedfms_secure.server.servicer import SITE_METADATA_KEY, STATUS_CODES
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-log = logging.getLogger("fedfms_secure.client")
+log = logging.getLogger("fedfms_secure.site")
 _CODES = {v: k for k, v in STATUS_CODES.items()}
 
 

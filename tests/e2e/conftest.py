@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fedfms_secure.client.hekeys import Published, init_key
-from fedfms_secure.crypto.ckks import CkksParams
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
-from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.site.hekeys import Published, init_key
+from fedfms_secure.he.ckks import CkksParams
+from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.he.packing import fit_params
 from fedfms_secure.transport.client import FederationClient
 
 

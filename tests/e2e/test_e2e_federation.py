@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto.codec import make_site_codec, make_summer
-from fedfms_secure.crypto.hestore import site_key
+from fedfms_secure.he.codec import make_site_codec, make_aggregator
+from fedfms_secure.keys.hestore import site_key
 from fedfms_secure.errors import FedFmsError
-from fedfms_secure.crypto.keystore import load_bundle
+from fedfms_secure.keys.keystore import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.server.store import StateStore
@@ -46,7 +46,7 @@ def test_server_never_held_a_secret_key(run):
     store = StateStore(out / "run" / "server")
     row = store.global_row(2)
     stored = [store.get_blob(b) for b in row.blobs]
-    make_summer("ckks", context, server.fingerprint, params=server.params).parse(stored[0])  # it can add them
+    make_aggregator("ckks", context, server.fingerprint, params=server.params).parse(stored[0])  # it can add them
     with pytest.raises(FedFmsError):
         make_site_codec("ckks", context, server.fingerprint, params=server.params).decrypt_vector(stored, row.vector_length)
     # while every site can, with the key made at site_1 and sealed to the others

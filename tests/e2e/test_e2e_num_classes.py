@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from federation_kit import provision_sites, running_server
-from fedfms_secure.client.site import run_site
+from fedfms_secure.site.daemon import run_site
 from fedfms_secure.config import ClientConfig, ServerConfig
 from fedfms_secure.data import synth_federation
 from fedfms_secure.errors import ConfigError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto.ckks import CkksParams, context_fingerprint, load_context, new_secret_context, serialize_params_only
-from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.he.ckks import CkksParams, context_fingerprint, load_context, new_secret_context, serialize_params_only
+from fedfms_secure.he.codec import make_site_codec, make_aggregator
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import PHASE_COMMIT, PHASE_DONE, PHASE_UPLOAD, Chunk, Plan
 from fedfms_secure.server.coordinator import Coordinator
@@ -31,7 +31,7 @@ def plain_keys():
 def make_coordinator(tmp_path, keys, rounds=2):
     codec, server_ctx, fp = keys
     plan = Plan("t", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, codec.scheme)
-    return Coordinator(plan, SITES, make_summer(codec.scheme, server_ctx, fp if server_ctx else None), fp,
+    return Coordinator(plan, SITES, make_aggregator(codec.scheme, server_ctx, fp if server_ctx else None), fp,
                        StateStore(tmp_path))
 
 

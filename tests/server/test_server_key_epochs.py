@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto import pki
-from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
-from fedfms_secure.crypto.codec import make_site_codec, make_summer
-from fedfms_secure.crypto.envelope import open_envelope, seal_for_sites
-from fedfms_secure.crypto.keystore import load_bundle, load_envelope_key
-from fedfms_secure.crypto.packing import fit_params
-from fedfms_secure.crypto.rekey import reencrypt_chunks
+from fedfms_secure.keys import pki
+from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
+from fedfms_secure.he.codec import make_site_codec, make_aggregator
+from fedfms_secure.keys.envelope import open_envelope, seal_for_sites
+from fedfms_secure.keys.keystore import load_bundle, load_envelope_key
+from fedfms_secure.he.packing import fit_params
+from fedfms_secure.he.rekey import reencrypt_chunks
 from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, KeyPublication, Plan, SealedEnvelope
 from fedfms_secure.server.coordinator import Coordinator
@@ -39,8 +39,8 @@ def coordinator(fed: Path, state: Path, rounds: int = 3) -> Coordinator:
     server = load_bundle(fed / "server", role="server")
     assert server.fingerprint is None  # no key exists when the bundles are made
     plan = Plan("ep", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, "ckks")
-    summer = make_summer("ckks", server.context(), None, params=server.params)
-    return Coordinator(plan, SITES, summer, None, StateStore(state))
+    aggregator = make_aggregator("ckks", server.context(), None, params=server.params)
+    return Coordinator(plan, SITES, aggregator, None, StateStore(state))
 
 
 def new_key(fed: Path, sender: str, epoch: int, recipients=("a", "b", "c")):
@@ -52,7 +52,7 @@ def new_key(fed: Path, sender: str, epoch: int, recipients=("a", "b", "c")):
         sender_key=pki.private_key_from_pem(bundle.key_pem, source="tls.key"), sender_cert_pem=bundle.cert_pem,
         recipients={n: bundle.envelope_keys[n] for n in recipients},
     )
-    from fedfms_secure.crypto.ckks import context_fingerprint, load_context
+    from fedfms_secure.he.ckks import context_fingerprint, load_context
 
     ctx = load_context(context, source="new")
     codec = make_site_codec("ckks", ctx, context_fingerprint(ctx), params=bundle.params)

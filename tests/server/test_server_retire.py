@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto.codec import make_site_codec, make_summer
+from fedfms_secure.he.codec import make_site_codec, make_aggregator
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import PHASE_COMMIT, PHASE_DONE, PHASE_UPLOAD, Chunk, Plan
 from fedfms_secure.server.coordinator import Coordinator
@@ -21,7 +21,7 @@ def codec():
 
 def coordinator(tmp_path, rounds=2, **kwargs):
     plan = Plan("t", rounds, "fedmsa", "tiny", 0, 1, 4, 1e-3, "plain")
-    return Coordinator(plan, SITES, make_summer("plain", None), "plain", StateStore(tmp_path), **kwargs)
+    return Coordinator(plan, SITES, make_aggregator("plain", None), "plain", StateStore(tmp_path), **kwargs)
 
 
 def upload(coord, codec, site, round_, vec):

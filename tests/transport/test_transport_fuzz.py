@@ -31,19 +31,19 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedfms_secure.client.hekeys import init_key
+from fedfms_secure.site.hekeys import init_key
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.crypto import pki
-from fedfms_secure.crypto.ckks import new_secret_context, serialize_site_context
-from fedfms_secure.crypto.codec import make_site_codec
-from fedfms_secure.crypto.envelope import seal_for_sites
-from fedfms_secure.crypto.hestore import site_key
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
-from fedfms_secure.crypto.rekey import reencrypt_chunks
+from fedfms_secure.keys import pki
+from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
+from fedfms_secure.he.codec import make_site_codec
+from fedfms_secure.keys.envelope import seal_for_sites
+from fedfms_secure.keys.hestore import site_key
+from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.he.rekey import reencrypt_chunks
 from fedfms_secure.errors import CryptoError
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.transport import serde
-from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.he.packing import fit_params
 from fedfms_secure.server.daemon import serve
 from fedfms_secure.transport.client import FederationClient
 from fedfms_secure.v1 import federation_pb2 as pb
@@ -163,7 +163,7 @@ class Fuzzer:
             recipients={n: b.envelope_keys[n] for n in FUZZED},
         )
         self.next_context = context
-        from fedfms_secure.crypto.ckks import context_fingerprint, load_context
+        from fedfms_secure.he.ckks import context_fingerprint, load_context
 
         ctx = load_context(context, source="next")
         self.next_codec = make_site_codec("ckks", ctx, context_fingerprint(ctx), params=b.params)

@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fedfms_secure.crypto.codec import make_site_codec
-from fedfms_secure.crypto.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.he.codec import make_site_codec
+from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.transport.client import FederationClient

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.client.hekeys import Keyring
-from fedfms_secure.crypto.hestore import HeStore
-from fedfms_secure.crypto.keystore import load_bundle
-from fedfms_secure.crypto.packing import fit_params
+from fedfms_secure.site.hekeys import Keyring
+from fedfms_secure.keys.hestore import HeStore
+from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
 
@@ -136,8 +136,8 @@ def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
     """A bundle without he/ (e.g. restored from the export) gets the current key from its envelope;
     the envelope of another site does not open with its key."""
     root, address = federation
-    from fedfms_secure.crypto.envelope import open_envelope
-    from fedfms_secure.crypto.keystore import load_envelope_key
+    from fedfms_secure.keys.envelope import open_envelope
+    from fedfms_secure.keys.keystore import load_envelope_key
     from fedfms_secure.errors import KeyMaterialError
 
     bundle_dir = tmp_path / "b"
@@ -160,10 +160,10 @@ def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
 def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_path):
     """The key is rotated after site b fetched the state of round 0: its commit under the old key
     is refused, it fetches its envelope and commits the same count under the new key."""
-    from fedfms_secure.client.hekeys import init_key, rotate_key
-    from fedfms_secure.client.site import _Site
+    from fedfms_secure.site.hekeys import init_key, rotate_key
+    from fedfms_secure.site.daemon import _Site
     from fedfms_secure.config import ClientConfig
-    from fedfms_secure.crypto.keystore import load_envelope_key
+    from fedfms_secure.keys.keystore import load_envelope_key
 
     sites = ("a", "b")
     provision_sites(tmp_path, sites, federation="re", params=fit_params(bound=1.0, sites=2, rounds=2))
