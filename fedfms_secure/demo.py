@@ -34,7 +34,6 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
-from fedfms_secure.report import build_report, plot_report
 
 
 # bound on every value of a weighted update n_k/N * delta_k (Adam moves a parameter by about lr a step)
@@ -77,6 +76,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     from fedfms_secure.keys.keystore import export_bundle, init_federation
     from fedfms_secure.he.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
+    from fedfms_secure.report import build_report, plot_report  # opacus and torch: not for `--help`
 
     console = console or Console(stderr=True)
     if options.clients < 1 or options.rounds < 1:
