@@ -1,40 +1,34 @@
 """``fedfms-secure data ...``: write a synthetic federation, inspect a data folder.
 
 ``add_data_options(parser)`` adds the flags that say how site folders are read (label map, axis,
-clip percentiles, empty-slice keeping, bad files, slice cache); ``client``, ``demo``, ``train`` and
-``evaluate`` share them, so a site and a baseline read the same data the same way.
+clip percentiles, empty-slice keeping, bad files, slice cache), generated from the site's config
+fields as ``client`` and ``demo`` are, so a site and a baseline read the same data the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 # kept light: torch, monai and nibabel are imported inside the handlers
 
-LABELS_HELP = ('label map: "1,2" merges those values into the foreground, \'{"1": 1, "2": 1, "3": 2}\' maps '
-               "values (or names from dataset.json) to up to 4 classes, a .json file holds such a map; "
-               "default: every non-zero value is foreground")
+# the data settings of a site (fedfms_secure.config.ClientConfig), with the same flags and help
+DATA_SETTINGS = ("labels", "axis", "clip_percentiles", "keep_empty_every", "skip_bad")
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, defaults: bool = True, cache: bool = True) -> None:
-    """The flags that say how a site folder is read. With ``defaults=False`` every flag defaults to
-    None (so a config file or another source can fill it)."""
-    d = (lambda value: value) if defaults else (lambda value: None)
-    parser.add_argument("--labels", help=LABELS_HELP)
-    parser.add_argument("--axis", type=int, choices=[0, 1, 2], default=d(2),
-                        help="axis of the stored voxel array that 3-D volumes are sliced along (default 2)")
-    parser.add_argument("--clip-percentiles", default=d("0.5,99.5"), metavar="LOW,HIGH",
-                        help="intensity percentiles clipped to before scaling to [0, 1] (default 0.5,99.5)")
-    parser.add_argument("--keep-empty-every", type=int, default=d(5), metavar="K",
-                        help="keep every K-th slice without foreground (default 5, as FedFMS; 0 drops them)")
-    parser.add_argument("--skip-bad", action="store_true", default=None if not defaults else False,
-                        help="skip (and log) corrupt or mismatched pairs instead of stopping")
+def add_data_options(parser: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    """The flags that say how a site folder is read, generated from :class:`ClientConfig`'s fields
+    (so a baseline and a site take the same flags, with the same defaults)."""
+    from fedfms_secure.config import ClientConfig, add_config_options, setting_help
+
+    add_config_options(parser, ClientConfig, names=DATA_SETTINGS,
+                       defaults={f.name: f.default for f in dataclasses.fields(ClientConfig)})
     if cache:
         parser.add_argument("--cache", type=Path, metavar="DIR",
-                            help="keep preprocessed slices in DIR (a changed file is re-read)")
+                            help=f"{setting_help(ClientConfig, 'cache')} (default: no cache)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -97,4 +91,4 @@ def _values(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-__all__ = ["LABELS_HELP", "add_data_options", "cmd_inspect", "cmd_synth", "register"]
+__all__ = ["DATA_SETTINGS", "add_data_options", "cmd_inspect", "cmd_synth", "register"]
