@@ -106,12 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("server", help="run the coordinator (it only ever holds ciphertexts)")
-    s.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    s.add_argument("--config", type=Path, metavar="FILE", help=f"{CONFIG_HELP} (default: none)")
     add_config_options(s, ServerConfig)
     s.set_defaults(handler=_cmd_server, log_prefix="server")
 
     c = sub.add_parser("client", help="run one site")
-    c.add_argument("--config", type=Path, metavar="FILE", help=CONFIG_HELP)
+    c.add_argument("--config", type=Path, metavar="FILE", help=f"{CONFIG_HELP} (default: none)")
     add_config_options(c, ClientConfig)
     c.set_defaults(handler=_cmd_client, log_prefix="client")
 
