@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Handler of ``data inspect``."""
+    """Handler of ``data inspect``: exits 1 when a site folder cannot be trained on."""
     from fedfms_secure.data.inspect import inspect_federation
 
     report = inspect_federation(args.data, image_size=args.image_size, axis=args.axis, seed=args.seed,
@@ -74,7 +75,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                 clip_percentiles=args.clip_percentiles, cache_dir=args.cache)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return _trainable(report)
     for site in report["sites"]:
         shapes = ", ".join(f"{shape} ({n})" for shape, n in site["image_shapes"].items()) or "-"
         classes = ", ".join(f"{name} {100 * f:.2f}%" for name, f in site["class_fractions"].items())
@@ -84,7 +85,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f" ({classes})" if len(site["class_fractions"]) > 1 else ""))
         for problem in site["problems"]:
             print(f"  problem: {problem['file']}: {problem['problem']}")
-    return 0
+    return _trainable(report)
+
+
+def _trainable(report: dict[str, Any]) -> int:
+    """0 when every site can be trained on; else 1, naming on stderr each site that cannot."""
+    code = 0
+    for site in report["sites"]:
+        if site["train_slices"] == 0:
+            why = "no training slice"
+        elif site["foreground_fraction"] == 0:
+            why = "no foreground in any label"
+        else:
+            continue
+        print(f"error: site {site['name']} cannot be trained on ({why}): fix the problems listed for "
+              f"{site['path']}, or leave the folder out", file=sys.stderr)
+        code = 1
+    return code
 
 
 def _values(values: list[float]) -> str:
