@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -21,6 +22,23 @@ COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (1 for an error the user can fix, with its message)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
+    except BrokenPipeError:
+        # the reader went away (`fedfms-secure evaluate --json | head`): no traceback, and no second
+        # error when the interpreter flushes stdout at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (an in-memory capture)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

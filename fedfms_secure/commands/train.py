@@ -68,7 +68,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--cache", type=Path, metavar="DIR",
                     help="keep preprocessed slices in DIR (default: no cache)")
     ev.add_argument("--per-image", action="store_true",
-                    help="also list every slice's Dice, IoU and HD95 per class (with --json)")
+                    help="also list every slice's Dice, IoU and HD95 per class (needs --json)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(handler=cmd_evaluate)
     return group
@@ -105,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
+    if args.per_image and not args.json:
+        from fedfms_secure.errors import ConfigError
+
+        raise ConfigError("--per-image lists every slice's scores in the JSON output only: add --json")
     result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
                                  skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image)
