@@ -90,6 +90,7 @@ class ServerConfig:
         _require(self.rounds >= 1, "rounds must be at least 1")
         _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         _require(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
+        _require(self.seed >= 0, "seed must be >= 0")
         _require(self.local_epochs >= 1, "local_epochs must be at least 1")
         _require(self.batch_size >= 1, "batch_size must be at least 1")
         _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be positive")
