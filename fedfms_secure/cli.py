@@ -10,10 +10,13 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fedfms_secure import __version__
 from fedfms_secure.errors import FedFmsError
+
+if TYPE_CHECKING:
+    from fedfms_secure.demo import DemoOptions
 
 log = logging.getLogger("fedfms_secure.cli")
 
@@ -73,14 +76,19 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedfms_secure.demo import DemoOptions, run_demo
-
+def demo_options(args: argparse.Namespace) -> DemoOptions:
+    """The demo's options from its parsed flags, by field name (checked on construction)."""
     from fedfms_secure.data.preprocess import check_percentiles
+    from fedfms_secure.demo import DemoOptions
 
     values = {f.name: getattr(args, f.name) for f in fields(DemoOptions) if hasattr(args, f.name)}
-    options = DemoOptions(**{**values, "clip_percentiles": check_percentiles(args.clip_percentiles)})
-    report = run_demo(options)
+    return DemoOptions(**{**values, "clip_percentiles": check_percentiles(args.clip_percentiles)})
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedfms_secure.demo import run_demo
+
+    report = run_demo(demo_options(args))
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

@@ -139,3 +139,16 @@ def test_the_examples_hold_every_key_and_load(name: str, cls: type) -> None:
             tomllib.loads(line[2:].split("  #")[0])  # valid TOML once uncommented
     config = load_config(cls, file, {})
     assert isinstance(config, cls)
+
+
+def test_the_demo_flags_default_to_the_demo_options_and_reach_them_by_name() -> None:
+    from fedfms_secure.cli import demo_options
+    from fedfms_secure.demo import DemoOptions
+
+    assert demo_options(_parser().parse_args(["demo"])) == DemoOptions()
+    options = demo_options(_parser().parse_args(
+        ["demo", "--no-he", "--lr", "0.01", "--skip-bad", "--clip-percentiles", "1,99", "--rounds", "2",
+         "--epsilon", "inf", "--no-pretrained", "--mode", "fedsam"]))
+    assert (options.he, options.learning_rate, options.skip_bad, options.clip_percentiles) == (False, 0.01, True,
+                                                                                            (1.0, 99.0))
+    assert (options.rounds, options.epsilon, options.pretrained, options.mode) == (2, float("inf"), False, "fedsam")
