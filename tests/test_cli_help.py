@@ -32,6 +32,8 @@ def test_the_walk_reaches_every_command() -> None:
     commands = {command for command, _ in _commands(_parser())}
     assert {"server", "client", "demo", "data synth", "data inspect", "privacy plan", "privacy report",
             "train central", "train local", "evaluate", "bench he", "model summary", "status"} <= commands
+    for command, parser in _commands(_parser()):
+        assert parser.format_help(), command  # every help page renders (a stray % would raise here)
 
 
 @pytest.mark.parametrize(("command", "parser", "action"), _options(),
