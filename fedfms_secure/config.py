@@ -34,6 +34,7 @@ FEDERATED_LEARNING_RATE = 3e-3
 MODES = ("fedmsa", "fedsam")
 SCHEMES = ("ckks", "plain")
 ACCOUNTANTS = ("rdp", "prv")
+# the model registry's names, kept here torch-free (a test checks they match fedfms_secure.model)
 PRESETS = ("tiny", "vit_b", "vit_l", "vit_h")
 
 LABELS_HELP = ('label map: "1,2" merges those values into the foreground, \'{"1": 1, "2": 1, "3": 2}\' maps '

@@ -152,3 +152,12 @@ def test_the_demo_flags_default_to_the_demo_options_and_reach_them_by_name() -> 
     assert (options.he, options.learning_rate, options.skip_bad, options.clip_percentiles) == (False, 0.01, True,
                                                                                             (1.0, 99.0))
     assert (options.rounds, options.epsilon, options.pretrained, options.mode) == (2, float("inf"), False, "fedsam")
+
+
+def test_the_torch_free_preset_and_mode_names_match_the_model_registry() -> None:
+    from fedfms_secure.config import MODES, PRESETS
+    from fedfms_secure.model.modes import MODES as MODEL_MODES
+    from fedfms_secure.model.registry import PRESETS as REGISTRY
+
+    assert set(PRESETS) == set(REGISTRY)
+    assert set(MODES) == set(MODEL_MODES)
