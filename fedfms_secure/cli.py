@@ -6,13 +6,17 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from fedfms_secure import __version__
-from fedfms_secure.commands.data import add_data_options
 from fedfms_secure.errors import FedFmsError
+
+if TYPE_CHECKING:
+    from fedfms_secure.demo import DemoOptions
 
 log = logging.getLogger("fedfms_secure.cli")
 
@@ -21,6 +25,23 @@ COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (1 for an error the user can fix, with its message)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
+    except BrokenPipeError:
+        # the reader went away (`fedfms-secure evaluate --json | head`): no traceback, and no second
+        # error when the interpreter flushes stdout at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (an in-memory capture)
+            pass
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -41,166 +62,99 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # --- commands ----------------------------------------------------------------------------------
 def _cmd_server(args: argparse.Namespace) -> int:
-    from fedfms_secure.config import ServerConfig, load_config
+    from fedfms_secure.config import ServerConfig, flag_overrides, load_config
     from fedfms_secure.server.daemon import serve
 
-    config = load_config(
-        ServerConfig,
-        args.config,
-        {
-            "keys": args.keys,
-            "state": args.state,
-            "address": args.address,
-            "insecure": True if args.insecure else None,
-            "rounds": args.rounds,
-            "mode": args.mode,
-            "preset": args.preset,
-            "seed": args.seed,
-            "local_epochs": args.local_epochs,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "he": False if args.no_he else None,
-            "pretrained": False if args.no_pretrained else None,
-            "num_classes": args.num_classes,
-            "exit_when_done": True if args.exit_when_done else None,
-            "round_deadline": args.round_deadline,
-            "min_sites": args.min_sites,
-            "passphrase_file": args.passphrase_file,
-        },
-    )
-    return serve(config)
+    return serve(load_config(ServerConfig, args.config, flag_overrides(ServerConfig, args)))
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
+    from fedfms_secure.config import ClientConfig, flag_overrides, load_config
     from fedfms_secure.site.daemon import run_site
-    from fedfms_secure.config import ClientConfig, load_config
 
-    config = load_config(
-        ClientConfig,
-        args.config,
-        {
-            "keys": args.keys,
-            "data": args.data,
-            "state": args.state,
-            "server": args.server,
-            "insecure": True if args.insecure else None,
-            "site": args.site,
-            "epsilon": args.epsilon,
-            "delta": args.delta,
-            "max_grad_norm": args.max_grad_norm,
-            "accountant": args.accountant,
-            "save_updates": True if args.save_updates else None,
-            "connect_timeout": args.connect_timeout,
-            "labels": args.labels,
-            "axis": args.axis,
-            "clip_percentiles": args.clip_percentiles,
-            "keep_empty_every": args.keep_empty_every,
-            "skip_bad": True if args.skip_bad else None,
-            "cache": args.cache,
-            "passphrase_file": args.passphrase_file,
-        },
-    )
-    run_site(config)
+    run_site(load_config(ClientConfig, args.config, flag_overrides(ClientConfig, args)))
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def demo_options(args: argparse.Namespace) -> DemoOptions:
+    """The demo's options from its parsed flags, by field name (checked on construction)."""
     from fedfms_secure.data.preprocess import check_percentiles
-    from fedfms_secure.demo import DemoOptions, run_demo
+    from fedfms_secure.demo import DemoOptions
 
-    options = DemoOptions(
-        out=args.out,
-        clients=args.clients,
-        rounds=args.rounds,
-        epsilon=args.epsilon,
-        he=not args.no_he,
-        mode=args.mode,
-        data=args.data,
-        preset=args.preset,
-        seed=args.seed,
-        local_epochs=args.local_epochs,
-        learning_rate=args.lr,
-        pretrained=not args.no_pretrained,
-        holdout=args.holdout,
-        labels=args.labels,
-        axis=args.axis,
-        clip_percentiles=check_percentiles(args.clip_percentiles),
-        keep_empty_every=args.keep_empty_every,
-        skip_bad=args.skip_bad,
-    )
-    report = run_demo(options)
+    values = {f.name: getattr(args, f.name) for f in fields(DemoOptions) if hasattr(args, f.name)}
+    return DemoOptions(**{**values, "clip_percentiles": check_percentiles(args.clip_percentiles)})
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedfms_secure.demo import run_demo
+
+    report = run_demo(demo_options(args))
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
 
 
 # --- parser -------------------------------------------------------------------------------------
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default: appends ``(default: X)`` where the help text does not say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.required or not action.option_strings
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        shown = "off" if action.default is False else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help (and its subcommands' help) shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# what the demo shares with the daemons: the same flags, help and checks, with the demo's defaults
+DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "seed", "local_epochs", "learning_rate", "he", "pretrained")
+DEMO_CLIENT_SETTINGS = ("epsilon", "labels", "axis", "clip_percentiles", "keep_empty_every", "skip_bad")
+CONFIG_HELP = "TOML file with the same keys as the flags (underscores: learning_rate = 3e-3); flags override it"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedfms-secure", description=__doc__)
+    from fedfms_secure.config import ClientConfig, ServerConfig, add_config_options
+    from fedfms_secure.demo import DemoOptions
+
+    p = _Parser(prog="fedfms-secure", description=__doc__)
     p.add_argument("--version", action="version", version=f"fedfms-secure {__version__}")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = p.add_subparsers(metavar="COMMAND")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="how much the logs say (default: INFO)")
+    sub = p.add_subparsers(metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("server", help="run the coordinator (it only ever holds ciphertexts)")
-    s.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
-    s.add_argument("--keys", type=Path, help="server bundle from `keys export server`")
-    s.add_argument("--address", help="HOST:PORT to listen on (port 0 picks a free one; default 127.0.0.1:50051)")
-    s.add_argument("--state", type=Path, help="folder for the server's state")
-    s.add_argument("--rounds", type=int)
-    s.add_argument("--mode", choices=["fedmsa", "fedsam"])
-    s.add_argument("--preset", help="model preset (default tiny)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--local-epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float)
-    s.add_argument("--no-he", action="store_true", help="sum plaintext updates (a baseline, not private)")
-    s.add_argument("--no-pretrained", action="store_true",
-                   help="start from the seeded initialisation instead of the preset's pretrained weights")
-    s.add_argument("--num-classes", type=int,
-                   help="foreground classes of the model (default 1): every site's --labels must map to this many")
-    s.add_argument("--insecure", action="store_true", help="serve without TLS (local experiments only)")
-    s.add_argument("--exit-when-done", action="store_true", help="exit once every round is done")
-    s.add_argument("--round-deadline", type=float,
-                   help="seconds a phase waits before going on with --min-sites sites (default: wait for all)")
-    s.add_argument("--min-sites", type=int, help="quorum at the deadline (default 1)")
-    s.add_argument("--passphrase-file", type=Path, help="file with the passphrase of the bundle's encrypted keys")
+    s.add_argument("--config", type=Path, metavar="FILE", help=f"{CONFIG_HELP} (default: none)")
+    add_config_options(s, ServerConfig)
     s.set_defaults(handler=_cmd_server, log_prefix="server")
 
     c = sub.add_parser("client", help="run one site")
-    c.add_argument("--config", type=Path, help="TOML file with the same keys as the flags")
-    c.add_argument("--keys", type=Path, help="client bundle from `keys export client NAME`")
-    c.add_argument("--server", help="the coordinator's HOST:PORT")
-    c.add_argument("--data", type=Path, help="the site's folder (imagesTr/, labelsTr/)")
-    c.add_argument("--state", type=Path, help="folder for the site's state (privacy ledger, split)")
-    c.add_argument("--epsilon", type=float, help="target epsilon over the whole run (inf: no DP)")
-    c.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
-    c.add_argument("--max-grad-norm", type=float)
-    c.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
-    c.add_argument("--site", help="site name, only with --insecure")
-    c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
-    c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")
-    c.add_argument("--connect-timeout", type=float)
-    add_data_options(c, defaults=False)
-    c.add_argument("--passphrase-file", type=Path, help="file with the passphrase of the bundle's encrypted keys")
+    c.add_argument("--config", type=Path, metavar="FILE", help=f"{CONFIG_HELP} (default: none)")
+    add_config_options(c, ClientConfig)
     c.set_defaults(handler=_cmd_client, log_prefix="client")
 
     m = sub.add_parser("demo", help="a whole secure federation on loopback, with a report")
-    m.add_argument("--out", type=Path, default=Path("demo-out"))
-    m.add_argument("--clients", type=int, default=3)
-    m.add_argument("--rounds", type=int, default=5)
-    m.add_argument("--epsilon", type=float, default=8.0, help="each site's target epsilon (inf: no DP)")
-    m.add_argument("--no-he", action="store_true", help="sum plaintext updates instead of CKKS ciphertexts")
-    m.add_argument("--mode", choices=["fedmsa", "fedsam"], default="fedmsa")
-    m.add_argument("--data", type=Path, help="existing site folders instead of generated ones")
-    m.add_argument("--preset", default="tiny")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--local-epochs", type=int, default=5)
-    m.add_argument("--lr", type=float, help="the sites' Adam learning rate (default: the server's plan)")
-    m.add_argument("--no-pretrained", action="store_true", help="a random encoder instead of the pretrained preset")
+    demo = {f.name: f.default for f in fields(DemoOptions)}
+    m.add_argument("--out", type=Path, default=demo["out"], metavar="DIR",
+                   help="folder of the data, the run, the logs and the report (default: %(default)s)")
+    m.add_argument("--clients", type=int, default=demo["clients"],
+                   help="sites that train, one process each (default: %(default)s)")
+    add_config_options(m, ServerConfig, names=DEMO_SERVER_SETTINGS, defaults=demo)
+    add_config_options(m, ClientConfig, names=DEMO_CLIENT_SETTINGS, defaults=demo)
+    m.add_argument("--data", type=Path, metavar="DIR",
+                   help="existing site folders instead of generated ones (default: synthetic sites in OUT/data)")
     m.add_argument("--holdout", metavar="SITE",
-                   help="leave-one-site-out: SITE never trains; the final model is scored on it at the end")
-    add_data_options(m, cache=False)
-    m.add_argument("--json", action="store_true", help="also print report.json")
+                   help="leave-one-site-out: SITE never trains; the final model is scored on it at the end "
+                        "(default: none)")
+    m.add_argument("--json", action="store_true", help="also print report.json (default: off)")
     m.set_defaults(handler=_cmd_demo)
 
     for group in COMMAND_GROUPS:

@@ -34,7 +34,6 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
-from fedfms_secure.report import build_report, plot_report
 
 
 # bound on every value of a weighted update n_k/N * delta_k (Adam moves a parameter by about lr a step)
@@ -71,12 +70,35 @@ class DemoOptions:
     keep_empty_every: int = 5
     skip_bad: bool = False
 
+    def __post_init__(self) -> None:
+        """Every option is checked here, before any data is written or any process started: the
+        settings the demo shares with the daemons by the daemons' own checks."""
+        from fedfms_secure.config import ClientConfig, ServerConfig
+
+        if self.clients < 1:
+            raise ConfigError(f"--clients must be at least 1, not {self.clients}")
+        if not self.timeout > 0:
+            raise ConfigError(f"the demo's timeout must be a positive number of seconds, not {self.timeout}")
+        if self.holdout is not None and not self.holdout.strip():
+            raise ConfigError("--holdout needs the name of one of the sites")
+        if self.data is not None and not Path(self.data).is_dir():
+            raise ConfigError(f"--data {self.data} is not a folder: give a folder of site folders")
+        unset = Path("-")  # the demo provisions the keys and state folders itself
+        ServerConfig(keys=unset, state=unset, rounds=self.rounds, mode=self.mode, preset=self.preset, seed=self.seed,
+                     local_epochs=self.local_epochs, he=self.he, pretrained=self.pretrained,
+                     num_classes=num_classes_of(self.labels),
+                     **({} if self.learning_rate is None else {"learning_rate": self.learning_rate}))
+        ClientConfig(keys=unset, data=unset, state=unset, epsilon=self.epsilon, labels=self.labels, axis=self.axis,
+                     clip_percentiles=self.clip_percentiles, keep_empty_every=self.keep_empty_every,
+                     skip_bad=self.skip_bad)
+
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
     from fedfms_secure.keys.keystore import export_bundle, init_federation
     from fedfms_secure.he.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
+    from fedfms_secure.report import build_report, plot_report  # opacus and torch: not for `--help`
 
     console = console or Console(stderr=True)
     if options.clients < 1 or options.rounds < 1:

@@ -72,3 +72,66 @@ def test_config_file_and_flag_override(tmp_path):
         load_config(ServerConfig, f, {})
     with pytest.raises(ConfigError, match="--keys"):
         load_config(ServerConfig, None, {"state": "s"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epsilon", "-1"], "epsilon must be positive"),
+        (["--epsilon", "0"], "epsilon must be positive"),
+        (["--epsilon", "nan"], "epsilon must be positive"),
+        (["--rounds", "0"], "rounds must be at least 1"),
+        (["--clients", "0"], "--clients must be at least 1"),
+        (["--local-epochs", "0"], "local_epochs must be at least 1"),
+        (["--learning-rate", "0"], "learning_rate must be positive"),
+        (["--lr=-1e-3"], "learning_rate must be positive"),
+        (["--labels", '{"1": 2}'], "without a gap"),
+        (["--clip-percentiles", "99,1"], "LOW < HIGH"),
+        (["--keep-empty-every", "-1"], "keep_empty_every"),
+        (["--holdout", " "], "--holdout"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_writing_or_starting_anything(flags, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--out", str(out), *flags]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # no data written, no keys provisioned, no process started
+
+
+def test_demo_refuses_a_data_folder_that_is_not_there(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "nope")]) == 1
+    assert "is not a folder" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_inspect_fails_for_a_site_that_cannot_be_trained_on(tmp_path, capsys):
+    (tmp_path / "fed" / "no_labels" / "imagesTr").mkdir(parents=True)
+    assert main(["data", "inspect", str(tmp_path / "fed")]) == 1
+    captured = capsys.readouterr()
+    assert "problem:" in captured.out and "labelsTr" in captured.out  # the problems are still listed
+    assert "site no_labels cannot be trained on" in captured.err
+
+
+def test_evaluate_refuses_per_image_without_json(tmp_path, capsys):
+    code = main(["evaluate", "--model", str(tmp_path / "m.pt"), "--data", str(tmp_path), "--per-image"])
+    assert code == 1
+    assert "add --json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "code"), [
+    (["server", "--help"], 0),  # argparse drops the help text it cannot write
+    (["privacy", "plan", "--target-epsilon", "8", "--delta", "1e-5", "--sample-rate", "0.3", "--steps", "10",
+      "--json"], 141),
+])
+def test_a_closed_pipe_ends_quietly(argv, code):
+    import subprocess
+    import sys
+
+    import os
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "fedfms_secure", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    proc.stdout.close()  # as `| head` does once it has read enough
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
+    assert proc.returncode == code

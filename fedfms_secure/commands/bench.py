@@ -34,8 +34,10 @@ def register(subparsers: Any) -> None:
     he.add_argument("--rounds", type=int, default=5, help="R: rounds the parameters must allow (default 5)")
     he.add_argument("--bound", type=float, default=1.0, help="largest |value| (default 1.0)")
     he.add_argument("--quant-bits", type=int, default=16, help="step = bound / 2**bits (default 16)")
-    he.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic")
-    he.add_argument("--poly-modulus-degree", type=int, default=8192)
+    he.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
+                    help="how values are rounded to the quantisation step")
+    he.add_argument("--poly-modulus-degree", type=int, default=8192,
+                    help="CKKS ring dimension N (N/2 slots per ciphertext)")
     he.add_argument("--seed", type=int, default=0, help="seed of the random values")
     he.add_argument("--json", action="store_true", help="print one JSON line")
     he.set_defaults(handler=_cmd_bench_he)

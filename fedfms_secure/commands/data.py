@@ -1,40 +1,35 @@
 """``fedfms-secure data ...``: write a synthetic federation, inspect a data folder.
 
 ``add_data_options(parser)`` adds the flags that say how site folders are read (label map, axis,
-clip percentiles, empty-slice keeping, bad files, slice cache); ``client``, ``demo``, ``train`` and
-``evaluate`` share them, so a site and a baseline read the same data the same way.
+clip percentiles, empty-slice keeping, bad files, slice cache), generated from the site's config
+fields as ``client`` and ``demo`` are, so a site and a baseline read the same data the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 # kept light: torch, monai and nibabel are imported inside the handlers
 
-LABELS_HELP = ('label map: "1,2" merges those values into the foreground, \'{"1": 1, "2": 1, "3": 2}\' maps '
-               "values (or names from dataset.json) to up to 4 classes, a .json file holds such a map; "
-               "default: every non-zero value is foreground")
+# the data settings of a site (fedfms_secure.config.ClientConfig), with the same flags and help
+DATA_SETTINGS = ("labels", "axis", "clip_percentiles", "keep_empty_every", "skip_bad")
 
 
-def add_data_options(parser: argparse.ArgumentParser, *, defaults: bool = True, cache: bool = True) -> None:
-    """The flags that say how a site folder is read. With ``defaults=False`` every flag defaults to
-    None (so a config file or another source can fill it)."""
-    d = (lambda value: value) if defaults else (lambda value: None)
-    parser.add_argument("--labels", help=LABELS_HELP)
-    parser.add_argument("--axis", type=int, choices=[0, 1, 2], default=d(2),
-                        help="axis of the stored voxel array that 3-D volumes are sliced along (default 2)")
-    parser.add_argument("--clip-percentiles", default=d("0.5,99.5"), metavar="LOW,HIGH",
-                        help="intensity percentiles clipped to before scaling to [0, 1] (default 0.5,99.5)")
-    parser.add_argument("--keep-empty-every", type=int, default=d(5), metavar="K",
-                        help="keep every K-th slice without foreground (default 5, as FedFMS; 0 drops them)")
-    parser.add_argument("--skip-bad", action="store_true", default=None if not defaults else False,
-                        help="skip (and log) corrupt or mismatched pairs instead of stopping")
+def add_data_options(parser: argparse.ArgumentParser, *, cache: bool = True) -> None:
+    """The flags that say how a site folder is read, generated from :class:`ClientConfig`'s fields
+    (so a baseline and a site take the same flags, with the same defaults)."""
+    from fedfms_secure.config import ClientConfig, add_config_options, setting_help
+
+    add_config_options(parser, ClientConfig, names=DATA_SETTINGS,
+                       defaults={f.name: f.default for f in dataclasses.fields(ClientConfig)})
     if cache:
         parser.add_argument("--cache", type=Path, metavar="DIR",
-                            help="keep preprocessed slices in DIR (a changed file is re-read)")
+                            help=f"{setting_help(ClientConfig, 'cache')} (default: no cache)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -42,16 +37,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     group = subparsers.add_parser("data", help="site datasets")
     sub = group.add_subparsers(metavar="ACTION")
     synth = sub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
-    synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--sites", type=int, default=3)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the site folders into")
+    synth.add_argument("--sites", type=int, default=3, help="number of site folders")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the generated volumes")
     synth.set_defaults(handler=cmd_synth)
     inspect = sub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
     inspect.add_argument("data", type=Path, help="a site folder or a folder of site folders")
     inspect.add_argument("--image-size", type=int, default=64, help="the model's input size (default 64)")
     inspect.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default 0)")
     add_data_options(inspect)
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     inspect.set_defaults(handler=cmd_inspect)
     group.set_defaults(handler=lambda args: _help(group))
     return group
@@ -72,7 +67,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Handler of ``data inspect``."""
+    """Handler of ``data inspect``: exits 1 when a site folder cannot be trained on."""
     from fedfms_secure.data.inspect import inspect_federation
 
     report = inspect_federation(args.data, image_size=args.image_size, axis=args.axis, seed=args.seed,
@@ -80,7 +75,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                 clip_percentiles=args.clip_percentiles, cache_dir=args.cache)
     if args.json:
         print(json.dumps(report, indent=2))
-        return 0
+        return _trainable(report)
     for site in report["sites"]:
         shapes = ", ".join(f"{shape} ({n})" for shape, n in site["image_shapes"].items()) or "-"
         classes = ", ".join(f"{name} {100 * f:.2f}%" for name, f in site["class_fractions"].items())
@@ -90,11 +85,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               + (f" ({classes})" if len(site["class_fractions"]) > 1 else ""))
         for problem in site["problems"]:
             print(f"  problem: {problem['file']}: {problem['problem']}")
-    return 0
+    return _trainable(report)
+
+
+def _trainable(report: dict[str, Any]) -> int:
+    """0 when every site can be trained on; else 1, naming on stderr each site that cannot."""
+    code = 0
+    for site in report["sites"]:
+        if site["train_slices"] == 0:
+            why = "no training slice"
+        elif site["foreground_fraction"] == 0:
+            why = "no foreground in any label"
+        else:
+            continue
+        print(f"error: site {site['name']} cannot be trained on ({why}): fix the problems listed for "
+              f"{site['path']}, or leave the folder out", file=sys.stderr)
+        code = 1
+    return code
 
 
 def _values(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-__all__ = ["LABELS_HELP", "add_data_options", "cmd_inspect", "cmd_synth", "register"]
+__all__ = ["DATA_SETTINGS", "add_data_options", "cmd_inspect", "cmd_synth", "register"]

@@ -31,7 +31,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     summary.add_argument("--num-classes", type=int, default=1,
                          help="foreground classes (one SAM mask token each, 1-4)")  # fmt: skip
     summary.add_argument("--prompt", default="none", help="none (prompt-free) or box")
-    summary.add_argument("--adapter-ratio", type=float, default=0.25)
+    summary.add_argument("--adapter-ratio", type=float, default=0.25,
+                         help="width of a Medical SAM Adapter as a fraction of the embedding")
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     summary.set_defaults(handler=cmd_summary)
     group.set_defaults(handler=lambda args: _help(group))

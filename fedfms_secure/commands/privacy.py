@@ -14,17 +14,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     psub = p.add_subparsers(metavar="ACTION")
 
     plan = psub.add_parser("plan", help="the noise multiplier that spends a target epsilon in T steps")
-    plan.add_argument("--target-epsilon", type=float, required=True)
-    plan.add_argument("--delta", type=float, required=True)
+    plan.add_argument("--target-epsilon", type=float, required=True, help="epsilon to spend over all the steps")
+    plan.add_argument("--delta", type=float, required=True, help="target delta, in (0, 1)")
     plan.add_argument("--sample-rate", type=float, required=True, help="batch size / training slices")
     plan.add_argument("--steps", type=int, required=True, help="rounds x local epochs x steps per epoch")
-    plan.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     plan.set_defaults(handler=_plan)
 
     report = psub.add_parser("report", help="a site's spent budget, round by round")
     report.add_argument("--state", type=Path, required=True, help="the site's --state folder")
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     report.set_defaults(handler=_report)
 
 

@@ -17,11 +17,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
     p.add_argument("--keys", type=Path, required=True, help="a client bundle of the federation")
     p.add_argument("--passphrase-file", type=Path,
-                   help="file whose first line is the passphrase: opens a bundle whose keys are encrypted at rest")
+                   help="file whose first line is the passphrase: opens a bundle whose keys are encrypted at rest "
+                        "(default: none)")
     p.add_argument("--insecure", action="store_true", help="the server runs with --insecure")
-    p.add_argument("--site", help="site name, only with --insecure")
+    p.add_argument("--site", help="site name, only with --insecure (default: none)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(handler=_status)
 
 

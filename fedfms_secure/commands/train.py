@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedfms_secure.config import FEDERATED_LEARNING_RATE
+from fedfms_secure.config import FEDERATED_LEARNING_RATE, MODES, PRESETS
 
 from fedfms_secure.commands.data import add_data_options
 
@@ -31,22 +31,27 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                        ("local", "each site trains alone on its own slices")):
         p = sub.add_parser(kind, help=text)
         p.add_argument("--data", type=Path, required=True, help="a folder of site folders")
-        p.add_argument("--holdout", metavar="SITE", help="a site that never trains, scored on all its slices at the end")
-        p.add_argument("--mode", choices=["fedmsa", "fedsam"], default="fedmsa")
-        p.add_argument("--preset", default="tiny")
+        p.add_argument("--holdout", metavar="SITE", help="a site that never trains, scored on all its slices at the end "
+                       "(default: none)")
+        p.add_argument("--mode", choices=MODES, default="fedmsa",
+                       help="fedmsa trains adapters and the mask decoder; fedsam the whole model")
+        p.add_argument("--preset", choices=PRESETS, default="tiny", help="model preset")
         p.add_argument("--epochs", type=int, default=25, help="training epochs (default 25: 5 rounds x 5 local epochs)")
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--lr", type=float, default=FEDERATED_LEARNING_RATE,
+        p.add_argument("--batch-size", type=int, default=32, help="(expected, under DP) batch size of a step")
+        p.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=FEDERATED_LEARNING_RATE,
                        help=f"Adam learning rate (default {FEDERATED_LEARNING_RATE:g}, as a federated round)")
-        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (omit: no DP)")
+        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (default: no DP)")
         p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
-        p.add_argument("--max-grad-norm", type=float, default=1.0)
+        p.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="DP-SGD clipping bound of one patient's gradient")
         p.add_argument("--seed", type=int, default=0, help="model seed and the sites' split seed (default 0)")
         p.add_argument("--no-pretrained", action="store_true", help="start from the seeded initialisation")
         p.add_argument("--image-size", type=int, help="model input size (default: the preset's)")
-        p.add_argument("--val-fraction", type=float, default=0.25)
+        p.add_argument("--val-fraction", type=float, default=0.25,
+                       help="fraction of each site's cases held out for validation")
         add_data_options(p)
-        p.add_argument("--out", type=Path, help="write DIR/KIND.json, the model(s) and the sites' splits here")
+        p.add_argument("--out", type=Path, help="write DIR/KIND.json, the model(s) and the sites' splits here "
+                       "(default: nowhere)")
         p.add_argument("--json", action="store_true", help="print the result as one JSON object")
         p.set_defaults(handler=cmd_train, kind=kind)
     group.set_defaults(handler=lambda args: _help(group))
@@ -58,10 +63,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     ev.add_argument("--axis", type=int, choices=[0, 1, 2], help="default: the model's")
     ev.add_argument("--clip-percentiles", metavar="LOW,HIGH", help="default: the model's")
     ev.add_argument("--keep-empty-every", type=int, metavar="K", help="default: the model's")
-    ev.add_argument("--skip-bad", action="store_true")
-    ev.add_argument("--cache", type=Path, metavar="DIR")
+    ev.add_argument("--skip-bad", action="store_true",
+                    help="skip (and log) corrupt or mismatched pairs instead of stopping")
+    ev.add_argument("--cache", type=Path, metavar="DIR",
+                    help="keep preprocessed slices in DIR (default: no cache)")
     ev.add_argument("--per-image", action="store_true",
-                    help="also list every slice's Dice, IoU and HD95 per class (with --json)")
+                    help="also list every slice's Dice, IoU and HD95 per class (needs --json)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(handler=cmd_evaluate)
     return group
@@ -98,6 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
+    if args.per_image and not args.json:
+        from fedfms_secure.errors import ConfigError
+
+        raise ConfigError("--per-image lists every slice's scores in the JSON output only: add --json")
     result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
                                  skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image)

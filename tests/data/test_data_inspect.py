@@ -61,8 +61,11 @@ def test_inspect_flags_a_site_without_validation_and_a_site_without_labels_once(
     nib.save(nib.Nifti1Image(label, np.eye(4)), one / "labelsTr" / "a.nii.gz")
     (tmp_path / "fed" / "no_labels" / "imagesTr").mkdir(parents=True)
 
-    assert main(["data", "inspect", str(tmp_path / "fed"), "--json"]) == 0
-    by_name = {site["name"]: site for site in json.loads(capsys.readouterr().out)["sites"]}
+    assert main(["data", "inspect", str(tmp_path / "fed"), "--json"]) == 1  # no_labels cannot be trained on
+    captured = capsys.readouterr()
+    assert "site no_labels cannot be trained on" in captured.err
+    assert "site one_volume cannot" not in captured.err  # a site without validation slices still trains
+    by_name = {site["name"]: site for site in json.loads(captured.out)["sites"]}
     single = by_name["one_volume"]
     assert (single["volumes"], single["train_slices"], single["val_slices"]) == (1, 3, 0)
     assert [p["file"] for p in single["problems"]] == [str(one)]
