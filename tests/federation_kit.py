@@ -68,8 +68,7 @@ def running_server(keys: Path, state: Path, **config: Any) -> Iterator[str]:
 def site_client(address: str, bundle: Path, timeout: float = 20.0) -> FederationClient:
     """A ``FederationClient`` with the site bundle's certificate and key (mutual TLS)."""
     b = load_bundle(bundle, role="client")
-    return FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                            server_name=b.server_host, call_timeout=timeout)
+    return FederationClient.from_bundle(b, address, call_timeout=timeout)
 
 
 def site_stub(address: str, bundle: Path) -> tuple[grpc.Channel, pb_grpc.FederationStub]:

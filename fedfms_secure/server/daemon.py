@@ -1,6 +1,6 @@
 """``fedfms-secure server``: the coordinator daemon.
 
-Every call passes the ``RevocationInterceptor`` (``transport/revocation.py``): a certificate on the
+Every call passes the ``RevocationInterceptor`` (``server/interceptors.py``): a certificate on the
 bundle's CA-signed ``crl.pem`` is refused with ``PERMISSION_DENIED`` and the reason, from the next
 call on, also while the server runs (the list is reloaded when the file changes). What the server
 has seen revoked is also kept in its ``--state`` folder (``revocations.json``), so a restart from a
@@ -29,7 +29,8 @@ from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
-from fedfms_secure.keys.revocation import PERSISTED, RevocationInterceptor, RevocationList
+from fedfms_secure.keys.revocation import PERSISTED, RevocationList
+from fedfms_secure.server.interceptors import RevocationInterceptor
 from fedfms_secure.server.servicer import FederationServicer
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc

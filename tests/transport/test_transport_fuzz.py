@@ -105,8 +105,7 @@ def federation(request, tmp_path_factory):
         time.sleep(0.05)
     address = json.loads(address_file.read_text())["address"]
     keeper = load_bundle(root / KEEPER, role="client")
-    with FederationClient(address, ca_pem=keeper.ca_pem, cert_pem=keeper.cert_pem, key_pem=keeper.key_pem,
-                          server_name=keeper.server_host, call_timeout=30) as client:
+    with FederationClient.from_bundle(keeper, address, call_timeout=30) as client:
         init_key(client, keeper)  # the keeper makes the CKKS key and seals it to the fuzzed sites
     yield root, address, intruder, request.param
     stop.set()
@@ -503,8 +502,7 @@ def test_random_messages_never_end_in_unknown(federation):
 
     # a genuine site that was never retired still joins, and status still answers
     b = load_bundle(root / KEEPER, role="client")
-    with FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                          server_name=b.server_host, call_timeout=30) as client:
+    with FederationClient.from_bundle(b, address, call_timeout=30) as client:
         joined = client.join(fuzzer.fingerprint, "test")
         assert joined.key.epoch == fuzzer.epoch and joined.key.fingerprint == fuzzer.fingerprint
         assert joined.site == KEEPER and joined.plan.rounds == ROUNDS
