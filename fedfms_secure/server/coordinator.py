@@ -26,7 +26,6 @@ epoch's context; until the first epoch exists, commits are refused and sites wai
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -34,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from fedfms_secure.he.ckks import is_fingerprint
 from fedfms_secure.he.aggregate import PayloadAggregator
-from fedfms_secure.errors import CryptoError, FederationError, UpdateAlreadyReceived
+from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import (
     NO_KEY,
     PHASE_COMMIT,
@@ -49,17 +48,14 @@ from fedfms_secure.protocol import (
     Status,
     WeightTotal,
 )
-from fedfms_secure.server.chunks import check_chunk, check_layout, expected_values
+from fedfms_secure.server.checks import check_metrics, expected_values
 from fedfms_secure.server.key_epochs import KeyEpochRegistry
-from fedfms_secure.server.store import BlobError, GlobalRow, StateStore, UploadRow
+from fedfms_secure.server.uploads import UploadIntake
+from fedfms_secure.server.store import BlobError, GlobalRow, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
 
-RESERVED_METRICS = frozenset({"site", "round", "time"})
-MAX_METRICS = 64
-
-
-class Coordinator(KeyEpochRegistry):
+class Coordinator(KeyEpochRegistry, UploadIntake):
     """State of a federation on the server side; thread-safe."""
 
     def __init__(
@@ -73,6 +69,8 @@ class Coordinator(KeyEpochRegistry):
         *,
         round_deadline: float | None = None,
         min_sites: int | None = None,
+        round_quota_bytes: int | None = None,
+        vector_length: int | None = None,
     ) -> None:
         self.plan = plan
         # the fingerprint every ciphertext must carry now: "plain" without HE; with CKKS the current
@@ -90,6 +88,10 @@ class Coordinator(KeyEpochRegistry):
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
         self._uploading: set[str] = set()
+        self._staged_bytes: dict[str, int] = {}  # bytes of the uploads in progress, per site
+        self._round_quota = round_quota_bytes
+        # the plan's vector length; None (tools and tests only) lets the first accepted upload fix it
+        self._plan_length = vector_length
         self._publishing = False
         self._keys: list[KeyEpoch] = []
         self._key = NO_KEY
@@ -108,7 +110,7 @@ class Coordinator(KeyEpochRegistry):
         self._phase_started = float(store.get_state("phase_started", str(self._clock())))
         self._round_started = float(store.get_state("round_started", str(self._clock())))
         current = self._summed_state(self._round)
-        self._vector_length: int | None = current.vector_length if current else None
+        self._vector_length: int | None = current.vector_length if current else self._plan_length
         self._chunks: int | None = len(current.blobs) if current else None
         self._commits: dict[str, Any] = {}
         for site, blob in store.commits(self._round).items():
@@ -287,114 +289,23 @@ class Coordinator(KeyEpochRegistry):
                 )
             return WeightTotal(round_, True, self._weight_total, len(self._commits))
 
-    # --- upload -------------------------------------------------------------------------------
-    def receive_upload(self, site: str, chunks: Iterable[Chunk]) -> Receipt:
-        """Consumes one upload stream, stages it on disk, then folds it into the round's sum."""
-        it = iter(chunks)
-        first = next(it, None)
-        if first is None:
-            raise FederationError("empty upload stream: send at least one chunk", "invalid_argument")
-        with self._lock:
-            self._touch(site)
-            if first.round < self._round and site in self._store.uploads(first.round):
-                # a retry after a lost reply (e.g. the server restarted), once the round has closed
-                raise UpdateAlreadyReceived(
-                    f"site {site} already uploaded its update for round {first.round}, which has closed with it",
-                    "failed_precondition",
-                )
-            self._check_round(first.round, PHASE_UPLOAD, "upload")
-            if site not in self._commits:
-                raise FederationError(
-                    f"site {site} must commit its weight before uploading in round {first.round}",
-                    "failed_precondition",
-                )
-            if site in self._uploading:
-                raise FederationError(
-                    f"an upload from site {site} is still in progress; retry when it has ended",
-                    "unavailable",
-                )
-            check_layout(first, self._aggregator.chunk_values, self._vector_length)
-            self._uploading.add(site)
-        try:
-            receipt, blobs = self._stage(first, it)
-            with self._lock:
-                return self._accept(site, first, receipt, blobs)
-        finally:
-            with self._lock:
-                self._uploading.discard(site)
-
-    def _accept(self, site: str, first: Chunk, receipt: Receipt, blobs: tuple[str, ...]) -> Receipt:
-        self._check_round(first.round, PHASE_UPLOAD, "upload")
-        previous = self._receipts.get(site)
-        if previous is not None:
-            if previous == receipt:
-                return previous
-            raise UpdateAlreadyReceived(
-                f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
-            )
-        check_layout(first, self._aggregator.chunk_values, self._vector_length)  # another site's upload may have fixed the shape meanwhile
-        round_sum = self._folded(self._round_sum, blobs)
-        self._store.put_upload(
-            first.round, UploadRow(site, receipt.chunks, receipt.bytes, receipt.digest, first.vector_length, blobs)
-        )
-        self._vector_length, self._chunks = first.vector_length, first.total
-        self._round_sum, self._receipts = round_sum, {**self._receipts, site: receipt}
-        log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-        self._progress()
-        self._write_status()
-        return receipt
-
-    def _folded(self, round_sum: dict[int, Any], blobs: Sequence[str]) -> dict[int, Any]:
-        """``round_sum`` plus the upload stored as ``blobs`` (a new dict; the input is untouched)."""
-        out = dict(round_sum)
-        for index, blob in enumerate(blobs):
-            obj = self._parse(self._store.get_blob(blob), what=f"chunk {index}")
-            out[index] = obj if index not in out else self._sum([out[index], obj], what=f"chunk {index}")
-        return out
-
-    def _stage(self, first: Chunk, rest: Iterable[Chunk]) -> tuple[Receipt, tuple[str, ...]]:
-        """Validates the stream chunk by chunk and stores each as a blob; nothing is referenced yet."""
-        digest = hashlib.sha256()
-        size = 0
-        expected_index = 0
-        blobs = []
-        for chunk in _chain(first, rest):
-            self._check_fingerprint(chunk.fingerprint)
-            check_chunk(chunk, first, expected_index, self._aggregator.chunk_values)
-            obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
-            if self._aggregator.size(obj) != chunk.num_values:
-                raise FederationError(
-                    f"chunk {chunk.index} holds {self._aggregator.size(obj)} values, its header says {chunk.num_values}",
-                    "invalid_argument",
-                )
-            with self._lock:
-                blobs.append(self._store.put_blob(chunk.payload))
-            digest.update(chunk.payload)
-            size += len(chunk.payload)
-            expected_index += 1
-        if expected_index != first.total:
-            raise FederationError(
-                f"upload stream ended after {expected_index} of {first.total} chunks: resend the whole update",
-                "invalid_argument",
-            )
-        return Receipt(first.round, first.total, size, digest.hexdigest()), tuple(blobs)
-
     # --- metrics ------------------------------------------------------------------------------
     def report_metrics(self, site: str, round_: int, metrics: dict[str, float]) -> None:
-        """Appends the public metrics a site chose to report (never sample counts or updates)."""
-        reserved = RESERVED_METRICS & set(metrics)
-        if reserved or len(metrics) > MAX_METRICS:
-            raise FederationError(
-                f"metrics may not be named {', '.join(sorted(reserved))}" if reserved
-                else f"at most {MAX_METRICS} metrics per report",
-                "invalid_argument",
-            )
+        """Appends the public metrics a site chose to report (never sample counts or updates).
+
+        One report per site and round is kept: a repeated one (a retry after a lost reply, or a
+        restarted site) is acknowledged and not written again, so ``metrics.jsonl`` stays small.
+        """
+        check_metrics(metrics)
         with self._lock:
             self._touch(site)
             if round_ >= self._round:
                 raise FederationError(
                     f"round {round_} has not closed yet: report its metrics after it has", "failed_precondition"
                 )
+            if site in self._reported.get(round_, set()):
+                log.info("repeated metrics report ignored", extra={"site": site, "round": round_})
+                return
             record = {"site": site, "round": round_, "time": self._clock(), **metrics}
             self._store.append_record("metrics.jsonl", record)
             self._reported.setdefault(round_, set()).add(site)
@@ -581,8 +492,3 @@ class Coordinator(KeyEpochRegistry):
         except CryptoError as exc:
             raise FederationError(f"cannot add {what}: {exc}", "invalid_argument") from exc
         return total
-
-
-def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
-    yield first
-    yield from rest

@@ -34,7 +34,7 @@ from fedfms_secure.protocol import (
     Plan,
     SealedEnvelope,
 )
-from fedfms_secure.server.chunks import expected_values
+from fedfms_secure.server.checks import expected_values, shorten
 from fedfms_secure.server.store import GlobalRow, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
@@ -65,11 +65,8 @@ class KeyEpochRegistry:
     _key: KeyEpoch
     _publishing: bool
 
-    def _touch(self, site: str) -> None:
-        raise NotImplementedError
-
-    def _write_status(self) -> None:
-        raise NotImplementedError
+    _touch: Callable[[str], None]
+    _write_status: Callable[[], None]
 
     def _restore_keys(self) -> None:
         """The key epochs from the database; a dealer-made key becomes epoch 1 of a fresh state."""
@@ -178,7 +175,7 @@ class KeyEpochRegistry:
             raise FederationError("this federation runs without HE (--no-he): it has no CKKS key to publish",
                                   "failed_precondition")
         if not is_fingerprint(pub.fingerprint):
-            raise FederationError(f"{_short(pub.fingerprint)!r} is not a CKKS context fingerprint", "invalid_argument")
+            raise FederationError(f"{shorten(pub.fingerprint)!r} is not a CKKS context fingerprint", "invalid_argument")
         if self._known_key(pub.fingerprint):
             raise FederationError("this context was an earlier key epoch's: a new epoch needs a new context",
                                   "invalid_argument")
@@ -187,7 +184,7 @@ class KeyEpochRegistry:
             now = (f"epoch {current.epoch} ({current.fingerprint}, made by {current.site or 'the provisioning host'})"
                    if current.epoch else "no key yet")
             raise FederationError(
-                f"key epoch {pub.epoch} replacing {_short(pub.previous_fingerprint) or 'no key'} cannot start: the federation "
+                f"key epoch {pub.epoch} replacing {shorten(pub.previous_fingerprint) or 'no key'} cannot start: the federation "
                 f"has {now}; " + ("only `keys rotate-he` can replace it" if current.epoch else "publish epoch 1"),
                 "failed_precondition",
             )
@@ -244,7 +241,7 @@ class KeyEpochRegistry:
                 )
             if item.fingerprint != pub.fingerprint:
                 raise FederationError(
-                    f"state chunk {index} was made under context {_short(item.fingerprint)}, the new key is {pub.fingerprint}",
+                    f"state chunk {index} was made under context {shorten(item.fingerprint)}, the new key is {pub.fingerprint}",
                     "invalid_argument",
                 )
             try:
@@ -270,7 +267,7 @@ class KeyEpochRegistry:
     def _check_envelope(self, site: str, pub: KeyPublication, item: SealedEnvelope, seen: dict[str, bytes]) -> None:
         name = item.recipient
         if name not in self._joined:
-            raise FederationError(f"envelope for {_short(name)!r}, which is not a site of this federation",
+            raise FederationError(f"envelope for {shorten(name)!r}, which is not a site of this federation",
                                   "invalid_argument")
         if name == site:
             raise FederationError(f"site {site} sent an envelope to itself: the publishing site keeps its context",
@@ -282,9 +279,9 @@ class KeyEpochRegistry:
         try:
             header = peek_header(item.payload, source=f"the envelope for site {name}")
         except CryptoError as exc:
-            raise FederationError(_short(str(exc), 600), "invalid_argument") from exc
-        got = (_short(header.federation), header.epoch, header.context_fingerprint, _short(header.sender),
-               _short(header.recipient))
+            raise FederationError(shorten(str(exc), 600), "invalid_argument") from exc
+        got = (shorten(header.federation), header.epoch, header.context_fingerprint, shorten(header.sender),
+               shorten(header.recipient))
         want = (self.plan.federation, pub.epoch, pub.fingerprint, site, name)
         if got != want:
             raise FederationError(
@@ -322,8 +319,3 @@ class KeyEpochRegistry:
             "provisioning folder as the server's",
             "invalid_argument",
         )
-
-
-def _short(text: str, limit: int = 64) -> str:
-    """At most ``limit`` characters of a value a request sent: a long echo would overflow the status trailer."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -33,6 +33,14 @@ def site_identity(context: grpc.ServicerContext, insecure: bool) -> str:
     return names[0].decode()
 
 
+def peer_site(context: grpc.ServicerContext, insecure: bool) -> str | None:
+    """The calling site's name as ``site_identity`` finds it, or None where it finds none."""
+    try:
+        return site_identity(context, insecure)
+    except FederationError:
+        return None
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     """Every failure leaves with a deliberate status and a message (never gRPC's UNKNOWN)."""
     if isinstance(exc, FederationError):

@@ -1,4 +1,4 @@
-"""Checks of a chunked vector's layout: pure functions of the chunk headers, no state.
+"""Checks of what a request carries, as pure functions: a chunked vector's layout, a metrics report.
 
 A vector of L values travels as ceil(L / C) chunks of C values (C: the aggregator's
 ``chunk_values``), in order, each header repeating the round, the total and L.
@@ -12,6 +12,14 @@ from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
 
 MAX_CHUNKS = 1 << 20
+RESERVED_METRICS = frozenset({"site", "round", "time"})
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+
+
+def shorten(text: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of a value a request sent: a long echo would overflow the status trailer."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def expected_values(index: int, length: int, chunk_values: int) -> int:
@@ -56,3 +64,17 @@ def check_chunk(chunk: Chunk, first: Chunk, expected_index: int, chunk_values: i
             f"not {chunk.num_values}",
             "invalid_argument",
         )
+
+
+def check_metrics(metrics: dict[str, float]) -> None:
+    """At most ``MAX_METRICS`` metrics, with short printable names that are not reserved."""
+    reserved = RESERVED_METRICS & set(metrics)
+    if reserved:
+        raise FederationError(f"metrics may not be named {', '.join(sorted(reserved))}", "invalid_argument")
+    if len(metrics) > MAX_METRICS:
+        raise FederationError(f"at most {MAX_METRICS} metrics per report, not {len(metrics)}", "invalid_argument")
+    bad = next((name for name in metrics if not 0 < len(name) <= MAX_METRIC_NAME or not name.isprintable()), None)
+    if bad is not None:
+        raise FederationError(
+            f"metric name {shorten(bad)!r} is empty, longer than {MAX_METRIC_NAME} characters or not printable: "
+            "report short plain names", "invalid_argument")
