@@ -93,9 +93,10 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
     )
     store = StateStore(config.state)
     length = plan_vector_length(plan.preset, plan.mode)
+    quota = round_quota(length, aggregator.chunk_values, len(bundle.clients))
     coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
                               round_deadline=config.round_deadline, min_sites=config.min_sites,
-                              vector_length=length, round_quota_bytes=round_quota(length, aggregator.chunk_values, len(bundle.clients)))
+                              vector_length=length, round_quota_bytes=quota)
     return coordinator, bundle, store
 
 
