@@ -56,7 +56,12 @@ from fedfms_secure.server.store import BlobError, GlobalRow, StateStore
 log = logging.getLogger("fedfms_secure.server")
 
 class Coordinator(KeyEpochRegistry, UploadIntake):
-    """State of a federation on the server side; thread-safe."""
+    """State of a federation on the server side; thread-safe.
+
+    ``vector_length`` is the plan's (``plan_sizes.plan_vector_length``): every upload must have
+    it; None lets the first accepted upload fix it. ``round_quota_bytes`` caps the disk that a
+    round's accepted and in-flight uploads may use (None: no cap).
+    """
 
     def __init__(
         self,
