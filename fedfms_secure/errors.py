@@ -11,7 +11,8 @@ Every error a user can cause is one of these, and its message says what to do ne
      ├── ModelError             a model preset, mode or checkpoint is wrong
      ├── PrivacyBudgetExhausted a site's epsilon budget does not allow another round
      └── FederationError        the server refused a request or cannot be reached
-          └── ServerUnreachable
+          ├── ServerUnreachable
+          └── UpdateAlreadyReceived  the server holds an upload of this site for that round
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ class FederationError(FedFmsError):
 
     ``code`` is one of ``invalid_argument``, ``failed_precondition``, ``permission_denied``,
     ``resource_exhausted``, ``not_found``, ``unavailable``: the transport maps it to and from
-    the gRPC status of the same name.
+    the gRPC status of the same name. A subclass with its own ``reason`` travels as that reason
+    (gRPC trailing metadata), so the receiving end raises the same class.
     """
+
+    reason = ""
 
     def __init__(self, message: str, code: str = "failed_precondition") -> None:
         super().__init__(message)
@@ -67,3 +71,9 @@ class ServerUnreachable(FederationError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="unavailable")
+
+
+class UpdateAlreadyReceived(FederationError):
+    """The server already holds an upload of this site for the round (a retry after a lost reply)."""
+
+    reason = "already_uploaded"

@@ -19,7 +19,7 @@ import grpc
 
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
-from fedfms_secure.server.daemon import serve
+from fedfms_secure.server.daemon import ServerLimits, serve
 from fedfms_secure.transport.client import FederationClient
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
@@ -35,9 +35,9 @@ def provision_sites(root: Path, sites: Sequence[str], **init: Any) -> Path:
 
 
 @contextmanager
-def running_server(keys: Path, state: Path, **config: Any) -> Iterator[str]:
+def running_server(keys: Path, state: Path, limits: ServerLimits | None = None, **config: Any) -> Iterator[str]:
     """``server.daemon.serve`` in a thread with the server bundle ``keys``, the state folder
-    ``state``, a free port on 127.0.0.1 and the other ``ServerConfig`` fields in ``config``:
+    ``state``, a free port on 127.0.0.1, ``limits`` and the other ``ServerConfig`` fields in ``config``:
     yields its address once it wrote ``address.json``; on exit stops it and fails if it raised."""
     stop, errors = threading.Event(), []
     server_config = ServerConfig(keys=keys, state=state, address="127.0.0.1:0", **config)
@@ -47,7 +47,7 @@ def running_server(keys: Path, state: Path, **config: Any) -> Iterator[str]:
 
     def run() -> None:
         try:
-            serve(server_config, stop)
+            serve(server_config, stop, limits)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -68,8 +68,7 @@ def running_server(keys: Path, state: Path, **config: Any) -> Iterator[str]:
 def site_client(address: str, bundle: Path, timeout: float = 20.0) -> FederationClient:
     """A ``FederationClient`` with the site bundle's certificate and key (mutual TLS)."""
     b = load_bundle(bundle, role="client")
-    return FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                            server_name=b.server_host, call_timeout=timeout)
+    return FederationClient.from_bundle(b, address, call_timeout=timeout)
 
 
 def site_stub(address: str, bundle: Path) -> tuple[grpc.Channel, pb_grpc.FederationStub]:

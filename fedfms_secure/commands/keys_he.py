@@ -61,8 +61,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, bytes | None]:
 
     passphrase = read_passphrase(args.passphrase_file)
     bundle = load_bundle(args.keys, role="client", passphrase=passphrase)
-    client = FederationClient(args.server, ca_pem=bundle.ca_pem, cert_pem=bundle.cert_pem, key_pem=bundle.key_pem,
-                              server_name=bundle.server_host, call_timeout=max(args.timeout, 60.0))
+    client = FederationClient.from_bundle(bundle, args.server, call_timeout=max(args.timeout, 60.0))
     client.wait_ready(args.timeout)
     return bundle, client, passphrase
 

@@ -35,8 +35,7 @@ def _status(args: argparse.Namespace) -> int:
         client = FederationClient(args.server, insecure=True, site=args.site, call_timeout=args.timeout)
     else:
         b = load_bundle(args.keys, role="client", passphrase=read_passphrase(args.passphrase_file))
-        client = FederationClient(args.server, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                                  server_name=b.server_host, call_timeout=args.timeout)
+        client = FederationClient.from_bundle(b, args.server, call_timeout=args.timeout)
     with client:
         client.wait_ready(args.timeout)
         status = client.status()

@@ -16,10 +16,9 @@ always the union of that record and every CA-signed ``crl.pem`` loaded since, so
 restarted from a bundle whose ``crl.pem`` was deleted, or replaced by an older signed list, still
 refuses every certificate it ever saw revoked (a missing file at start is logged as a warning).
 
-``RevocationInterceptor`` wraps every method handler of the gRPC server so the check runs on each
-call, with the peer certificate from ``context.auth_context()["x509_pem_cert"]``: a revoked one
-is aborted with ``PERMISSION_DENIED`` and a message naming the site, the serial, the date and
-reason of the revocation, and what to do.
+``fedfms_secure.server.interceptors.RevocationInterceptor`` runs ``check_pem`` on every call of
+the gRPC server: a revoked certificate is aborted with ``PERMISSION_DENIED`` and a message naming
+the site, the serial, the date and reason of the revocation, and what to do.
 
 gRPC's TLS handshake itself does not consult the CRL (grpcio has no CRL option for Python
 servers), so a revoked site still completes the handshake and is refused at its first call.
@@ -32,11 +31,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import grpc
 from cryptography import x509
 
 from fedfms_secure.atomic import write_atomic
@@ -217,66 +213,3 @@ def _write_persisted(path: Path, number: int, entries: dict[int, pki.Revocation]
     record = {"crl_number": number,
               "revoked": [entries[serial].to_dict() for serial in sorted(entries)]}
     write_atomic(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode(), mode=0o600)
-
-
-class RevocationInterceptor(grpc.ServerInterceptor):
-    """Runs ``RevocationList.check_pem`` before every call of every service; aborts revoked peers."""
-
-    def __init__(self, revocations: RevocationList) -> None:
-        self.revocations = revocations
-
-    def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Any], handler_call_details: grpc.HandlerCallDetails
-    ) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        check = self._check
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                return inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                yield from inner_us(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            def stream_unary(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-                check(context)
-                return inner_su(request_iterator, context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, handler.request_deserializer, handler.response_serializer)
-        inner_ss = handler.stream_stream
-
-        def stream_stream(request_iterator: Any, context: grpc.ServicerContext) -> Any:
-            check(context)
-            yield from inner_ss(request_iterator, context)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream_stream, handler.request_deserializer, handler.response_serializer)
-
-    def _check(self, context: grpc.ServicerContext) -> None:
-        certs = context.auth_context().get("x509_pem_cert") or []
-        if not certs:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          "no client certificate: connect with mutual TLS and the site's bundle")
-        try:
-            self.revocations.check_pem(certs[0])
-        except FederationError as exc:
-            log.warning("refused a revoked certificate", extra={"error": str(exc)})
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except ValueError:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "unreadable client certificate")

@@ -20,28 +20,18 @@ those that committed, the upload phase with those that uploaded (a committed sit
 upload counts as a zero delta). Errors are ``FederationError`` with a code that the transport
 maps to a gRPC status.
 
-**CKKS key epochs.** Every ciphertext must be made under the context of the current key epoch
-(its fingerprint). Epoch 1 is published by a site (``keys he-init``: a header and one sealed
-envelope per other site) or, for a bundle made with the key by the provisioning host, is that
-key from the start; until it exists, commits are refused (FAILED_PRECONDITION) and sites wait for
-their envelope. ``keys rotate-he`` publishes epoch e+1 together with the global state re-encrypted
-under it; the coordinator accepts it atomically only at a round boundary (the round it names is
-open, in its commit phase, with no commit yet), and from then on refuses any ciphertext made
-under an earlier epoch, naming both. It stores the envelopes as opaque bytes and can open none.
+**CKKS key epochs** (``key_epochs.py``): every ciphertext must be made under the current key
+epoch's context; until the first epoch exists, commits are refused and sites wait for their key.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
-import math
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
 from fedfms_secure.he.ckks import is_fingerprint
-from fedfms_secure.keys.envelope import peek_header
 from fedfms_secure.he.aggregate import PayloadAggregator
 from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import (
@@ -51,33 +41,27 @@ from fedfms_secure.protocol import (
     PHASE_UPLOAD,
     Chunk,
     CommitAck,
-    Envelope,
-    KeyAck,
     KeyEpoch,
-    KeyPublication,
     Plan,
     Receipt,
-    SealedEnvelope,
     SiteStatus,
     Status,
     WeightTotal,
 )
-from fedfms_secure.server.store import BlobError, GlobalRow, StateStore, UploadRow
+from fedfms_secure.server.checks import check_metrics, expected_values
+from fedfms_secure.server.key_epochs import KeyEpochRegistry
+from fedfms_secure.server.uploads import UploadIntake
+from fedfms_secure.server.store import BlobError, GlobalRow, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
 
-MAX_CHUNKS = 1 << 20
-RESERVED_METRICS = frozenset({"site", "round", "time"})
-MAX_METRICS = 64
-MAX_ENVELOPE_BYTES = 8 << 20
-WAITING_FOR_KEY = (
-    "no CKKS key exists yet: the federation is waiting for keys he-init at one site "
-    "(`fedfms-secure keys he-init --keys SITE_BUNDLE --server HOST:PORT`); sites wait and retry"
-)
+class Coordinator(KeyEpochRegistry, UploadIntake):
+    """State of a federation on the server side; thread-safe.
 
-
-class Coordinator:
-    """State of a federation on the server side; thread-safe."""
+    ``vector_length`` is the plan's (``plan_sizes.plan_vector_length``): every upload must have
+    it; None lets the first accepted upload fix it. ``round_quota_bytes`` caps the disk that a
+    round's accepted and in-flight uploads may use (None: no cap).
+    """
 
     def __init__(
         self,
@@ -90,6 +74,8 @@ class Coordinator:
         *,
         round_deadline: float | None = None,
         min_sites: int | None = None,
+        round_quota_bytes: int | None = None,
+        vector_length: int | None = None,
     ) -> None:
         self.plan = plan
         # the fingerprint every ciphertext must carry now: "plain" without HE; with CKKS the current
@@ -107,6 +93,10 @@ class Coordinator:
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
         self._uploading: set[str] = set()
+        self._staged_bytes: dict[str, int] = {}  # bytes of the uploads in progress, per site
+        self._round_quota = round_quota_bytes
+        # the plan's vector length; None (tools and tests only) lets the first accepted upload fix it
+        self._plan_length = vector_length
         self._publishing = False
         self._keys: list[KeyEpoch] = []
         self._key = NO_KEY
@@ -125,7 +115,7 @@ class Coordinator:
         self._phase_started = float(store.get_state("phase_started", str(self._clock())))
         self._round_started = float(store.get_state("round_started", str(self._clock())))
         current = self._summed_state(self._round)
-        self._vector_length: int | None = current.vector_length if current else None
+        self._vector_length: int | None = current.vector_length if current else self._plan_length
         self._chunks: int | None = len(current.blobs) if current else None
         self._commits: dict[str, Any] = {}
         for site, blob in store.commits(self._round).items():
@@ -168,37 +158,6 @@ class Coordinator:
             if isinstance(record, dict) and isinstance(record.get("round"), int) and record.get("site") in self._joined:
                 self._reported.setdefault(record["round"], set()).add(record["site"])
         self._check_finished()
-
-    def _restore_keys(self) -> None:
-        """The key epochs from the database; a dealer-made key becomes epoch 1 of a fresh state."""
-        if self.plan.scheme == "plain":
-            return
-        keys = self._store.key_epochs()
-        if not keys and self._dealt is not None:
-            first = KeyEpoch(1, self._dealt, 0, "")
-            self._store.put_key(first, {}, None, created=self._clock())
-            keys = [first]
-        if keys:
-            self._use_key(keys, self._summer_for(keys[-1].fingerprint))
-        else:
-            log.warning("no CKKS key yet: waiting for `keys he-init` at one site")
-
-    def _use_key(self, keys: list[KeyEpoch], aggregator: PayloadAggregator) -> None:
-        self._keys, self._key = keys, keys[-1]
-        self.fingerprint, self._aggregator = self._key.fingerprint, aggregator
-
-    def _summer_for(self, fingerprint: str) -> PayloadAggregator:
-        """A aggregator that refuses payloads made under any other context than ``fingerprint``."""
-        aggregator = copy.copy(self._aggregator)
-        if hasattr(aggregator, "fingerprint"):
-            aggregator.fingerprint = fingerprint  # type: ignore[attr-defined]
-        return aggregator
-
-    @property
-    def key(self) -> KeyEpoch:
-        """The CKKS key epoch in use (``NO_KEY`` before the first; always so without HE)."""
-        with self._lock:
-            return self._key
 
     # --- join and status ----------------------------------------------------------------------
     def join(self, site: str, fingerprint: str) -> int:
@@ -278,7 +237,7 @@ class Coordinator:
                 round=round_,
                 index=index,
                 total=len(row.blobs),
-                num_values=self._expected_values(index, row.vector_length),
+                num_values=expected_values(index, row.vector_length, self._aggregator.chunk_values),
                 fingerprint=self.fingerprint,
                 payload=payload,
                 vector_length=row.vector_length,
@@ -335,350 +294,23 @@ class Coordinator:
                 )
             return WeightTotal(round_, True, self._weight_total, len(self._commits))
 
-    # --- upload -------------------------------------------------------------------------------
-    def receive_upload(self, site: str, chunks: Iterable[Chunk]) -> Receipt:
-        """Consumes one upload stream, stages it on disk, then folds it into the round's sum."""
-        it = iter(chunks)
-        first = next(it, None)
-        if first is None:
-            raise FederationError("empty upload stream: send at least one chunk", "invalid_argument")
-        with self._lock:
-            self._touch(site)
-            if first.round < self._round and site in self._store.uploads(first.round):
-                # a retry after a lost reply (e.g. the server restarted), once the round has closed
-                raise FederationError(
-                    f"site {site} already uploaded its update for round {first.round}, which has closed with it",
-                    "failed_precondition",
-                )
-            self._check_round(first.round, PHASE_UPLOAD, "upload")
-            if site not in self._commits:
-                raise FederationError(
-                    f"site {site} must commit its weight before uploading in round {first.round}",
-                    "failed_precondition",
-                )
-            if site in self._uploading:
-                raise FederationError(
-                    f"an upload from site {site} is still in progress; retry when it has ended",
-                    "unavailable",
-                )
-            self._check_layout(first)
-            self._uploading.add(site)
-        try:
-            receipt, blobs = self._stage(first, it)
-            with self._lock:
-                return self._accept(site, first, receipt, blobs)
-        finally:
-            with self._lock:
-                self._uploading.discard(site)
-
-    def _accept(self, site: str, first: Chunk, receipt: Receipt, blobs: tuple[str, ...]) -> Receipt:
-        self._check_round(first.round, PHASE_UPLOAD, "upload")
-        previous = self._receipts.get(site)
-        if previous is not None:
-            if previous == receipt:
-                return previous
-            raise FederationError(
-                f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
-            )
-        self._check_layout(first)  # another site's upload may have fixed the shape meanwhile
-        round_sum = self._folded(self._round_sum, blobs)
-        self._store.put_upload(
-            first.round, UploadRow(site, receipt.chunks, receipt.bytes, receipt.digest, first.vector_length, blobs)
-        )
-        self._vector_length, self._chunks = first.vector_length, first.total
-        self._round_sum, self._receipts = round_sum, {**self._receipts, site: receipt}
-        log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-        self._progress()
-        self._write_status()
-        return receipt
-
-    def _folded(self, round_sum: dict[int, Any], blobs: Sequence[str]) -> dict[int, Any]:
-        """``round_sum`` plus the upload stored as ``blobs`` (a new dict; the input is untouched)."""
-        out = dict(round_sum)
-        for index, blob in enumerate(blobs):
-            obj = self._parse(self._store.get_blob(blob), what=f"chunk {index}")
-            out[index] = obj if index not in out else self._sum([out[index], obj], what=f"chunk {index}")
-        return out
-
-    def _stage(self, first: Chunk, rest: Iterable[Chunk]) -> tuple[Receipt, tuple[str, ...]]:
-        """Validates the stream chunk by chunk and stores each as a blob; nothing is referenced yet."""
-        digest = hashlib.sha256()
-        size = 0
-        expected_index = 0
-        blobs = []
-        for chunk in _chain(first, rest):
-            self._check_chunk(chunk, first, expected_index)
-            obj = self._parse(chunk.payload, what=f"chunk {chunk.index}")
-            if self._aggregator.size(obj) != chunk.num_values:
-                raise FederationError(
-                    f"chunk {chunk.index} holds {self._aggregator.size(obj)} values, its header says {chunk.num_values}",
-                    "invalid_argument",
-                )
-            with self._lock:
-                blobs.append(self._store.put_blob(chunk.payload))
-            digest.update(chunk.payload)
-            size += len(chunk.payload)
-            expected_index += 1
-        if expected_index != first.total:
-            raise FederationError(
-                f"upload stream ended after {expected_index} of {first.total} chunks: resend the whole update",
-                "invalid_argument",
-            )
-        return Receipt(first.round, first.total, size, digest.hexdigest()), tuple(blobs)
-
-    def _check_layout(self, first: Chunk) -> None:
-        """A vector of L values travels as ceil(L / chunk_values) chunks; L is the federation's."""
-        length, total = first.vector_length, first.total
-        if not 0 < length <= MAX_CHUNKS * self._aggregator.chunk_values:
-            raise FederationError(f"vector_length {length} is out of range", "invalid_argument")
-        expected = math.ceil(length / self._aggregator.chunk_values)
-        if total != expected:
-            raise FederationError(
-                f"a vector of {length} values travels in {expected} chunks of {self._aggregator.chunk_values}, "
-                f"not {total}",
-                "invalid_argument",
-            )
-        if self._vector_length is not None and length != self._vector_length:
-            raise FederationError(
-                f"update has {length} values, the federation's vector has {self._vector_length}: "
-                "are all sites on the same plan and version?",
-                "invalid_argument",
-            )
-
-    def _check_chunk(self, chunk: Chunk, first: Chunk, expected_index: int) -> None:
-        self._check_fingerprint(chunk.fingerprint)
-        if (chunk.round, chunk.total, chunk.vector_length) != (first.round, first.total, first.vector_length):
-            raise FederationError(
-                "chunk headers changed within one stream (round, total or vector_length)", "invalid_argument"
-            )
-        if chunk.index != expected_index:
-            raise FederationError(
-                f"chunk {chunk.index} arrived where chunk {expected_index} was expected: send chunks in order",
-                "invalid_argument",
-            )
-        expected_values = self._expected_values(chunk.index, chunk.vector_length)
-        if chunk.num_values != expected_values:
-            raise FederationError(
-                f"chunk {chunk.index} of a {chunk.vector_length}-value vector holds {expected_values} values, "
-                f"not {chunk.num_values}",
-                "invalid_argument",
-            )
-
-    def _expected_values(self, index: int, length: int) -> int:
-        step = self._aggregator.chunk_values
-        return min(step, length - index * step)
-
-    # --- CKKS key epochs -------------------------------------------------------------------------
-    def publish_keys(self, site: str, publication: KeyPublication,
-                     items: Iterable[SealedEnvelope | Chunk]) -> KeyAck:
-        """Starts key epoch ``publication.epoch``, made at ``site``: stores the envelopes (opaque)
-        and, for a rotation, the global state re-encrypted under the new key, in one transaction.
-
-        Accepted only at a round boundary: the round it names is open, in its commit phase, and no
-        site has committed yet; otherwise FAILED_PRECONDITION (the publisher retries later).
-        """
-        with self._lock:
-            self._touch(site)
-            row = self._check_publication(publication)
-            if self._publishing:
-                raise FederationError("another key publication is in progress; retry when it has ended", "unavailable")
-            self._publishing = True
-            aggregator = self._summer_for(publication.fingerprint)
-        try:
-            envelopes, blobs = self._stage_keys(site, publication, items, aggregator, row)
-            with self._lock:
-                if self._check_publication(publication) != row:
-                    raise FederationError("the global state changed while the new key was being published; publish "
-                                          "again from the current state", "failed_precondition")
-                key = KeyEpoch(publication.epoch, publication.fingerprint, publication.round, site)
-                state = GlobalRow(row.round, row.vector_length, tuple(blobs)) if row is not None else None
-                self._store.put_key(key, envelopes, state, created=self._clock())
-                previous = self._key
-                self._use_key([*self._keys, key], aggregator)
-                log.info("CKKS key epoch started", extra={"epoch": key.epoch, "site": site, "round": key.round,
-                                                          "fingerprint": key.fingerprint[:16],
-                                                          "previous": previous.fingerprint[:16] or "none",
-                                                          "envelopes": len(envelopes)})
-                try:  # the state under the previous key is gone: nothing else is referenced now
-                    self._store.collect_garbage(set(blobs))
-                    self._write_status()
-                except OSError as exc:
-                    log.error("could not collect the previous key's blobs", extra={"error": str(exc)})
-                return KeyAck(key, len(envelopes), len(blobs))
-        finally:
-            with self._lock:
-                self._publishing = False
-
-    def envelope(self, site: str, epoch: int) -> Envelope:
-        """``site``'s sealed envelope of key ``epoch`` (0: the current one), as stored: opaque bytes."""
-        with self._lock:
-            self._touch(site)
-            if self.plan.scheme == "plain":
-                raise FederationError("this federation runs without HE (--no-he): there is no CKKS key",
-                                      "failed_precondition")
-            key = self._key
-            if key.epoch == 0:
-                raise FederationError(WAITING_FOR_KEY, "not_found")
-            if epoch not in (0, key.epoch):
-                raise FederationError(
-                    f"the server keeps the envelopes of the current key epoch ({key.epoch}) only, not of epoch {epoch}",
-                    "not_found",
-                )
-            payload = self._store.envelope(key.epoch, site)
-        if payload is not None:
-            return Envelope(key, payload)
-        if site == key.site:
-            raise FederationError(
-                f"site {site} made key epoch {key.epoch} itself: it keeps the context in its bundle's he/ folder",
-                "not_found",
-            )
-        made_by = f"site {key.site}" if key.site else "the provisioning host"
-        raise FederationError(
-            f"key epoch {key.epoch} (made by {made_by}) holds no envelope for site {site}: it joined after the key was "
-            "made, or its envelope key was unknown to that site; it gets the key at the next `keys rotate-he`",
-            "not_found",
-        )
-
-    def _check_publication(self, pub: KeyPublication) -> GlobalRow | None:
-        """Whether key epoch ``pub`` may start now; returns the global state it must re-encrypt."""
-        if self.plan.scheme == "plain":
-            raise FederationError("this federation runs without HE (--no-he): it has no CKKS key to publish",
-                                  "failed_precondition")
-        if not is_fingerprint(pub.fingerprint):
-            raise FederationError(f"{_short(pub.fingerprint)!r} is not a CKKS context fingerprint", "invalid_argument")
-        if self._known_key(pub.fingerprint):
-            raise FederationError("this context was an earlier key epoch's: a new epoch needs a new context",
-                                  "invalid_argument")
-        current = self._key
-        if pub.epoch != current.epoch + 1 or pub.previous_fingerprint != current.fingerprint:
-            now = (f"epoch {current.epoch} ({current.fingerprint}, made by {current.site or 'the provisioning host'})"
-                   if current.epoch else "no key yet")
-            raise FederationError(
-                f"key epoch {pub.epoch} replacing {_short(pub.previous_fingerprint) or 'no key'} cannot start: the federation "
-                f"has {now}; " + ("only `keys rotate-he` can replace it" if current.epoch else "publish epoch 1"),
-                "failed_precondition",
-            )
-        if self._phase == PHASE_DONE:
-            raise FederationError(f"the federation has finished all {self.plan.rounds} rounds", "failed_precondition")
-        if pub.round != self._round:
-            raise FederationError(
-                f"the new key was made for round {pub.round}, but the federation is at round {self._round}: take the "
-                "current global state and publish again",
-                "failed_precondition",
-            )
-        if self._phase != PHASE_COMMIT or self._commits:
-            raise FederationError(
-                f"round {self._round} has started ({', '.join(sorted(self._commits)) or 'the upload phase'} committed): "
-                "a new CKKS key takes effect only at a round boundary, before any commit; retry when round "
-                f"{self._round + 1} opens",
-                "failed_precondition",
-            )
-        row = self._store.global_row(self._round) if self._round > 0 else None
-        chunks = len(row.blobs) if row is not None else 0
-        if pub.state_chunks != chunks:
-            raise FederationError(
-                f"the global state of round {self._round} has {chunks} chunks: a new key must come with all of them "
-                f"re-encrypted, not {pub.state_chunks}",
-                "invalid_argument",
-            )
-        if not 0 <= pub.envelopes <= len(self._joined):
-            raise FederationError(f"{pub.envelopes} envelopes for a federation of {len(self._joined)} sites",
-                                  "invalid_argument")
-        return row
-
-    def _stage_keys(self, site: str, pub: KeyPublication, items: Iterable[SealedEnvelope | Chunk],
-                    aggregator: PayloadAggregator, row: GlobalRow | None) -> tuple[dict[str, bytes], list[str]]:
-        """Checks every envelope's routing (its header, unverified: only sites can verify) and every
-        state chunk (layout, fingerprint, a valid ciphertext), storing the chunks as blobs."""
-        envelopes: dict[str, bytes] = {}
-        blobs: list[str] = []
-        for item in items:
-            if isinstance(item, SealedEnvelope):
-                self._check_envelope(site, pub, item, envelopes)
-                envelopes[item.recipient] = item.payload
-                continue
-            if row is None:
-                raise FederationError(f"round {pub.round} has no global state to re-encrypt: send envelopes only",
-                                      "invalid_argument")
-            index = len(blobs)
-            if (item.round, item.index, item.total, item.vector_length) != (row.round, index, len(row.blobs),
-                                                                             row.vector_length):
-                raise FederationError(
-                    f"state chunk {item.index} (round {item.round}, {item.total} chunks, {item.vector_length} values) "
-                    f"does not fit: expected chunk {index} of {len(row.blobs)} of the {row.vector_length}-value state "
-                    f"of round {row.round}, in order",
-                    "invalid_argument",
-                )
-            if item.fingerprint != pub.fingerprint:
-                raise FederationError(
-                    f"state chunk {index} was made under context {_short(item.fingerprint)}, the new key is {pub.fingerprint}",
-                    "invalid_argument",
-                )
-            try:
-                obj = aggregator.parse(item.payload)
-            except CryptoError as exc:
-                raise FederationError(f"state chunk {index} is not a valid ciphertext: {exc}", "invalid_argument") from exc
-            expected = self._expected_values(index, row.vector_length)
-            if item.num_values != expected or aggregator.size(obj) != expected:
-                raise FederationError(
-                    f"state chunk {index} holds {aggregator.size(obj)} values (header {item.num_values}), not {expected}",
-                    "invalid_argument",
-                )
-            with self._lock:
-                blobs.append(self._store.put_blob(aggregator.dump(obj)))
-        if len(envelopes) != pub.envelopes or len(blobs) != pub.state_chunks:
-            raise FederationError(
-                f"the key publication announced {pub.envelopes} envelopes and {pub.state_chunks} state chunks, but "
-                f"carried {len(envelopes)} and {len(blobs)}: publish again",
-                "invalid_argument",
-            )
-        return envelopes, blobs
-
-    def _check_envelope(self, site: str, pub: KeyPublication, item: SealedEnvelope, seen: dict[str, bytes]) -> None:
-        name = item.recipient
-        if name not in self._joined:
-            raise FederationError(f"envelope for {_short(name)!r}, which is not a site of this federation",
-                                  "invalid_argument")
-        if name == site:
-            raise FederationError(f"site {site} sent an envelope to itself: the publishing site keeps its context",
-                                  "invalid_argument")
-        if name in seen:
-            raise FederationError(f"two envelopes for site {name}", "invalid_argument")
-        if not 0 < len(item.payload) <= MAX_ENVELOPE_BYTES:
-            raise FederationError(f"the envelope for site {name} has {len(item.payload)} bytes", "invalid_argument")
-        try:
-            header = peek_header(item.payload, source=f"the envelope for site {name}")
-        except CryptoError as exc:
-            raise FederationError(_short(str(exc), 600), "invalid_argument") from exc
-        got = (_short(header.federation), header.epoch, header.context_fingerprint, _short(header.sender),
-               _short(header.recipient))
-        want = (self.plan.federation, pub.epoch, pub.fingerprint, site, name)
-        if got != want:
-            raise FederationError(
-                f"the envelope for site {name} says federation/epoch/fingerprint/sender/recipient {got}, the "
-                f"publication {want}",
-                "invalid_argument",
-            )
-
-    def _known_key(self, fingerprint: str) -> KeyEpoch | None:
-        return next((k for k in self._keys if k.fingerprint == fingerprint), None)
-
     # --- metrics ------------------------------------------------------------------------------
     def report_metrics(self, site: str, round_: int, metrics: dict[str, float]) -> None:
-        """Appends the public metrics a site chose to report (never sample counts or updates)."""
-        reserved = RESERVED_METRICS & set(metrics)
-        if reserved or len(metrics) > MAX_METRICS:
-            raise FederationError(
-                f"metrics may not be named {', '.join(sorted(reserved))}" if reserved
-                else f"at most {MAX_METRICS} metrics per report",
-                "invalid_argument",
-            )
+        """Appends the public metrics a site chose to report (never sample counts or updates).
+
+        One report per site and round is kept: a repeated one (a retry after a lost reply, or a
+        restarted site) is acknowledged and not written again, so ``metrics.jsonl`` stays small.
+        """
+        check_metrics(metrics)
         with self._lock:
             self._touch(site)
             if round_ >= self._round:
                 raise FederationError(
                     f"round {round_} has not closed yet: report its metrics after it has", "failed_precondition"
                 )
+            if site in self._reported.get(round_, set()):
+                log.info("repeated metrics report ignored", extra={"site": site, "round": round_})
+                return
             record = {"site": site, "round": round_, "time": self._clock(), **metrics}
             self._store.append_record("metrics.jsonl", record)
             self._reported.setdefault(round_, set()).add(site)
@@ -837,33 +469,6 @@ class Coordinator:
             )
         self._last_seen[site] = self._clock()
 
-    def _check_fingerprint(self, fingerprint: str) -> None:
-        if self.plan.scheme != "plain" and self._key.epoch == 0:
-            raise FederationError(WAITING_FOR_KEY, "failed_precondition")
-        if fingerprint == self.fingerprint:
-            return
-        old = self._known_key(fingerprint)
-        if old is not None:
-            raise FederationError(
-                f"CKKS key epoch {old.epoch} ({old.fingerprint}) was replaced by epoch {self._key.epoch} "
-                f"({self._key.fingerprint}) at round {self._key.round}: this ciphertext was made under the old key; "
-                "fetch the new key (GetEnvelope) and encrypt again",
-                "failed_precondition",
-            )
-        self._refuse_context(fingerprint)
-
-    def _refuse_context(self, fingerprint: str) -> None:
-        """A context this federation never used: another provisioning's, or no CKKS context at all."""
-        # echo at most a fingerprint's length: a long value would overflow the status trailer
-        shown = fingerprint if len(fingerprint) <= 64 else f"{fingerprint[:64]!r}... ({len(fingerprint)} characters)"
-        uses = self.fingerprint or "no key yet (waiting for keys he-init)"
-        raise FederationError(
-            f"CKKS context mismatch: the request was made under context {shown or '(none)'}, "
-            f"this federation uses {uses}; use a key bundle exported from the same "
-            "provisioning folder as the server's",
-            "invalid_argument",
-        )
-
     def _check_round(self, round_: int, phase: str, action: str) -> None:
         if self._phase == PHASE_DONE:
             raise FederationError(f"the federation has finished all {self.plan.rounds} rounds", "failed_precondition")
@@ -892,13 +497,3 @@ class Coordinator:
         except CryptoError as exc:
             raise FederationError(f"cannot add {what}: {exc}", "invalid_argument") from exc
         return total
-
-
-def _short(text: str, limit: int = 64) -> str:
-    """At most ``limit`` characters of a value a request sent: a long echo would overflow the status trailer."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _chain(first: Chunk, rest: Iterable[Chunk]) -> Iterable[Chunk]:
-    yield first
-    yield from rest

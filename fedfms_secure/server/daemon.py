@@ -1,19 +1,25 @@
 """``fedfms-secure server``: the coordinator daemon.
 
-Every call passes the ``RevocationInterceptor`` (``transport/revocation.py``): a certificate on the
+Every call passes the ``RevocationInterceptor`` (``server/interceptors.py``): a certificate on the
 bundle's CA-signed ``crl.pem`` is refused with ``PERMISSION_DENIED`` and the reason, from the next
 call on, also while the server runs (the list is reloaded when the file changes). What the server
 has seen revoked is also kept in its ``--state`` folder (``revocations.json``), so a restart from a
 bundle whose ``crl.pem`` is missing or older still refuses it. A site removed by ``keys revoke``
 also counts as retired, so rounds no longer wait for it.
+
+One site cannot hold the server (``ServerLimits``): it runs at most a few calls at once, a
+client stream that goes silent is cancelled, connections are recycled, and the coordinator
+takes one upload per site at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,14 +33,33 @@ from fedfms_secure.keys.keystore import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
+from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.server.store import StateStore
-from fedfms_secure.transport.channel import MESSAGE_OPTIONS, server_credentials
-from fedfms_secure.keys.revocation import PERSISTED, RevocationInterceptor, RevocationList
-from fedfms_secure.server.servicer import FederationServicer
+from fedfms_secure.transport.channel import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS, server_credentials
+from fedfms_secure.keys.revocation import PERSISTED, RevocationList
+from fedfms_secure.server.interceptors import RevocationInterceptor, SiteLimitInterceptor
+from fedfms_secure.server.servicer import FederationServicer, peer_site
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedfms_secure.server")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """How much of the server one site may hold: worker threads, calls, idle streams, disk."""
+
+    workers: int = 32  # gRPC worker threads
+    max_concurrent_rpcs: int = 128  # beyond this, calls are refused with RESOURCE_EXHAUSTED at once
+    per_site_calls: int = 4  # calls one site may run at once (it makes one at a time)
+    idle_timeout: float = 60.0  # seconds a client stream may send nothing before it is cancelled
+    max_connection_age: float = 1800.0  # seconds; the client reconnects transparently
+    max_connection_age_grace: float = 600.0  # seconds a call running at that age may still take
+
+    def options(self) -> list[tuple[str, int]]:
+        """The gRPC server options that enforce the connection limits."""
+        return [("grpc.max_connection_age_ms", int(self.max_connection_age * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.max_connection_age_grace * 1000))]
 
 
 def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateStore]:
@@ -67,19 +92,33 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         num_classes=config.num_classes,
     )
     store = StateStore(config.state)
+    length = plan_vector_length(plan.preset, plan.mode)
+    quota = round_quota(length, aggregator.chunk_values, len(bundle.clients))
     coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
-                              round_deadline=config.round_deadline, min_sites=config.min_sites)
+                              round_deadline=config.round_deadline, min_sites=config.min_sites,
+                              vector_length=length, round_quota_bytes=quota)
     return coordinator, bundle, store
 
 
-def serve(config: ServerConfig, stop: threading.Event | None = None) -> int:
+def round_quota(vector_length: int, chunk_values: int, sites: int) -> int:
+    """Disk a round may use for uploads: each site's update twice over (an accepted one and one in
+    flight), every chunk at the largest message the transport accepts."""
+    chunks = math.ceil(vector_length / chunk_values)
+    return 2 * sites * chunks * MAX_MESSAGE_BYTES
+
+
+def serve(config: ServerConfig, stop: threading.Event | None = None, limits: ServerLimits | None = None) -> int:
     """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
+    limits = limits or ServerLimits()
     coordinator, bundle, store = build_coordinator(config)
     revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem,
                                                               persist=store.root / PERSISTED)
-    interceptors = [RevocationInterceptor(revocations)] if revocations is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS,
-                         interceptors=interceptors)
+    interceptors: list[grpc.ServerInterceptor] = [RevocationInterceptor(revocations)] if revocations is not None else []
+    interceptors.append(SiteLimitInterceptor(lambda context: peer_site(context, config.insecure),
+                                             per_site=limits.per_site_calls, idle_timeout=limits.idle_timeout))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers),
+                         options=[*MESSAGE_OPTIONS, *limits.options()], interceptors=interceptors,
+                         maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,22 +13,11 @@ from fedfms_secure.errors import CryptoError, FederationError
 from fedfms_secure.protocol import Chunk, SealedEnvelope
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.transport import serde
+from fedfms_secure.transport.codes import REASON_METADATA_KEY, SITE_METADATA_KEY, STATUS_CODES
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedfms_secure.server")
-
-SITE_METADATA_KEY = "fedfms-site"  # identity header, honoured only on an --insecure server
-
-STATUS_CODES = {
-    "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
-    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
-    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "not_found": grpc.StatusCode.NOT_FOUND,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-}
-
 
 def site_identity(context: grpc.ServicerContext, insecure: bool) -> str:
     """The calling site's name: its certificate's common name (or a header on an insecure server)."""
@@ -44,9 +33,19 @@ def site_identity(context: grpc.ServicerContext, insecure: bool) -> str:
     return names[0].decode()
 
 
+def peer_site(context: grpc.ServicerContext, insecure: bool) -> str | None:
+    """The calling site's name as ``site_identity`` finds it, or None where it finds none."""
+    try:
+        return site_identity(context, insecure)
+    except FederationError:
+        return None
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception, method: str) -> None:
     """Every failure leaves with a deliberate status and a message (never gRPC's UNKNOWN)."""
     if isinstance(exc, FederationError):
+        if exc.reason:
+            context.set_trailing_metadata(((REASON_METADATA_KEY, exc.reason),))
         context.abort(STATUS_CODES.get(exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
     if isinstance(exc, CryptoError):
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unusable ciphertext: {exc}")

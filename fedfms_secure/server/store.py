@@ -101,12 +101,22 @@ class StateStore:
 
     # --- blobs --------------------------------------------------------------------------------
     def put_blob(self, data: bytes) -> str:
+        return self.stage_blob(data)[0]
+
+    def stage_blob(self, data: bytes) -> tuple[str, bool]:
+        """Stores ``data``; returns its name and whether this call wrote it (False: it was there)."""
         digest = hashlib.sha256(data).hexdigest()
         path = self._blob_path(digest)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            write_atomic(path, data, mode=0o600)
-        return digest
+        if path.exists():
+            return digest, False
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, data, mode=0o600)
+        return digest, True
+
+    def delete_blobs(self, digests: Iterable[str]) -> None:
+        """Deletes the named blobs (those of a refused upload: nothing references them)."""
+        for digest in digests:
+            self._blob_path(digest).unlink(missing_ok=True)
 
     def get_blob(self, digest: str) -> bytes:
         try:

@@ -48,7 +48,7 @@ from fedfms_secure.keys.pki import read_passphrase
 from fedfms_secure.keys.keystore import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
 from fedfms_secure.data.labels import num_classes_of
-from fedfms_secure.errors import ConfigError, DataError, FederationError
+from fedfms_secure.errors import ConfigError, DataError, FederationError, UpdateAlreadyReceived
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
@@ -117,15 +117,8 @@ def _connect(config: ClientConfig, bundle: Bundle | None) -> FederationClient:
         return FederationClient(config.server, insecure=True, site=config.site or (bundle.name if bundle else None),
                                 call_timeout=config.call_timeout, reconnect_timeout=config.reconnect_timeout)
     assert bundle is not None
-    return FederationClient(
-        config.server,
-        ca_pem=bundle.ca_pem,
-        cert_pem=bundle.cert_pem,
-        key_pem=bundle.key_pem,
-        server_name=bundle.server_host,
-        call_timeout=config.call_timeout,
-        reconnect_timeout=config.reconnect_timeout,
-    )
+    return FederationClient.from_bundle(bundle, config.server, call_timeout=config.call_timeout,
+                                        reconnect_timeout=config.reconnect_timeout)
 
 
 class _Site:
@@ -290,11 +283,11 @@ class _Site:
             try:
                 receipt = self.client.upload(lambda: self._chunks(round_, update))
                 log.info("update uploaded", extra={"round": round_, "chunks": receipt.chunks, "bytes": receipt.bytes})
-            except FederationError as exc:
+            except UpdateAlreadyReceived:
                 # a retry after a lost reply re-encrypts, so the server sees a different upload: fine if it
                 # had accepted the first one (in the round still open, or in the one that has closed with it)
-                status = self.client.status() if "already uploaded" in str(exc) else None
-                if status is None or not (status.round > round_ or self._me(status).uploaded):
+                status = self.client.status()
+                if not (status.round > round_ or self._me(status).uploaded):
                     raise
                 log.info("update had been received before the connection dropped", extra={"round": round_})
             return weight

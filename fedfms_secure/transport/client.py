@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import grpc
 
@@ -25,13 +25,15 @@ from fedfms_secure.protocol import (
 )
 from fedfms_secure.transport import serde
 from fedfms_secure.transport.channel import client_channel
-from fedfms_secure.server.servicer import SITE_METADATA_KEY, STATUS_CODES
+from fedfms_secure.transport.codes import CODE_NAMES, REASON_CLASSES, REASON_METADATA_KEY, SITE_METADATA_KEY
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from fedfms_secure.keys.keystore import Bundle
+
 T = TypeVar("T")
 log = logging.getLogger("fedfms_secure.site")
-_CODES = {v: k for k, v in STATUS_CODES.items()}
 
 
 class FederationClient:
@@ -61,6 +63,15 @@ class FederationClient:
         self._reconnect = reconnect_timeout
         self.bytes_up = 0
         self.bytes_down = 0
+
+    @classmethod
+    def from_bundle(cls, bundle: "Bundle", address: str, *, call_timeout: float = 120.0,
+                    reconnect_timeout: float = 0.0, server_name: str | None = None) -> "FederationClient":
+        """A mutual-TLS client with a site bundle's CA, certificate and key; the server certificate
+        must name the bundle's server host (or ``server_name``, when given)."""
+        return cls(address, ca_pem=bundle.ca_pem, cert_pem=bundle.cert_pem, key_pem=bundle.key_pem,
+                   server_name=server_name or bundle.server_host, call_timeout=call_timeout,
+                   reconnect_timeout=reconnect_timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -197,7 +208,10 @@ def _translate(exc: grpc.RpcError, address: str) -> FederationError:
             f"the server at {address} did not answer in time ({details}); for large models raise "
             "call_timeout in the client's --config file"
         )
-    return FederationError(f"server refused: {details}", _CODES.get(code, "failed_precondition"))
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    reason = next((value for key, value in trailers or () if key == REASON_METADATA_KEY), "")
+    error_class = REASON_CLASSES.get(reason, FederationError)
+    return error_class(f"server refused: {details}", CODE_NAMES.get(code, "failed_precondition"))
 
 
 def poll(fn: Callable[[], T], done: Callable[[T], bool], *, timeout: float, interval: float = 0.2,

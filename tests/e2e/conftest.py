@@ -26,8 +26,7 @@ class Provisioned:
 
     def connect(self, site: str, address: str, timeout: float = 30.0) -> FederationClient:
         b = load_bundle(self.bundles[site], role="client")
-        client = FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                                  server_name=b.server_host, call_timeout=timeout)
+        client = FederationClient.from_bundle(b, address, call_timeout=timeout)
         client.wait_ready(timeout)
         return client
 

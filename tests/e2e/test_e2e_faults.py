@@ -42,9 +42,10 @@ from fedfms_secure.keys.keystore import load_bundle
 from fedfms_secure.data import synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.privacy.budget import read_ledger
-from fedfms_secure.errors import FederationError
+from fedfms_secure.errors import FederationError, UpdateAlreadyReceived
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.server.daemon import serve
+from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.server.store import StateStore
 from fedfms_secure.transport.client import FederationClient
 
@@ -390,7 +391,8 @@ def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_re
             codecs[name] = ring.codec
             clients[name].join(ring.fingerprint, "test")
         rng = np.random.default_rng(0)
-        length = codecs["a"].chunk_values + 100  # two chunks
+        length = plan_vector_length("tiny", "fedmsa")  # the plan's vector (the server refuses any other)
+        n_chunks = -(-length // codecs["a"].chunk_values)
         counts = {"a": 30, "b": 10}
         expected = np.zeros(length)
         old_streams: dict[str, list[Chunk]] = {}
@@ -412,9 +414,9 @@ def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_re
                     assert exc.value.code == "failed_precondition"
             first = clients["a"].upload(lambda: streams["a"])
             again = clients["a"].upload(lambda: streams["a"])  # the very same stream, sent again
-            assert again == first and first.round == r and first.chunks == 2
+            assert again == first and first.round == r and first.chunks == n_chunks
             # a retry that re-encrypted the update (as a site does after a lost reply) is not counted again
-            with pytest.raises(FederationError, match="already uploaded a different update") as exc:
+            with pytest.raises(UpdateAlreadyReceived, match="already uploaded a different update") as exc:
                 clients["a"].upload(lambda: _stream(codecs["a"], r, update_a))
             assert exc.value.code == "failed_precondition"
             assert [s.uploaded for s in clients["b"].status().sites] == [True, False]  # counted once, round open
@@ -422,7 +424,7 @@ def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_re
             assert clients["a"].status().round == r + 1
             # the round has closed with a's update: the same stream, or a re-encrypted one, is refused
             for stream in (streams["a"], _stream(codecs["a"], r, update_a)):
-                with pytest.raises(FederationError, match=f"already uploaded its update for round {r}") as exc:
+                with pytest.raises(UpdateAlreadyReceived, match=f"already uploaded its update for round {r}") as exc:
                     clients["a"].upload(lambda: stream)
                 assert exc.value.code == "failed_precondition"
             old_streams = streams

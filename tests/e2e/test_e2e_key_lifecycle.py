@@ -97,8 +97,7 @@ def test_provision_run_rotate_tls_and_he_revoke(tmp_path, provision, capsys):
         new_serial = pki.cert_from_pem((keys.bundles["site_2"] / "tls.crt").read_bytes(), source="new").serial_number
         assert old_serial != new_serial and HeStore(keys.bundles["site_2"]).current() is not None  # he/ kept
         old = load_bundle(old_bundle, role="client")
-        with FederationClient(address, ca_pem=old.ca_pem, cert_pem=old.cert_pem, key_pem=old.key_pem,
-                              server_name=old.server_host, call_timeout=10) as stale:
+        with FederationClient.from_bundle(old, address, call_timeout=10) as stale:
             with pytest.raises(FederationError, match="reason: superseded") as info:
                 stale.status()
             assert info.value.code == "permission_denied"

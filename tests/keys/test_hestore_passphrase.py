@@ -190,8 +190,7 @@ def test_he_init_rotate_he_and_the_site_daemon_keep_contexts_encrypted(bundles: 
         threading.Event().wait(0.05)
     address = json.loads(address_file.read_text())["address"]
     a, b = (load_bundle(sites[name], role="client", passphrase=PASS) for name in ("a", "b"))
-    client, client_a = (FederationClient(address, ca_pem=x.ca_pem, cert_pem=x.cert_pem, key_pem=x.key_pem,
-                                         server_name=x.server_host, call_timeout=20) for x in (b, a))
+    client, client_a = (FederationClient.from_bundle(x, address, call_timeout=20) for x in (b, a))
     try:
         assert main(["keys", "he-init", "--keys", str(sites["a"]), "--server", address, "--passphrase-file",
                      str(pass_file), "--json"]) == 0

@@ -265,3 +265,36 @@ def test_a_crash_between_two_writes_does_not_stall_the_round(tmp_path, keys):
     again = make_coordinator(tmp_path, keys)  # b's upload was stored before the crash
     assert again.status().round == 1
     np.testing.assert_allclose(global_vector(again, codec, 1), np.full(3, 0.75), atol=1e-6)
+
+
+def test_uploads_past_the_round_quota_are_refused_and_leave_nothing(tmp_path, keys):
+    codec, server_ctx, fp = keys
+    vec = np.full(codec.chunk_values + 3, 0.1)
+    one_upload = sum(len(c.payload) for c in chunks(codec, 0, vec))
+    plan = Plan("t", 2, "fedmsa", "tiny", 0, 1, 4, 1e-3, codec.scheme)
+    coord = Coordinator(plan, SITES, make_aggregator(codec.scheme, server_ctx, fp), fp, StateStore(tmp_path),
+                        round_quota_bytes=one_upload * 7 // 4, vector_length=vec.size)  # room for b's first chunk only
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    coord.receive_upload("a", chunks(codec, 0, vec))
+    blobs = {p.name for p in (tmp_path / "blobs").glob("*/*")}
+    with pytest.raises(FederationError, match="disk quota") as exc:
+        coord.receive_upload("b", chunks(codec, 0, vec))
+    assert exc.value.code == "resource_exhausted"
+    assert {p.name for p in (tmp_path / "blobs").glob("*/*")} == blobs  # b's first chunk was deleted at once
+    assert [s.uploaded for s in coord.status().sites] == [True, False]
+
+
+def test_the_plans_vector_length_holds_from_the_first_upload(tmp_path, keys):
+    codec, server_ctx, fp = keys
+    plan = Plan("t", 2, "fedmsa", "tiny", 0, 1, 4, 1e-3, codec.scheme)
+    coord = Coordinator(plan, SITES, make_aggregator(codec.scheme, server_ctx, fp), fp, StateStore(tmp_path),
+                        vector_length=7)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
+    with pytest.raises(FederationError, match="the federation's vector has 7") as exc:
+        coord.receive_upload("a", chunks(codec, 0, np.full(5, 0.1)))
+    assert exc.value.code == "invalid_argument"
+    for site in SITES:
+        coord.receive_upload(site, chunks(codec, 0, np.full(7, 0.1)))
+    assert coord.status().round == 1

@@ -210,3 +210,34 @@ def test_rotation_only_at_a_round_boundary_and_old_ciphertexts_refused(fed, tmp_
     restarted = coordinator(fed, tmp_path / "s2", rounds=3)
     assert restarted.key == ack.key and restarted.fingerprint == new.fingerprint
 
+
+def test_the_key_label_of_a_chunk_is_not_cryptographic(fed, tmp_path):
+    """What the fingerprint on a chunk proves: nothing about the key. A ciphertext made under
+    another key of the same parameters (e.g. the replaced epoch's), labelled with the current
+    fingerprint, parses, adds and enters the sum: the server holds no key and cannot tell. Every
+    site then refuses the round's sum when it decrypts it (the packed coefficients lie off their
+    integer grid), so the forgery spoils a round visibly but never becomes a model. The label
+    only catches honest mistakes (a site on a stale key); a member could do the same harm under
+    the current key. The one party holding only an old key is a site that a rotation left out,
+    i.e. one that ``keys revoke`` removed (``keys rotate-he --crl`` leaves the revoked sites out),
+    and a revoked certificate is refused before any call reaches the coordinator
+    (tests/keys/test_keys_revocation.py)."""
+    coord = coordinator(fed, tmp_path / "s")
+    codec, envelopes = new_key(fed, "a", 1)
+    coord.publish_keys("a", KeyPublication(1, codec.fingerprint, 0, "", 2, 0), items(envelopes))
+    stale, _ = new_key(fed, "b", 2)  # another context, same parameters: never published
+    vec = np.linspace(-0.3, 0.3, codec.chunk_values + 5)
+    for site in SITES:
+        coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(10.0))
+    coord.receive_upload("a", state_chunks(codec, 0, vec / 3))
+    coord.receive_upload("b", state_chunks(codec, 0, vec / 3))
+    # both labels rewritten: the chunk header's and the payload's own (bytes 5..37, see he/payload.py)
+    relabel = bytes.fromhex(codec.fingerprint)
+    forged = [Chunk(**{**c.__dict__, "fingerprint": codec.fingerprint,
+                       "payload": c.payload[:5] + relabel + c.payload[37:]})
+              for c in state_chunks(stale, 0, vec / 3)]
+    coord.receive_upload("c", forged)  # accepted: the label matches, the ciphertext is well formed
+    assert coord.status().round == 1
+    # no site takes the spoiled sum for a model: decryption checks the packed coefficients' noise
+    with pytest.raises(CryptoError, match="encrypted under another key"):
+        codec.decrypt_vector([c.payload for c in global_chunks(coord, 1)], vec.size)

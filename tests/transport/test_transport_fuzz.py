@@ -45,6 +45,7 @@ from fedfms_secure.protocol import Chunk
 from fedfms_secure.transport import serde
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.server.daemon import serve
+from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.transport.client import FederationClient
 from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
@@ -105,8 +106,7 @@ def federation(request, tmp_path_factory):
         time.sleep(0.05)
     address = json.loads(address_file.read_text())["address"]
     keeper = load_bundle(root / KEEPER, role="client")
-    with FederationClient(address, ca_pem=keeper.ca_pem, cert_pem=keeper.cert_pem, key_pem=keeper.key_pem,
-                          server_name=keeper.server_host, call_timeout=30) as client:
+    with FederationClient.from_bundle(keeper, address, call_timeout=30) as client:
         init_key(client, keeper)  # the keeper makes the CKKS key and seals it to the fuzzed sites
     yield root, address, intruder, request.param
     stop.set()
@@ -141,7 +141,8 @@ class Fuzzer:
         self.oversized = False  # whether the next call sends a message past the limit
         self.poisoned = 0  # genuine rotations given up: a fuzzed upload spoiled the global state
         step = self.codec.chunk_values
-        self.length = step + 10  # the federation's vector: one full chunk and a partial one
+        self.length = plan_vector_length("tiny", "fedmsa")  # the plan's vector: full chunks and a partial one
+        assert self.length % step
         self._encrypt_samples()
         self._next_key()
 
@@ -271,8 +272,9 @@ class Fuzzer:
             state = reencrypt_chunks(self.codec, self.next_codec, [serde.chunk_from_proto(c) for c in chunks])
         elif round_ > 0:
             step = self.codec.chunk_values
-            state = [Chunk(round_, i, 2, min(step, self.length - i * step), self.next_codec.fingerprint, p, self.length)
-                     for i, p in enumerate(self.vectors[int(self.rng.integers(len(self.vectors)))])]
+            vector = self.vectors[int(self.rng.integers(len(self.vectors)))]
+            state = [Chunk(round_, i, len(vector), min(step, self.length - i * step), self.next_codec.fingerprint, p,
+                           self.length) for i, p in enumerate(vector)]
         header = pb.KeyEpochHeader(epoch=self.epoch + 1, context_fingerprint=self.next_codec.fingerprint, round=round_,
                                    previous_fingerprint=self.fingerprint, envelopes=len(self.next_envelopes),
                                    state_chunks=len(state))
@@ -503,8 +505,7 @@ def test_random_messages_never_end_in_unknown(federation):
 
     # a genuine site that was never retired still joins, and status still answers
     b = load_bundle(root / KEEPER, role="client")
-    with FederationClient(address, ca_pem=b.ca_pem, cert_pem=b.cert_pem, key_pem=b.key_pem,
-                          server_name=b.server_host, call_timeout=30) as client:
+    with FederationClient.from_bundle(b, address, call_timeout=30) as client:
         joined = client.join(fuzzer.fingerprint, "test")
         assert joined.key.epoch == fuzzer.epoch and joined.key.fingerprint == fuzzer.fingerprint
         assert joined.site == KEEPER and joined.plan.rounds == ROUNDS

@@ -19,6 +19,7 @@ from fedfms_secure.keys.keystore import load_bundle
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
+from fedfms_secure.server.plan_sizes import plan_vector_length
 
 from federation_kit import provision_sites, running_server, site_client
 
@@ -73,7 +74,7 @@ def test_he_init_round_and_rotation_over_grpc(federation, capsys):
 
         # one round under epoch 1
         codec = rings["a"].codec
-        vec = np.linspace(-0.25, 0.25, codec.chunk_values + 11)
+        vec = np.linspace(-0.25, 0.25, plan_vector_length("tiny", "fedmsa"))  # the plan's vector
         for name, ring in rings.items():
             clients[name].commit_weight(0, ring.fingerprint, ring.codec.encrypt_scalar(4.0))
         for name, ring in rings.items():
