@@ -42,7 +42,8 @@ from rich.console import Console
 import _common
 from fedfms_secure.config import FEDERATED_LEARNING_RATE, ServerConfig
 from fedfms_secure.data import load_site
-from fedfms_secure.demo import UPDATE_BOUND, DemoOptions, run_demo
+from fedfms_secure.demo import DemoOptions, run_demo
+from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
@@ -135,7 +136,7 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
         aggregates = [f["aggregate"] for f in saved]
         if any(not np.array_equal(aggregates[0], a) for a in aggregates[1:]):
             raise RuntimeError(f"round {round_}: the sites decrypted different aggregates")
-        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -UPDATE_BOUND, UPDATE_BOUND) for f in saved],
+        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -DEFAULT_UPDATE_BOUND, DEFAULT_UPDATE_BOUND) for f in saved],
                        axis=0)
         dice = {}
         for label, aggregate in (("ckks", aggregates[0]), ("plain", plain)):

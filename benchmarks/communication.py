@@ -114,13 +114,13 @@ def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict
         serialize_site_context,
     )
     from fedfms_secure.he.packing import fit_params
-    from fedfms_secure.demo import UPDATE_BOUND
+    from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
 
     if scheme == "fp32":
         return [_Fp32Codec() for _ in range(sites)], _Fp32Summer(), {}
     if scheme == "plain":
         return [make_site_codec("plain", None, "plain") for _ in range(sites)], make_aggregator("plain", None), {}
-    params = fit_params(bound=UPDATE_BOUND, sites=sites, rounds=rounds)
+    params = fit_params(bound=DEFAULT_UPDATE_BOUND, sites=sites, rounds=rounds)
     ctx = new_secret_context(params)
     fingerprint = context_fingerprint(ctx)
     site_blob = serialize_site_context(ctx)

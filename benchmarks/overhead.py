@@ -93,7 +93,7 @@ class _Bench:
         from fedfms_secure.he import (context_fingerprint, load_context, make_site_codec, make_aggregator,
                                           new_secret_context, serialize_params_only)  # fmt: skip
         from fedfms_secure.he.packing import fit_params
-        from fedfms_secure.demo import UPDATE_BOUND
+        from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
         from fedfms_secure.model import apply_mode, build_model, flatten
         from fedfms_secure.train import TrainConfig
 
@@ -116,7 +116,7 @@ class _Bench:
         self.train, self.val = _site_data(tmp, setting, image_size, seed)
         self.config = TrainConfig(epochs=setting.epochs, batch_size=min(setting.batch_size, len(self.train)),
                                   lr=1e-2, seed=seed, max_physical_batch=setting.max_physical_batch)  # fmt: skip
-        params = fit_params(bound=UPDATE_BOUND, sites=sites, rounds=rounds)
+        params = fit_params(bound=DEFAULT_UPDATE_BOUND, sites=sites, rounds=rounds)
         ctx = new_secret_context(params)
         fingerprint = context_fingerprint(ctx)
         self.codecs = {True: make_site_codec("ckks", ctx, fingerprint, params=params),
@@ -124,7 +124,7 @@ class _Bench:
         self.aggregators = {True: make_aggregator("ckks", load_context(serialize_params_only(ctx), source="server"),
                                           fingerprint, params),
                         False: make_aggregator("plain", None)}  # fmt: skip
-        self.bound = UPDATE_BOUND
+        self.bound = DEFAULT_UPDATE_BOUND
         self._dp_runs = 0
 
     def round(self, cfg: Config) -> dict[str, float]:

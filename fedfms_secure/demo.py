@@ -34,11 +34,8 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
+from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND as UPDATE_BOUND
 from fedfms_secure.report import build_report, plot_report
-
-
-# bound on every value of a weighted update n_k/N * delta_k (Adam moves a parameter by about lr a step)
-UPDATE_BOUND = 1.0
 
 
 @dataclass(frozen=True)
