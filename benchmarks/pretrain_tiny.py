@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +39,7 @@ from fedfms_secure.model import build_model, save_sam_checkpoint  # noqa: E402
 from fedfms_secure.model.adapters import adapter_parameter_names  # noqa: E402
 from fedfms_secure.model.prompts import boxes_from_labels  # noqa: E402
 from fedfms_secure.model.registry import shipped_weights  # noqa: E402
-from fedfms_secure.train.evaluate import dice_per_image  # noqa: E402
+from fedfms_secure.train.metrics import score_masks  # noqa: E402
 from fedfms_secure.train.losses import segmentation_loss  # noqa: E402
 
 
@@ -152,10 +153,11 @@ def held_out_dice(model, images: torch.Tensor, union: torch.Tensor, single: torc
     free, boxed = [], []
     for i in range(0, len(images), 64):
         x, u, s = images[i : i + 64], union[i : i + 64], single[i : i + 64]
-        free.append(dice_per_image(torch.sigmoid(model(x)) > 0.5, u > 0.5))
-        boxed.append(dice_per_image(torch.sigmoid(model(x, boxes_from_labels(s))) > 0.5, s > 0.5))
+        free.append(score_masks(torch.sigmoid(model(x)) > 0.5, u > 0.5).dice[:, 0])
+        boxed.append(score_masks(torch.sigmoid(model(x, boxes_from_labels(s))) > 0.5, s > 0.5).dice[:, 0])
     model.train()
-    return {"prompt_free": float(torch.cat(free).mean()), "box": float(torch.cat(boxed).mean())}
+    # images whose label is empty are not scored (NaN), as everywhere else in the project
+    return {"prompt_free": float(np.nanmean(np.concatenate(free))), "box": float(np.nanmean(np.concatenate(boxed)))}
 
 
 def _commit() -> str:
