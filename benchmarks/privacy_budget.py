@@ -181,12 +181,12 @@ def _scores(mean: dict[str, Any], fallback_dice: float | None = None) -> dict[st
 
 def run_baseline(run: Run, plan: Plan, data_dir: Path) -> dict[str, Any]:
     """A centralized or local-only baseline with the federated runs' epochs budget."""
-    from fedfms_secure.train.baselines import BaselineOptions, train_central, train_local
+    from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
     options = BaselineOptions(mode=run.mode, preset=plan.preset, epochs=plan.rounds * plan.local_epochs,
                               epsilon=None if math.isinf(run.epsilon) else run.epsilon, seed=run.seed,
                               pretrained=plan.pretrained, holdout=plan.holdout)  # fmt: skip
-    train = train_central if run.kind == "central" else train_local
+    train = train_central if run.kind == "central" else run_local_baselines
     started = time.monotonic()
     result = train(data_dir, options)
     wall = time.monotonic() - started
