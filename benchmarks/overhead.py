@@ -1,7 +1,7 @@
 """What privacy costs in time, as ratios measured in one run: DP step / non-DP step, round with CKKS /
 round without, FedMSA round / FedSAM round.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 5] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.overhead [--repeats 5] [--epochs 5] [--out benchmarks/results]
 
 These machines are shared and noisy, so every configuration is measured in the same process,
 interleaved (A B C ... A B C ...) ``--repeats`` times; on the CPU each part is timed in CPU seconds of
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-import _common
+from benchmarks import _common
 
 MODES = ("fedmsa", "fedsam")
 
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.vit_b_batch, args.vit_b_repeats, img_size=args.vit_b_img_size))  # fmt: skip
     else:
         skipped.append("no GPU: vit_b skipped (torch.cuda.is_available() is False on this machine)")
-    head = _common.header(seeds=args.seed, argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    head = _common.header(seeds=args.seed, argv=_common.script_argv(__file__, argv),
                           sites=args.sites)  # fmt: skip
     started = time.monotonic()
     results = []

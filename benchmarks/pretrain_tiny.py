@@ -11,8 +11,8 @@ Steps alternate between the two ways SAM is used here: prompt-free (the label is
 the image, decoder token 0) and box-prompted (the label is the visible part of one object, its
 jittered bounding box as prompt). Dice on held-out generic images (another seed) is reported.
 
-    python benchmarks/pretrain_tiny.py                      # writes the shipped weights
-    python benchmarks/pretrain_tiny.py --steps 50 --out /tmp/t.pt   # a quick try
+    python -m benchmarks.pretrain_tiny                      # writes the shipped weights
+    python -m benchmarks.pretrain_tiny --steps 50 --out /tmp/t.pt   # a quick try
 
 Seeded: the same arguments give the same weights on the same machine and torch build.
 """
@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,15 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedfms_secure.model import build_model, save_sam_checkpoint  # noqa: E402
-from fedfms_secure.model.adapters import adapter_parameter_names  # noqa: E402
-from fedfms_secure.model.prompts import boxes_from_labels  # noqa: E402
-from fedfms_secure.model.registry import shipped_weights  # noqa: E402
-from fedfms_secure.train.metrics import score_masks  # noqa: E402
-from fedfms_secure.train.losses import segmentation_loss  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.model import build_model, save_sam_checkpoint
+from fedfms_secure.model.adapters import adapter_parameter_names
+from fedfms_secure.model.prompts import boxes_from_labels
+from fedfms_secure.model.registry import shipped_weights
+from fedfms_secure.train.losses import segmentation_loss
+from fedfms_secure.train.metrics import score_masks
 
 
 # --- generic shapes and textures ----------------------------------------------------------------
@@ -160,17 +155,6 @@ def held_out_dice(model, images: torch.Tensor, union: torch.Tensor, single: torc
     return {"prompt_free": float(np.nanmean(np.concatenate(free))), "box": float(np.nanmean(np.concatenate(boxed)))}
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2600)
@@ -229,14 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     save_sam_checkpoint(model, args.out, adapters=False)
     result = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        **_common.header(seeds=args.seed, argv=_common.script_argv(__file__, argv)),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "threads": args.threads, "train_seconds": round(seconds, 1),
         "held_out_images": args.held_out,
         "dice_before": before, "dice_after": after,
         "weights": str(args.out), "weights_bytes": args.out.stat().st_size,
-        "commit": _commit(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.report:
