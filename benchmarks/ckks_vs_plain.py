@@ -136,8 +136,8 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
         aggregates = [f["aggregate"] for f in saved]
         if any(not np.array_equal(aggregates[0], a) for a in aggregates[1:]):
             raise RuntimeError(f"round {round_}: the sites decrypted different aggregates")
-        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -DEFAULT_UPDATE_BOUND, DEFAULT_UPDATE_BOUND) for f in saved],
-                       axis=0)
+        bound = DEFAULT_UPDATE_BOUND
+        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -bound, bound) for f in saved], axis=0)
         dice = {}
         for label, aggregate in (("ckks", aggregates[0]), ("plain", plain)):
             load_vector(model, names, theta + aggregate)
