@@ -2,9 +2,11 @@
 
 The header says where a number came from: the machine (architecture, CPU cores, GPU or "no GPU",
 torch and Python versions), the commit (with "+ uncommitted changes" when the library or the
-benchmarks differ from it), the seeds, the exact command line and the date (UTC). Scripts import
-this module as ``_common`` (a script's own folder is first on ``sys.path``); tests put
-``benchmarks/`` on the path first.
+benchmarks differ from it), the seeds, the exact command line and the date (UTC). Every script
+takes its header, commit stamp and command line from here.
+
+``benchmarks`` is a package: scripts run from the repository root as ``python -m benchmarks.NAME``
+and import this module as ``from benchmarks import _common``; tests import it the same way.
 """
 
 from __future__ import annotations
@@ -68,14 +70,24 @@ def machine() -> str:
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command that reproduces this run, relative to the repository root."""
+    """The command that reproduces this run, run from the repository root: ``argv[0]`` is the script
+    (its path, as ``python -m`` sets it), the rest its arguments. A script of this package is named
+    as its module (``.venv/bin/python -m benchmarks.NAME ...``)."""
     args = list(sys.argv if argv is None else argv)
     script = Path(args[0]) if args else Path("?")
     try:
         script = script.resolve().relative_to(ROOT)
     except ValueError:
-        pass
+        return shlex.join([".venv/bin/python", script.as_posix(), *args[1:]])
+    if script.parent == Path("benchmarks") and script.suffix == ".py":
+        return shlex.join([".venv/bin/python", "-m", f"benchmarks.{script.stem}", *args[1:]])
     return shlex.join([".venv/bin/python", script.as_posix(), *args[1:]])
+
+
+def script_argv(script: str, argv: Sequence[str] | None) -> list[str]:
+    """``[script, *arguments]`` for :func:`command_line`: ``argv`` as given to a script's ``main``,
+    or this process's own arguments when it is None."""
+    return [script, *(sys.argv[1:] if argv is None else argv)]
 
 
 def header(*, seeds: Sequence[int] | int | None = None, argv: Sequence[str] | None = None,

@@ -20,9 +20,9 @@ Two comparisons, both from real federations (``run_demo``: server and site proce
 
 Writes ``benchmarks/results/ckks_vs_plain.{md,json}`` (``ckks_vs_plain_lr<LR>.*`` with ``--lr``).
 
-    python benchmarks/ckks_vs_plain.py                  # seeds 0 1 2, 3 sites, 5 rounds (~13 min on 2 cores)
-    python benchmarks/ckks_vs_plain.py --lr 1e-3        # the same at a smaller learning rate
-    python benchmarks/ckks_vs_plain.py --seeds 0 --rounds 2 --out /tmp/x   # a quick look
+    python -m benchmarks.ckks_vs_plain                  # seeds 0 1 2, 3 sites, 5 rounds (~13 min on 2 cores)
+    python -m benchmarks.ckks_vs_plain --lr 1e-3        # the same at a smaller learning rate
+    python -m benchmarks.ckks_vs_plain --seeds 0 --rounds 2 --out /tmp/x   # a quick look
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-import _common
+from benchmarks import _common
 from fedfms_secure.config import FEDERATED_LEARNING_RATE, ServerConfig
 from fedfms_secure.data import load_site
-from fedfms_secure.demo import UPDATE_BOUND, DemoOptions, run_demo
+from fedfms_secure.demo import DemoOptions, run_demo
+from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sizes of the uniform noise added to each aggregate in section 3 (none: skip it)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
     args = parser.parse_args(argv)
-    head = _common.header(seeds=args.seeds, argv=argv, clients=args.clients, rounds=args.rounds,
-                          local_epochs=args.local_epochs, preset="tiny (64 px), synthetic NIfTI sites",
+    head = _common.header(seeds=args.seeds, argv=_common.script_argv(__file__, argv), clients=args.clients,
+                          rounds=args.rounds, local_epochs=args.local_epochs, preset="tiny (64 px), synthetic NIfTI sites",
                           training=f"FedMSA, no DP, Adam lr {args.lr or FEDERATED_LEARNING_RATE:g}"
                           + (" (the demo's plan)" if args.lr is None else ""))
     progress = _common.Progress((3 if args.perturb else 2) * len(args.seeds))
@@ -135,8 +136,8 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
         aggregates = [f["aggregate"] for f in saved]
         if any(not np.array_equal(aggregates[0], a) for a in aggregates[1:]):
             raise RuntimeError(f"round {round_}: the sites decrypted different aggregates")
-        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -UPDATE_BOUND, UPDATE_BOUND) for f in saved],
-                       axis=0)
+        bound = DEFAULT_UPDATE_BOUND
+        plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -bound, bound) for f in saved], axis=0)
         dice = {}
         for label, aggregate in (("ckks", aggregates[0]), ("plain", plain)):
             load_vector(model, names, theta + aggregate)

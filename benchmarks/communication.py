@@ -1,6 +1,6 @@
 """Bytes per site per round, FedSAM against FedMSA, plaintext against packed CKKS: measured, not multiplied.
 
-    .venv/bin/python benchmarks/communication.py [--presets tiny vit_b] [--modes fedmsa fedsam]
+    .venv/bin/python -m benchmarks.communication [--presets tiny vit_b] [--modes fedmsa fedsam]
                                                  [--sites 3] [--rounds 5] [--out benchmarks/results]
 
 For each preset and mode the model is built (vit_b from its seeded initialisation: the parameter
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-import _common
+from benchmarks import _common
 
 SCHEMES = ("fp32", "plain", "ckks")
 SCHEME_LABELS = {
@@ -114,13 +114,13 @@ def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict
         serialize_site_context,
     )
     from fedfms_secure.he.packing import fit_params
-    from fedfms_secure.demo import UPDATE_BOUND
+    from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
 
     if scheme == "fp32":
         return [_Fp32Codec() for _ in range(sites)], _Fp32Summer(), {}
     if scheme == "plain":
         return [make_site_codec("plain", None, "plain") for _ in range(sites)], make_aggregator("plain", None), {}
-    params = fit_params(bound=UPDATE_BOUND, sites=sites, rounds=rounds)
+    params = fit_params(bound=DEFAULT_UPDATE_BOUND, sites=sites, rounds=rounds)
     ctx = new_secret_context(params)
     fingerprint = context_fingerprint(ctx)
     site_blob = serialize_site_context(ctx)
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     if args.sites < 1 or args.rounds < 1:
         parser.error("--sites and --rounds must be at least 1")
-    head = _common.header(seeds=args.seed, argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    head = _common.header(seeds=args.seed, argv=_common.script_argv(__file__, argv),
                           sites=args.sites, rounds_provisioned=args.rounds)  # fmt: skip
     started = time.monotonic()
     try:

@@ -11,7 +11,7 @@ row, so cold is the cost of decoding and preprocessing, not of the disk). Torch 
 (``--threads``), as the demo's site processes do (``OMP_NUM_THREADS=1``): on a shared, loaded
 machine two threads spend most of a small tensor operation waiting for each other.
 
-    .venv/bin/python benchmarks/data_loading.py     # writes benchmarks/results/data_loading.md
+    .venv/bin/python -m benchmarks.data_loading     # writes benchmarks/results/data_loading.md
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import _common  # noqa: E402
-
-from fedfms_secure.data import find_sites, load_site, synth_federation  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.data import find_sites, load_site, synth_federation
 
 
 def write_ct_site(root: Path, volumes: int = 3, shape: tuple[int, int, int] = (256, 256, 64)) -> Path:

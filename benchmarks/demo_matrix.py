@@ -1,6 +1,6 @@
 """Runs the demo federation under three privacy settings and records what each costs.
 
-    .venv/bin/python benchmarks/demo_matrix.py [--rounds 5] [--clients 3] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.demo_matrix [--rounds 5] [--clients 3] [--out benchmarks/results]
 
 Settings (same data, seed and plan; only the privacy machinery differs):
   dp+ckks    target epsilon 8 per site, CKKS aggregation (the default `make demo`)
@@ -18,9 +18,6 @@ import argparse
 import io
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from benchmarks import _common
 from fedfms_secure.demo import DemoOptions, run_demo
 
 SETTINGS = {
@@ -37,13 +35,14 @@ SETTINGS = {
 }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Runs the demo in each setting and writes ``demo_matrix.{json,md}`` to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedfms-bench-") as tmp:
         for name, setting in SETTINGS.items():
@@ -54,16 +53,11 @@ def main() -> int:
                 console=Console(file=io.StringIO()),
             )
             rows.append(_row(name, report, time.monotonic() - started))
-    header = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": _commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} "
-                   f"{platform.python_version()}, no GPU",
-        "preset": "tiny (64 px), synthetic NIfTI sites from `fedfms-secure data synth`",
-        "seed": args.seed,
-        "clients": args.clients,
-        "rounds": args.rounds,
-    }
+    header = _common.header(
+        seeds=args.seed, argv=_common.script_argv(__file__, argv),
+        preset="tiny (64 px), synthetic NIfTI sites from `fedfms-secure data synth`",
+        clients=args.clients, rounds=args.rounds,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "demo_matrix.json").write_text(json.dumps({"header": header, "runs": rows}, indent=2) + "\n")
     (args.out / "demo_matrix.md").write_text(_markdown(header, rows))
@@ -90,7 +84,7 @@ def _markdown(header: dict, rows: list[dict]) -> str:
     lines = [
         "# Demo federation: what privacy costs",
         "",
-        *[f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in header.items()],
+        *_common.header_markdown(header),
         "",
         "| setting | Dice round 0 | Dice per round | final Dice | epsilon (max site) | bytes up / site / round "
         "| bytes down / site / round | s / round | wall s |",
@@ -104,17 +98,6 @@ def _markdown(header: dict, rows: list[dict]) -> str:
             f"| {r['bytes_down_per_site_per_round']:,.0f} | {r['seconds_per_round_mean']:.1f} | {r['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Runs `fedfms-secure bench he` for 1e6 values and for vit_b FedMSA's update, and records the results.
 
-    .venv/bin/python benchmarks/he_bench.py [--out benchmarks/results] [--runs VALUES:K:R:BITS ...]
+    .venv/bin/python -m benchmarks.he_bench [--out benchmarks/results] [--runs VALUES:K:R:BITS ...]
 
 Default runs: 1e6 and 11,160,000 values (vit_b FedMSA) with K = 3 sites, parameters for R = 5
 rounds, 16-bit quantisation; then the largest headroom that stays under 8 B/param at 16 bits
@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks import _common
+
+ROOT = _common.ROOT
 RUNNER = (
     "import argparse, sys\n"
     "from fedfms_secure.commands.bench import register\n"
@@ -29,40 +30,35 @@ RUNNER = (
 LABELS = {1_000_000: "1e6 values", 11_160_000: "vit_b FedMSA update (11.16M)"}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Runs each ``--runs`` entry in a fresh process and writes ``he_bench.{json,md}`` to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
     parser.add_argument("--runs", nargs="+",
                         default=["1e6:3:5:16", "11160000:3:5:16", "1e6:31:1:16", "1e6:511:1:10"])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    head = _common.header(argv=_common.script_argv(__file__, argv))
     results = []
     for run in args.runs:
         size, sites, rounds, bits = run.split(":")
-        argv = ["bench", "he", "--params", size, "--sites", sites, "--rounds", rounds, "--quant-bits", bits,
+        bench_argv = ["bench", "he", "--params", size, "--sites", sites, "--rounds", rounds, "--quant-bits", bits,
                 "--json"]
-        done = subprocess.run([sys.executable, "-c", RUNNER, *argv], cwd=ROOT, check=True,
+        done = subprocess.run([sys.executable, "-c", RUNNER, *bench_argv], cwd=ROOT, check=True,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         result = json.loads(done.stdout.strip().splitlines()[-1])
-        result["command"] = "fedfms-secure " + " ".join(argv)
+        result["command"] = "fedfms-secure " + " ".join(bench_argv)
         results.append(result)
         print(json.dumps(result), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fedfms_secure", "benchmarks/he_bench.py"],
-                      cwd=ROOT, capture_output=True, text=True).stdout.strip():
-        commit += " + uncommitted changes"
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, CPython {platform.python_version()}, no GPU"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "he_bench.json").write_text(
-        json.dumps({"commit": commit, "machine": machine, "results": results}, indent=2) + "\n"
+        json.dumps({**head, "results": results}, indent=2) + "\n"
     )
     first = results[0]
     lines = [
         "# Packed CKKS updates: bytes, seconds and error",
         "",
-        "- command: `.venv/bin/python benchmarks/he_bench.py` (each row: the `command` column)",
-        f"- commit: {commit}",
-        f"- machine: {machine}",
+        *_common.header_markdown(head),
+        "- each row: the `command` column",
         f"- scheme: N={first['poly_modulus_degree']}, one data prime + a 60-bit special prime, bound "
         f"{first['bound']:g}, {first['rounding']} rounding; `choose_params` picks prime, scale and lanes per row",
         "- values: uniform in [-bound, bound] at each site; the sum of the K sites' ciphertexts is decrypted",

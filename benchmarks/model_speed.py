@@ -6,15 +6,12 @@ batch 32, after one warm-up epoch; DP rows use DP-SGD (Opacus, Poisson sampling,
 clipping, epsilon 8 planned over the timed epochs). Images/s counts the images actually drawn
 (Poisson batches vary in size).
 
-    python benchmarks/model_speed.py        # writes benchmarks/results/model_speed.md
+    python -m benchmarks.model_speed        # writes benchmarks/results/model_speed.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +19,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedfms_secure.data.synth import ellipses  # noqa: E402
-from fedfms_secure.model import apply_mode, build_model  # noqa: E402
-from fedfms_secure.privacy import PrivacyConfig, SitePrivacy  # noqa: E402
-from fedfms_secure.train import TrainConfig, steps_per_epoch, train_local  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.data.synth import ellipses
+from fedfms_secure.model import apply_mode, build_model
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.train import TrainConfig, steps_per_epoch, train_local
 
 
 class Counting(TensorDataset):
@@ -65,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/model_speed.md")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS / "model_speed.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = ellipses(args.images)
@@ -86,24 +81,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((label, dp, rate, params))
                 print(f"{label:<34} dp={dp!s:<5} {rate:7.1f} images/s  ({params:,} trainable)",
                       flush=True)  # fmt: skip
-    commit = "unknown"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()  # fmt: skip
-        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fedfms_secure",
-                           "benchmarks/model_speed.py"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip():  # fmt: skip
-            commit += " + uncommitted changes"
-    except (OSError, subprocess.CalledProcessError):
-        pass
     plain = {label: rate for label, dp, rate, _ in rows if not dp}
     base_rate = plain["fedmsa"]
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    head = _common.header(seeds=0, argv=_common.script_argv(__file__, argv), threads=args.threads)
     lines = [
         "# Training speed of the tiny preset on CPU",
         "",
-        f"Command: `{command}`. Commit: {commit}. Machine: {platform.machine()}, "
-        f"{args.threads} torch threads (2 shared CPU cores), torch {torch.__version__}.",
+        *_common.header_markdown(head),
+        "",
         f"Each row: `train_local` on {args.images} synthetic 64x64 slices, batch {args.batch}, "
         f"{args.epochs} timed epochs after a warm-up epoch; DP = Opacus DP-SGD (Poisson sampling, "
         "per-sample clipping, epsilon 8). All rows from this one run.",

@@ -1,7 +1,7 @@
 """What privacy costs in time, as ratios measured in one run: DP step / non-DP step, round with CKKS /
 round without, FedMSA round / FedSAM round.
 
-    .venv/bin/python benchmarks/overhead.py [--repeats 5] [--epochs 5] [--out benchmarks/results]
+    .venv/bin/python -m benchmarks.overhead [--repeats 5] [--epochs 5] [--out benchmarks/results]
 
 These machines are shared and noisy, so every configuration is measured in the same process,
 interleaved (A B C ... A B C ...) ``--repeats`` times; on the CPU each part is timed in CPU seconds of
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-import _common
+from benchmarks import _common
 
 MODES = ("fedmsa", "fedsam")
 
@@ -93,7 +93,7 @@ class _Bench:
         from fedfms_secure.he import (context_fingerprint, load_context, make_site_codec, make_aggregator,
                                           new_secret_context, serialize_params_only)  # fmt: skip
         from fedfms_secure.he.packing import fit_params
-        from fedfms_secure.demo import UPDATE_BOUND
+        from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
         from fedfms_secure.model import apply_mode, build_model, flatten
         from fedfms_secure.train import TrainConfig
 
@@ -116,7 +116,7 @@ class _Bench:
         self.train, self.val = _site_data(tmp, setting, image_size, seed)
         self.config = TrainConfig(epochs=setting.epochs, batch_size=min(setting.batch_size, len(self.train)),
                                   lr=1e-2, seed=seed, max_physical_batch=setting.max_physical_batch)  # fmt: skip
-        params = fit_params(bound=UPDATE_BOUND, sites=sites, rounds=rounds)
+        params = fit_params(bound=DEFAULT_UPDATE_BOUND, sites=sites, rounds=rounds)
         ctx = new_secret_context(params)
         fingerprint = context_fingerprint(ctx)
         self.codecs = {True: make_site_codec("ckks", ctx, fingerprint, params=params),
@@ -124,7 +124,7 @@ class _Bench:
         self.aggregators = {True: make_aggregator("ckks", load_context(serialize_params_only(ctx), source="server"),
                                           fingerprint, params),
                         False: make_aggregator("plain", None)}  # fmt: skip
-        self.bound = UPDATE_BOUND
+        self.bound = DEFAULT_UPDATE_BOUND
         self._dp_runs = 0
 
     def round(self, cfg: Config) -> dict[str, float]:
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.vit_b_batch, args.vit_b_repeats, img_size=args.vit_b_img_size))  # fmt: skip
     else:
         skipped.append("no GPU: vit_b skipped (torch.cuda.is_available() is False on this machine)")
-    head = _common.header(seeds=args.seed, argv=[__file__, *(sys.argv[1:] if argv is None else argv)],
+    head = _common.header(seeds=args.seed, argv=_common.script_argv(__file__, argv),
                           sites=args.sites)  # fmt: skip
     started = time.monotonic()
     results = []

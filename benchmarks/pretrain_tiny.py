@@ -11,8 +11,8 @@ Steps alternate between the two ways SAM is used here: prompt-free (the label is
 the image, decoder token 0) and box-prompted (the label is the visible part of one object, its
 jittered bounding box as prompt). Dice on held-out generic images (another seed) is reported.
 
-    python benchmarks/pretrain_tiny.py                      # writes the shipped weights
-    python benchmarks/pretrain_tiny.py --steps 50 --out /tmp/t.pt   # a quick try
+    python -m benchmarks.pretrain_tiny                      # writes the shipped weights
+    python -m benchmarks.pretrain_tiny --steps 50 --out /tmp/t.pt   # a quick try
 
 Seeded: the same arguments give the same weights on the same machine and torch build.
 """
@@ -22,24 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedfms_secure.model import build_model, save_sam_checkpoint  # noqa: E402
-from fedfms_secure.model.adapters import adapter_parameter_names  # noqa: E402
-from fedfms_secure.model.prompts import boxes_from_labels  # noqa: E402
-from fedfms_secure.model.registry import shipped_weights  # noqa: E402
-from fedfms_secure.train.evaluate import dice_per_image  # noqa: E402
-from fedfms_secure.train.losses import segmentation_loss  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.model import build_model, save_sam_checkpoint
+from fedfms_secure.model.adapters import adapter_parameter_names
+from fedfms_secure.model.prompts import boxes_from_labels
+from fedfms_secure.model.registry import shipped_weights
+from fedfms_secure.train.losses import segmentation_loss
+from fedfms_secure.train.metrics import score_masks
 
 
 # --- generic shapes and textures ----------------------------------------------------------------
@@ -152,21 +148,11 @@ def held_out_dice(model, images: torch.Tensor, union: torch.Tensor, single: torc
     free, boxed = [], []
     for i in range(0, len(images), 64):
         x, u, s = images[i : i + 64], union[i : i + 64], single[i : i + 64]
-        free.append(dice_per_image(torch.sigmoid(model(x)) > 0.5, u > 0.5))
-        boxed.append(dice_per_image(torch.sigmoid(model(x, boxes_from_labels(s))) > 0.5, s > 0.5))
+        free.append(score_masks(torch.sigmoid(model(x)) > 0.5, u > 0.5).dice[:, 0])
+        boxed.append(score_masks(torch.sigmoid(model(x, boxes_from_labels(s))) > 0.5, s > 0.5).dice[:, 0])
     model.train()
-    return {"prompt_free": float(torch.cat(free).mean()), "box": float(torch.cat(boxed).mean())}
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-        return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    # images whose label is empty are not scored (NaN), as everywhere else in the project
+    return {"prompt_free": float(np.nanmean(np.concatenate(free))), "box": float(np.nanmean(np.concatenate(boxed)))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,14 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     save_sam_checkpoint(model, args.out, adapters=False)
     result = {
-        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
+        **_common.header(seeds=args.seed, argv=_common.script_argv(__file__, argv)),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
         "threads": args.threads, "train_seconds": round(seconds, 1),
         "held_out_images": args.held_out,
         "dice_before": before, "dice_after": after,
         "weights": str(args.out), "weights_bytes": args.out.stat().st_size,
-        "commit": _commit(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
     }  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.report:

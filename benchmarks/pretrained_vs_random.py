@@ -14,15 +14,12 @@ The score is the mean over sites of the global model's validation Dice (``evalua
 DP noise comes from the OS entropy pool, so DP rows vary from run to run: ``--repeats`` runs them
 several times and reports each.
 
-    python benchmarks/pretrained_vs_random.py            # writes benchmarks/results/pretrained_vs_random.md
+    python -m benchmarks.pretrained_vs_random            # writes benchmarks/results/pretrained_vs_random.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,13 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from fedfms_secure.data import load_site, synth_federation  # noqa: E402
-from fedfms_secure.model import apply_mode, build_model, flatten, load_vector  # noqa: E402
-from fedfms_secure.privacy import PrivacyConfig, SitePrivacy  # noqa: E402
-from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.data import load_site, synth_federation
+from fedfms_secure.model import apply_mode, build_model, flatten, load_vector
+from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
+from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
 
 
 def fedavg(init: str, sites, *, rounds: int, epochs: int, batch: int, lr: float, epsilon: float | None,
@@ -75,17 +70,6 @@ def fedavg(init: str, sites, *, rounds: int, epochs: int, batch: int, lr: float,
     return dice
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-        return head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -95,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each DP setting")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/pretrained_vs_random.md")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS / "pretrained_vs_random.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -114,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"init": init, "epsilon": eps, "repeat": rep + 1, "dice": dice})
         sizes = [(s.name, len(s.train), len(s.val)) for s in sites]
     seconds = time.perf_counter() - start
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
+    head = _common.header(seeds=0, argv=_common.script_argv(__file__, argv), threads=args.threads,
+                          minutes=f"{seconds / 60:.1f} in all")
     lines = [
         "# FedMSA from the pretrained tiny SAM vs from a random encoder",
         "",
-        f"Command: `{command}` (seed 0 for data, split, model and Adam; DP noise from OS entropy).",
-        f"Commit: {_commit()}. Machine: {platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads, {seconds / 60:.1f} min in all.",
+        *_common.header_markdown(head),
+        "",
+        "Seed 0 for data, split, model and Adam; DP noise from OS entropy.",
         "",
         f"Data: `synth_federation(sites=3, seed=0, shape=(64, 64, 40))`, `load_site(image_size=64, "
         f"seed=0)`: training/validation slices per site {', '.join(f'{n} {a}/{b}' for n, a, b in sizes)}.",

@@ -1,8 +1,8 @@
 """What privacy costs in Dice, bytes and time: epsilon x mode x CKKS, with centralized and local-only baselines.
 
-    .venv/bin/python benchmarks/privacy_budget.py              # the default grid (about 30 min on 2 quiet CPU cores)
-    .venv/bin/python benchmarks/privacy_budget.py --quick      # a smaller grid (under 5 min)
-    .venv/bin/python benchmarks/privacy_budget.py --data DIR --holdout site_3 --seeds 0 1 2
+    .venv/bin/python -m benchmarks.privacy_budget              # the default grid (about 30 min on 2 quiet CPU cores)
+    .venv/bin/python -m benchmarks.privacy_budget --quick      # a smaller grid (under 5 min)
+    .venv/bin/python -m benchmarks.privacy_budget --data DIR --holdout site_3 --seeds 0 1 2
 
 The grid: epsilon in {inf, 16, 8, 4, 2, 1} (inf: no DP) x {fedmsa, fedsam} x {CKKS on, off}. Every
 federated run is ``fedfms-secure demo`` (``run_demo``): a real server process and one process per
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import _common
+from benchmarks import _common
 
 GRID_EPSILONS = (math.inf, 16.0, 8.0, 4.0, 2.0, 1.0)
 MODES = ("fedmsa", "fedsam")
@@ -181,12 +181,12 @@ def _scores(mean: dict[str, Any], fallback_dice: float | None = None) -> dict[st
 
 def run_baseline(run: Run, plan: Plan, data_dir: Path) -> dict[str, Any]:
     """A centralized or local-only baseline with the federated runs' epochs budget."""
-    from fedfms_secure.train.baselines import BaselineOptions, train_central, train_local
+    from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
     options = BaselineOptions(mode=run.mode, preset=plan.preset, epochs=plan.rounds * plan.local_epochs,
                               epsilon=None if math.isinf(run.epsilon) else run.epsilon, seed=run.seed,
                               pretrained=plan.pretrained, holdout=plan.holdout)  # fmt: skip
-    train = train_central if run.kind == "central" else train_local
+    train = train_central if run.kind == "central" else run_local_baselines
     started = time.monotonic()
     result = train(data_dir, options)
     wall = time.monotonic() - started
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{i:3d}. {run.label}")
         print(f"{len(runs)} runs; config {plan.config_id}; CSV {csv_path}")
         return 0
-    argv_full = [__file__, *(sys.argv[1:] if argv is None else argv)]
+    argv_full = _common.script_argv(__file__, argv)
     try:
         return _run_grid(args, plan, runs, name, csv_path, argv_full)
     except FedFmsError as exc:

@@ -34,10 +34,7 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
-
-
-# bound on every value of a weighted update n_k/N * delta_k (Adam moves a parameter by about lr a step)
-UPDATE_BOUND = 1.0
+from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND as UPDATE_BOUND
 
 
 @dataclass(frozen=True)

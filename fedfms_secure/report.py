@@ -22,12 +22,12 @@ from typing import Any, Mapping
 from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.privacy.site import STATE_FILE as PRIVACY_STATE
 from fedfms_secure.server.store import StateStore
+from fedfms_secure.train.metrics import METRICS
 
-
-FINAL_FIELDS = ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std")
-# what a site reports (see client/site.py) -> the report's field
-_REPORTED = {"dice_mean": "dice", "dice_std": "dice_std", "iou_mean": "iou", "iou_std": "iou_std",
-             "hd95_mean": "hd95", "hd95_std": "hd95_std"}
+#: the scores of :func:`fedfms_secure.train.metrics.summarize` that ``final`` holds per site
+FINAL_FIELDS = tuple(f"{metric}_{stat}" for metric in METRICS for stat in ("mean", "std"))
+# the report's field -> what a site reports (see site/daemon.py): "dice", "dice_std", "iou", ...
+_REPORTED = {field: field.removesuffix("_mean") for field in FINAL_FIELDS}
 
 
 def build_report(server_state: Path, site_states: Mapping[str, Path], options: Mapping[str, Any],

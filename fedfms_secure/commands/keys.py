@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfms_secure.errors import ConfigError
+from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ki.add_argument("--days", type=int, default=365, help="lifetime of server and site certificates (default 365)")
     ki.add_argument("--ca-days", type=int, default=3650, help="lifetime of the CA certificate (default 3650)")
     _passphrase_arg(ki, "encrypt every private key written with the passphrase in this file")
-    ki.add_argument("--update-bound", type=float, default=1.0,
-                    help="largest |value| of a weighted update (default 1.0); larger values are clipped")
+    ki.add_argument("--update-bound", type=float, default=DEFAULT_UPDATE_BOUND,
+                    help=f"largest |value| of a weighted update (default {DEFAULT_UPDATE_BOUND}); "
+                    "larger values are clipped")
     ki.add_argument("--max-rounds", type=int, default=10, help="rounds this CKKS key may sum (default 10)")
     ki.add_argument("--max-sites", type=int,
                     help="sites the CKKS packing makes room for, to add some later with `keys add-client` "

@@ -81,7 +81,7 @@ def _help(parser: argparse.ArgumentParser) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``train central`` and ``train local``."""
-    from fedfms_secure.train.baselines import BaselineOptions, train_central, train_local
+    from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
     options = BaselineOptions(
         mode=args.mode, preset=args.preset, epochs=args.epochs, batch_size=args.batch_size,
@@ -91,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
         max_grad_norm=args.max_grad_norm, out=args.out,
     )
-    run = train_central if args.kind == "central" else train_local
+    run = train_central if args.kind == "central" else run_local_baselines
     result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fedfms_secure.atomic import write_atomic_with
 from fedfms_secure.data.layout import CasePair
 from fedfms_secure.data.preprocess import Preprocessing
 
@@ -96,18 +97,12 @@ class SliceCache:
             "labels": labels,
             "sha256": _checksum(images, labels),
         }
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(doc, tmp)
-            os.replace(tmp, path)
+            write_atomic_with(path, lambda handle: torch.save(doc, handle))
             self.stats.writes += 1
         except OSError as exc:
             self._writable = False
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             log.warning("slice cache %s cannot be written (%s); going on without caching", self.root, exc)
 
     def _discard(self, path: Path, why: str) -> None:

@@ -96,6 +96,10 @@ ZSTD_OVERHEAD_BYTES = 0.9
 ROUNDINGS = ("stochastic", "nearest")
 #: smallest scale_bits (CkksParams refuses less for the unpacked scheme; one rule for both)
 MIN_SCALE_BITS = 10
+#: default bound on every value of a weighted update n_k/N * delta_k that the packing must carry
+#: (Adam moves a parameter by about lr a step, so 1.0 leaves room at any sane learning rate);
+#: larger values are clipped to +-bound before they are encrypted
+DEFAULT_UPDATE_BOUND = 1.0
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 * :func:`train_central`: every site's training slices pooled in one place (the upper reference a
   federation tries to reach), evaluated on each site's validation slices, and on a held-out site.
-* :func:`train_local`: each site trains alone on its own slices and is evaluated on its own
+* :func:`run_local_baselines`: each site trains alone on its own slices and is evaluated on its own
   validation slices (what a site gets without federating).
 
 Both use :func:`~fedfms_secure.train.local.train_local` (Adam, Dice + BCE + IoU-head loss, DP-SGD
@@ -35,7 +35,7 @@ from fedfms_secure.train.metrics import METRICS, ImageScores, score_model, summa
 log = logging.getLogger("fedfms_secure.train")
 
 Progress = Callable[[str], None]
-SITE_FIELDS = ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std")
+SITE_FIELDS = tuple(f"{metric}_{stat}" for metric in METRICS for stat in ("mean", "std"))
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def train_central(data_dir: Path, options: BaselineOptions, progress: Progress |
                    sites[0].class_names, holdout, epsilon)
 
 
-def train_local(data_dir: Path, options: BaselineOptions, progress: Progress | None = None) -> dict[str, Any]:
+def run_local_baselines(data_dir: Path, options: BaselineOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Each site trains alone and is scored on its own validation split. With ``holdout`` that site
     never trains, and its entry pools the scores of every site's model on all of its slices."""
     say = progress or (lambda message: log.info("%s", message))
@@ -186,8 +186,7 @@ def _train(model: Any, dataset: Any, options: BaselineOptions, state: Path, say:
     """Train ``model`` with the federated run's code; returns the epsilon spent (None without DP)."""
     from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
     from fedfms_secure.privacy.budget import resolve_delta
-    from fedfms_secure.train.local import TrainConfig, steps_per_epoch
-    from fedfms_secure.train.local import train_local as run_training
+    from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
 
     n = len(dataset)
     batch = min(options.batch_size, n)
@@ -202,7 +201,7 @@ def _train(model: Any, dataset: Any, options: BaselineOptions, state: Path, say:
             sample_rate=batch / n,
             planned_steps=options.epochs * steps_per_epoch(n, batch),
         )
-    result = run_training(model, dataset, config, privacy)
+    result = train_local(model, dataset, config, privacy)
     eps = "no DP" if result.epsilon is None else f"epsilon {result.epsilon:.3f}"
     say(f"{what}: {result.steps} steps in {result.seconds:.1f} s, last-epoch loss {result.loss:.4f}, {eps}")
     return result.epsilon
@@ -244,4 +243,4 @@ def _result(kind: str, options: BaselineOptions, start: float, sites: list[dict[
     }
 
 
-__all__ = ["BaselineOptions", "METRICS", "train_central", "train_local"]
+__all__ = ["BaselineOptions", "METRICS", "run_local_baselines", "train_central"]

@@ -15,6 +15,19 @@ An image's score is the mean over the classes it is scored for; a site's ``*_mea
 are the mean and (population) standard deviation of the image scores, NaN when no image is scored.
 ``per_class`` gives the same per class. Sites send only these aggregates to the server, never how
 many images they came from.
+
+So, per image and class (the convention the README documents, in one place):
+
+=================  ===================  ==========  ==========  ===============
+prediction         label                Dice        IoU         HD95
+=================  ===================  ==========  ==========  ===============
+empty              empty                not scored  not scored  not scored
+empty              holds the class      0           0           image diagonal
+holds the class    empty                not scored  not scored  not scored
+=================  ===================  ==========  ==========  ===============
+
+This is the project's one implementation of these rules: evaluation (:mod:`.evaluate`), the
+baselines, the run report and the benchmarks all score through it.
 """
 
 from __future__ import annotations
@@ -27,9 +40,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from fedfms_secure.train.evaluate import predict_masks
+from fedfms_secure.model.prompts import boxes_from_labels, label_targets
 
 METRICS = ("dice", "iou", "hd95")
 
@@ -44,6 +57,7 @@ class ImageScores:
 
     @property
     def num_images(self) -> int:
+        """How many images were scored (rows)."""
         return int(self.dice.shape[0])
 
     @staticmethod
@@ -102,6 +116,35 @@ def summarize(scores: ImageScores, class_names: Sequence[str] | None = None) -> 
     return out
 
 
+@torch.no_grad()
+def predict_masks(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> tuple[Tensor, Tensor]:
+    """Binary predictions (sigmoid > 0.5) and per-class targets, both ``[N, K, S, S]``.
+
+    A model built with ``prompt="box"`` gets each class's box from the label (no jitter), as
+    box-prompted SAM is evaluated. The model's training mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    num_classes = getattr(model, "num_classes", 1)
+    boxed = getattr(model, "prompt", "none") == "box"
+    preds, labels = [], []
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    try:
+        for images, masks in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            targets = label_targets(masks, num_classes)
+            images = images.to(device)
+            if boxed:
+                logits = model(images, boxes_from_labels(targets).to(device))
+            else:
+                logits = model(images)
+            preds.append((torch.sigmoid(logits) > 0.5).cpu())
+            labels.append(targets > 0.5)
+    finally:
+        model.train(was_training)
+    return torch.cat(preds), torch.cat(labels)
+
+
 def score_model(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> ImageScores:
     """Per image and class scores of ``model`` on ``dataset`` (see :func:`score_masks`)."""
     k = getattr(model, "num_classes", 1)
@@ -136,4 +179,5 @@ def _mean_std(metric: str, values: np.ndarray) -> dict[str, float]:
     return {f"{metric}_mean": float(values.mean()), f"{metric}_std": float(values.std())}
 
 
-__all__ = ["ImageScores", "METRICS", "evaluate_segmentation", "score_masks", "score_model", "summarize"]
+__all__ = ["ImageScores", "METRICS", "evaluate_segmentation", "predict_masks", "score_masks", "score_model",
+           "summarize"]  # fmt: skip

@@ -16,7 +16,6 @@ read with ``torch.load(weights_only=True)``: no code in them runs.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from fedfms_secure.atomic import write_atomic_with
 from fedfms_secure.errors import ModelError
 
 MODEL_FILE_FORMAT = 1
@@ -84,9 +84,7 @@ def save_model_file(
         "info": info or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(doc, tmp)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda handle: torch.save(doc, handle))
     return path
 
 

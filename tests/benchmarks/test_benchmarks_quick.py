@@ -1,6 +1,6 @@
 """The benchmark scripts on toy sizes, so that they cannot rot: real federations, codecs and training.
 
-``privacy_budget.py --toy`` runs one real federation (server and two site processes, mutual TLS,
+``python -m benchmarks.privacy_budget --toy`` runs one real federation (server and two site processes, mutual TLS,
 DP-SGD, packed CKKS) and two baselines, so it takes tens of seconds (more on a busy machine).
 """
 
@@ -15,23 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import _common, ckks_vs_plain, communication, overhead, privacy_budget
+from fedfms_secure.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import _common  # noqa: E402
-import ckks_vs_plain  # noqa: E402
-import communication  # noqa: E402
-import overhead  # noqa: E402
-import privacy_budget  # noqa: E402
-
-from fedfms_secure.errors import ConfigError  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH / "privacy_budget.py"), *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "benchmarks.privacy_budget", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
@@ -60,7 +53,7 @@ def test_privacy_budget_toy_writes_csv_markdown_and_plots_and_resumes(tmp_path: 
     md = (tmp_path / "privacy_budget_toy.md").read_text()
     for key in ("- command: `", "- commit: ", "- machine: ", "- seeds: 0", "- date: "):
         assert key in md
-    assert "privacy_budget.py --toy" in md
+    assert "-m benchmarks.privacy_budget --toy" in md
     assert md.count("| federated |") == 1 and "| central |" in md and "| local |" in md
     for suffix in ("dice", "bytes", "seconds"):
         png = tmp_path / f"privacy_budget_toy_{suffix}.png"
@@ -148,3 +141,18 @@ def test_ckks_vs_plain_toy_compares_runs_one_step_and_the_chaos_floor(tmp_path: 
     md = (tmp_path / "ckks_vs_plain.md").read_text()
     assert "## Whole runs" in md and "## One aggregation" in md and "## Training's own sensitivity" in md
     assert "| 0 | +-1e-12 |" in md
+
+
+def test_every_script_is_a_module_of_the_package_and_names_itself_as_one() -> None:
+    import importlib
+
+    scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith("_"))
+    assert {"ckks_vs_plain", "communication", "data_loading", "demo_matrix", "he_bench", "model_speed", "overhead",
+            "pretrain_tiny", "pretrained_vs_random", "privacy_budget"} <= set(scripts)
+    for name in scripts:
+        module = importlib.import_module(f"benchmarks.{name}")
+        assert callable(module.main) and module._common is _common, name
+        source = Path(module.__file__).read_text()
+        assert "sys.path" not in source and "rev-parse" not in source, name  # stamps come from _common
+    script = ROOT / "benchmarks" / "he_bench.py"
+    assert _common.command_line([str(script), "--out", "a b"]) == ".venv/bin/python -m benchmarks.he_bench --out 'a b'"

@@ -19,7 +19,7 @@ WEIGHTS = shipped_weights("tiny")
 
 
 def test_the_weights_ship_small_and_in_the_official_format() -> None:
-    assert WEIGHTS is not None and WEIGHTS.is_file(), "run benchmarks/pretrain_tiny.py"
+    assert WEIGHTS is not None and WEIGHTS.is_file(), "run python -m benchmarks.pretrain_tiny"
     assert WEIGHTS.stat().st_size <= 20 * 2**20
     state = torch.load(WEIGHTS, weights_only=True)
     with torch.device("meta"):

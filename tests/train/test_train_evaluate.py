@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from fedfms_secure.model import build_model
 from fedfms_secure.train import evaluate_dice, evaluate_hd95
-from fedfms_secure.train.evaluate import dice_per_image
+from fedfms_secure.train.metrics import score_masks
 from fedfms_secure.train.losses import dice_bce_loss, per_image_dice_bce, segmentation_loss
 
 from mask_oracle import MaskOracle
 
 
 def test_dice_per_image_values() -> None:
+    """Two empty masks are not scored (NaN), as the README documents, not a perfect 1.0."""
     a = torch.zeros(3, 1, 4, 4)
     b = torch.zeros(3, 1, 4, 4)
     a[0, 0, :2] = 1  # 8 pixels
@@ -22,7 +24,8 @@ def test_dice_per_image_values() -> None:
     a[1, 0, 0, 0] = 1  # disjoint from b[1]
     b[1, 0, 3, 3] = 1
     # item 2: both empty
-    torch.testing.assert_close(dice_per_image(a, b), torch.tensor([8 / 12, 0.0, 1.0]))
+    dice = score_masks(a, b).dice[:, 0]
+    assert dice[:2].tolist() == pytest.approx([8 / 12, 0.0]) and math.isnan(dice[2])
 
 
 def test_evaluate_dice_and_hd95_against_an_oracle(ellipses) -> None:
@@ -45,6 +48,16 @@ def test_empty_labels_do_not_reward_predicting_nothing(ellipses) -> None:
     assert evaluate_dice(MaskOracle(torch.zeros_like(labels)), mixed, batch_size=2) == 0.0
     assert evaluate_dice(MaskOracle(labels), mixed, batch_size=2) == 1.0
     assert math.isnan(evaluate_dice(MaskOracle(labels[:2]), torch.utils.data.TensorDataset(images[:2], labels[:2])))
+
+
+def test_predicting_nothing_scores_the_diagonal_in_hd95(ellipses) -> None:
+    data = ellipses(3)
+    labels = data.tensors[1]
+    diagonal = math.hypot(*labels.shape[-2:])
+    assert evaluate_hd95(MaskOracle(torch.zeros_like(labels)), data, batch_size=2) == pytest.approx(diagonal)
+    half = labels.clone()
+    half[:1] = 0  # the first image predicted empty, the others perfect
+    assert evaluate_hd95(MaskOracle(half), data, batch_size=2) == pytest.approx(diagonal / 3)
 
 
 def test_an_empty_dataset_scores_nan_without_running_the_model() -> None:

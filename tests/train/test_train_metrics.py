@@ -25,6 +25,25 @@ def _masks(k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return pred, target
 
 
+@pytest.mark.parametrize(
+    ("has_pred", "has_label", "expected"),
+    [
+        (False, False, (math.nan, math.nan, math.nan)),  # nothing to find, nothing found: not scored
+        (False, True, (0.0, 0.0, DIAGONAL)),  # missed: Dice 0, HD95 the image diagonal
+        (True, False, (math.nan, math.nan, math.nan)),  # the label lacks the class: not scored
+    ],
+)
+def test_the_empty_mask_convention(has_pred: bool, has_label: bool, expected: tuple[float, float, float]) -> None:
+    pred = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    target = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    pred[0, 0, 2:5, 2:5] = has_pred
+    target[0, 0, 3:6, 3:6] = has_label
+    scores = score_masks(pred, target)
+    got = (float(scores.dice[0, 0]), float(scores.iou[0, 0]), float(scores.hd95[0, 0]))
+    for value, want in zip(got, expected):
+        assert math.isnan(value) if math.isnan(want) else value == pytest.approx(want)
+
+
 def test_per_image_scores_by_hand() -> None:
     scores = score_masks(*_masks())
     np.testing.assert_allclose(scores.dice[:, 0], [2 * 4 / (4 + 6), 0.0, np.nan], rtol=1e-6)
