@@ -1,4 +1,4 @@
-"""A party's key bundle (made by ``keystore.export_bundle``), loaded and checked before use.
+"""A party's key bundle (made by ``export.export_bundle``), loaded and checked before use.
 
 A bundle folder holds ``ca.crt``, ``tls.crt``, ``tls.key`` (0600) and ``manifest.json``; the
 server's also ``ckks.ctx`` (CKKS parameters only, never a key) and, once a certificate has been

@@ -37,7 +37,7 @@ from fedfms_secure.keys.bundle import (
 )
 from fedfms_secure.he.ckks import context_fingerprint, load_context, params_of
 from fedfms_secure.keys.hestore import HE_DIR, LOCK_FILE, HePassphraseError, HeStore
-from fedfms_secure.keys.keystore import read_federation
+from fedfms_secure.keys.federation import read_federation
 from fedfms_secure.errors import FedFmsError, KeyMaterialError
 
 EXPIRY_WARNING_DAYS = 30

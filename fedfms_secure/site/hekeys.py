@@ -357,7 +357,7 @@ class Keyring:
         if self.codec is not None and announced.epoch and announced.fingerprint == self.codec.fingerprint:
             return False
         if self._envelope_key is None:
-            from fedfms_secure.keys.keystore import load_envelope_key
+            from fedfms_secure.keys.bundle import load_envelope_key
 
             self._envelope_key = load_envelope_key(self._bundle.path, passphrase=self._passphrase)
         key = current_key(self._client, self._bundle, self._envelope_key, announced, store=self._store,

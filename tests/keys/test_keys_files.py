@@ -14,14 +14,10 @@ from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import params_fingerprint
 from fedfms_secure.he.ckks import CkksParams
-from fedfms_secure.keys.keystore import (
-    add_client,
-    export_bundle,
-    init_federation,
-    load_bundle,
-    load_envelope_key,
-    rotate_tls,
-)
+from fedfms_secure.keys.bundle import load_bundle, load_envelope_key
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.lifecycle import rotate_tls
+from fedfms_secure.keys.provision import add_client, init_federation
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PASS = b"correct horse battery staple"

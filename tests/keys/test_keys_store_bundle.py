@@ -18,7 +18,9 @@ from cryptography import x509
 from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import CkksParams, context_fingerprint, serialize_site_context
 from fedfms_secure.he.codec import make_site_codec
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.aggregate import make_aggregator
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
