@@ -150,7 +150,7 @@ def test_envelope_key_swap_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match=r"envelope.key is not the envelope key"):
         load_envelope_key(a)
     os.chmod(a / "envelope.key", 0o640)
-    with pytest.raises(KeyMaterialError, match=r"envelope.key is readable by others \(mode 640\)"):
+    with pytest.raises(KeyMaterialError, match=r"envelope.key is a private file readable by others \(mode 640\)"):
         load_envelope_key(a)
 
 
