@@ -356,6 +356,8 @@ def _show(args: argparse.Namespace) -> int:
         print(f"{p['party']:<20} {p['algorithm']:<11} serial {p['serial'][:16]:<16} not after "
               f"{p['not_after'][:10]} ({p['days_left']} d){' !' if p['expiring'] else ''}  {state}")
         print(f"{'':<20} sha256 {p['fingerprint_sha256']}")
+        if p.get("envelope_key_sha256"):
+            print(f"{'':<20} envelope key sha256 {p['envelope_key_sha256']} (compare it with the site's)")
         for key in p["keys"]:
             print(f"{'':<20} holds: {key}")
     for w in report["warnings"]:

@@ -11,7 +11,8 @@ Modules (one concept each):
 * ``lifecycle``   ``revoke``, ``rotate_tls`` and the CA-signed revocation list they publish
 * ``export``      ``export_bundle``: one party's bundle, written or updated in place
 * ``bundle``      ``Bundle`` and ``load_bundle`` (every check a daemon needs before start)
-* ``keycheck``    ``keys verify`` / ``keys show``: the bundle checks, reported instead of raised
+* ``rules``       each rule of a bundle, one function: raised by ``load_bundle``, reported by ``keys verify``
+* ``keycheck``    ``keys verify`` / ``keys show``: the bundle rules, reported instead of raised
 * ``envelope``    the CKKS secret key sealed to each site's X25519 envelope key, signed by its sender
 * ``hestore``     a site's CKKS key epochs at rest, encrypted under the bundle passphrase
 * ``revocation``  the CA-signed revocation list (CRL), persisted, and its check on every call

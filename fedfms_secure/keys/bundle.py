@@ -56,7 +56,7 @@ from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 # the bundle's file names are the rules' (server and site code import them from here)
 __all__ = ["CRL", "ENVELOPE_KEY", "MANIFEST", "Bundle", "load_bundle", "load_envelope_key", "params_fingerprint",
-           "read_manifest"]
+           "read_manifest", "sealing_keys"]
 
 HE_SOURCES = ("dealer", "site")
 _PARAMS_DOMAIN = b"fedfms-secure/ckks-params/v1\x00"
@@ -148,6 +148,9 @@ def load_bundle(path: Path, *, role: str, passphrase: bytes | None = None) -> Bu
     if "ckks.ctx" in data:
         rules.check_context(path / "ckks.ctx", data["ckks.ctx"], manifest, params)
     envelope_keys = {site: bytes.fromhex(hexkey) for site, hexkey in manifest["envelope_keys"].items()}
+    if role == "client":  # every key this site seals the CKKS key to is the CA's word, not the manifest's
+        envelope_keys = {**rules.certified_envelope_keys(path, ca, manifest),
+                         manifest["name"]: envelope_keys[manifest["name"]]}
     fingerprint = manifest["ckks"].get("fingerprint")
     key_pem = data["tls.key"] if not pki.is_encrypted_pem(data["tls.key"]) else pki.pem_private_key(key)
     return Bundle(
@@ -185,6 +188,26 @@ def load_envelope_key(bundle_dir: Path, passphrase: bytes | None = None) -> x255
     raw = rules.read_file(path, ENVELOPE_KEY, manifest)
     rules.check_private_mode(path / ENVELOPE_KEY)
     return rules.check_envelope_key(path, raw, passphrase, manifest)
+
+
+def sealing_keys(bundle: Bundle, sites: set[str]) -> dict[str, bytes]:
+    """The envelope public keys of ``sites`` (other than this one) to seal the CKKS key to, checked
+    again now against the CA-signed certificates in the bundle's ``peers/`` (not only at load).
+
+    A site of ``sites`` that the bundle lists no key for gets none (it is skipped, as before); a
+    listed key the CA did not certify raises ``BundleProblem`` and nothing is sealed.
+    """
+    manifest, _ = read_manifest(bundle.path, _EXPORT_HINT["client"])
+    ca = pki.cert_from_pem(bundle.ca_pem, source=str(bundle.path / "ca.crt"))
+    certified = rules.certified_envelope_keys(bundle.path, ca, manifest)
+    for site, key in bundle.envelope_keys.items():
+        if site in sites and site != bundle.name and certified.get(site) != key:
+            raise KeyMaterialError(
+                f"the envelope key of site {site!r} in {bundle.path} changed since the bundle was loaded and is not "
+                f"the one its certificate in {rules.PEERS_DIR}/ holds: REFUSING to seal to it; restart with a bundle "
+                "exported by `fedfms-secure keys export client NAME --update`"
+            )
+    return {site: key for site, key in certified.items() if site in sites and site != bundle.name}
 
 
 def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[str, Any], CkksParams]:

@@ -4,7 +4,10 @@
 
     server: ca.crt  tls.crt  tls.key (0600)  ckks.ctx (params only)  crl.pem (when any)  manifest.json
     client: ca.crt  tls.crt  tls.key (0600)  envelope.key (0600)  ckks.ctx (dealer only, 0600)  crl.pem (when
-            any)  manifest.json
+            any)  manifest.json  peers/<site>.crt (every other active site's certificate)
+
+A site seals the CKKS key only to envelope keys that a certificate in its ``peers/`` certifies
+(the manifest is not signed); ``load_bundle`` and ``keys verify`` check each of them.
 
 ``update=True`` rewrites a bundle in place, keeping the files a site added to it (``he/``).
 ``load_bundle`` (in ``bundle``) checks a bundle before a daemon uses it.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from fedfms_secure.errors import ConfigError, KeyMaterialError
 from fedfms_secure.he.ckks import CkksParams, load_context, params_of
 from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import CRL, ENVELOPE_KEY, MANIFEST, params_fingerprint
+from fedfms_secure.keys.rules import PEERS_DIR
 from fedfms_secure.keys.federation import (
     FEDERATION_JSON,
     RESTORE,
@@ -84,6 +89,8 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
         if params_of(ctx) != CkksParams.from_dict(meta["ckks"]["params"]).ring:
             raise KeyMaterialError(f"{ctx_file} has other CKKS parameters than {src / FEDERATION_JSON}; {RESTORE}")
     _check_sources(src, role, party, sources, meta)
+    peers = _peer_certificates(src, party, meta, pki.load_cert(sources["ca.crt"], remedy=RESTORE)) \
+        if role == "client" else {}
 
     crl_file = src / "ca" / CRL
     crl = crl_file.read_bytes() if crl_file.is_file() else None
@@ -103,6 +110,11 @@ def export_bundle(role: str, name: str | None, src: Path, out: Path, *, update: 
         (out / "ckks.ctx").unlink()  # an updated bundle whose key now comes from a site
     if crl is not None:  # the server refuses revoked peers; a site, envelopes signed by a removed site
         write_public(out / CRL, crl)
+    if role == "client":  # the CA's word for each envelope key this site seals to (a revoked site's goes)
+        shutil.rmtree(out / PEERS_DIR, ignore_errors=True)
+        (out / PEERS_DIR).mkdir(mode=0o700)
+        for site, data in peers.items():
+            write_public(out / PEERS_DIR / f"{site}.crt", data)
     active = active_sites(meta)
     ckks = {**meta["ckks"], "source": source, "has_secret_key": role == "client" and source == "dealer"}
     ckks.setdefault("params_fingerprint", params_fingerprint(CkksParams.from_dict(meta["ckks"]["params"])))
@@ -156,6 +168,24 @@ def _check_sources(src: Path, role: str, party: str, sources: dict[str, Path], m
             raise KeyMaterialError(f"{sources['tls.key']} is not the private key of {sources['tls.crt']}; {RESTORE}")
     elif b"-----END ENCRYPTED PRIVATE KEY-----" not in raw:
         raise KeyMaterialError(f"{sources['tls.key']} is a damaged encrypted private key; {RESTORE}")
+
+
+def _peer_certificates(src: Path, party: str, meta: dict[str, Any], ca: Any) -> dict[str, bytes]:
+    """The certificates of the active sites other than ``party``, each the CA's, issued to its site and
+    certifying the envelope key ``federation.json`` lists for it (checked before anything is written)."""
+    out = {}
+    for site in active_sites(meta):
+        if site == party:
+            continue
+        file = src / "clients" / site / "tls.crt"
+        cert = pki.load_cert(file, remedy=RESTORE)
+        pki.verify_issued_by(cert, ca, source=str(file))
+        certified = pki.envelope_key_of(cert)
+        if pki.common_name(cert) != site or certified is None or certified.hex() != meta["envelope_keys"].get(site):
+            raise KeyMaterialError(f"{file} does not certify the envelope key {src / FEDERATION_JSON} lists for site "
+                                   f"{site!r}; {RESTORE}")
+        out[site] = pki.pem_cert(cert)
+    return out
 
 
 def _prepare_out(out: Path, role: str, party: str, federation: str, update: bool) -> None:

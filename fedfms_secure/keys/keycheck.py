@@ -2,7 +2,8 @@
 
 ``show_federation(src)`` reads a provisioning folder: for the CA, the server and every site, the
 certificate's SHA-256 fingerprint, serial, algorithm, expiry (``expiring`` within
-``EXPIRY_WARNING_DAYS``), whether it is revoked, and which keys the party holds.
+``EXPIRY_WARNING_DAYS``), whether it is revoked, and which keys the party holds; for a site also the
+SHA-256 of the envelope public key its certificate certifies (compared out of band with the site).
 
 ``verify_bundle(path, passphrase=None)`` checks one exported bundle and returns every problem it
 finds (not only the first), each naming the file and the fix: the manifest, the checksums, the
@@ -68,6 +69,9 @@ def show_federation(src: Path) -> dict[str, Any]:
             "key_encrypted": bool(key_file and key_file.is_file() and pki.is_encrypted_pem(key_file.read_bytes())),
             "keys": keys,
         }
+        if role == "site":  # what the CA certified: sites compare it out of band with the key they made
+            certified = pki.envelope_key_of(cert)
+            info["envelope_key_sha256"] = rules.envelope_key_fingerprint(certified) if certified else None
         if name in removed:
             info["revoked"] = {"date": removed[name]["date"], "reason": removed[name]["reason"]}
         if info["expired"] and not info["removed"]:
@@ -190,7 +194,14 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
         rep.check(rules.check_envelope_key, path, data[ENVELOPE_KEY], passphrase, manifest)
     if "ckks.ctx" in data:
         rep.check(rules.check_context, path / "ckks.ctx", data["ckks.ctx"], manifest, params)
-    _scan_extra_files(path, set(expected) | {MANIFEST, CRL}, role, rep, export)
+    peers: set[str] = set()
+    if role == "client" and ca is not None:
+        certified = rep.check(rules.certified_envelope_keys, path, ca, manifest) or {}
+        peers = {f"{rules.PEERS_DIR}/{site}.crt" for site in manifest["envelope_keys"] if site != name}
+        for site, public in sorted(certified.items()):
+            rep.notes.append(f"envelope key of {site!r}: sha256 {rules.envelope_key_fingerprint(public)}, certified "
+                             f"by the CA ({rules.PEERS_DIR}/{site}.crt)")
+    _scan_extra_files(path, set(expected) | {MANIFEST, CRL} | peers, role, rep, export)
     if role == "client" and (path / HE_DIR).is_dir():
         _check_he_store(path, params, rep, passphrase)
     if (path / CRL).is_file() and ca is not None:

@@ -23,6 +23,8 @@ MANIFEST = "manifest.json"
 CRL = "crl.pem"
 ENVELOPE_KEY = "envelope.key"
 FILES = ("ca.crt", "tls.crt", "tls.key", "ckks.ctx")
+# a site bundle's copies of the other sites' certificates: the CA's word for each envelope key it seals to
+PEERS_DIR = "peers"
 SITE_MADE_ENVELOPE_KEY_MISSING = (
     f"this site made its envelope key itself (`fedfms-secure keys envelope-key`), so its bundle comes without it; "
     f"copy that key file here as {ENVELOPE_KEY} (mode 0600)"
@@ -139,6 +141,49 @@ def check_site_cert(path: Path, cert: x509.Certificate, manifest: dict[str, Any]
         raise BundleProblem(path / "tls.crt", str(exc), fix, names_file=True) from None
     if certified is not None and certified.hex() != manifest["envelope_keys"].get(name):
         raise BundleProblem(path / "tls.crt", "certifies another envelope key than the manifest lists", fix)
+
+
+def envelope_key_fingerprint(public: bytes) -> str:
+    """SHA-256 of a raw X25519 envelope public key, in hex: what sites compare out of band."""
+    return hashlib.sha256(public).hexdigest()
+
+
+def certified_envelope_keys(path: Path, ca: x509.Certificate, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The envelope public keys a site bundle's manifest lists for the other sites, each checked
+    against that site's CA-signed certificate in ``peers/<site>.crt``.
+
+    The manifest is not signed: an envelope key there that the federation CA did not certify (one
+    put in by whoever could write the bundle) would get the CKKS secret key sealed to its holder.
+    """
+    fix = export_fix(manifest)
+    out: dict[str, bytes] = {}
+    for site, listed in sorted(manifest["envelope_keys"].items()):
+        if site == manifest["name"]:
+            continue  # this site's own key: check_site_cert compares it with tls.crt
+        file = path / PEERS_DIR / f"{site}.crt"
+        if not file.is_file():
+            raise BundleProblem(file, f"is missing: the envelope key {MANIFEST} lists for site {site!r} is not "
+                                "certified by the federation CA in this bundle", fix)
+        cert = parse_cert(file, file.read_bytes(), manifest)
+        try:
+            pki.verify_issued_by(cert, ca, source=str(file))
+            certified = pki.envelope_key_of(cert)
+        except KeyMaterialError as exc:
+            raise BundleProblem(file, str(exc), fix, names_file=True) from None
+        if pki.common_name(cert) != site:
+            raise BundleProblem(file, f"is issued to {pki.common_name(cert)!r}, not to site {site!r}", fix)
+        if certified is None:
+            raise BundleProblem(file, f"certifies no envelope key for site {site!r}",
+                                f"run `fedfms-secure keys rotate-tls {site}`, then {fix}")
+        if certified.hex() != listed:
+            raise BundleProblem(
+                path / MANIFEST,
+                f"lists an envelope key for site {site!r} that the federation CA did not certify (sha256 "
+                f"{envelope_key_fingerprint(bytes.fromhex(listed))[:16]}..., {PEERS_DIR}/{site}.crt certifies "
+                f"{envelope_key_fingerprint(certified)[:16]}...): the CKKS key would be sealed to whoever holds it",
+                f"REFUSING to seal to it: {fix}, and find out who changed {MANIFEST}")
+        out[site] = certified
+    return out
 
 
 def load_key(file: Path, data: bytes, passphrase: bytes | None, loader: Any) -> Any:

@@ -122,8 +122,9 @@ def test_bundles_without_a_dealer(locked: dict[str, Path]) -> None:
         assert "fingerprint" not in manifest["ckks"]
         assert set(manifest["envelope_keys"]) == {"a", "b"}
         assert all(len(v) == 64 for v in manifest["envelope_keys"].values())
-    assert sorted(p.name for p in locked["a"].iterdir()) == ["ca.crt", "envelope.key", "manifest.json", "tls.crt",
-                                                            "tls.key"]
+    assert sorted(p.name for p in locked["a"].iterdir()) == ["ca.crt", "envelope.key", "manifest.json", "peers",
+                                                            "tls.crt", "tls.key"]
+    assert sorted(p.name for p in (locked["a"] / "peers").iterdir()) == ["b.crt"]
     b = load_bundle(locked["a"], role="client", passphrase=PASS)
     assert not b.has_he_secret and b.context_bytes is None and b.fingerprint is None and b.he_source == "site"
     with pytest.raises(KeyMaterialError, match="holds no CKKS context.*keys he-init"):

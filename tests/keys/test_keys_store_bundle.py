@@ -132,8 +132,10 @@ def test_init_rolls_back_when_provisioning_fails(
 
 def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path]) -> None:
     for role, path in bundles.items():
-        own = {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"} | ({"envelope.key"} if role != "server" else set())
+        own = {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"} | ({"envelope.key", "peers"} if role != "server" else set())
         assert sorted(p.name for p in path.iterdir()) == sorted(own | {"manifest.json"})
+        if role != "server":  # every other site's certificate: the CA's word for its envelope key
+            assert sorted(p.name for p in (path / "peers").iterdir()) == sorted(f"{c}.crt" for c in CLIENTS if c != role)
         assert _mode(path / "tls.key") == 0o600
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["role"] == ("server" if role == "server" else "client")
@@ -141,7 +143,7 @@ def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path])
         assert manifest["ckks"]["has_secret_key"] is (role != "server")
         assert manifest["ckks"]["source"] == "dealer"
         assert set(manifest["envelope_keys"]) == set(CLIENTS)
-        assert set(manifest["files"]) == own
+        assert set(manifest["files"]) == own - {"peers"}  # certificates: trusted by the CA signature
     assert _mode(bundles["site-a"] / "ckks.ctx") == 0o600
     with pytest.raises(KeyMaterialError, match="known clients: site-a, site_b.2"):
         export_bundle("client", "site-z", store, store.parent / "z")
