@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fedfms_secure.keys import pki
+from fedfms_secure.keys.pkcs8 import SCRYPT_N, SCRYPT_P, SCRYPT_R  # one KDF cost for every file at rest
 from fedfms_secure.he.ckks import context_fingerprint, is_fingerprint, load_context
 from fedfms_secure.errors import KeyMaterialError
 
@@ -56,7 +57,6 @@ MAGIC = b"fedfms-he-ctx\x00"
 VERSION = 1
 SALT_BYTES = 16
 NONCE_BYTES = 12
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _HEADER_BYTES = len(MAGIC) + 1 + SALT_BYTES + NONCE_BYTES
 _TAG_BYTES = 16
 

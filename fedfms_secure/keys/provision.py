@@ -37,7 +37,7 @@ an Ed25519 leaf key on either end makes gRPC's BoringSSL abort the handshake
 Ed25519 (``ca_algorithm="ed25519"``): an Ed25519 CA signing P-256 leaves handshakes fine.
 
 **Passphrase.** With ``passphrase`` every private key written (CA, server, sites, envelope keys)
-is encrypted with it (PKCS#8 ``BestAvailableEncryption``); commands that sign (add-client, revoke,
+is encrypted with it (PKCS#8, scrypt: see ``pkcs8``); commands that sign (add-client, revoke,
 rotate-tls) need it to open ``ca.key``, and the daemons need it to open their bundle's keys.
 
 **Changes after init.** ``add_client`` (here) issues a certificate and an envelope key for a new
