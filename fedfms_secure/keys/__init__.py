@@ -6,6 +6,7 @@ and ``fedfms_secure.atomic``; never the server, the site daemon or the transport
 Modules (one concept each):
 
 * ``pki``         X.509 CA and leaf certificates for gRPC mutual TLS
+* ``pkcs8``       private key files at rest: PKCS#8 encrypted with scrypt under the bundle passphrase
 * ``federation``  the provisioning folder: ``federation.json``, party names, how its files are written
 * ``provision``   ``init_federation`` and ``add_client`` (provisioning layout documented there)
 * ``lifecycle``   ``revoke``, ``rotate_tls`` and the CA-signed revocation list they publish

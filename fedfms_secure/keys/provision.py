@@ -161,8 +161,10 @@ def _provision(
     envelope_publics: dict[str, bytes],
 ) -> None:
     ctx = new_secret_context(params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, exist_ok=True)  # the folder of the CA key: others may not even list it
     for sub in ("ca", "server", "clients", "he"):
-        (out / sub).mkdir(parents=True, mode=0o700)
+        (out / sub).mkdir(mode=0o700)
 
     ca_key = pki.new_private_key(ca_algorithm)
     ca = pki.make_ca(f"fedfms-secure {federation} CA", ca_key, days=ca_days)
