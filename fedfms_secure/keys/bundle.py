@@ -27,7 +27,8 @@ key's source, a list of client names, envelope keys); a bundle of the other role
 SHA-256 differs from the manifest; a private key readable by others; an encrypted key without its
 passphrase or with a wrong one; a certificate not issued by the bundle's CA (or expired, or whose
 key does not match); an envelope key that is not the one the manifest (and the certificate)
-names; a server context holding the CKKS secret key; and a client context without it or with
+names; in a site bundle, an envelope key listed for another site that its CA-signed certificate in
+``peers/`` does not certify (the site would seal the CKKS key to it); a server context holding the CKKS secret key; and a client context without it or with
 another fingerprint than the manifest's.
 """
 
