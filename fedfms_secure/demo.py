@@ -92,7 +92,8 @@ class DemoOptions:
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
-    from fedfms_secure.keys.keystore import export_bundle, init_federation
+    from fedfms_secure.keys.export import export_bundle
+    from fedfms_secure.keys.provision import init_federation
     from fedfms_secure.he.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
     from fedfms_secure.report import build_report, plot_report  # opacus and torch: not for `--help`

@@ -18,7 +18,9 @@ from typing import Any
 import grpc
 
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.server.daemon import ServerLimits, serve
 from fedfms_secure.transport.client import FederationClient
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedfms_secure.cli import main
-from fedfms_secure.keys.keystore import export_bundle, init_federation
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.data import synth_federation
 
 

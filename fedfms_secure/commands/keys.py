@@ -5,8 +5,8 @@ makes it with ``keys he-init``), ``envelope-key`` makes a site's envelope key at
 public key goes to ``init`` / ``add-client``), ``export`` writes the bundle one party needs, ``add-client``,
 ``revoke`` and ``rotate-tls`` change the federation afterwards, ``show`` lists who holds which
 key, ``verify`` checks a bundle. ``he-init`` and ``rotate-he`` (the CKKS key, at a site) come
-from ``commands/keys_he.py``. The library behind them: ``crypto/keystore.py`` and
-``crypto/keycheck.py``.
+from ``commands/keys_he.py``. The library behind them: ``keys/provision.py``,
+``keys/lifecycle.py``, ``keys/export.py`` and ``keys/keycheck.py``.
 """
 
 from __future__ import annotations
@@ -163,7 +163,8 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], lines: list[str]) -> No
 # --- handlers ------------------------------------------------------------------------------------
 def _init(args: argparse.Namespace) -> int:
     from fedfms_secure.he.ckks import CkksParams
-    from fedfms_secure.keys.keystore import check_algorithms, init_federation
+    from fedfms_secure.keys.federation import check_algorithms
+    from fedfms_secure.keys.provision import init_federation
     from fedfms_secure.he.packing import estimate_bytes_per_param, fit_params
 
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
@@ -228,7 +229,7 @@ def _envelope_key(args: argparse.Namespace) -> int:
 
 def _read_public(path: Path) -> bytes:
     """The raw X25519 public key in a .pub file of `keys envelope-key`."""
-    from fedfms_secure.keys.keystore import check_envelope_public
+    from fedfms_secure.keys.federation import check_envelope_public
 
     try:
         text = Path(path).read_text().strip()
@@ -253,7 +254,7 @@ def _envelope_publics(items: list[str]) -> dict[str, bytes]:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from fedfms_secure.keys.keystore import export_bundle
+    from fedfms_secure.keys.export import export_bundle
 
     if args.role == "client" and not args.name:
         raise ConfigError("keys export client needs the site NAME: fedfms-secure keys export client NAME --from DIR --out DIR")
@@ -268,7 +269,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_client(args: argparse.Namespace) -> int:
-    from fedfms_secure.keys.keystore import add_client, export_bundle
+    from fedfms_secure.keys.export import export_bundle
+    from fedfms_secure.keys.provision import add_client
 
     public = _read_public(args.envelope_public) if args.envelope_public else None
     folder = add_client(args.source, args.name, passphrase=_passphrase(args), days=args.days, envelope_public=public)
@@ -286,7 +288,7 @@ def _add_client(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from fedfms_secure.keys.keystore import check_crl_target, install_crl, revoke
+    from fedfms_secure.keys.lifecycle import check_crl_target, install_crl, revoke
 
     if args.server_bundle:
         check_crl_target(args.source, args.server_bundle)  # a wrong folder fails before anything is revoked
@@ -306,7 +308,8 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _rotate_tls(args: argparse.Namespace) -> int:
-    from fedfms_secure.keys.keystore import check_crl_target, export_bundle, install_crl, rotate_tls
+    from fedfms_secure.keys.export import export_bundle
+    from fedfms_secure.keys.lifecycle import check_crl_target, install_crl, rotate_tls
 
     if args.all and args.names:
         raise ConfigError("give site NAMEs or --all, not both")
@@ -355,6 +358,8 @@ def _show(args: argparse.Namespace) -> int:
         print(f"{p['party']:<20} {p['algorithm']:<11} serial {p['serial'][:16]:<16} not after "
               f"{p['not_after'][:10]} ({p['days_left']} d){' !' if p['expiring'] else ''}  {state}")
         print(f"{'':<20} sha256 {p['fingerprint_sha256']}")
+        if p.get("envelope_key_sha256"):
+            print(f"{'':<20} envelope key sha256 {p['envelope_key_sha256']} (compare it with the site's)")
         for key in p["keys"]:
             print(f"{'':<20} holds: {key}")
     for w in report["warnings"]:

@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace) -> tuple[Any, Any, bytes | None]:
-    from fedfms_secure.keys.keystore import load_bundle
+    from fedfms_secure.keys.bundle import load_bundle
     from fedfms_secure.keys.pki import read_passphrase
     from fedfms_secure.transport.client import FederationClient
 
@@ -94,7 +94,7 @@ def _he_init(args: argparse.Namespace) -> int:
 
 def _rotate_he(args: argparse.Namespace) -> int:
     from fedfms_secure.site.hekeys import rotate_key
-    from fedfms_secure.keys.keystore import load_envelope_key
+    from fedfms_secure.keys.bundle import load_envelope_key
 
     bundle, client, passphrase = _connect(args)
     envelope_key = load_envelope_key(args.keys, passphrase=passphrase)

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from fedfms_secure.keys.keystore import load_bundle
+    from fedfms_secure.keys.bundle import load_bundle
     from fedfms_secure.keys.pki import read_passphrase
     from fedfms_secure.transport.client import FederationClient
 

@@ -1,4 +1,4 @@
-"""A party's key bundle (made by ``keystore.export_bundle``), loaded and checked before use.
+"""A party's key bundle (made by ``export.export_bundle``), loaded and checked before use.
 
 A bundle folder holds ``ca.crt``, ``tls.crt``, ``tls.key`` (0600) and ``manifest.json``; the
 server's also ``ckks.ctx`` (CKKS parameters only, never a key) and, once a certificate has been
@@ -27,7 +27,8 @@ key's source, a list of client names, envelope keys); a bundle of the other role
 SHA-256 differs from the manifest; a private key readable by others; an encrypted key without its
 passphrase or with a wrong one; a certificate not issued by the bundle's CA (or expired, or whose
 key does not match); an envelope key that is not the one the manifest (and the certificate)
-names; a server context holding the CKKS secret key; and a client context without it or with
+names; in a site bundle, an envelope key listed for another site that its CA-signed certificate in
+``peers/`` does not certify (the site would seal the CKKS key to it); a server context holding the CKKS secret key; and a client context without it or with
 another fingerprint than the manifest's.
 """
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,15 +43,22 @@ from typing import Any
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric import x25519
 
-from fedfms_secure.keys import pki
+from fedfms_secure.keys import pki, rules
 from fedfms_secure.keys._jsonfile import read_json_object
-from fedfms_secure.he.ckks import CkksParams, context_fingerprint, is_fingerprint, load_context, params_of
+from fedfms_secure.keys.rules import (
+    CRL,
+    ENVELOPE_KEY,
+    MANIFEST,
+    bundle_files,
+    private_files,
+)
+from fedfms_secure.he.ckks import CkksParams, is_fingerprint, load_context
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
-MANIFEST = "manifest.json"
-CRL = "crl.pem"
-ENVELOPE_KEY = "envelope.key"
-FILES = ("ca.crt", "tls.crt", "tls.key", "ckks.ctx")
+# the bundle's file names are the rules' (server and site code import them from here)
+__all__ = ["CRL", "ENVELOPE_KEY", "MANIFEST", "Bundle", "load_bundle", "load_envelope_key", "params_fingerprint",
+           "read_manifest", "sealing_keys"]
+
 HE_SOURCES = ("dealer", "site")
 _PARAMS_DOMAIN = b"fedfms-secure/ckks-params/v1\x00"
 _EXPORT_HINT = {
@@ -65,20 +72,6 @@ def params_fingerprint(params: CkksParams) -> str:
     the federation must agree on before any key exists."""
     canonical = json.dumps(params.to_dict(), sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(_PARAMS_DOMAIN + canonical).hexdigest()
-
-
-def bundle_files(role: str, he_source: str) -> tuple[str, ...]:
-    """The files a bundle of ``role`` holds (besides ``manifest.json`` and an optional ``crl.pem``)."""
-    if role == "server":
-        return FILES
-    return ("ca.crt", "tls.crt", "tls.key", ENVELOPE_KEY) + (("ckks.ctx",) if he_source == "dealer" else ())
-
-
-def private_files(role: str, he_source: str) -> tuple[str, ...]:
-    """The files of a bundle that must be readable by their owner only (mode 0600)."""
-    if role == "server":
-        return ("tls.key",)
-    return ("tls.key", ENVELOPE_KEY) + (("ckks.ctx",) if he_source == "dealer" else ())
 
 
 @dataclass(frozen=True)
@@ -141,29 +134,25 @@ def load_bundle(path: Path, *, role: str, passphrase: bytes | None = None) -> Bu
             f"{path} is a {manifest['role']} bundle (for {manifest['name']!r}), but the {role} needs one made by {hint}"
         )
     source = manifest["ckks"]["source"]
-    names = bundle_files(role, source)
-    unexpected = sorted(set(manifest["files"]) - set(names))
-    if unexpected:
-        raise KeyMaterialError(
-            f"{path / MANIFEST} lists {', '.join(unexpected)}, which a {role} bundle whose CKKS key comes from the "
-            f"{source} must not hold; export the bundle again with {hint}"
-        )
-    data = {name: _read_envelope_key(path, manifest, hint) if name == ENVELOPE_KEY
-            else _read_checked(path, name, manifest["files"], hint) for name in names}
+    rules.check_listed_files(path, manifest)
+    data = {name: rules.read_file(path, name, manifest) for name in bundle_files(role, source)}
     for name in private_files(role, source):
-        mode = stat.S_IMODE((path / name).stat().st_mode)
-        if mode & 0o077:
-            raise KeyMaterialError(
-                f"{path / name} is readable by others (mode {mode:o}); run `chmod 600 {path / name}`"
-            )
-
-    envelope_keys = {site: bytes.fromhex(hexkey) for site, hexkey in manifest["envelope_keys"].items()}
-    key = _check_tls(path, data, role, manifest["name"], passphrase, envelope_keys)
+        rules.check_private_mode(path / name)
+    ca = rules.parse_cert(path / "ca.crt", data["ca.crt"], manifest)
+    cert = rules.parse_cert(path / "tls.crt", data["tls.crt"], manifest)
+    rules.check_chain(path, ca, cert, manifest)
     if role == "client":
-        _check_envelope_key(path, data[ENVELOPE_KEY], manifest["name"], envelope_keys, passphrase)
-    fingerprint = manifest["ckks"].get("fingerprint")
+        rules.check_site_cert(path, cert, manifest)
+    key = rules.load_tls_key(path, data["tls.key"], cert, passphrase, manifest)
+    if role == "client":
+        rules.check_envelope_key(path, data[ENVELOPE_KEY], passphrase, manifest)
     if "ckks.ctx" in data:
-        _check_context(path, data["ckks.ctx"], role, fingerprint, params)
+        rules.check_context(path / "ckks.ctx", data["ckks.ctx"], manifest, params)
+    envelope_keys = {site: bytes.fromhex(hexkey) for site, hexkey in manifest["envelope_keys"].items()}
+    if role == "client":  # every key this site seals the CKKS key to is the CA's word, not the manifest's
+        envelope_keys = {**rules.certified_envelope_keys(path, ca, manifest),
+                         manifest["name"]: envelope_keys[manifest["name"]]}
+    fingerprint = manifest["ckks"].get("fingerprint")
     key_pem = data["tls.key"] if not pki.is_encrypted_pem(data["tls.key"]) else pki.pem_private_key(key)
     return Bundle(
         path=path,
@@ -197,14 +186,29 @@ def load_envelope_key(bundle_dir: Path, passphrase: bytes | None = None) -> x255
     manifest, _ = read_manifest(path, hint)
     if manifest["role"] != "client":
         raise KeyMaterialError(f"{path} is a {manifest['role']} bundle: only a site's bundle holds an envelope key")
-    raw = _read_envelope_key(path, manifest, hint)
-    mode = stat.S_IMODE((path / ENVELOPE_KEY).stat().st_mode)
-    if mode & 0o077:
-        raise KeyMaterialError(
-            f"{path / ENVELOPE_KEY} is readable by others (mode {mode:o}); run `chmod 600 {path / ENVELOPE_KEY}`"
-        )
-    keys = {site: bytes.fromhex(hexkey) for site, hexkey in manifest["envelope_keys"].items()}
-    return _check_envelope_key(path, raw, manifest["name"], keys, passphrase)
+    raw = rules.read_file(path, ENVELOPE_KEY, manifest)
+    rules.check_private_mode(path / ENVELOPE_KEY)
+    return rules.check_envelope_key(path, raw, passphrase, manifest)
+
+
+def sealing_keys(bundle: Bundle, sites: set[str]) -> dict[str, bytes]:
+    """The envelope public keys of ``sites`` (other than this one) to seal the CKKS key to, checked
+    again now against the CA-signed certificates in the bundle's ``peers/`` (not only at load).
+
+    A site of ``sites`` that the bundle lists no key for gets none (it is skipped, as before); a
+    listed key the CA did not certify raises ``BundleProblem`` and nothing is sealed.
+    """
+    manifest, _ = read_manifest(bundle.path, _EXPORT_HINT["client"])
+    ca = pki.cert_from_pem(bundle.ca_pem, source=str(bundle.path / "ca.crt"))
+    certified = rules.certified_envelope_keys(bundle.path, ca, manifest)
+    for site, key in bundle.envelope_keys.items():
+        if site in sites and site != bundle.name and certified.get(site) != key:
+            raise KeyMaterialError(
+                f"the envelope key of site {site!r} in {bundle.path} changed since the bundle was loaded and is not "
+                f"the one its certificate in {rules.PEERS_DIR}/ holds: REFUSING to seal to it; restart with a bundle "
+                "exported by `fedfms-secure keys export client NAME --update`"
+            )
+    return {site: key for site, key in certified.items() if site in sites and site != bundle.name}
 
 
 def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[str, Any], CkksParams]:
@@ -283,111 +287,3 @@ def read_manifest(path: Path, hint: str = _EXPORT_HINT["client"]) -> tuple[dict[
 
 def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and all(c in "0123456789abcdef" for c in text)
-
-
-def site_made_envelope_key(manifest: dict[str, Any]) -> bool:
-    """Whether the site of this client manifest made its envelope key itself (``keys envelope-key``)."""
-    return manifest.get("envelope_key_source") == "site"
-
-
-SITE_MADE_ENVELOPE_KEY_MISSING = (
-    f"this site made its envelope key itself (`fedfms-secure keys envelope-key`), so its bundle comes without it; "
-    f"copy that key file here as {ENVELOPE_KEY} (mode 0600)"
-)
-
-
-def _read_envelope_key(path: Path, manifest: dict[str, Any], hint: str) -> bytes:
-    """A site bundle's ``envelope.key``. One the site made itself was never on the provisioning host,
-    so the manifest has no checksum of it: it is checked against the certified public key instead."""
-    if not site_made_envelope_key(manifest):
-        return _read_checked(path, ENVELOPE_KEY, manifest["files"], hint)
-    file = path / ENVELOPE_KEY
-    if not file.is_file():
-        raise KeyMaterialError(f"{file} is missing: {SITE_MADE_ENVELOPE_KEY_MISSING}")
-    return file.read_bytes()
-
-
-def _read_checked(path: Path, name: str, digests: dict[str, str], hint: str) -> bytes:
-    file = path / name
-    if not file.is_file():
-        raise KeyMaterialError(f"{file} is missing from the bundle; export the bundle again with {hint}")
-    if name not in digests:
-        raise KeyMaterialError(
-            f"{path / MANIFEST} lists no checksum for {name}; export the bundle again with {hint}"
-        )
-    data = file.read_bytes()
-    if hashlib.sha256(data).hexdigest() != digests[name]:
-        raise KeyMaterialError(
-            f"{file} does not match the checksum in {MANIFEST}: it was modified or replaced after export; "
-            f"export the bundle again with {hint}"
-        )
-    return data
-
-
-def _check_tls(
-    path: Path, data: dict[str, bytes], role: str, name: str, passphrase: bytes | None, envelope_keys: dict[str, bytes]
-) -> pki.PrivateKey:
-    ca = pki.cert_from_pem(data["ca.crt"], source=str(path / "ca.crt"))
-    cert = pki.cert_from_pem(data["tls.crt"], source=str(path / "tls.crt"))
-    key = pki.private_key_from_pem(data["tls.key"], source=str(path / "tls.key"), passphrase=passphrase)
-    pki.verify_issued_by(cert, ca, source=str(path / "tls.crt"))
-    if not pki.key_matches_cert(key, cert):
-        raise KeyMaterialError(
-            f"{path / 'tls.key'} is not the private key of {path / 'tls.crt'}; export the bundle again"
-        )
-    if role == "client":
-        if pki.common_name(cert) != name:
-            raise KeyMaterialError(
-                f"{path / 'tls.crt'} is issued to {pki.common_name(cert)!r}, but the manifest names site {name!r}"
-            )
-        certified = pki.envelope_key_of(cert)
-        if certified is not None and certified != envelope_keys.get(name):
-            raise KeyMaterialError(
-                f"the envelope key the CA certified in {path / 'tls.crt'} differs from the manifest's for {name!r}; "
-                "export the bundle again"
-            )
-    return key
-
-
-def _check_envelope_key(
-    path: Path, raw: bytes, name: str, envelope_keys: dict[str, bytes], passphrase: bytes | None
-) -> x25519.X25519PrivateKey:
-    key = pki.envelope_key_from_pem(raw, source=str(path / ENVELOPE_KEY), passphrase=passphrase)
-    if pki.raw_public(key) != envelope_keys.get(name):
-        raise KeyMaterialError(
-            f"{path / ENVELOPE_KEY} is not the envelope key that {path / MANIFEST} lists for site {name!r}; "
-            "export the bundle again with `fedfms-secure keys export client <site-name>`"
-        )
-    return key
-
-
-def _check_context(path: Path, raw: bytes, role: str, fingerprint: str | None, params: CkksParams) -> None:
-    file = path / "ckks.ctx"
-    ctx = load_context(raw, source=str(file))
-    if role == "server" and ctx.has_secret_key():
-        raise KeyMaterialError(
-            f"REFUSING {file}: the server's CKKS context holds the SECRET KEY, which would let the server decrypt "
-            "every site's update. Delete this bundle and export a new one with `fedfms-secure keys export server`"
-        )
-    if role == "client":
-        if not ctx.has_secret_key():
-            raise KeyMaterialError(
-                f"{file} has no CKKS secret key, so this site could not decrypt the aggregate (is it the server's "
-                "params-only context?); export the bundle again with `fedfms-secure keys export client <site-name>`"
-            )
-        if context_fingerprint(ctx) != fingerprint:
-            raise KeyMaterialError(
-                f"{file} has fingerprint {context_fingerprint(ctx)[:16]}..., the manifest says "
-                f"{str(fingerprint)[:16]}...: the context belongs to another federation; export the bundle again"
-            )
-    try:
-        actual = params_of(ctx)
-    except ConfigError as exc:
-        raise KeyMaterialError(
-            f"{file} holds CKKS parameters this build refuses ({exc}); export the bundle again"
-        ) from None
-    if actual != params.ring:  # the packing (if any) lives in the manifest only
-        raise KeyMaterialError(
-            f"{file} has CKKS parameters {actual.to_dict()}, the manifest says {params.ring.to_dict()}; "
-            "export the bundle again"
-        )

@@ -10,7 +10,7 @@ by the provisioning host, each site keeps the contexts it generated or opened fr
 **At rest.** When the bundle is passphrase-protected (its ``tls.key`` is encrypted, ``keys init
 --passphrase-file``) and the store is given that passphrase, each ``epoch-<n>.ctx`` is encrypted:
 scrypt (n=2**15, r=8, p=1, 16-byte random salt) derives a 256-bit key from the passphrase, and
-AES-256-GCM (random 12-byte nonce) seals the context, with the header (magic, version, salt, nonce)
+AES-256-GCM (random 12-byte nonce) encrypts the context, with the header (magic, version, salt, nonce)
 and the file's role (``he/epoch-<n>.ctx``) as associated data: a file moved to another epoch's name,
 or any changed byte, is refused. The context is decrypted in memory only. A bundle without a
 passphrase keeps plain 0600 files, and a plain file written before keeps being read. Writing into a
@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from fedfms_secure.keys import pki
+from fedfms_secure.keys.pkcs8 import SCRYPT_N, SCRYPT_P, SCRYPT_R  # one KDF cost for every file at rest
 from fedfms_secure.he.ckks import context_fingerprint, is_fingerprint, load_context
 from fedfms_secure.errors import KeyMaterialError
 
@@ -56,7 +57,6 @@ MAGIC = b"fedfms-he-ctx\x00"
 VERSION = 1
 SALT_BYTES = 16
 NONCE_BYTES = 12
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _HEADER_BYTES = len(MAGIC) + 1 + SALT_BYTES + NONCE_BYTES
 _TAG_BYTES = 16
 
@@ -172,7 +172,7 @@ class HeStore:
                 )
             data = bytes(context_bytes)
             if self.encrypts:
-                data = self._seal(data, epoch)
+                data = self._encrypt_at_rest(data, epoch)
             pki.write_private(key.path, data)
             entry = {"epoch": epoch, "fingerprint": key.fingerprint}
             if pending:
@@ -259,7 +259,7 @@ class HeStore:
             raise KeyMaterialError(f"{key.path} holds the CKKS secret key but is readable by others (mode {mode:o}); "
                                    f"run `chmod 600 {key.path}`")
         if data.startswith(MAGIC):
-            data = self._open(data, key)
+            data = self._decrypt_at_rest(data, key)
         ctx = load_context(data, source=str(key.path))
         if not ctx.has_secret_key():
             raise KeyMaterialError(f"{key.path} has no CKKS secret key; {_REFETCH}")
@@ -278,13 +278,13 @@ class HeStore:
             self._derived[salt] = kdf.derive(self._passphrase or b"")
         return self._derived[salt]
 
-    def _seal(self, context: bytes, epoch: int) -> bytes:
+    def _encrypt_at_rest(self, context: bytes, epoch: int) -> bytes:
         """``context`` encrypted with the passphrase, bound to the file of ``epoch``."""
         salt, nonce = os.urandom(SALT_BYTES), os.urandom(NONCE_BYTES)
         header = MAGIC + bytes([VERSION]) + salt + nonce
         return header + AESGCM(self._key_for(salt)).encrypt(nonce, context, _bound(header, epoch))
 
-    def _open(self, blob: bytes, key: HeKey) -> bytes:
+    def _decrypt_at_rest(self, blob: bytes, key: HeKey) -> bytes:
         """The context in the encrypted file of ``key``, decrypted in memory."""
         if len(blob) < _HEADER_BYTES + _TAG_BYTES:
             raise KeyMaterialError(f"{key.path} is a truncated encrypted CKKS context; {_REFETCH}")

@@ -2,7 +2,8 @@
 
 ``show_federation(src)`` reads a provisioning folder: for the CA, the server and every site, the
 certificate's SHA-256 fingerprint, serial, algorithm, expiry (``expiring`` within
-``EXPIRY_WARNING_DAYS``), whether it is revoked, and which keys the party holds.
+``EXPIRY_WARNING_DAYS``), whether it is revoked, and which keys the party holds; for a site also the
+SHA-256 of the envelope public key its certificate certifies (compared out of band with the site).
 
 ``verify_bundle(path, passphrase=None)`` checks one exported bundle and returns every problem it
 finds (not only the first), each naming the file and the fix: the manifest, the checksums, the
@@ -17,27 +18,18 @@ when there is one.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import stat
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from fedfms_secure.keys import pki
-from fedfms_secure.keys.bundle import (
-    CRL,
-    ENVELOPE_KEY,
-    MANIFEST,
-    SITE_MADE_ENVELOPE_KEY_MISSING,
-    bundle_files,
-    private_files,
-    read_manifest,
-    site_made_envelope_key,
-)
-from fedfms_secure.he.ckks import context_fingerprint, load_context, params_of
+from fedfms_secure.keys import pki, rules
+from fedfms_secure.keys.bundle import read_manifest
+from fedfms_secure.keys.rules import CRL, ENVELOPE_KEY, MANIFEST, BundleProblem, bundle_files, private_files
+from fedfms_secure.he.ckks import load_context
 from fedfms_secure.keys.hestore import HE_DIR, LOCK_FILE, HePassphraseError, HeStore
-from fedfms_secure.keys.keystore import read_federation
+from fedfms_secure.keys.federation import read_federation
 from fedfms_secure.errors import FedFmsError, KeyMaterialError
 
 EXPIRY_WARNING_DAYS = 30
@@ -77,6 +69,9 @@ def show_federation(src: Path) -> dict[str, Any]:
             "key_encrypted": bool(key_file and key_file.is_file() and pki.is_encrypted_pem(key_file.read_bytes())),
             "keys": keys,
         }
+        if role == "site":  # what the CA certified: sites compare it out of band with the key they made
+            certified = pki.envelope_key_of(cert)
+            info["envelope_key_sha256"] = rules.envelope_key_fingerprint(certified) if certified else None
         if name in removed:
             info["revoked"] = {"date": removed[name]["date"], "reason": removed[name]["reason"]}
         if info["expired"] and not info["removed"]:
@@ -142,6 +137,14 @@ class _Report:
     def problem(self, file: Path | str, problem: str, fix: str) -> None:
         self.problems.append({"file": str(file), "problem": problem, "fix": fix})
 
+    def check(self, rule: Any, *args: Any) -> Any:
+        """Run one bundle rule (``rules``): its result, or None with its problem reported."""
+        try:
+            return rule(*args)
+        except BundleProblem as exc:
+            self.problems.append(exc.as_dict())
+            return None
+
 
 def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]:
     """Check the bundle at ``path``; ``ok`` is False when any problem was found."""
@@ -160,54 +163,45 @@ def verify_bundle(path: Path, passphrase: bytes | None = None) -> dict[str, Any]
         return _finish(result, rep)
     role, name, source = manifest["role"], manifest["name"], manifest["ckks"]["source"]
     result.update(role=role, name=name, federation=manifest["federation"], ckks_source=source)
-    export = (f"export the bundle again with `fedfms-secure keys export {'server' if role == 'server' else 'client ' + name} "
-              "--from DIR --out BUNDLE --update`")
+    export = rules.export_fix(manifest)
     expected = bundle_files(role, source)
     private = set(private_files(role, source))
 
-    # a key the site made itself was never exported: no checksum, checked against the listed public key below
-    site_made = ENVELOPE_KEY if site_made_envelope_key(manifest) else None
+    # the same rules load_bundle applies (rules.py), each problem reported instead of raised
     data: dict[str, bytes] = {}
     for fname in expected:
-        file = path / fname
-        if not file.is_file():
-            rep.problem(file, "missing", SITE_MADE_ENVELOPE_KEY_MISSING if fname == site_made else export)
-            continue
-        data[fname] = file.read_bytes()
-        if fname == site_made:
-            continue
-        digest = manifest["files"].get(fname)
-        if digest is None:
-            rep.problem(path / MANIFEST, f"lists no checksum for {fname}", export)
-        elif hashlib.sha256(data[fname]).hexdigest() != digest:
-            rep.problem(file, f"does not match its checksum in {MANIFEST}: modified or replaced after export", export)
-    for fname in sorted(set(manifest["files"]) - set(expected)):
-        rep.problem(path / MANIFEST, f"lists {fname}, which a {role} bundle (CKKS key from the {source}) must not hold",
-                    export)
+        raw = rep.check(rules.read_file, path, fname, manifest)
+        if raw is None and (path / fname).is_file():
+            raw = (path / fname).read_bytes()  # a checksum problem: still check what the file holds
+        if raw is not None:
+            data[fname] = raw
+    rep.check(rules.check_listed_files, path, manifest)
     _check_modes(path, rep, private=private, role=role)
 
     ca = cert = None
     if "ca.crt" in data:
-        ca = _parse_cert(data["ca.crt"], path / "ca.crt", rep, export)
+        ca = rep.check(rules.parse_cert, path / "ca.crt", data["ca.crt"], manifest)
     if "tls.crt" in data:
-        cert = _parse_cert(data["tls.crt"], path / "tls.crt", rep, export)
+        cert = rep.check(rules.parse_cert, path / "tls.crt", data["tls.crt"], manifest)
     if ca is not None and cert is not None:
-        _check_chain(path, ca, cert, role, name, manifest, rep, export)
+        rep.check(rules.check_chain, path, ca, cert, manifest)
+        _check_validity(path, ca, cert, manifest, rep)
+    if cert is not None and role == "client":
+        rep.check(rules.check_site_cert, path, cert, manifest)
     if cert is not None and "tls.key" in data:
-        key = _load_key(path / "tls.key", data["tls.key"], passphrase, rep, lambda d, s, p: pki.private_key_from_pem(
-            d, source=s, passphrase=p))
-        if key is not None and not pki.key_matches_cert(key, cert):
-            rep.problem(path / "tls.key", "is not the private key of tls.crt", export)
+        rep.check(rules.load_tls_key, path, data["tls.key"], cert, passphrase, manifest)
     if role == "client" and ENVELOPE_KEY in data:
-        env = _load_key(path / ENVELOPE_KEY, data[ENVELOPE_KEY], passphrase, rep,
-                        lambda d, s, p: pki.envelope_key_from_pem(d, source=s, passphrase=p))
-        listed = manifest["envelope_keys"].get(name)
-        if env is not None and pki.raw_public(env).hex() != listed:
-            rep.problem(path / ENVELOPE_KEY, f"is not the envelope key {MANIFEST} lists for {name!r}", export)
+        rep.check(rules.check_envelope_key, path, data[ENVELOPE_KEY], passphrase, manifest)
     if "ckks.ctx" in data:
-        _check_context(path / "ckks.ctx", data["ckks.ctx"], role, manifest["ckks"].get("fingerprint"), params, rep,
-                       export)
-    _scan_extra_files(path, set(expected) | {MANIFEST, CRL}, role, rep, export)
+        rep.check(rules.check_context, path / "ckks.ctx", data["ckks.ctx"], manifest, params)
+    peers: set[str] = set()
+    if role == "client" and ca is not None:
+        certified = rep.check(rules.certified_envelope_keys, path, ca, manifest) or {}
+        peers = {f"{rules.PEERS_DIR}/{site}.crt" for site in manifest["envelope_keys"] if site != name}
+        for site, public in sorted(certified.items()):
+            rep.notes.append(f"envelope key of {site!r}: sha256 {rules.envelope_key_fingerprint(public)}, certified "
+                             f"by the CA ({rules.PEERS_DIR}/{site}.crt)")
+    _scan_extra_files(path, set(expected) | {MANIFEST, CRL} | peers, role, rep, export)
     if role == "client" and (path / HE_DIR).is_dir():
         _check_he_store(path, params, rep, passphrase)
     if (path / CRL).is_file() and ca is not None:
@@ -233,7 +227,7 @@ def _check_modes(path: Path, rep: _Report, *, private: set[str], role: str | Non
         secret = rel in private or (role == "client" and rel.startswith(f"{HE_DIR}/") and not lock)
         rep.files.append({"file": rel, "mode": f"{mode:o}", "private": secret})
         if secret and mode & 0o077:
-            rep.problem(file, f"is a private file readable by others (mode {mode:o})", f"run `chmod 600 {file}`")
+            rep.check(rules.check_private_mode, file)
         elif mode & 0o022:
             rep.problem(file, f"is writable by others (mode {mode:o})", f"run `chmod 644 {file}`")
     dir_mode = stat.S_IMODE(path.stat().st_mode)
@@ -243,21 +237,10 @@ def _check_modes(path: Path, rep: _Report, *, private: set[str], role: str | Non
         rep.notes.append(f"{path}: folder mode {dir_mode:o}; 700 keeps others from listing it")
 
 
-def _parse_cert(data: bytes, file: Path, rep: _Report, export: str) -> x509.Certificate | None:
-    try:
-        return pki.cert_from_pem(data, source=str(file))
-    except KeyMaterialError as exc:
-        rep.problem(file, str(exc), export)
-        return None
-
-
-def _check_chain(path: Path, ca: x509.Certificate, cert: x509.Certificate, role: str, name: str,
-                 manifest: dict[str, Any], rep: _Report, export: str) -> None:
+def _check_validity(path: Path, ca: x509.Certificate, cert: x509.Certificate, manifest: dict[str, Any],
+                    rep: _Report) -> None:
+    """What only ``keys verify`` looks at: expiry ahead, and that the server's certificate names its host."""
     now = dt.datetime.now(dt.timezone.utc)
-    try:
-        pki.verify_issued_by(cert, ca, source=str(path / "tls.crt"))
-    except KeyMaterialError as exc:
-        rep.problem(path / "tls.crt", str(exc), f"run `fedfms-secure keys rotate-tls`, then {export}")
     for label, c in (("ca.crt", ca), ("tls.crt", cert)):
         left = (c.not_valid_after_utc - now).total_seconds() / 86400
         if 0 <= left < EXPIRY_WARNING_DAYS:
@@ -266,66 +249,12 @@ def _check_chain(path: Path, ca: x509.Certificate, cert: x509.Certificate, role:
         if label == "ca.crt" and left < 0:
             rep.problem(path / label, f"the CA certificate expired on {c.not_valid_after_utc:%Y-%m-%d}",
                         "provision a new federation with `fedfms-secure keys init`")
-    if role == "client":
-        if pki.common_name(cert) != name:
-            rep.problem(path / "tls.crt", f"is issued to {pki.common_name(cert)!r}, but the manifest names {name!r}",
-                        export)
-        try:
-            certified = pki.envelope_key_of(cert)
-        except KeyMaterialError as exc:
-            rep.problem(path / "tls.crt", str(exc), export)
-            certified = None
-        if certified is not None and certified.hex() != manifest["envelope_keys"].get(name):
-            rep.problem(path / "tls.crt", "certifies another envelope key than the manifest lists", export)
-    else:
+    if manifest["role"] == "server":
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         hosts = [str(v) for v in san.get_values_for_type(x509.DNSName) + san.get_values_for_type(x509.IPAddress)]
         if manifest["server_host"] not in hosts:
             rep.problem(path / "tls.crt", f"does not name the server host {manifest['server_host']!r} (SANs: "
-                        f"{', '.join(hosts)}): sites would refuse the server", export)
-
-
-def _load_key(file: Path, data: bytes, passphrase: bytes | None, rep: _Report, loader: Any) -> Any:
-    if pki.is_encrypted_pem(data) and not passphrase:
-        rep.problem(file, "is encrypted with a passphrase, so it could not be checked against its certificate",
-                    "give the passphrase with --passphrase-file")
-        return None
-    try:
-        return loader(data, str(file), passphrase)
-    except KeyMaterialError as exc:
-        rep.problem(file, str(exc), "give the right --passphrase-file, or export the bundle again")
-        return None
-
-
-def _check_context(file: Path, raw: bytes, role: str, fingerprint: str | None, params: Any, rep: _Report,
-                   export: str) -> None:
-    try:
-        ctx = load_context(raw, source=str(file))
-    except FedFmsError as exc:
-        rep.problem(file, str(exc), export)
-        return
-    _check_params(file, ctx, params, rep, export)
-    if role == "server":
-        if ctx.has_secret_key():
-            rep.problem(file, "the server's CKKS context holds the SECRET KEY: the server could decrypt every update",
-                        "delete this bundle now and export a new one with `fedfms-secure keys export server`")
-        return
-    if not ctx.has_secret_key():
-        rep.problem(file, "has no CKKS secret key (is it the server's params-only context?)", export)
-    elif context_fingerprint(ctx) != fingerprint:
-        rep.problem(file, f"has context fingerprint {context_fingerprint(ctx)[:16]}..., the manifest says "
-                    f"{str(fingerprint)[:16]}...", export)
-
-
-def _check_params(file: Path, ctx: Any, params: Any, rep: _Report, export: str) -> None:
-    """The context's CKKS ring is the manifest's (a manifest edited after export shows here)."""
-    try:
-        actual = params_of(ctx)
-    except FedFmsError as exc:
-        rep.problem(file, f"holds CKKS parameters this build refuses ({exc})", export)
-        return
-    if actual != params.ring:
-        rep.problem(file, f"has CKKS parameters {actual.to_dict()}, {MANIFEST} says {params.ring.to_dict()}", export)
+                        f"{', '.join(hosts)}): sites would refuse the server", rules.export_fix(manifest))
 
 
 def _check_he_store(path: Path, params: Any, rep: _Report, passphrase: bytes | None = None) -> None:
@@ -342,7 +271,7 @@ def _check_he_store(path: Path, params: Any, rep: _Report, passphrase: bytes | N
     for key in keys:
         encrypted = store.is_encrypted(key)
         try:
-            _check_params(key.path, store.load(key), params, rep, refetch)
+            rep.check(rules.check_params, key.path, store.load(key), params, refetch)
         except HePassphraseError as exc:
             if passphrase:
                 rep.problem(key.path, str(exc), "give the bundle's passphrase with --passphrase-file (if it is "

@@ -16,7 +16,7 @@ Algorithms, as measured with grpcio 1.85 on loopback (pinned in
   certificates handshakes fine (BoringSSL verifies Ed25519 signatures in the chain).
 
 Private keys are PKCS#8 PEM, encrypted with a passphrase when one is given
-(``BestAvailableEncryption``), and written with mode 0600 (``write_private``).
+(scrypt n=2**15 and AES-256, see ``pkcs8``), and written with mode 0600 (``write_private``).
 
 Each site's certificate also carries the raw X25519 public key of its sealed-envelope key in a
 non-critical private extension (``ENVELOPE_KEY_OID``, an OCTET STRING of 32 bytes), so that the
@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedfms_secure.atomic import write_atomic
+from fedfms_secure.keys.pkcs8 import encrypt_at_rest
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PrivateKey = Union[ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey]
@@ -183,14 +184,14 @@ def pem_cert(cert: x509.Certificate) -> bytes:
 
 
 def pem_private_key(key: PrivateKey | x25519.X25519PrivateKey, passphrase: bytes | None = None) -> bytes:
-    """PKCS#8 PEM, encrypted with ``passphrase`` when given (``BestAvailableEncryption``).
+    """PKCS#8 PEM, encrypted with ``passphrase`` when given (scrypt and AES-256, see ``pkcs8``).
 
     Protect it with file mode 0600 either way: see ``write_private``.
     """
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    )
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    if passphrase:
+        return encrypt_at_rest(key, passphrase)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
 
 
 def is_encrypted_pem(data: bytes) -> bool:

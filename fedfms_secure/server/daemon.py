@@ -29,7 +29,7 @@ from fedfms_secure.config import ServerConfig
 from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import CRL
 from fedfms_secure.he.codec import make_aggregator
-from fedfms_secure.keys.keystore import Bundle, load_bundle
+from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator

@@ -45,7 +45,7 @@ from fedfms_secure.config import ClientConfig
 from fedfms_secure.site.hekeys import Keyring
 from fedfms_secure.he.codec import UpdateCodec, make_site_codec
 from fedfms_secure.keys.pki import read_passphrase
-from fedfms_secure.keys.keystore import Bundle, load_bundle
+from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, DataError, FederationError, UpdateAlreadyReceived

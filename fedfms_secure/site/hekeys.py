@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedfms_secure.keys import pki
-from fedfms_secure.keys.bundle import CRL, Bundle
+from fedfms_secure.keys.bundle import CRL, Bundle, sealing_keys
 from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.he.codec import UpdateCodec, make_site_codec
 from fedfms_secure.keys.envelope import open_envelope, seal_for_sites
@@ -303,11 +303,10 @@ def bundle_removed_sites(bundle: Bundle) -> set[str]:
 
 def _seal(bundle: Bundle, context: bytes, epoch: int, status: Status, removed: set[str] = frozenset()
           ) -> tuple[dict[str, bytes], tuple[str, ...], tuple[str, ...]]:
-    """Envelopes for the federation's active sites that this bundle knows an envelope key of (none
-    for a site that ``removed`` or the bundle's own revocation list names)."""
+    """Envelopes for the federation's active sites that this bundle knows a CA-certified envelope key
+    of (none for a site that ``removed`` or the bundle's own revocation list names)."""
     active = {s.name for s in status.sites if not s.retired} - set(removed) - bundle_removed_sites(bundle)
-    recipients = {name: key for name, key in bundle.envelope_keys.items()
-                  if name in active and name != bundle.name}
+    recipients = sealing_keys(bundle, active)  # each checked against its CA-signed certificate, now
     skipped = tuple(sorted({s.name for s in status.sites} - set(recipients) - {bundle.name}))
     sender_key = pki.private_key_from_pem(bundle.key_pem, source=str(bundle.path / "tls.key"))
     envelopes = seal_for_sites(context, federation=bundle.federation, epoch=epoch, params=bundle.params,
@@ -357,7 +356,7 @@ class Keyring:
         if self.codec is not None and announced.epoch and announced.fingerprint == self.codec.fingerprint:
             return False
         if self._envelope_key is None:
-            from fedfms_secure.keys.keystore import load_envelope_key
+            from fedfms_secure.keys.bundle import load_envelope_key
 
             self._envelope_key = load_envelope_key(self._bundle.path, passphrase=self._passphrase)
         key = current_key(self._client, self._bundle, self._envelope_key, announced, store=self._store,

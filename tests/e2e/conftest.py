@@ -12,7 +12,9 @@ import pytest
 
 from fedfms_secure.site.hekeys import Published, init_key
 from fedfms_secure.he.ckks import CkksParams
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.transport.client import FederationClient
 

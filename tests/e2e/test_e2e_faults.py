@@ -38,7 +38,7 @@ import pytest
 
 from fedfms_secure.site.hekeys import Keyring
 from fedfms_secure.config import ServerConfig
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.data import synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.privacy.budget import read_ledger

@@ -11,7 +11,7 @@ import pytest
 from fedfms_secure.he.codec import make_site_codec, make_aggregator
 from fedfms_secure.keys.hestore import site_key
 from fedfms_secure.errors import FedFmsError
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.server.store import StateStore

@@ -28,7 +28,7 @@ from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import load_context
 from fedfms_secure.he.codec import make_site_codec
 from fedfms_secure.keys.hestore import HeStore
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.data import synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
 from fedfms_secure.errors import FedFmsError, FederationError

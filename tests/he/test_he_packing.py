@@ -20,7 +20,8 @@ from fedfms_secure.he.ckks import (
     serialize_params_only,
 )
 from fedfms_secure.he.codec import CkksCodec, PackedCkksCodec, make_site_codec
-from fedfms_secure.keys.keystore import export_bundle, init_federation
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.packing import PackingConfig, choose_params
 from fedfms_secure.he.aggregate import CkksAggregator, PackedCkksAggregator, make_aggregator
 from fedfms_secure.errors import ConfigError, ContextMismatchError, CryptoError, KeyMaterialError

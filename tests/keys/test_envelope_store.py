@@ -10,7 +10,9 @@ import pytest
 
 from fedfms_secure.he.ckks import load_context, new_secret_context, serialize_params_only, serialize_site_context
 from fedfms_secure.keys.hestore import HeStore, site_key
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import KeyMaterialError
 

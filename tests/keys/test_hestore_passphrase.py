@@ -19,7 +19,9 @@ from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import load_context, new_secret_context, serialize_site_context
 from fedfms_secure.keys.hestore import MAGIC, HeStore, site_key
 from fedfms_secure.keys.keycheck import verify_bundle
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import KeyMaterialError
 from fedfms_secure.server.daemon import serve

@@ -15,7 +15,8 @@ import pytest
 
 from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
-from fedfms_secure.keys.keystore import export_bundle, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
 
 
 def _handshake(server_key: bytes, server_cert: bytes, ca: bytes, client_key: bytes, client_cert: bytes) -> bytes:

@@ -14,14 +14,10 @@ from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import params_fingerprint
 from fedfms_secure.he.ckks import CkksParams
-from fedfms_secure.keys.keystore import (
-    add_client,
-    export_bundle,
-    init_federation,
-    load_bundle,
-    load_envelope_key,
-    rotate_tls,
-)
+from fedfms_secure.keys.bundle import load_bundle, load_envelope_key
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.lifecycle import rotate_tls
+from fedfms_secure.keys.provision import add_client, init_federation
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 PASS = b"correct horse battery staple"
@@ -126,8 +122,9 @@ def test_bundles_without_a_dealer(locked: dict[str, Path]) -> None:
         assert "fingerprint" not in manifest["ckks"]
         assert set(manifest["envelope_keys"]) == {"a", "b"}
         assert all(len(v) == 64 for v in manifest["envelope_keys"].values())
-    assert sorted(p.name for p in locked["a"].iterdir()) == ["ca.crt", "envelope.key", "manifest.json", "tls.crt",
-                                                            "tls.key"]
+    assert sorted(p.name for p in locked["a"].iterdir()) == ["ca.crt", "envelope.key", "manifest.json", "peers",
+                                                            "tls.crt", "tls.key"]
+    assert sorted(p.name for p in (locked["a"] / "peers").iterdir()) == ["b.crt"]
     b = load_bundle(locked["a"], role="client", passphrase=PASS)
     assert not b.has_he_secret and b.context_bytes is None and b.fingerprint is None and b.he_source == "site"
     with pytest.raises(KeyMaterialError, match="holds no CKKS context.*keys he-init"):
@@ -154,7 +151,7 @@ def test_envelope_key_swap_is_refused(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match=r"envelope.key is not the envelope key"):
         load_envelope_key(a)
     os.chmod(a / "envelope.key", 0o640)
-    with pytest.raises(KeyMaterialError, match=r"envelope.key is readable by others \(mode 640\)"):
+    with pytest.raises(KeyMaterialError, match=r"envelope.key is a private file readable by others \(mode 640\)"):
         load_envelope_key(a)
 
 

@@ -19,17 +19,11 @@ from fedfms_secure.he.ckks import CkksParams, new_secret_context, serialize_site
 from fedfms_secure.keys.envelope import open_envelope, seal_for_sites
 from fedfms_secure.keys.hestore import HeStore
 from fedfms_secure.keys.keycheck import verify_bundle
-from fedfms_secure.keys.keystore import (
-    add_client,
-    export_bundle,
-    init_federation,
-    install_crl,
-    load_bundle,
-    load_envelope_key,
-    read_federation,
-    revoke,
-    rotate_tls,
-)
+from fedfms_secure.keys.bundle import load_bundle, load_envelope_key
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.federation import read_federation
+from fedfms_secure.keys.lifecycle import install_crl, revoke, rotate_tls
+from fedfms_secure.keys.provision import add_client, init_federation
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 

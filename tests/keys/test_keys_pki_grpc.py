@@ -76,7 +76,7 @@ def test_mutual_tls_works_and_server_reads_client_cn(dial: str) -> None:
 def test_ed25519_certificates_fail_grpc_handshake() -> None:
     """grpcio's BoringSSL answers NO_COMMON_SIGNATURE_ALGORITHMS: why ECDSA P-256 is the default.
 
-    If this starts failing, grpcio learned Ed25519 and keystore may allow it again.
+    If this starts failing, grpcio learned Ed25519 and provisioning may allow it again.
     """
     m = _pki("ed25519")
     with _mtls_server(m) as port:

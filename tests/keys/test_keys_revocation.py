@@ -16,7 +16,10 @@ import pytest
 
 from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle, revoke
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.lifecycle import revoke
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.errors import KeyMaterialError
 from fedfms_secure.keys.revocation import RevocationList
 from fedfms_secure.v1 import federation_pb2 as pb

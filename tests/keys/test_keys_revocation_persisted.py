@@ -16,7 +16,7 @@ import pytest
 
 from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.keys.revocation import PERSISTED, RevocationList
 from fedfms_secure.v1 import federation_pb2 as pb

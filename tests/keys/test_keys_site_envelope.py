@@ -17,7 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from fedfms_secure.cli import main
 from fedfms_secure.site.hekeys import Keyring, init_key
 from fedfms_secure.keys import pki
-from fedfms_secure.keys.keystore import add_client, export_bundle, load_bundle, rotate_tls
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.lifecycle import rotate_tls
+from fedfms_secure.keys.provision import add_client
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
 
@@ -126,7 +129,7 @@ def test_bad_envelope_public_keys_are_refused_with_what_to_do(tmp_path: Path, ca
         assert message in capsys.readouterr().err
         assert not out.exists()
     key, _ = _envelope_key(tmp_path / "at_zed", capsys)
-    from fedfms_secure.keys.keystore import init_federation
+    from fedfms_secure.keys.provision import init_federation
 
     with pytest.raises(ConfigError, match="zed, which are not in the client list"):
         init_federation(tmp_path / "p", federation="x", server_host="localhost", clients=["a"],

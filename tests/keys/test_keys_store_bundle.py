@@ -18,7 +18,9 @@ from cryptography import x509
 from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import CkksParams, context_fingerprint, serialize_site_context
 from fedfms_secure.he.codec import make_site_codec
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.aggregate import make_aggregator
 from fedfms_secure.errors import ConfigError, KeyMaterialError
 
@@ -130,8 +132,10 @@ def test_init_rolls_back_when_provisioning_fails(
 
 def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path]) -> None:
     for role, path in bundles.items():
-        own = {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"} | ({"envelope.key"} if role != "server" else set())
+        own = {"ca.crt", "ckks.ctx", "tls.crt", "tls.key"} | ({"envelope.key", "peers"} if role != "server" else set())
         assert sorted(p.name for p in path.iterdir()) == sorted(own | {"manifest.json"})
+        if role != "server":  # every other site's certificate: the CA's word for its envelope key
+            assert sorted(p.name for p in (path / "peers").iterdir()) == sorted(f"{c}.crt" for c in CLIENTS if c != role)
         assert _mode(path / "tls.key") == 0o600
         manifest = json.loads((path / "manifest.json").read_text())
         assert manifest["role"] == ("server" if role == "server" else "client")
@@ -139,7 +143,7 @@ def test_export_bundle_contents_and_modes(store: Path, bundles: dict[str, Path])
         assert manifest["ckks"]["has_secret_key"] is (role != "server")
         assert manifest["ckks"]["source"] == "dealer"
         assert set(manifest["envelope_keys"]) == set(CLIENTS)
-        assert set(manifest["files"]) == own
+        assert set(manifest["files"]) == own - {"peers"}  # certificates: trusted by the CA signature
     assert _mode(bundles["site-a"] / "ckks.ctx") == 0o600
     with pytest.raises(KeyMaterialError, match="known clients: site-a, site_b.2"):
         export_bundle("client", "site-z", store, store.parent / "z")
@@ -215,7 +219,7 @@ def test_wrong_role_is_refused(bundles: dict[str, Path]) -> None:
 def test_tampered_and_missing_files_are_refused(bundles: dict[str, Path], tmp_path: Path) -> None:
     tampered = _copy(bundles["site-a"], tmp_path)
     (tampered / "tls.crt").write_bytes((tampered / "tls.crt").read_bytes() + b"\n")
-    with pytest.raises(KeyMaterialError, match="tls.crt does not match the checksum"):
+    with pytest.raises(KeyMaterialError, match="tls.crt does not match its checksum"):
         load_bundle(tampered, role="client")
 
     missing = _copy(bundles["server"], tmp_path / "m")
@@ -235,7 +239,7 @@ def test_tampered_and_missing_files_are_refused(bundles: dict[str, Path], tmp_pa
         load_bundle(loose, role="client")
     loose_server = _copy(bundles["server"], tmp_path / "q")
     os.chmod(loose_server / "tls.key", 0o644)
-    with pytest.raises(KeyMaterialError, match=r"tls.key is readable by others \(mode 644\).*chmod 600"):
+    with pytest.raises(KeyMaterialError, match=r"tls.key is a private file readable by others \(mode 644\).*chmod 600"):
         load_bundle(loose_server, role="server")
 
 
@@ -277,7 +281,7 @@ def test_server_bundle_with_secret_key_is_refused_loudly(bundles: dict[str, Path
     bad = _copy(bundles["server"], tmp_path)
     site_ctx = load_bundle(bundles["site-a"], role="client").context()
     _replace(bad, "ckks.ctx", serialize_site_context(site_ctx))
-    with pytest.raises(KeyMaterialError, match="REFUSING .*SECRET KEY"):
+    with pytest.raises(KeyMaterialError, match="SECRET KEY.*REFUSING"):
         load_bundle(bad, role="server")
 
 

@@ -15,7 +15,9 @@ from fedfms_secure.cli import main
 from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import CkksParams, new_secret_context, serialize_site_context
 from fedfms_secure.keys.keycheck import show_federation, verify_bundle
-from fedfms_secure.keys.keystore import export_bundle, init_federation, revoke, rotate_tls
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.lifecycle import revoke, rotate_tls
+from fedfms_secure.keys.provision import init_federation
 
 
 @pytest.fixture(scope="module")

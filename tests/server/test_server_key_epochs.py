@@ -14,7 +14,7 @@ from fedfms_secure.keys import pki
 from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.he.codec import make_site_codec, make_aggregator
 from fedfms_secure.keys.envelope import open_envelope, seal_for_sites
-from fedfms_secure.keys.keystore import load_bundle, load_envelope_key
+from fedfms_secure.keys.bundle import load_bundle, load_envelope_key
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.he.rekey import reencrypt_chunks
 from fedfms_secure.errors import CryptoError, FederationError

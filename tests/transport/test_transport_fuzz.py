@@ -38,7 +38,9 @@ from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.he.codec import make_site_codec
 from fedfms_secure.keys.envelope import seal_for_sites
 from fedfms_secure.keys.hestore import site_key
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.he.rekey import reencrypt_chunks
 from fedfms_secure.errors import CryptoError
 from fedfms_secure.protocol import Chunk

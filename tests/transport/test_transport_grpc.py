@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from fedfms_secure.he.codec import make_site_codec
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.transport.client import FederationClient

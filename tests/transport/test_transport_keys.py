@@ -15,7 +15,7 @@ import pytest
 from fedfms_secure.cli import main
 from fedfms_secure.site.hekeys import Keyring
 from fedfms_secure.keys.hestore import HeStore
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.errors import FederationError
 from fedfms_secure.protocol import Chunk
@@ -138,7 +138,7 @@ def test_a_site_that_lost_its_key_fetches_it_again(federation, tmp_path):
     the envelope of another site does not open with its key."""
     root, address = federation
     from fedfms_secure.keys.envelope import open_envelope
-    from fedfms_secure.keys.keystore import load_envelope_key
+    from fedfms_secure.keys.bundle import load_envelope_key
     from fedfms_secure.errors import KeyMaterialError
 
     bundle_dir = tmp_path / "b"
@@ -164,7 +164,7 @@ def test_a_site_that_trained_under_the_old_key_encrypts_again_and_commits(tmp_pa
     from fedfms_secure.site.hekeys import init_key, rotate_key
     from fedfms_secure.site.daemon import _Site
     from fedfms_secure.config import ClientConfig
-    from fedfms_secure.keys.keystore import load_envelope_key
+    from fedfms_secure.keys.bundle import load_envelope_key
 
     sites = ("a", "b")
     provision_sites(tmp_path, sites, federation="re", params=fit_params(bound=1.0, sites=2, rounds=2))
