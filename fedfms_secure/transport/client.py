@@ -30,7 +30,7 @@ from fedfms_secure.v1 import federation_pb2 as pb
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from fedfms_secure.keys.keystore import Bundle
+    from fedfms_secure.keys.bundle import Bundle
 
 T = TypeVar("T")
 log = logging.getLogger("fedfms_secure.site")

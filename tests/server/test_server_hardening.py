@@ -13,7 +13,7 @@ import pytest
 
 from fedfms_secure.errors import FederationError
 from fedfms_secure.he.codec import make_site_codec
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.server.daemon import ServerLimits
 from fedfms_secure.server.plan_sizes import plan_vector_length
