@@ -17,7 +17,7 @@ from fedfms_secure.errors import FedFmsError
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train")
+COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
