@@ -202,6 +202,7 @@ def _read_doc(path: Path) -> dict[str, Any]:
     if not zipfile.is_zipfile(path):
         raise ModelError(f"model file {path} is damaged: its zip archive has no end (truncated while being "
                          "written or copied); copy it again from where it was made")
+    _check_crc(path)  # torch.load does not check the members' CRCs: a flipped byte would load silently
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -232,6 +233,18 @@ def _read_doc(path: Path) -> dict[str, Any]:
         raise ModelError(f"{path} has an unknown model file format {version!r}; it was not written by "
                          f"fedfms-secure ({_WHERE})")
     return doc
+
+
+def _check_crc(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ModelError(f"model file {path} is damaged ({type(exc).__name__}: {exc}); copy it again from where "
+                         "it was made") from exc
+    if bad is not None:
+        raise ModelError(f"model file {path} is damaged: its member {bad} fails its checksum; copy it again "
+                         "from where it was made")
 
 
 def _header(path: Path, doc: dict[str, Any]) -> ModelFile:
