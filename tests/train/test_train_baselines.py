@@ -71,7 +71,7 @@ def test_wrong_holdout_and_options_are_named(federation: Path, tmp_path: Path, c
         BaselineOptions(clip_percentiles=(99, 1))
     broken = tmp_path / "model.pt"
     broken.write_bytes(b"PK\x03\x04 truncated")
-    assert main(["evaluate", "--model", str(broken), "--data", str(federation / "site_1")]) == 1
+    assert main(["evaluate", "--model", str(broken), "--data", str(federation / "site_1"), "--split", "all"]) == 1
     assert str(broken) in capsys.readouterr().err
 
 
