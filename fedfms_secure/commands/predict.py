@@ -86,7 +86,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     classes = ", ".join(f"{name} = {value}" for name, value in doc["classes"].items())
     print(f"{len(results)} mask(s) in {args.out} (labels: {classes}; device {device})", file=sys.stdout)
     for r in results:
-        counts = ", ".join(f"{c} x {v}" for v, c in r.voxels.items())
+        counts = ", ".join(f"{c} voxels of {v}" for v, c in r.voxels.items())
         print(f"  {r.mask.name}: {'x'.join(map(str, r.shape))}, {counts}")
     return 0
 

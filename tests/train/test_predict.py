@@ -130,8 +130,8 @@ def test_a_multi_class_model_writes_the_mapped_label_values(trained: dict[str, A
         last.bias.neg_()
     classes = LabelMap(pairs=((1, 1), (3, 2)), names=("organ", "rest"))
     path = save_model_file(tmp_path / "two.pt", two, [], mode="fedmsa", seed=0, pretrained=False,
-                           data=Preprocessing(image_size=64, label_map=classes).describe(), label_spec='{"1": 1, "3": 2}',
-                           source="central")
+                           data=Preprocessing(image_size=64, label_map=classes).describe(),
+                           label_spec='{"1": 1, "3": 2}', source="central")
     loaded = load_model(path)
     assert loaded.meta.label_values == (1, 3) and loaded.meta.class_names == ("organ", "rest")
     [multi] = predict_path(loaded, trained["case"], tmp_path / "two", PredictOptions(device="cpu", probabilities=True))
