@@ -201,3 +201,31 @@ def test_evaluate_split_reproduces_the_logged_validation_dice(trained: dict[str,
     state = trained["splits"].parent / "no_state"  # a folder without split.json
     assert main(["evaluate", "--model", model, "--data", str(site), "--state", str(state)]) == 1
     assert "split.json does not exist" in capsys.readouterr().err
+
+
+def test_a_box_prompted_model_sliced_along_another_axis(trained: dict[str, Any], tmp_path: Path, caplog) -> None:
+    """A box model gets the whole slice as its box (there is no label) and says so; a model sliced
+    along axis 0 gives a mask on the input grid all the same, probabilities with the class last."""
+    from fedfms_secure.model.registry import build_model
+
+    boxed = build_model("tiny", prompt="box")
+    path = save_model_file(tmp_path / "box.pt", boxed, [], mode="fedmsa", seed=0, pretrained=True,
+                           data=Preprocessing(image_size=64, axis=0).describe(), label_spec=None, source="central")
+    loaded = load_model(path)
+    assert loaded.meta.prompt == "box" and loaded.meta.preprocessing().axis == 0
+    [result] = predict_path(loaded, trained["case"], tmp_path / "out", PredictOptions(probabilities=True))
+    assert "whole slice" in caplog.text
+    assert result.slices == SHAPE[0] and result.shape == SHAPE
+    mask = nib.load(str(result.mask))
+    probabilities = np.asarray(nib.load(str(result.probabilities)).dataobj)
+    assert mask.shape == SHAPE and probabilities.shape == (*SHAPE, 1)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj) == 1, probabilities[..., 0] > 0.5)
+    # slice 3 along axis 0 is the input's (Y, Z) plane at x = 3, prompted with the whole 64 px square
+    from fedfms_secure.data.preprocess import image_slices, read_image
+
+    slices = image_slices(read_image(trained["case"])[0], loaded.meta.preprocessing())
+    with torch.no_grad():
+        logits = loaded.model(slices[3:4], torch.tensor([[[0.0, 0.0, 63.0, 63.0]]]))
+    expected = torch.sigmoid(torch.nn.functional.interpolate(logits, size=SHAPE[1:], mode="bilinear",
+                                                             align_corners=False))[0, 0]
+    np.testing.assert_allclose(probabilities[3, :, :, 0], expected.numpy(), atol=1e-4)
