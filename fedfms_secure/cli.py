@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedfms_secure.cli")
 
 # command groups that live in fedfms_secure/commands/<name>.py
-COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train")
+COMMAND_GROUPS = ("keys", "status", "model", "privacy", "bench", "data", "train", "predict")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

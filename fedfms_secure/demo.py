@@ -8,7 +8,7 @@ site, CKKS aggregation at the server, a live progress line, a per-round table, `
 and ``OUT/report.png``.
 
 With ``--holdout SITE`` (leave-one-site-out, as in FedFMS) that site starts no client and never
-trains; at the end ``fedfms-secure evaluate`` scores the final global model (which a site keeps in
+trains; at the end ``fedfms-secure evaluate --split all`` scores the final global model (which a site keeps in
 ``STATE/final_model.pt``) on all of its slices, and the report gives that result separately.
 """
 
@@ -200,6 +200,11 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                       f"{holdout['slices']} slices: Dice {_pm(holdout['dice_mean'], holdout['dice_std'])}, IoU "
                       f"{_pm(holdout['iou_mean'], holdout['iou_std'])}, HD95 "
                       f"{_pm(holdout['hd95_mean'], holdout['hd95_std'], 1)} px")
+    finals = [run_dir / n / "final_model.pt" for n in names if (run_dir / n / "final_model.pt").is_file()]
+    if finals:
+        console.print(f"final global model (the same at every site): {', '.join(str(p) for p in finals)}\n"
+                      f"      segment new scans with: fedfms-secure predict --model {finals[0]} --input SCANS "
+                      "--out MASKS")
     console.print(f"[5/5] wrote {out / 'report.json'} and {out / 'report.png'}; logs in {logs}")
     return report
 
@@ -219,7 +224,8 @@ def _data_flags(options: DemoOptions) -> list[str]:
 def _evaluate_holdout(model: Path, site: Path, options: DemoOptions, logs: Path,
                       env: dict[str, str]) -> dict[str, Any]:
     """``fedfms-secure evaluate`` of the final global model on the held-out site (all its slices)."""
-    cmd = [sys.executable, "-m", "fedfms_secure", "evaluate", "--model", str(model), "--data", str(site), "--json"]
+    cmd = [sys.executable, "-m", "fedfms_secure", "evaluate", "--model", str(model), "--data", str(site), "--split", "all",
+           "--json"]
     if options.skip_bad:
         cmd.append("--skip-bad")
     log_file = logs / "evaluate.log"

@@ -4,7 +4,9 @@
 each site alone; both use the federated run's training code and print Dice, IoU and HD95 (mean and
 standard deviation over validation images) per site. ``evaluate --model FILE --data SITE_DIR``
 scores a saved model (a site's ``STATE/final_model.pt``, or ``OUT/*_model.pt`` of a baseline) on
-all slices of a site: the held-out site of a leave-one-site-out run.
+the validation slices of a site (``--split val``, the default: the split pinned in the site's
+``STATE/split.json``, so the Dice a site logged is reproduced), its training slices (``--split
+train``) or all its slices (``--split all``: e.g. the held-out site of a leave-one-site-out run).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any
 from fedfms_secure.config import FEDERATED_LEARNING_RATE, MODES, PRESETS
 
 from fedfms_secure.commands.data import add_data_options
+from fedfms_secure.errors import ConfigError
+
+SPLITS = ("val", "train", "all")
 
 # kept light: torch and the model are imported inside the handlers
 
@@ -56,9 +61,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.set_defaults(handler=cmd_train, kind=kind)
     group.set_defaults(handler=lambda args: _help(group))
 
-    ev = subparsers.add_parser("evaluate", help="score a saved model on all slices of a site (Dice, IoU, HD95)")
+    ev = subparsers.add_parser("evaluate", help="score a saved model on a site's validation (or training, or all) "
+                                                "slices: Dice, IoU, HD95")
     ev.add_argument("--model", type=Path, required=True, help="STATE/final_model.pt of a site, or OUT/*_model.pt")
     ev.add_argument("--data", type=Path, required=True, help="a site folder (or a folder of site folders)")
+    ev.add_argument("--split", choices=SPLITS, default="val",
+                    help="which slices: val (default) or train, as the split file pins them (needs --state or "
+                         "--split-file), or all (every slice, e.g. of a held-out site)")
+    ev.add_argument("--state", type=Path, metavar="DIR",
+                    help="the site's state folder: its split.json says which volumes are train and val")
+    ev.add_argument("--split-file", type=Path, metavar="FILE",
+                    help="a split file (a site's STATE/split.json, or OUT/splits/SITE.json of `train --out`)")
     ev.add_argument("--labels", help="label map of these sites (default: the one the model was trained with)")
     ev.add_argument("--axis", type=int, choices=[0, 1, 2], help="default: the model's")
     ev.add_argument("--clip-percentiles", metavar="LOW,HIGH", help="default: the model's")
@@ -109,14 +122,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from fedfms_secure.errors import ConfigError
 
         raise ConfigError("--per-image lists every slice's scores in the JSON output only: add --json")
+    split_file = _split_file(args.split, args.state, args.split_file)
     result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
-                                 skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image)
+                                 skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image,
+                                 split=args.split, split_file=split_file)
     if args.json:
         print(_dumps(result))
     else:
         print(_table(result))
     return 0
+
+
+def _split_file(split: str, state: Path | None, split_file: Path | None) -> Path | None:
+    """The split file ``evaluate`` reads, or a ConfigError saying how to name one."""
+    from fedfms_secure.errors import ConfigError
+
+    if state is not None and split_file is not None:
+        raise ConfigError("pass either --state or --split-file, not both")
+    if split == "all":
+        return None
+    if state is None and split_file is None:
+        raise ConfigError(f"--split {split} scores the {split} volumes pinned in a site's split file: pass --state "
+                          "STATE (the folder holding split.json) or --split-file FILE (e.g. OUT/splits/SITE.json "
+                          "of `train --out`), or --split all to score every slice")
+    path = split_file if split_file is not None else state / "split.json"  # type: ignore[operator]
+    if not path.is_file():
+        hint = "the site writes STATE/split.json when it first loads its data" if split_file is None else \
+            "`train central|local --out OUT` writes OUT/splits/SITE.json"
+        raise ConfigError(f"split file {path} does not exist ({hint}); check the path, or use --split all")
+    return path
 
 
 def _dumps(result: dict[str, Any]) -> str:
@@ -137,11 +172,13 @@ def _nan_to_none(value: Any) -> Any:
 
 def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axis: int | None = None,
                         clip_percentiles: Any = None, keep_empty_every: int | None = None, skip_bad: bool = False,
-                        cache: Path | None = None, per_image: bool = False) -> dict[str, Any]:
-    """Scores a model file on all slices of each site under ``data``.
+                        cache: Path | None = None, per_image: bool = False, split: str = "all",
+                        split_file: Path | None = None) -> dict[str, Any]:
+    """Scores a model file on the ``split`` slices of each site under ``data``: ``"all"`` (every
+    slice), or ``"val"`` / ``"train"`` as ``split_file`` (one site's pinned split) says.
 
     Returns ``{"model", "source", "sites": [{name, slices, dice_mean, dice_std, iou_mean, iou_std,
-    hd95_mean, hd95_std, per_class}], "mean": {dice_mean, dice_std, iou_mean, hd95_mean}}``; the
+    hd95_mean, hd95_std, per_class}], "split", "mean": {dice_mean, dice_std, iou_mean, hd95_mean}}``; the
     data options default to those the model was trained with. With ``per_image`` each site also
     lists ``images``: ``{"case", "dice", "iou", "hd95"}`` per slice, one value per class (None
     where the slice is not scored for the class).
@@ -150,6 +187,10 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
     from fedfms_secure.train.metrics import ImageScores, score_model, summarize
     from fedfms_secure.train.model_file import load_model_file
 
+    if split not in SPLITS:
+        raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if split != "all" and split_file is None:
+        raise ConfigError(f"split {split!r} needs the site's split file (STATE/split.json); or use split 'all'")
     model, header = load_model_file(model_path)
     recorded = header.data
     options = dict(
@@ -161,29 +202,36 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
         labels=header.label_spec if labels is None else labels,
     )
     rows, parts, names = [], [], None
-    for site_dir in find_sites(data):
-        site = load_site(site_dir, val_fraction=0.0, skip_bad=skip_bad, cache_dir=cache, **options)
+    sites = find_sites(data)
+    if split_file is not None and len(sites) > 1:
+        raise ConfigError(f"{data} holds {len(sites)} sites but a split file belongs to one: pass that site's "
+                          "folder as --data")
+    for site_dir in sites:
+        if split_file is None:
+            site = load_site(site_dir, val_fraction=0.0, skip_bad=skip_bad, cache_dir=cache, **options)
+        else:
+            site = load_site(site_dir, split_file=split_file, skip_bad=skip_bad, cache_dir=cache, **options)
+        slices = site.val if split == "val" else site.train
         if site.label_map.num_classes != header.num_classes:
-            from fedfms_secure.errors import ConfigError
-
             raise ConfigError(f"the label map gives {site.label_map.num_classes} class(es) but {model_path} "
                               f"predicts {header.num_classes}; pass --labels with a map of {header.num_classes}")
-        scores = score_model(model, site.train)
+        scores = score_model(model, slices)
         parts.append(scores)
         names = names or site.class_names
         summary = summarize(scores, site.class_names)
-        rows.append({"name": site.name, "slices": len(site.train),
+        rows.append({"name": site.name, "slices": len(slices),
                      **{k: v for k, v in summary.items() if k != "per_class"}, "per_class": summary["per_class"]})
         if per_image:
             rows[-1]["images"] = [
                 {"case": case, **{m: [None if math.isnan(v) else float(v) for v in getattr(scores, m)[i]]
                                   for m in ("dice", "iou", "hd95")}}
-                for i, case in enumerate(site.train.cases)
+                for i, case in enumerate(slices.cases)
             ]
     pooled = summarize(ImageScores.concat(parts, header.num_classes), names)
     return {
         "model": str(model_path),
         "source": header.source,
+        "split": split,
         "sites": rows,
         "mean": {k: pooled[k] for k in ("dice_mean", "dice_std", "iou_mean", "iou_std", "hd95_mean", "hd95_std")},
     }

@@ -124,9 +124,8 @@ def load_pair_slices(pair: Any, options: Preprocessing) -> tuple[torch.Tensor, t
     it is unreadable or empty, or if image and label do not match (shape, or orientation).
     """
     assert pair.label is not None
-    image_raw, image_affine = read_volume(pair.image)
+    image, image_affine = read_image(pair.image)
     label_raw, label_affine = read_volume(pair.label)
-    image = _to_single_channel(image_raw, pair.image, is_label=False)
     label = options.label_map.apply(_to_single_channel(label_raw, pair.label, is_label=True))
     check_pair(pair.image, image.shape, image_affine, pair.label, label.shape, label_affine)
     image = normalize_intensity(image, options.clip_percentiles)
@@ -137,6 +136,23 @@ def load_pair_slices(pair: Any, options: Preprocessing) -> tuple[torch.Tensor, t
         keep = slices_to_keep(label, options.keep_empty_every)
         image, label = image[keep], label[keep]
     return resize_slices(image, label, options.image_size)
+
+
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image file as training reads it: one intensity channel (grey of an RGB picture, first
+    modality of a 4-D volume) as float32 ``[H, W]`` or ``[X, Y, Z]``, and its affine (None for PNG)."""
+    raw, affine = read_volume(path)
+    return _to_single_channel(raw, path, is_label=False), affine
+
+
+def image_slices(image: np.ndarray, options: Preprocessing) -> torch.Tensor:
+    """Every slice of one image (from :func:`read_image`) as the model sees it in training:
+    intensity clipped and scaled over the whole image, sliced along ``options.axis`` (a 2-D
+    picture is one slice), resized to ``image_size`` squared. Returns float32 ``[n, 1, S, S]``;
+    no slice is dropped (slice ``i`` is index ``i`` along the axis)."""
+    image = normalize_intensity(image, options.clip_percentiles)
+    image = image[None] if image.ndim == 2 else np.moveaxis(image, options.axis, 0)
+    return resize_images(image, options.image_size)
 
 
 def check_pair(image_path: Path, image_shape: tuple[int, ...], image_affine: np.ndarray | None,
@@ -230,15 +246,22 @@ def resize_slices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize ``[n, H, W]`` slices to ``[n, 1, size, size]``: bilinear image, nearest label
     (class indices, uint8)."""
-    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
+    img = resize_images(image, size)
     lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[:, None]
-    if img.shape[0] == 0:
-        return img.new_zeros(0, 1, size, size), lab.new_zeros(0, 1, size, size).to(torch.uint8)
-    img = F.interpolate(
-        img, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
+    if lab.shape[0] == 0:
+        return img, lab.new_zeros(0, 1, size, size).to(torch.uint8)
     lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")
-    return img.clamp_(0.0, 1.0), lab.round_().to(torch.uint8)
+    return img, lab.round_().to(torch.uint8)
+
+
+def resize_images(image: np.ndarray, size: int) -> torch.Tensor:
+    """Resize ``[n, H, W]`` intensity slices to ``[n, 1, size, size]`` (bilinear, antialiased,
+    clamped to [0, 1])."""
+    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[:, None]
+    if img.shape[0] == 0:
+        return img.new_zeros(0, 1, size, size)
+    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return img.clamp_(0.0, 1.0)
 
 
 def _to_single_channel(array: np.ndarray, path: Path, *, is_label: bool) -> np.ndarray:

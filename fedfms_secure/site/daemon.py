@@ -9,9 +9,11 @@ For round r the site (see DESIGN.md, "One round")::
     wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices, report
     (Dice, IoU and HD95: mean and standard deviation over its validation images, never a count)
 
-After the last round the site keeps the final global model in ``STATE/final_model.pt`` (the
-communicated parameters and the plan), which ``fedfms-secure evaluate`` scores on any site, e.g.
-one held out of training.
+After the last round the site keeps the final global model in ``STATE/final_model.pt`` (all its
+weights, the class map and the preprocessing; :mod:`fedfms_secure.train.model_file`):
+``fedfms-secure evaluate --state STATE`` scores it on this site's validation slices again (the Dice
+the site logged), ``--split all`` on any site, e.g. one held out of training, and ``fedfms-secure
+predict`` segments new scans with it.
 
 Only the parameters that the mode communicates travel. The sample count n_k never leaves the site
 in plaintext, and neither does any update.

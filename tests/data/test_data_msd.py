@@ -101,7 +101,7 @@ def test_train_central_with_a_held_out_site_and_evaluate_its_model(msd_task: Pat
     assert header.num_classes == 2 and header.source == "central" and vector.size == len(vector)
 
     assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(msd_task / "site_c"), "--json",
-                 "--per-image"]) == 0
+                 "--split", "all", "--per-image"]) == 0
     scored = json.loads(capsys.readouterr().out)["sites"][0]
     assert scored["slices"] == held["val_slices"] == len(scored["images"])
     assert {image["case"] for image in scored["images"]} == set(_labels(msd_task / "site_c"))

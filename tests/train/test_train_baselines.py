@@ -71,7 +71,7 @@ def test_wrong_holdout_and_options_are_named(federation: Path, tmp_path: Path, c
         BaselineOptions(clip_percentiles=(99, 1))
     broken = tmp_path / "model.pt"
     broken.write_bytes(b"PK\x03\x04 truncated")
-    assert main(["evaluate", "--model", str(broken), "--data", str(federation / "site_1")]) == 1
+    assert main(["evaluate", "--model", str(broken), "--data", str(federation / "site_1"), "--split", "all"]) == 1
     assert str(broken) in capsys.readouterr().err
 
 
@@ -134,7 +134,8 @@ def test_three_classes_over_nifti_png_and_a_one_volume_site(tmp_path: Path, caps
         assert all(0.0 <= rows[name]["per_class"][k]["dice_mean"] <= 1.0 for k in range(3))
     assert all(result["mean"][key] is not None for key in FIELDS)
 
-    assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(data / "c_one"), "--json"]) == 0
+    assert main(["evaluate", "--model", str(out / "central_model.pt"), "--data", str(data / "c_one"), "--split", "all",
+                 "--json"]) == 0
     scored = json.loads(capsys.readouterr().out, parse_constant=strict)["sites"][0]
     assert scored["slices"] == 4 and len(scored["per_class"]) == 3
     assert main(["train", "central", "--data", str(data), "--epochs", "1", "--image-size", "32", "--labels", labels,
