@@ -69,9 +69,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     help="which slices: val (default) or train, as the split file pins them (needs --state or "
                          "--split-file), or all (every slice, e.g. of a held-out site)")
     ev.add_argument("--state", type=Path, metavar="DIR",
-                    help="the site's state folder: its split.json says which volumes are train and val")
+                    help="the site's state folder: its split.json says which volumes are train and val "
+                         "(default: none; --split val|train need it or --split-file)")
     ev.add_argument("--split-file", type=Path, metavar="FILE",
-                    help="a split file (a site's STATE/split.json, or OUT/splits/SITE.json of `train --out`)")
+                    help="a split file (a site's STATE/split.json, or OUT/splits/SITE.json of `train --out`; "
+                         "default: none)")
     ev.add_argument("--labels", help="label map of these sites (default: the one the model was trained with)")
     ev.add_argument("--axis", type=int, choices=[0, 1, 2], help="default: the model's")
     ev.add_argument("--clip-percentiles", metavar="LOW,HIGH", help="default: the model's")
