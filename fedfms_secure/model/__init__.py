@@ -2,6 +2,10 @@
 
 Names are imported lazily (PEP 562), so ``fedfms_secure.commands.model`` can be imported to
 register the CLI without importing torch.
+
+It may import torch, ``segment_anything``, ``errors`` and the package's shipped weights; nothing
+of the federation (``he``, ``keys``, ``transport``, ``server``, ``site``), so a model is built the
+same way by a site, the baselines, prediction and the benchmarks.
 """
 
 from __future__ import annotations
