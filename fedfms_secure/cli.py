@@ -89,6 +89,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             "delta": args.delta,
             "max_grad_norm": args.max_grad_norm,
             "accountant": args.accountant,
+            "privacy_unit": args.privacy_unit,
             "save_updates": True if args.save_updates else None,
             "connect_timeout": args.connect_timeout,
             "labels": args.labels,
@@ -127,6 +128,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         clip_percentiles=check_percentiles(args.clip_percentiles),
         keep_empty_every=args.keep_empty_every,
         skip_bad=args.skip_bad,
+        privacy_unit=args.privacy_unit,
     )
     report = run_demo(options)
     if args.json:
@@ -173,9 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--data", type=Path, help="the site's folder (imagesTr/, labelsTr/)")
     c.add_argument("--state", type=Path, help="folder for the site's state (privacy ledger, split)")
     c.add_argument("--epsilon", type=float, help="target epsilon over the whole run (inf: no DP)")
-    c.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
+    c.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training patients")
     c.add_argument("--max-grad-norm", type=float)
     c.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
+    c.add_argument("--privacy-unit", choices=["patient", "slice"],
+                   help="DP record: a patient (default) or a slice (per-slice epsilon; does not protect patients)")
     c.add_argument("--site", help="site name, only with --insecure")
     c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
     c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")
@@ -189,6 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--clients", type=int, default=3)
     m.add_argument("--rounds", type=int, default=5)
     m.add_argument("--epsilon", type=float, default=8.0, help="each site's target epsilon (inf: no DP)")
+    m.add_argument("--privacy-unit", choices=["patient", "slice"], default="patient",
+                   help="DP record: a patient (default) or a slice (per-slice epsilon; does not protect patients)")
     m.add_argument("--no-he", action="store_true", help="sum plaintext updates instead of CKKS ciphertexts")
     m.add_argument("--mode", choices=["fedmsa", "fedsam"], default="fedmsa")
     m.add_argument("--data", type=Path, help="existing site folders instead of generated ones")

@@ -89,10 +89,12 @@ class ClientConfig:
     # Only with --insecure: the site name that a certificate would otherwise carry.
     site: str | None = None
     epsilon: float = 8.0
-    # None: min(1e-5, 1/(10 n)) for the site's n training slices (see privacy/budget.py)
+    # None: min(1e-5, 1/(10 n)) for the site's n training patients (see privacy/budget.py)
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    # what one DP record is: "patient" (a case; default) or "slice" (does not protect patients)
+    privacy_unit: str = "patient"
     # Keep each round's delta, weight and decrypted aggregate in STATE/updates (for audits/tests).
     save_updates: bool = False
     # how the site folder is read (see fedfms_secure.data): label map spec ("1,2", a JSON object or
@@ -119,6 +121,7 @@ class ClientConfig:
         _require(self.delta is None or 0 < self.delta < 1, "delta must be in (0, 1)")
         _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.accountant in ("rdp", "prv"), "accountant must be rdp or prv")
+        _require(self.privacy_unit in ("patient", "slice"), "privacy_unit must be patient or slice")
         _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
         _require(self.site is None or self.insecure, "site is only set with --insecure; "
                  "otherwise the name comes from the site's certificate")

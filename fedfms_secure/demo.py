@@ -55,8 +55,11 @@ class DemoOptions:
     local_epochs: int = 5
     # None: the server's default plan (ServerConfig.learning_rate)
     learning_rate: float | None = None
-    # (H, W, slices) of each generated volume
-    synth_shape: tuple[int, int, int] = (64, 64, 40)
+    # (H, W, slices) of each generated volume: many small volumes, since DP protects patients and
+    # patient-level DP-SGD needs many patients per site
+    synth_shape: tuple[int, int, int] = (64, 64, 12)
+    # what one DP record is: "patient" (default) or "slice" (does not protect patients)
+    privacy_unit: str = "patient"
     timeout: float = 1800.0
     pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
@@ -157,7 +160,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             procs[name] = _spawn(
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
-                 "--epsilon", str(options.epsilon), *(["--save-updates"] if options.save_updates else []),
+                 "--epsilon", str(options.epsilon), "--privacy-unit", options.privacy_unit,
+                 *(["--save-updates"] if options.save_updates else []),
                  *_data_flags(options)],
                 logs / f"{name}.log",
                 env,
@@ -298,9 +302,11 @@ def _follow(procs: dict[str, subprocess.Popen], state: Path, options: DemoOption
 
 def _table(report: dict[str, Any]) -> Table:
     sites = report["sites"]
+    unit = report["options"].get("privacy_unit", "patient")
     table = Table(title=f"fedfms-secure demo: {report['options']['mode']}, "
                         f"{'CKKS' if report['options']['he'] else 'plaintext'} aggregation, "
-                        f"target epsilon {report['options']['epsilon']}",
+                        f"target epsilon {report['options']['epsilon']} per "
+                        f"{'patient' if unit == 'patient' else 'SLICE (does not protect patients)'}",
                   caption="Dice: global model on the sites' validation slices; eps: spent so far; "
                           "bytes: all sites together")
     per_site = len(sites) <= 3  # wider federations show the largest epsilon only (report.json has all)
