@@ -90,6 +90,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
             "max_grad_norm": args.max_grad_norm,
             "accountant": args.accountant,
             "privacy_unit": args.privacy_unit,
+            "patient_pattern": args.patient_pattern,
             "save_updates": True if args.save_updates else None,
             "connect_timeout": args.connect_timeout,
             "labels": args.labels,
@@ -180,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--accountant", choices=["rdp", "prv"], help="privacy accountant (default rdp)")
     c.add_argument("--privacy-unit", choices=["patient", "slice"],
                    help="DP record: a patient (default) or a slice (per-slice epsilon; does not protect patients)")
+    c.add_argument("--patient-pattern", metavar="REGEX",
+                   help="a 2-D file's patient from its name (group 'patient' or the first group), e.g. '^(\\w+?)_'")
     c.add_argument("--site", help="site name, only with --insecure")
     c.add_argument("--insecure", action="store_true", help="connect without TLS (local experiments only)")
     c.add_argument("--save-updates", action="store_true", help="keep each round's delta and aggregate in STATE/updates")

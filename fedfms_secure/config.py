@@ -95,6 +95,8 @@ class ClientConfig:
     accountant: str = "rdp"
     # what one DP record is: "patient" (a case; default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
+    # regular expression giving a 2-D file's patient from its name (None: dataset.json, else one file each)
+    patient_pattern: str | None = None
     # Keep each round's delta, weight and decrypted aggregate in STATE/updates (for audits/tests).
     save_updates: bool = False
     # how the site folder is read (see fedfms_secure.data): label map spec ("1,2", a JSON object or

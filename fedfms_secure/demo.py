@@ -58,6 +58,8 @@ class DemoOptions:
     # (H, W, slices) of each generated volume: many small volumes, since DP protects patients and
     # patient-level DP-SGD needs many patients per site
     synth_shape: tuple[int, int, int] = (64, 64, 12)
+    # (fewest, most) volumes of a generated site
+    synth_volumes: tuple[int, int] = (80, 120)
     # what one DP record is: "patient" (default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
     timeout: float = 1800.0
@@ -95,7 +97,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     if options.data is None:
         data_dir = out / "data"
         shutil.rmtree(data_dir, ignore_errors=True)
-        sites = synth_federation(data_dir, sites=options.clients + extra, seed=options.seed, shape=options.synth_shape)
+        sites = synth_federation(data_dir, sites=options.clients + extra, seed=options.seed, shape=options.synth_shape,
+                                 volumes=options.synth_volumes)
         console.print(f"[1/5] wrote {len(sites)} synthetic NIfTI sites (MSD layout) to {data_dir}")
     else:
         sites = find_sites(options.data)

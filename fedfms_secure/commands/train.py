@@ -43,6 +43,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--privacy-unit", choices=["patient", "slice"], default="patient",
                        help="DP record: a patient (default; --batch-size is then expected patients per step) "
                             "or a slice (per-slice epsilon; does not protect patients)")
+        p.add_argument("--patient-pattern", metavar="REGEX",
+                       help="a 2-D file's patient from its name (group 'patient' or the first group)")
         p.add_argument("--max-grad-norm", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=0, help="model seed and the sites' split seed (default 0)")
         p.add_argument("--no-pretrained", action="store_true", help="start from the seeded initialisation")
@@ -85,7 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained=not args.no_pretrained, holdout=args.holdout, image_size=args.image_size, axis=args.axis,
         keep_empty_every=args.keep_empty_every, labels=args.labels, clip_percentiles=args.clip_percentiles,
         val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
-        max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit, out=args.out,
+        max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit,
+        patient_pattern=args.patient_pattern, out=args.out,
     )
     run = train_central if args.kind == "central" else train_local
     result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))

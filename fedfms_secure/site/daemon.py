@@ -149,6 +149,7 @@ class _Site:
             axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,
             labels=config.labels, clip_percentiles=config.clip_percentiles,
             cache_dir=config.cache if config.cache is not None else config.state / "cache",
+            patient_pattern=config.patient_pattern,
         )
         self.names = apply_mode(self.model, self.plan.mode)
         self.theta0 = flatten(self.model, self.names)

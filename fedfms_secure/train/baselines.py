@@ -65,6 +65,7 @@ class BaselineOptions:
     # what one DP record is: "patient" (default; batch_size is then expected patients per step)
     # or "slice" (the epsilon then does not protect patients)
     privacy_unit: str = "patient"
+    patient_pattern: str | None = None  # a 2-D file's patient from its name (see fedfms_secure.data.layout)
     out: Path | None = None  # if set: splits, the trained model(s) and the result JSON go here
 
     def __post_init__(self) -> None:
@@ -184,7 +185,8 @@ def _load(site_dir: Path, options: BaselineOptions, image_size: int, holdout: bo
     return load_site(site_dir, image_size=image_size, split_file=split_file,
                      val_fraction=0.0 if holdout else options.val_fraction, seed=options.seed, axis=options.axis,
                      keep_empty_every=options.keep_empty_every, skip_bad=options.skip_bad, labels=options.labels,
-                     clip_percentiles=options.clip_percentiles, cache_dir=options.cache)
+                     clip_percentiles=options.clip_percentiles, cache_dir=options.cache,
+                     patient_pattern=options.patient_pattern)
 
 
 def _train(model: Any, dataset: Any, options: BaselineOptions, state: Path, say: Progress, what: str) -> float | None:
