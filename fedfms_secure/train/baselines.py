@@ -216,6 +216,7 @@ def _site_row(site: SiteData, scores: ImageScores, *, train: int | None = None, 
     row: dict[str, Any] = {
         "name": site.name,
         "train_slices": len(site.train) if train is None else train,
+        "train_patients": len(set(site.train.patients)) if train is None else train,
         "val_slices": len(site.val) if val is None else val,
     }
     row.update({key: summary[key] for key in SITE_FIELDS})
