@@ -55,11 +55,14 @@ class DemoOptions:
     local_epochs: int = 5
     # None: the server's default plan (ServerConfig.learning_rate)
     learning_rate: float | None = None
-    # (H, W, slices) of each generated volume: many small volumes, since DP protects patients and
-    # patient-level DP-SGD needs many patients per site
-    synth_shape: tuple[int, int, int] = (64, 64, 12)
+    # (H, W, slices) of each generated volume: many small volumes (about 4-5 slices kept each), since
+    # DP protects patients and patient-level DP-SGD needs many patients per site
+    synth_shape: tuple[int, int, int] = (64, 64, 8)
     # (fewest, most) volumes of a generated site
-    synth_volumes: tuple[int, int] = (80, 120)
+    synth_volumes: tuple[int, int] = (200, 240)
+    # expected patients per DP-SGD step (the plan's batch size): about half of a generated site's
+    # ~170 training patients, so 2 steps an epoch (fewer, larger steps: less noise per patient)
+    batch_size: int = 80
     # what one DP record is: "patient" (default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
     timeout: float = 1800.0
@@ -139,6 +142,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
            "--address", "127.0.0.1:0", "--state", str(server_state), "--rounds", str(options.rounds),
            "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
            "--local-epochs", str(options.local_epochs), "--num-classes", str(num_classes_of(options.labels)),
+           "--batch-size", str(options.batch_size),
            "--exit-when-done", *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
     if not options.he:
         cmd.append("--no-he")
