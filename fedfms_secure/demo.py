@@ -61,7 +61,7 @@ class DemoOptions:
     # (fewest, most) volumes of a generated site
     synth_volumes: tuple[int, int] = (200, 240)
     # expected patients per DP-SGD step (the plan's batch size): about half of a generated site's
-    # ~170 training patients, so 2 steps an epoch (fewer, larger steps: less noise per patient)
+    # ~170 training patients, 3 steps an epoch (fewer, larger steps: less noise per patient)
     batch_size: int = 80
     # what one DP record is: "patient" (default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
