@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import struct
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
@@ -104,7 +104,7 @@ class PatientDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patients)
 
-    def __getitem__(self, index: int):  # noqa: ANN204 (the slice dataset's item type)
+    def __getitem__(self, index: int) -> Any:
         members = self.members[index]
         return self.slices[members[secrets.randbelow(len(members))]]
 
@@ -121,13 +121,5 @@ def record_dataset(dataset: Dataset, unit: str) -> Dataset:
     return PatientDataset(dataset) if check_unit(unit) == "patient" else dataset
 
 
-def patients_per_slice(ids: Sequence[str]) -> dict[str, int]:
-    """Slices per patient (for logs and reports)."""
-    counts: dict[str, int] = {}
-    for p in ids:
-        counts[p] = counts.get(p, 0) + 1
-    return counts
-
-
 __all__ = ["DEFAULT_UNIT", "UNITS", "PatientDataset", "case_ids", "check_unit", "entropy_generator",
-           "patients_per_slice", "record_dataset", "records", "unit_words"]
+           "record_dataset", "records", "unit_words"]
