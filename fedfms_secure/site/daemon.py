@@ -257,6 +257,7 @@ class _Site:
         seconds = time.monotonic() - t0
         self._report(round_, scores, up0, down0, dice_local=dice_local, contributed=0.0 if weight is None else 1.0)
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": epsilon if epsilon is not None else math.inf,
+                                      "epsilon_per": self.privacy.config.unit if self.privacy is not None else "-",
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
 
