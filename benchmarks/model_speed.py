@@ -44,7 +44,8 @@ def measure(mode: str, dp: bool, data: TensorDataset, epochs: int, batch: int, t
     train_local(model, data, config)  # warm-up (allocations, first-call overheads)
     privacy = None
     if dp:
-        privacy = SitePrivacy.open(tmp / f"{mode}-{len(list(tmp.iterdir()))}", PrivacyConfig(),
+        # a timing: the ellipses have no patients, and a record costs one slice either way
+        privacy = SitePrivacy.open(tmp / f"{mode}-{len(list(tmp.iterdir()))}", PrivacyConfig(unit="slice"),
                                    sample_rate=batch / len(data),
                                    planned_steps=epochs * steps_per_epoch(len(data), batch))  # fmt: skip
     Counting.drawn = 0

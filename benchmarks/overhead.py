@@ -141,7 +141,10 @@ class _Bench:
         if cfg.dp:  # a fresh accountant per measured round: each is a whole planned run at epsilon 8
             self._dp_runs += 1
             per_epoch = steps_per_epoch(len(self.train), self.config.batch_size)
-            privacy = SitePrivacy.open(self.tmp / f"privacy_{self._dp_runs}", PrivacyConfig(target_epsilon=8.0),
+            # a timing at the same expected batch as the non-DP step: slice records (one slice per record
+            # at patient level too, so a step costs the same)
+            privacy = SitePrivacy.open(self.tmp / f"privacy_{self._dp_runs}",
+                                       PrivacyConfig(target_epsilon=8.0, unit="slice"),
                                        sample_rate=self.config.batch_size / len(self.train),
                                        planned_steps=self.config.epochs * per_epoch)  # fmt: skip
         # on the CPU: the process's CPU time (torch on one thread), which other work on a shared machine

@@ -9,7 +9,7 @@ under CKKS) with the demo's budget: 5 rounds x 5 local epochs, batch 32, Adam lr
 * ``pretrained``: ``build_model("tiny", seed=0)`` (the shipped weights + seeded adapters), and
 * ``random``: ``build_model("tiny", seed=0, pretrained=False)`` (seeded random SAM + adapters),
 
-without DP and with DP-SGD at epsilon 8 per site (``SitePrivacy`` as the site daemon opens it).
+without DP and with DP-SGD at epsilon 8 per site (per patient, as the site daemon plans it).
 The score is the mean over sites of the global model's validation Dice (``evaluate_dice``).
 DP noise comes from the OS entropy pool, so DP rows vary from run to run: ``--repeats`` runs them
 several times and reports each.
@@ -30,8 +30,8 @@ import torch
 from benchmarks import _common
 from fedfms_secure.data import load_site, synth_federation
 from fedfms_secure.model import apply_mode, build_model, flatten, load_vector
-from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
-from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
+from fedfms_secure.privacy.planning import open_site_privacy, plan_records
+from fedfms_secure.train import TrainConfig, evaluate_dice, train_local
 
 
 def fedavg(init: str, sites, *, rounds: int, epochs: int, batch: int, lr: float, epsilon: float | None,
@@ -41,14 +41,13 @@ def fedavg(init: str, sites, *, rounds: int, epochs: int, batch: int, lr: float,
     names = apply_mode(model, "fedmsa")
     theta = flatten(model, names)
     privacy = {}
-    for site in sites:
-        n = len(site.train)
-        size = min(batch, n)
+    plans = {}
+    for site in sites:  # patient-level DP, as a site daemon plans it (batch: expected patients per step)
+        plans[site.name] = plan_records(site.train, unit="patient" if epsilon is not None else "slice",
+                                        batch_size=batch)
         if epsilon is not None:
-            privacy[site.name] = SitePrivacy.open(
-                state_dir / site.name, PrivacyConfig(target_epsilon=epsilon),
-                sample_rate=size / n, planned_steps=rounds * epochs * steps_per_epoch(n, size),
-            )  # fmt: skip
+            privacy[site.name] = open_site_privacy(state_dir / site.name, plans[site.name], epochs=epochs,
+                                                   rounds=rounds, epsilon=epsilon, delta=None, max_grad_norm=1.0)
 
     def score() -> float:
         load_vector(model, names, theta)
@@ -60,7 +59,7 @@ def fedavg(init: str, sites, *, rounds: int, epochs: int, batch: int, lr: float,
         update = np.zeros_like(theta)
         for site in sites:
             load_vector(model, names, theta)
-            config = TrainConfig(epochs=epochs, batch_size=min(batch, len(site.train)), lr=lr,
+            config = TrainConfig(epochs=epochs, batch_size=plans[site.name].expected_per_step, lr=lr,
                                  seed=seed + r)  # fmt: skip
             train_local(model, site.train, config, privacy.get(site.name))
             update += len(site.train) / total * (flatten(model, names) - theta)

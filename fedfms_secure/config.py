@@ -121,9 +121,15 @@ class ClientConfig:
     insecure: bool = setting(False, "connect without TLS (local experiments only)")
     site: str | None = setting(None, "site name, only with --insecure (otherwise the certificate's)")
     epsilon: float = setting(8.0, "target epsilon over the whole run (inf: no DP)")
-    delta: float | None = setting(None, "target delta", shown="min(1e-5, 1/(10 n)) for n training slices")
+    delta: float | None = setting(None, "target delta", shown="min(1e-5, 1/(10 n)) for n training records (patients)")
     max_grad_norm: float = setting(1.0, "DP-SGD clipping bound of one patient's gradient")
     accountant: str = setting("rdp", "privacy accountant", choices=ACCOUNTANTS)
+    privacy_unit: str = setting("patient", "what one DP record is: a patient (a case: one volume, or the 2-D files "
+                                           "of one patient) or a slice (per-slice epsilon: does not protect "
+                                           "patients)", choices=("patient", "slice"))
+    patient_pattern: str | None = setting(None, "regular expression giving a 2-D file's patient from its name "
+                                                "(group 'patient' or the first group), e.g. '^(\\w+?)_'",
+                                          metavar="REGEX", shown="dataset.json's patient key, else one file each")
     save_updates: bool = setting(False, "keep each round's delta, weight and decrypted aggregate in STATE/updates")
     # how the site folder is read (see fedfms_secure.data)
     labels: str | None = setting(None, LABELS_HELP, shown="every non-zero value is foreground")
@@ -150,6 +156,7 @@ class ClientConfig:
         _require(self.delta is None or 0 < self.delta < 1, "delta must be in (0, 1)")
         _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.accountant in ACCOUNTANTS, "accountant must be rdp or prv")
+        _require(self.privacy_unit in ("patient", "slice"), "privacy_unit must be patient or slice")
         _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
         _require(self.site is None or self.insecure, "site is only set with --insecure; "
                  "otherwise the name comes from the site's certificate")

@@ -51,8 +51,16 @@ class DemoOptions:
     local_epochs: int = 5
     # None: the server's default plan (ServerConfig.learning_rate)
     learning_rate: float | None = None
-    # (H, W, slices) of each generated volume
-    synth_shape: tuple[int, int, int] = (64, 64, 40)
+    # (H, W, slices) of each generated volume: many small volumes (about 4-5 slices kept each), since
+    # DP protects patients and patient-level DP-SGD needs many patients per site
+    synth_shape: tuple[int, int, int] = (64, 64, 8)
+    # (fewest, most) volumes of a generated site
+    synth_volumes: tuple[int, int] = (200, 240)
+    # expected patients per DP-SGD step (the plan's batch size): about half of a generated site's
+    # ~170 training patients, 3 steps an epoch (fewer, larger steps: less noise per patient)
+    batch_size: int = 80
+    # what one DP record is: "patient" (default) or "slice" (does not protect patients)
+    privacy_unit: str = "patient"
     timeout: float = 1800.0
     pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
@@ -112,7 +120,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     if options.data is None:
         data_dir = out / "data"
         shutil.rmtree(data_dir, ignore_errors=True)
-        sites = synth_federation(data_dir, sites=options.clients + extra, seed=options.seed, shape=options.synth_shape)
+        sites = synth_federation(data_dir, sites=options.clients + extra, seed=options.seed, shape=options.synth_shape,
+                                 volumes=options.synth_volumes)
         console.print(f"[1/5] wrote {len(sites)} synthetic NIfTI sites (MSD layout) to {data_dir}")
     else:
         sites = find_sites(options.data)
@@ -153,6 +162,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
            "--address", "127.0.0.1:0", "--state", str(server_state), "--rounds", str(options.rounds),
            "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
            "--local-epochs", str(options.local_epochs), "--num-classes", str(num_classes_of(options.labels)),
+           "--batch-size", str(options.batch_size),
            "--exit-when-done", *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
     if not options.he:
         cmd.append("--no-he")
@@ -177,7 +187,8 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
             procs[name] = _spawn(
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
-                 "--epsilon", str(options.epsilon), *(["--save-updates"] if options.save_updates else []),
+                 "--epsilon", str(options.epsilon), "--privacy-unit", options.privacy_unit,
+                 *(["--save-updates"] if options.save_updates else []),
                  *_data_flags(options)],
                 logs / f"{name}.log",
                 env,
@@ -324,9 +335,11 @@ def _follow(procs: dict[str, subprocess.Popen], state: Path, options: DemoOption
 
 def _table(report: dict[str, Any]) -> Table:
     sites = report["sites"]
+    unit = report["options"].get("privacy_unit", "patient")
     table = Table(title=f"fedfms-secure demo: {report['options']['mode']}, "
                         f"{'CKKS' if report['options']['he'] else 'plaintext'} aggregation, "
-                        f"target epsilon {report['options']['epsilon']}",
+                        f"target epsilon {report['options']['epsilon']} per "
+                        f"{'patient' if unit == 'patient' else 'SLICE (does not protect patients)'}",
                   caption="Dice: global model on the sites' validation slices; eps: spent so far; "
                           "bytes: all sites together")
     per_site = len(sites) <= 3  # wider federations show the largest epsilon only (report.json has all)

@@ -15,8 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     plan = psub.add_parser("plan", help="the noise multiplier that spends a target epsilon in T steps")
     plan.add_argument("--target-epsilon", type=float, required=True, help="epsilon to spend over all the steps")
-    plan.add_argument("--delta", type=float, required=True, help="target delta, in (0, 1)")
-    plan.add_argument("--sample-rate", type=float, required=True, help="batch size / training slices")
+    plan.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) with --records n; required otherwise")
+    plan.add_argument("--sample-rate", type=float,
+                      help="Poisson rate q (default: --expected-records-per-step / --records)")
+    plan.add_argument("--records", type=int, help="training records of the site: patients (or slices at slice level; default: none)")
+    plan.add_argument("--expected-records-per-step", type=float, help="the plan's batch size: expected patients per step (default: none)")
+    plan.add_argument("--unit", choices=["patient", "slice"], default="patient", help="what one record is (default patient)")
     plan.add_argument("--steps", type=int, required=True, help="rounds x local epochs x steps per epoch")
     plan.add_argument("--accountant", choices=["rdp", "prv"], default="rdp", help="privacy accountant")
     plan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -44,14 +48,36 @@ def plan_budget(target_epsilon: float, delta: float, sample_rate: float, steps: 
     return {"noise_multiplier": sigma, "epsilon": epsilon, "steps": steps, "accountant": accountant}
 
 
+def _sample_rate(args: argparse.Namespace) -> tuple[float, float]:
+    """(q, delta) from --sample-rate or --records and --expected-records-per-step."""
+    from fedfms_secure.errors import ConfigError
+    from fedfms_secure.privacy.budget import resolve_delta
+
+    by_records = args.records is not None or args.expected_records_per_step is not None
+    if by_records == (args.sample_rate is not None):
+        raise ConfigError("give either --sample-rate, or --records with --expected-records-per-step")
+    if not by_records:
+        if args.delta is None:
+            raise ConfigError("--delta is required with --sample-rate (or give --records to default it)")
+        return args.sample_rate, args.delta
+    if args.records is None or args.expected_records_per_step is None:
+        raise ConfigError("--records and --expected-records-per-step go together")
+    if args.records < 1 or not 0 < args.expected_records_per_step <= args.records:
+        raise ConfigError("need --records >= 1 and 0 < --expected-records-per-step <= --records")
+    return args.expected_records_per_step / args.records, resolve_delta(args.delta, args.records, args.unit)
+
+
 def _plan(args: argparse.Namespace) -> int:
-    result = plan_budget(args.target_epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+    sample_rate, delta = _sample_rate(args)
+    result = plan_budget(args.target_epsilon, delta, sample_rate, args.steps, args.accountant)
+    result.update(unit=args.unit, records=args.records, sample_rate=sample_rate, delta=delta)
     if args.json:
         print(json.dumps(result))
     else:
+        per = "patient" if args.unit == "patient" else "slice (does not protect patients)"
         print(f"noise multiplier {result['noise_multiplier']:.4f} gives epsilon {result['epsilon']:.4f} "
-              f"(target {args.target_epsilon:g}) at delta {args.delta:g} after {args.steps} steps "
-              f"at sample rate {args.sample_rate:g} ({args.accountant.upper()} accountant)")
+              f"(target {args.target_epsilon:g}) per {per} at delta {delta:g} after {args.steps} steps "
+              f"at sample rate {sample_rate:g} ({args.accountant.upper()} accountant)")
     return 0
 
 
@@ -63,15 +89,22 @@ def _report(args: argparse.Namespace) -> int:
     records = read_ledger(args.state)
     state = args.state / STATE_FILE
     try:
-        target = json.loads(state.read_text()).get("config", {}).get("target_epsilon") if state.exists() else None
+        data = json.loads(state.read_text()) if state.exists() else {}
+        target = data.get("config", {}).get("target_epsilon")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise ConfigError(f"{state} is not a privacy state file: restore it from a backup") from None
     if not records and target is None:
         raise ConfigError(f"{args.state} holds no privacy state: is it a site's --state folder, and has it trained?")
+    # a state written before the privacy unit existed was slice-level
+    unit = data.get("unit") or data.get("config", {}).get("unit") or (records[-1].get("unit") if records else None) \
+        or "slice"
+    count = data.get("records") if data.get("records") is not None else (records[-1].get("records") if records else None)
     if args.json:
-        print(json.dumps({"target_epsilon": target, "rounds": records}))
+        print(json.dumps({"unit": unit, "records": count, "target_epsilon": target, "rounds": records}))
         return 0
-    print(f"target epsilon: {target if target is not None else 'unknown'}")
+    print(f"target epsilon: {target if target is not None else 'unknown'} per "
+          + ("patient" if unit == "patient" else "SLICE: the guarantee does not protect patients"))
+    print(f"records: {count if count is not None else 'unknown'} training {unit}s")
     print(f"{'round':>5}  {'steps':>6}  {'epsilon':>9}  {'delta':>9}  {'sigma':>7}  accountant")
     for r in records:
         print(f"{r['round'] + 1:>5}  {r['steps']:>6}  {r['epsilon']:>9.4f}  {r['delta']:>9.3g}  "

@@ -45,8 +45,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32, help="(expected, under DP) batch size of a step")
         p.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=FEDERATED_LEARNING_RATE,
                        help=f"Adam learning rate (default {FEDERATED_LEARNING_RATE:g}, as a federated round)")
-        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (default: no DP)")
-        p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training slices")
+        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (omit: no DP)")
+        p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training patients")
+        p.add_argument("--privacy-unit", choices=["patient", "slice"], default="patient",
+                       help="DP record: a patient (default; --batch-size is then expected patients per step) "
+                            "or a slice (per-slice epsilon; does not protect patients)")
+        p.add_argument("--patient-pattern", metavar="REGEX",
+                       help="a 2-D file's patient from its name (group 'patient' or the first group; default: dataset.json, else one file each)")
         p.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="DP-SGD clipping bound of one patient's gradient")
         p.add_argument("--seed", type=int, default=0, help="model seed and the sites' split seed (default 0)")
@@ -104,7 +109,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained=not args.no_pretrained, holdout=args.holdout, image_size=args.image_size, axis=args.axis,
         keep_empty_every=args.keep_empty_every, labels=args.labels, clip_percentiles=args.clip_percentiles,
         val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
-        max_grad_norm=args.max_grad_norm, out=args.out,
+        max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit,
+        patient_pattern=args.patient_pattern, out=args.out,
     )
     run = train_central if args.kind == "central" else run_local_baselines
     result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))
@@ -253,8 +259,10 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(row(f"held out: {result['holdout']['name']}", result["holdout"]))
     if result.get("kind"):
         eps = result.get("epsilon")
+        unit = result.get("unit") or "patient"
         lines.append(f"{result['kind']}: {result['seconds']:.1f} s, "
-                     + ("no DP" if eps is None else f"epsilon spent {eps:.3f}"))
+                     + ("no DP" if eps is None else f"epsilon spent {eps:.3f} per {unit}"
+                        + (" (does NOT protect patients)" if unit == "slice" else "")))
     return "\n".join(lines)
 
 

@@ -11,10 +11,18 @@ nnU-Net v2 channel suffixes are understood: ``imagesTr/case_000_0000.nii.gz`` pa
 ``labelsTr/case_000.nii.gz``; further channels (``_0001`` ...) are ignored, since SAM takes one
 intensity channel. Hidden files (``.DS_Store``, the ``._*`` AppleDouble files shipped inside the
 MSD tarballs) are skipped.
+
+**Patients.** Differential privacy protects patients, so every case belongs to one patient. A
+3-D volume is its own patient. 2-D pictures (PNG) of one patient are grouped by, in order:
+a regular expression on the file name (``patient_pattern``: the group named ``patient``, else the
+first group, else the whole match), or a ``"patient"`` key in a ``dataset.json`` training entry
+(``{"image": "./imagesTr/p7_s3.png", "label": "./labelsTr/p7_s3.png", "patient": "p7"}``);
+without either, each file is its own patient (and the log says so).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -41,6 +49,52 @@ class CasePair:
     name: str
     image: Path
     label: Path | None
+
+
+def patient_ids(site_dir: Path, cases: list[CasePair], pattern: str | None = None) -> dict[str, str]:
+    """The patient of every case name (see the module docstring for the rules).
+
+    Raises :class:`DataError` if ``pattern`` is not a valid regular expression or does not match
+    a case's file name, naming the file and what to write instead.
+    """
+    if pattern:
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise DataError(f"patient pattern {pattern!r} is not a regular expression ({exc}); e.g. "
+                            r"'^(?P<patient>[^_]+)_' for files named PATIENT_SLICE.png") from None
+        out = {}
+        for case in cases:
+            match = regex.search(case.name)
+            if match is None:
+                raise DataError(
+                    f"patient pattern {pattern!r} does not match the file name {case.image.name!r} (case "
+                    f"{case.name!r}); write a pattern that matches every file of {site_dir / IMAGES_DIR}"
+                )
+            groups = match.groupdict()
+            out[case.name] = groups.get("patient") or (match.group(1) if regex.groups else match.group(0))
+        return out
+    listed = _patients_from_dataset_json(Path(site_dir))
+    out = {case.name: listed.get(case.image.name, case.name) for case in cases}
+    if not listed and any(case.image.name.lower().endswith(".png") for case in cases):
+        log.info("site %s: each 2-D file is its own patient (no patient pattern, no 'patient' in dataset.json); "
+                 "give --patient-pattern to group a patient's files", site_dir)
+    return out
+
+
+def _patients_from_dataset_json(site_dir: Path) -> dict[str, str]:
+    """Image file name -> patient, from the ``"patient"`` keys of ``dataset.json`` (may be empty)."""
+    path = site_dir / "dataset.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    entries = doc.get("training") if isinstance(doc, dict) else None
+    out: dict[str, str] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("patient"), (str, int)) and isinstance(entry.get("image"), str):
+            out[Path(entry["image"]).name] = str(entry["patient"])
+    return out
 
 
 def is_site_dir(path: Path) -> bool:

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from fedfms_secure.data.cache import CacheStats, SliceCache
 from fedfms_secure.data.labels import LabelMap
-from fedfms_secure.data.layout import CasePair, expected_label, list_cases
+from fedfms_secure.data.layout import CasePair, expected_label, list_cases, patient_ids
 from fedfms_secure.data.preprocess import CLIP_PERCENTILES, Preprocessing, load_pair_slices, preprocessing_for
 from fedfms_secure.data.split import resolve_split
 from fedfms_secure.errors import ConfigError, DataError
@@ -30,15 +30,18 @@ class SliceDataset(Dataset):
 
     Item ``i`` is ``(image, label)``: float32 tensors ``[1, S, S]``, the image in [0, 1] and the
     label the class index of each pixel (0 background, 1..K; {0, 1} with one class).
-    ``cases[i]`` names the volume slice ``i`` came from.
+    ``cases[i]`` names the volume (or file) slice ``i`` came from, ``patients[i]`` its patient (the
+    DP record; the case itself unless 2-D files are grouped, see :mod:`fedfms_secure.data.layout`).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cases: list[str]) -> None:
-        if not (len(images) == len(labels) == len(cases)):
-            raise ValueError("images, labels and cases must have the same length")
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cases: list[str],
+                 patients: list[str] | None = None) -> None:
+        if not (len(images) == len(labels) == len(cases)) or (patients is not None and len(patients) != len(cases)):
+            raise ValueError("images, labels, cases and patients must have the same length")
         self.images = images.to(torch.float16)
         self.labels = labels.to(torch.uint8)
         self.cases = list(cases)
+        self.patients = list(cases) if patients is None else list(patients)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -90,6 +93,7 @@ def load_site(
     labels: str | dict | LabelMap | None = None,
     clip_percentiles: tuple[float, float] | str = CLIP_PERCENTILES,
     cache_dir: Path | None = None,
+    patient_pattern: str | None = None,
 ) -> SiteData:
     """Load a site folder (``imagesTr/`` + ``labelsTr/``, NIfTI volumes or PNG pictures).
 
@@ -108,6 +112,8 @@ def load_site(
             :mod:`fedfms_secure.data.labels`); None: every non-zero value is foreground.
         clip_percentiles: intensity percentiles ``(low, high)`` clipped to, then scaled to [0, 1].
         cache_dir: keep the preprocessed slices here (:mod:`fedfms_secure.data.cache`); None: no cache.
+        patient_pattern: regular expression giving a 2-D file's patient from its name (see
+            :func:`~fedfms_secure.data.layout.patient_ids`); the split is drawn by patient.
 
     Raises:
         ConfigError: an argument is out of range.
@@ -119,15 +125,19 @@ def load_site(
                                 clip_percentiles=clip_percentiles, labels=labels)
     skipped: list[str] = []
     pairs = _usable_pairs(list_cases(site_dir), skip_bad=skip_bad, skipped=skipped)
-    split = resolve_split(
-        [p.name for p in pairs], split_file=split_file, val_fraction=val_fraction, seed=seed
-    )
-    by_name = {p.name: p for p in pairs}
+    patient_of = patient_ids(site_dir, pairs, patient_pattern)
+    grouped = any(patient_of[p.name] != p.name for p in pairs)
+    # split by patient, so that no patient has slices in both train and val; a split file names
+    # cases, or patients when 2-D files are grouped into patients
+    units = sorted(set(patient_of.values())) if grouped else [p.name for p in pairs]
+    split = resolve_split(units, split_file=split_file, val_fraction=val_fraction, seed=seed)
+    key = (lambda p: patient_of[p.name]) if grouped else (lambda p: p.name)
+    train_set, val_set = set(split.train), set(split.val)
     cache = SliceCache(cache_dir) if cache_dir is not None else None
-    train, loaded_train = load_cases([by_name[n] for n in split.train], options, skip_bad=skip_bad,
-                                     cache=cache, skipped=skipped)
-    val, loaded_val = load_cases([by_name[n] for n in split.val], options, skip_bad=skip_bad,
-                                 cache=cache, skipped=skipped)
+    train, loaded_train = load_cases([p for p in pairs if key(p) in train_set], options, skip_bad=skip_bad,
+                                     cache=cache, skipped=skipped, patient_of=patient_of)
+    val, loaded_val = load_cases([p for p in pairs if key(p) in val_set], options, skip_bad=skip_bad,
+                                 cache=cache, skipped=skipped, patient_of=patient_of)
     if len(train) == 0:
         raise DataError(
             f"site {site_dir} has no usable training slice ({loaded_train + loaded_val} of "
@@ -182,9 +192,11 @@ def load_cases(
     skip_bad: bool = False,
     cache: SliceCache | None = None,
     skipped: list[str] | None = None,
+    patient_of: dict[str, str] | None = None,
 ) -> tuple[SliceDataset, int]:
-    """Slices of the given cases (from ``cache`` when it holds them), and how many cases loaded."""
-    images, labels, cases = [], [], []
+    """Slices of the given cases (from ``cache`` when it holds them), and how many cases loaded.
+    ``patient_of`` maps a case name to its patient (default: the case is its own patient)."""
+    images, labels, cases, patients = [], [], [], []
     size = options.image_size
     for pair in pairs:
         cached = cache.get(pair, options) if cache is not None else None
@@ -206,11 +218,12 @@ def load_cases(
         images.append(img)
         labels.append(lab)
         cases += [pair.name] * len(img)
+        patients += [(patient_of or {}).get(pair.name, pair.name)] * len(img)
     loaded = len(images)
     if not images:
         images = [torch.zeros(0, 1, size, size, dtype=torch.float16)]
         labels = [torch.zeros(0, 1, size, size, dtype=torch.uint8)]
-    return SliceDataset(torch.cat(images), torch.cat(labels), cases), loaded
+    return SliceDataset(torch.cat(images), torch.cat(labels), cases, patients), loaded
 
 
 def _check_args(val_fraction: float) -> None:

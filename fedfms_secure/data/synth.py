@@ -4,8 +4,9 @@ Each volume holds a body (tissue with smooth texture, air around it) and one or 
 ellipsoids deformed by a smooth random field, short enough along z that the end slices are empty.
 Each site has its own *scanner*: intensity curve (gamma), organ-to-tissue contrast, gain and
 offset, noise level, bias field amplitude, voxel spacing (written in the affine) and the blur that
-goes with it, and its own number of volumes (3 to 8), so the federation is non-IID in both
-appearance and size. Gain and offset vanish in the loader's percentile scaling, as they do for
+goes with it, and its own number of volumes (3 to 8 by default; ``volumes=(low, high)`` asks for
+others, e.g. the demo's many small volumes: DP protects patients, so a site needs many of them),
+so the federation is non-IID in both appearance and size. Gain and offset vanish in the loader's percentile scaling, as they do for
 real scanners; the curve, the contrast, the noise, the bias field and the blur survive it.
 Everything derives from ``seed``: the same seed writes byte-identical files.
 """
@@ -46,9 +47,12 @@ class ScannerProfile:
 
 
 def synth_federation(
-    out_dir: Path, *, sites: int = 3, seed: int = 0, shape: tuple[int, int, int] = (64, 64, 12)
+    out_dir: Path, *, sites: int = 3, seed: int = 0, shape: tuple[int, int, int] = (64, 64, 12),
+    volumes: tuple[int, int] = (MIN_VOLUMES, MAX_VOLUMES),
 ) -> list[Path]:
     """Write ``out_dir/site_1 .. site_K``, each an MSD-style site folder, and return them.
+
+    Each site gets a number of volumes (cases, i.e. patients) drawn from ``volumes`` (inclusive).
 
     A site folder that a previous call wrote is replaced, and one it wrote beyond ``site_K`` (by a
     run with more sites) is removed, so ``find_sites(out_dir)`` finds exactly these sites. If any
@@ -60,6 +64,8 @@ def synth_federation(
         raise ConfigError(f"sites={sites} must be at least 1.")
     if len(shape) != 3 or min(shape[:2]) < 16 or shape[2] < 3:
         raise ConfigError(f"shape={shape} must be (X, Y, Z) with X, Y >= 16 and Z >= 3.")
+    if len(volumes) != 2 or not 1 <= volumes[0] <= volumes[1]:
+        raise ConfigError(f"volumes={volumes} must be (low, high) with 1 <= low <= high.")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose another output folder.")
@@ -76,7 +82,7 @@ def synth_federation(
 
     rng = np.random.default_rng(seed)
     profiles = _scanner_profiles(rng, sites, np.random.default_rng([seed, 0]))
-    counts = _volume_counts(rng, sites)
+    counts = _volume_counts(rng, sites, volumes)
     try:
         for k, target in enumerate(targets):
             site_dir = staging / target.name
@@ -149,8 +155,8 @@ def _scanner_profiles(rng: np.random.Generator, sites: int, contrast_rng: np.ran
     ]
 
 
-def _volume_counts(rng: np.random.Generator, sites: int) -> list[int]:
-    choices = np.arange(MIN_VOLUMES, MAX_VOLUMES + 1)
+def _volume_counts(rng: np.random.Generator, sites: int, volumes: tuple[int, int]) -> list[int]:
+    choices = np.arange(volumes[0], volumes[1] + 1)
     return [int(c) for c in rng.choice(choices, size=sites, replace=sites > len(choices))]
 
 

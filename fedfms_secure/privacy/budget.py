@@ -1,8 +1,9 @@
 """A site's budget policy and its per-round ledger.
 
 ``delta`` bounds the probability that the (epsilon, delta) guarantee fails outright; a mechanism
-with delta near 1/n may publish one of the n training slices in the clear. So delta defaults to
-``min(1e-5, 1 / (10 n))`` and a delta above ``1 / (10 n)`` is refused.
+with delta near 1/n may publish one of the n training records (patients, or slices at slice
+level) in the clear. So delta defaults to ``min(1e-5, 1 / (10 n))`` and a delta above
+``1 / (10 n)`` is refused.
 
 The ledger, ``STATE/privacy_ledger.jsonl``, gets one line after every round a site trained:
 the round, the DP-SGD steps, and the cumulative epsilon the accountant reports at that point.
@@ -27,23 +28,29 @@ DEFAULT_DELTA = 1e-5
 DELTA_FACTOR = 10  # delta must be at most 1 / (DELTA_FACTOR * n)
 
 
-def max_delta(num_samples: int) -> float:
-    """The largest delta accepted for ``num_samples`` training slices."""
-    return 1.0 / (DELTA_FACTOR * max(1, num_samples))
+def max_delta(num_records: int) -> float:
+    """The largest delta accepted for ``num_records`` training records (patients or slices)."""
+    return 1.0 / (DELTA_FACTOR * max(1, num_records))
 
 
-def resolve_delta(delta: float | None, num_samples: int) -> float:
-    """``delta`` checked against the site's size, or the default for it when ``None``."""
-    limit = max_delta(num_samples)
+def resolve_delta(delta: float | None, num_records: int, unit: str = "patient") -> float:
+    """``delta`` checked against the site's number of records of ``unit``, or the default for it
+    when ``None``: ``min(1e-5, 1 / (10 n))`` for n training patients (slices at slice level)."""
+    limit = max_delta(num_records)
     if delta is None:
         return min(DEFAULT_DELTA, limit)
     if not 0 < delta <= limit:
         raise ConfigError(
-            f"delta={delta:g} is too large for {num_samples} training slices: it must be well below "
+            f"delta={delta:g} is too large for {num_records} training {unit}s: it must be well below "
             f"1/n, at most 1/({DELTA_FACTOR}n) = {limit:.3g} (a delta near 1/n allows releasing a "
-            f"slice outright); omit --delta to use {min(DEFAULT_DELTA, limit):.3g}"
+            f"{unit}'s data outright); omit --delta to use {min(DEFAULT_DELTA, limit):.3g}"
         )
     return delta
+
+
+def ledger_steps(records: list[dict[str, Any]]) -> int:
+    """DP-SGD steps the ledger's records account for."""
+    return sum(int(r.get("steps", 0)) for r in records)
 
 
 def append_ledger(state_dir: Path, record: dict[str, Any]) -> None:

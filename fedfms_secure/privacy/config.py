@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedfms_secure.errors import ConfigError
+from fedfms_secure.privacy.units import DEFAULT_UNIT, check_unit
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 
@@ -15,20 +16,22 @@ class PrivacyConfig:
     """A site's privacy budget for the whole planned run and its clipping norm.
 
     ``accountant`` is Opacus' accounting mechanism: ``"rdp"`` (Renyi DP) or ``"prv"``
-    (privacy random variables, tighter).
+    (privacy random variables). ``unit`` is what one DP record is: ``"patient"`` (a case; the
+    default) or ``"slice"`` (one 2-D slice; the guarantee then does not protect patients).
     """
 
     target_epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    unit: str = DEFAULT_UNIT
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
             raise ConfigError(f"target_epsilon must be > 0, got {self.target_epsilon}")
         if not 0 < self.delta < 1:
             raise ConfigError(
-                f"delta must be in (0, 1), got {self.delta}; use well below 1/(number of images)"
+                f"delta must be in (0, 1), got {self.delta}; use well below 1/(number of records)"
             )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
@@ -36,6 +39,7 @@ class PrivacyConfig:
             raise ConfigError(
                 f"unknown accountant {self.accountant!r}; choose one of: {', '.join(ACCOUNTANTS)}"
             )
+        check_unit(self.unit)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
@@ -49,6 +53,8 @@ class PrivacyConfig:
             delta=float(data["delta"]),
             max_grad_norm=float(data["max_grad_norm"]),
             accountant=str(data["accountant"]),
+            # state written before the unit existed was slice-level
+            unit=str(data.get("unit", "slice")),
         )
 
 

@@ -9,13 +9,17 @@ length (``1 / ceil(n / batch)``), which differs from the ``batch / n`` the site'
 calibrated for. Here the Poisson sampler, the optimizer's expected batch size and the accountant
 all use ``SitePrivacy.sample_rate``, and the sampler is built with its number of steps.
 
-The sampler and the noise draw from generators seeded by the OS entropy pool, never from a
-configured seed: noise that a peer could regenerate would give no privacy.
+``dataset`` holds the DP records: with the unit "patient" it is a
+:class:`~fedfms_secure.privacy.units.PatientDataset` (one random slice of a patient per item), so
+everything here (sampling, clipping, noise) works on patients unchanged.
+
+The sampler and the noise draw from generators whose state comes from the OS entropy pool
+(:func:`~fedfms_secure.privacy.units.entropy_generator`), never from a configured seed: noise
+that a peer could regenerate would give no privacy. The noise is drawn in Opacus' ``secure_mode``.
 """
 
 from __future__ import annotations
 
-import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +38,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
 from fedfms_secure.privacy.site import SitePrivacy
+from fedfms_secure.privacy.units import entropy_generator
 
 
 def check_trainable(model: nn.Module, dataset: Dataset) -> list[nn.Parameter]:
@@ -111,12 +116,6 @@ class PrivateTrainer:
         return not self.optimizer._is_last_step_skipped
 
 
-def _entropy_generator(device: torch.device | None = None) -> torch.Generator:
-    gen = torch.Generator(device=device or "cpu")
-    gen.manual_seed(secrets.randbits(63))
-    return gen
-
-
 def _poisson_loader(
     dataset: Dataset, sample_rate: float, steps: int, optimizer: DPOptimizer, max_physical: int
 ) -> DataLoader:
@@ -129,7 +128,7 @@ def _poisson_loader(
     sampler = UniformWithReplacementSampler(
         num_samples=len(dataset),  # type: ignore[arg-type]
         sample_rate=sample_rate,
-        generator=_entropy_generator(),
+        generator=entropy_generator(),
         steps=steps,
     )
     first = dataset[0]
@@ -153,8 +152,10 @@ def make_private_trainer(
     *,
     steps: int,
     max_physical_batch: int = 16,
+    secure_mode: bool = True,
 ) -> Iterator[PrivateTrainer]:
-    """DP-SGD over ``dataset`` for ``steps`` logical steps, accounted in ``privacy``.
+    """DP-SGD over ``dataset`` (one item per DP record) for ``steps`` logical steps, accounted in
+    ``privacy``. ``secure_mode`` draws each noise value as Opacus' sum of four Gaussians.
 
     Raises :class:`PrivacyBudgetExhausted` before touching the model if ``steps`` more steps would
     pass the site's target epsilon, and :class:`ModelError` if there is nothing to train. On exit
@@ -176,7 +177,8 @@ def make_private_trainer(
             max_grad_norm=privacy.config.max_grad_norm,
             expected_batch_size=max(1, round(privacy.sample_rate * num_samples)),
             loss_reduction="mean",
-            generator=_entropy_generator(device),  # noise is drawn where the parameters live
+            generator=entropy_generator(device),  # noise is drawn where the parameters live
+            secure_mode=secure_mode,
         )
         dp_optimizer.attach_step_hook(
             privacy.accountant.get_optimizer_hook_fn(sample_rate=privacy.sample_rate)

@@ -3,11 +3,17 @@
 The accountant lives as long as the federation run, not as long as a round: a fresh accountant
 each round would under-report epsilon. Its history is written to ``<state_dir>/privacy.json``
 after every local training, so the budget continues across restarts and never resets.
+
+A rolled-back or lost accountant is refused: :meth:`SitePrivacy.open` compares it with the site's
+ledger (``privacy_ledger.jsonl``), and :func:`check_against_server` with the number of rounds the
+server says took this site's upload. Either holding more steps than the accountant means budget
+was spent that the accountant no longer counts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ from typing import Any
 from opacus.accountants import IAccountant, create_accountant
 
 from fedfms_secure.errors import ConfigError
+from fedfms_secure.privacy.budget import LEDGER_FILE, ledger_steps, read_ledger
 from fedfms_secure.privacy.accounting import (
     calibrate_noise,
     epsilon_of,
@@ -26,7 +33,9 @@ from fedfms_secure.privacy.accounting import (
 from fedfms_secure.privacy.config import PrivacyConfig
 
 STATE_FILE = "privacy.json"
-_FORMAT = 1
+_FORMAT = 2  # 1: before the privacy unit (slice-level, no record count)
+
+log = logging.getLogger("fedfms_secure.privacy")
 
 
 @dataclass
@@ -34,7 +43,10 @@ class SitePrivacy:
     """Noise multiplier, sampling rate and accountant of one site for one planned run.
 
     Create or resume it with :meth:`open`. ``accountant`` is the live Opacus accountant that
-    training steps; :meth:`save` writes its history back to disk.
+    training steps; :meth:`save` writes its history back to disk. ``records`` is the number of
+    training records of ``config.unit`` (patients, or slices) that ``sample_rate`` was derived
+    from (``expected records per step / records``); it is fixed when the run starts.
+    ``steps_per_round`` (None: unknown) lets :func:`check_against_server` count trained rounds.
     """
 
     state_dir: Path
@@ -43,22 +55,28 @@ class SitePrivacy:
     planned_steps: int
     noise_multiplier: float
     accountant: IAccountant = field(repr=False)
+    records: int | None = None
+    steps_per_round: int | None = None
 
     @classmethod
     def open(
-        cls, state_dir: Path, config: PrivacyConfig, *, sample_rate: float, planned_steps: int
+        cls, state_dir: Path, config: PrivacyConfig, *, sample_rate: float, planned_steps: int,
+        records: int | None = None, steps_per_round: int | None = None,
     ) -> SitePrivacy:
         """Resume the run stored in ``state_dir``, or calibrate sigma once and start one there.
 
         Re-opening with other settings than the stored ones raises :class:`ConfigError`: the
-        budget of a run is fixed when it starts.
+        budget of a run is fixed when it starts. So does an accountant that holds fewer steps
+        than the site's ledger (a rolled-back ``privacy.json``), or a ledger without accountant.
         """
         state_dir = Path(state_dir)
         path = state_dir / STATE_FILE
         if path.exists():
             site = cls._load(path)
-            site._check_same(config, sample_rate, planned_steps)
+            site._check_same(config, sample_rate, planned_steps, records)
+            site.check_ledger()
             return site
+        _refuse_lost_accountant(state_dir)
         sigma = calibrate_noise(
             target_epsilon=config.target_epsilon,
             delta=config.delta,
@@ -73,9 +91,37 @@ class SitePrivacy:
             planned_steps=int(planned_steps),
             noise_multiplier=sigma,
             accountant=create_accountant(mechanism=config.accountant),
+            records=records,
+            steps_per_round=steps_per_round,
         )
         site.save()
         return site
+
+    def check_ledger(self) -> None:
+        """:class:`ConfigError` if the ledger records more DP steps than the accountant holds."""
+        if not self.state_dir.is_dir():
+            return
+        ledger = read_ledger(self.state_dir)
+        spent, held = ledger_steps(ledger), self.steps_taken
+        if spent > held:
+            last = ledger[-1]
+            raise ConfigError(
+                f"{self.state_dir / STATE_FILE} accounts for {held} DP-SGD steps, but this site's ledger "
+                f"{self.state_dir / LEDGER_FILE} records {spent} (through round {last.get('round', 0) + 1}, "
+                f"epsilon {float(last.get('epsilon', float('nan'))):.3f}): the accountant was rolled back. "
+                f"Restore {STATE_FILE} from a backup taken after the last trained round; training on with "
+                "the older one would spend the same budget twice"
+            )
+        if held > spent:  # a stop between saving the accountant and appending the ledger: safe side
+            log.warning("privacy accountant holds %d steps, the ledger %d: a round's ledger line was not "
+                        "written (the accountant, which counts more, decides)", held, spent)
+
+    @property
+    def rounds_accounted(self) -> int | None:
+        """Whole rounds of training the accountant accounts for (None if steps_per_round is unknown)."""
+        if not self.steps_per_round:
+            return None
+        return self.steps_taken // self.steps_per_round
 
     @property
     def steps_taken(self) -> int:
@@ -107,6 +153,9 @@ class SitePrivacy:
             "sample_rate": self.sample_rate,
             "planned_steps": self.planned_steps,
             "noise_multiplier": self.noise_multiplier,
+            "unit": self.config.unit,
+            "records": self.records,
+            "steps_per_round": self.steps_per_round,
             "accountant": {
                 "mechanism": state["mechanism"],
                 "history": [list(h) for h in state["history"]],
@@ -138,6 +187,8 @@ class SitePrivacy:
                 planned_steps=int(data["planned_steps"]),
                 noise_multiplier=float(data["noise_multiplier"]),
                 accountant=accountant,
+                records=None if data.get("records") is None else int(data["records"]),
+                steps_per_round=None if data.get("steps_per_round") is None else int(data["steps_per_round"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(
@@ -145,13 +196,17 @@ class SitePrivacy:
                 "it would reset the spent budget and void the site's privacy guarantee"
             ) from exc
 
-    def _check_same(self, config: PrivacyConfig, sample_rate: float, planned_steps: int) -> None:
+    def _check_same(self, config: PrivacyConfig, sample_rate: float, planned_steps: int,
+                    records: int | None) -> None:
         rate_changed = not math.isclose(sample_rate, self.sample_rate, rel_tol=1e-9)
-        if config != self.config or rate_changed or planned_steps != self.planned_steps:
+        records_changed = records is not None and self.records is not None and records != self.records
+        if (config != self.config or rate_changed or records_changed
+                or planned_steps != self.planned_steps):
             hint = ""
-            if rate_changed:
+            if rate_changed or records_changed:
                 hint = (
-                    ". The sample rate is batch_size / number of training slices, so a changed "
+                    f". The sample rate is expected {config.unit}s per step / training "
+                    f"{config.unit}s (fixed at {self.records} when the run started), so a changed "
                     "dataset or preprocessing (e.g. keep_empty_every, the split) or a changed "
                     "batch size is the usual cause: restore them"
                 )
@@ -163,6 +218,64 @@ class SitePrivacy:
                 f"Deleting {STATE_FILE} would start a new run but resets (forfeits) the spent "
                 "budget accounting, voiding the site's privacy guarantee for data already used"
             )
+
+
+def check_against_server(state_dir: Path, trained_rounds: int) -> None:
+    """Refuses to train if this site's accountant counts fewer trained rounds than the server's.
+
+    ``trained_rounds`` is how many rounds the server recorded as taking this site's upload. An
+    accountant that accounts for fewer (``steps // steps_per_round``) was rolled back or lost, and
+    training on with it would spend the same budget twice: :class:`ConfigError` names what to
+    restore.
+    """
+    state_dir = Path(state_dir)
+    path = state_dir / STATE_FILE
+    if trained_rounds <= 0:
+        return
+    if not path.exists():
+        raise ConfigError(
+            f"the server recorded {trained_rounds} round(s) with this site's upload, but {path} is missing: "
+            f"restore it (and {LEDGER_FILE}) from a backup taken after round {trained_rounds}; a site "
+            "cannot start its budget over"
+        )
+    site = SitePrivacy._load(path)
+    accounted = site.rounds_accounted
+    if accounted is None:
+        raise ConfigError(
+            f"{path} does not record its steps per round, so it cannot be checked against the {trained_rounds} "
+            "round(s) the server recorded: restore the privacy.json this version wrote"
+        )
+    if accounted < trained_rounds:
+        raise ConfigError(
+            f"{path} accounts for {accounted} trained round(s) ({site.steps_taken} DP-SGD steps, "
+            f"{site.steps_per_round} a round), but the server recorded {trained_rounds} round(s) with this "
+            f"site's upload: the accountant was rolled back. Restore {STATE_FILE} from a backup taken after "
+            f"round {trained_rounds}; training on with it would spend the same budget twice"
+        )
+
+
+def check_local_state(state_dir: Path) -> None:
+    """:class:`ConfigError` if ``state_dir``'s accountant is missing or holds fewer steps than its
+    ledger (a lost or rolled-back ``privacy.json``); a site checks this before it connects."""
+    state_dir = Path(state_dir)
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        _refuse_lost_accountant(state_dir)
+        return
+    SitePrivacy._load(path).check_ledger()
+
+
+def _refuse_lost_accountant(state_dir: Path) -> None:
+    """:class:`ConfigError` when the ledger shows spent budget but no accountant is there."""
+    if not state_dir.is_dir():
+        return
+    ledger = read_ledger(state_dir)
+    if ledger:
+        raise ConfigError(
+            f"{state_dir / STATE_FILE} is missing, but this site's ledger shows {len(ledger)} trained round(s) "
+            f"(epsilon {float(ledger[-1].get('epsilon', float('nan'))):.3f}): restore the file from a backup; "
+            "starting over would reset the spent budget"
+        )
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -177,4 +290,4 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["STATE_FILE", "SitePrivacy"]
+__all__ = ["STATE_FILE", "SitePrivacy", "check_against_server", "check_local_state"]

@@ -3,7 +3,7 @@
 For round r the site (see DESIGN.md, "One round")::
 
     theta_r = theta_0 + Dec(E(theta_r - theta_0))          theta_0 is public: built from the plan's seed
-    local DP-SGD on its own slices  -> theta_k, epsilon so far
+    local DP-SGD on its own patients (one slice each per step) -> theta_k, epsilon so far
     commit E(n_k); wait for E(N); decrypt N
     upload E(n_k / N * (theta_k - theta_r)), chunk by chunk
     wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices, report
@@ -54,11 +54,12 @@ from fedfms_secure.errors import ConfigError, DataError, FederationError, Update
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
 from fedfms_secure.model.vector import flatten, load_vector
-from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
-from fedfms_secure.privacy.budget import append_ledger, read_ledger, resolve_delta
-from fedfms_secure.privacy.site import STATE_FILE
+from fedfms_secure.privacy import SitePrivacy
+from fedfms_secure.privacy.budget import append_ledger
+from fedfms_secure.privacy.planning import open_site_privacy, plan_records
+from fedfms_secure.privacy.site import check_local_state
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status
-from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
+from fedfms_secure.train.local import TrainConfig, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
 from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
 from fedfms_secure.transport.client import FederationClient, poll
@@ -86,7 +87,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
     bundle = (None if config.insecure and not config.keys.exists()
               else load_bundle(config.keys, role="client", passphrase=passphrase))
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
-    _check_accountant(config.state)
+    check_local_state(config.state)  # a lost or rolled-back accountant: refused before connecting
     client = _connect(config, bundle)
     with client:
         client.wait_ready(config.connect_timeout)
@@ -143,12 +144,16 @@ class _Site:
             axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,
             labels=config.labels, clip_percentiles=config.clip_percentiles,
             cache_dir=config.cache if config.cache is not None else config.state / "cache",
+            patient_pattern=config.patient_pattern,
         )
         self.names = apply_mode(self.model, self.plan.mode)
         self.theta0 = flatten(self.model, self.names)
+        # under DP the plan's batch size is the expected number of records (patients) per step
+        unit = self.config.privacy_unit if self.config.dp else "slice"
+        self.records = plan_records(self.data.train, unit=unit, batch_size=self.plan.batch_size)
         self.train_config = TrainConfig(
             epochs=self.plan.local_epochs,
-            batch_size=min(self.plan.batch_size, len(self.data.train)),
+            batch_size=self.records.expected_per_step,
             lr=self.plan.learning_rate,
             seed=self.plan.seed,
         )
@@ -158,21 +163,16 @@ class _Site:
         if not self.config.dp:
             log.warning("training WITHOUT differential privacy (epsilon = inf)")
             return None
-        n = len(self.data.train)
-        per_epoch = steps_per_epoch(n, self.train_config.batch_size)
-        delta = resolve_delta(self.config.delta, n)
-        privacy = SitePrivacy.open(
-            self.config.state,
-            PrivacyConfig(
-                target_epsilon=self.config.epsilon,
-                delta=delta,
-                max_grad_norm=self.config.max_grad_norm,
-                accountant=self.config.accountant,
-            ),
-            sample_rate=self.train_config.batch_size / n,
-            planned_steps=self.plan.rounds * self.plan.local_epochs * per_epoch,
+        privacy = open_site_privacy(
+            self.config.state, self.records, epochs=self.plan.local_epochs, rounds=self.plan.rounds,
+            epsilon=self.config.epsilon, delta=self.config.delta, max_grad_norm=self.config.max_grad_norm,
+            accountant=self.config.accountant,
         )
-        log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier, "delta": delta,
+        if privacy.config.unit == "slice":
+            log.warning("privacy unit is the SLICE: epsilon holds per slice and does NOT protect patients")
+        log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier,
+                                               "delta": privacy.config.delta, "unit": privacy.config.unit,
+                                               "records": self.records.records,
                                                "target_epsilon": self.config.epsilon, "spent": privacy.epsilon()})
         return privacy
 
@@ -215,7 +215,7 @@ class _Site:
         """Retires the site (and says so to the server) if this round would pass its budget."""
         if self.privacy is None:
             return False
-        steps = self.plan.local_epochs * steps_per_epoch(len(self.data.train), self.train_config.batch_size)
+        steps = self.plan.local_epochs * self.records.steps_per_epoch
         if not self.privacy.would_exceed(steps):
             return False
         reason = (
@@ -237,6 +237,7 @@ class _Site:
                 "round": round_, "steps": result.steps, "epsilon": self.privacy.epsilon(),
                 "delta": self.privacy.config.delta, "noise_multiplier": self.privacy.noise_multiplier,
                 "sample_rate": self.privacy.sample_rate, "accountant": self.privacy.config.accountant,
+                "unit": self.privacy.config.unit, "records": self.records.records,
             })
         dice_local = self._evaluate()["dice"]
         delta = flatten(self.model, self.names).astype(np.float64) - theta
@@ -251,6 +252,7 @@ class _Site:
         seconds = time.monotonic() - t0
         self._report(round_, scores, up0, down0, dice_local=dice_local, contributed=0.0 if weight is None else 1.0)
         log.info("round done", extra={"round": round_, "dice": dice, "epsilon": epsilon if epsilon is not None else math.inf,
+                                      "epsilon_per": self.privacy.config.unit if self.privacy is not None else "-",
                                       "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
 
@@ -462,19 +464,6 @@ def missed_round(status: Status, site: str, round_: int) -> int | None:
     if status.round == round_ and status.phase == PHASE_UPLOAD and (me is None or not me.committed):
         return round_ + 1
     return None
-
-
-def _check_accountant(state: Path) -> None:
-    """Refuses to start over when the ledger shows spent budget but the accountant is gone."""
-    if not state.is_dir():
-        return
-    ledger = read_ledger(state)
-    if ledger and not (state / STATE_FILE).exists():
-        raise ConfigError(
-            f"{state / STATE_FILE} is missing, but this site's ledger shows {len(ledger)} trained round(s) "
-            f"(epsilon {ledger[-1]['epsilon']:.3f}): restore the file from a backup; starting over would "
-            "reset the spent budget"
-        )
 
 
 def _site_folder(data: Path) -> Path:

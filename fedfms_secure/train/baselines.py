@@ -62,6 +62,10 @@ class BaselineOptions:
     skip_bad: bool = False
     cache: Path | None = None  # slice cache folder; None: no cache
     max_grad_norm: float = 1.0
+    # what one DP record is: "patient" (default; batch_size is then expected patients per step)
+    # or "slice" (the epsilon then does not protect patients)
+    privacy_unit: str = "patient"
+    patient_pattern: str | None = None  # a 2-D file's patient from its name (see fedfms_secure.data.layout)
     out: Path | None = None  # if set: splits, the trained model(s) and the result JSON go here
 
     def __post_init__(self) -> None:
@@ -74,6 +78,8 @@ class BaselineOptions:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ConfigError(f"epsilon must be positive (omit it to train without DP), got {self.epsilon}")
+        if self.privacy_unit not in ("patient", "slice"):
+            raise ConfigError(f"privacy_unit must be patient or slice, not {self.privacy_unit!r}")
         object.__setattr__(self, "clip_percentiles", check_percentiles(self.clip_percentiles))
         num_classes_of(self.labels)  # a malformed label spec fails here, before any data is read
 
@@ -179,30 +185,28 @@ def _load(site_dir: Path, options: BaselineOptions, image_size: int, holdout: bo
     return load_site(site_dir, image_size=image_size, split_file=split_file,
                      val_fraction=0.0 if holdout else options.val_fraction, seed=options.seed, axis=options.axis,
                      keep_empty_every=options.keep_empty_every, skip_bad=options.skip_bad, labels=options.labels,
-                     clip_percentiles=options.clip_percentiles, cache_dir=options.cache)
+                     clip_percentiles=options.clip_percentiles, cache_dir=options.cache,
+                     patient_pattern=options.patient_pattern)
 
 
 def _train(model: Any, dataset: Any, options: BaselineOptions, state: Path, say: Progress, what: str) -> float | None:
     """Train ``model`` with the federated run's code; returns the epsilon spent (None without DP)."""
-    from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
-    from fedfms_secure.privacy.budget import resolve_delta
-    from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
+    from fedfms_secure.privacy.planning import open_site_privacy, plan_records
+    from fedfms_secure.train.local import TrainConfig
+    from fedfms_secure.train.local import train_local as run_training
 
-    n = len(dataset)
-    batch = min(options.batch_size, n)
-    config = TrainConfig(epochs=options.epochs, batch_size=batch, lr=options.learning_rate, seed=options.seed)
+    plan = plan_records(dataset, unit=options.privacy_unit if options.dp else "slice", batch_size=options.batch_size)
+    config = TrainConfig(epochs=options.epochs, batch_size=plan.expected_per_step, lr=options.learning_rate,
+                         seed=options.seed)
     privacy = None
     if options.dp:
         assert options.epsilon is not None
-        privacy = SitePrivacy.open(
-            state,
-            PrivacyConfig(target_epsilon=options.epsilon, delta=resolve_delta(options.delta, n),
-                          max_grad_norm=options.max_grad_norm),
-            sample_rate=batch / n,
-            planned_steps=options.epochs * steps_per_epoch(n, batch),
-        )
-    result = train_local(model, dataset, config, privacy)
-    eps = "no DP" if result.epsilon is None else f"epsilon {result.epsilon:.3f}"
+        privacy = open_site_privacy(state, plan, epochs=options.epochs, rounds=1, epsilon=options.epsilon,
+                                    delta=options.delta, max_grad_norm=options.max_grad_norm)
+    result = run_training(model, dataset, config, privacy)
+    eps = "no DP" if result.epsilon is None else (
+        f"epsilon {result.epsilon:.3f} per {result.unit}"
+        + (" (does not protect patients)" if result.unit == "slice" else f", {plan.records} patients"))
     say(f"{what}: {result.steps} steps in {result.seconds:.1f} s, last-epoch loss {result.loss:.4f}, {eps}")
     return result.epsilon
 
@@ -212,6 +216,7 @@ def _site_row(site: SiteData, scores: ImageScores, *, train: int | None = None, 
     row: dict[str, Any] = {
         "name": site.name,
         "train_slices": len(site.train) if train is None else train,
+        "train_patients": len(set(site.train.patients)) if train is None else train,
         "val_slices": len(site.val) if val is None else val,
     }
     row.update({key: summary[key] for key in SITE_FIELDS})
@@ -240,6 +245,7 @@ def _result(kind: str, options: BaselineOptions, start: float, sites: list[dict[
         "mean": {key: summary[key] for key in SITE_FIELDS},
         "holdout": holdout,
         "epsilon": epsilon,
+        "unit": options.privacy_unit if options.dp else None,
     }
 
 

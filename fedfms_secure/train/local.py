@@ -5,6 +5,11 @@ every call (as usual in FedAvg: local optimizer state does not survive a round).
 Dice + BCE on logits per class plus SAM's IoU-head MSE, a mean of per-image terms
 (:func:`~fedfms_secure.train.losses.segmentation_loss`). A model built with ``prompt="box"`` gets
 each class's box from the label, jittered as SAM's training does (``TrainConfig.box_jitter``).
+
+Under DP the records are the privacy unit's (``privacy.config.unit``): at patient level (the
+default) each Poisson step samples patients, and a sampled patient contributes one randomly drawn
+slice, i.e. one clipped gradient (:class:`~fedfms_secure.privacy.units.PatientDataset`). The
+batch size is then the expected number of patients per step.
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from fedfms_secure.model.prompts import DEFAULT_BOX_JITTER, boxes_from_labels, l
 from fedfms_secure.model.segmenter import SamSegmenter
 from fedfms_secure.privacy.engine import check_trainable, make_private_trainer
 from fedfms_secure.privacy.site import SitePrivacy
+from fedfms_secure.privacy.units import record_dataset
 from fedfms_secure.train.losses import segmentation_loss
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Local training settings of one round."""
+    """Local training settings of one round.
+
+    ``batch_size``: slices per step without DP; under DP the *expected* number of records (patients
+    at patient level) per Poisson step.
+    """
 
     epochs: int = 1
     batch_size: int = 8
@@ -50,9 +60,10 @@ class TrainConfig:
 class TrainResult:
     """What one call of :func:`train_local` did.
 
-    ``loss`` is the mean training loss over the steps of its last epoch (NaN if DP's Poisson
-    sampling drew only empty batches in that epoch); ``epsilon`` is the site's total spent
-    budget after it (None without DP).
+    ``num_samples`` counts the records trained on (patients under patient-level DP, else slices;
+    it is the site's FedAvg weight); ``loss`` is the mean training loss over the steps of its last
+    epoch (NaN if DP's Poisson sampling drew only empty batches in that epoch); ``epsilon`` is the
+    site's total spent budget after it (None without DP), per ``unit`` (None without DP).
     """
 
     num_samples: int
@@ -60,13 +71,15 @@ class TrainResult:
     loss: float
     epsilon: float | None
     seconds: float
+    unit: str | None = None
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     """Optimizer steps in one epoch: ``ceil(num_samples / batch_size)`` (at least 1).
 
-    For DP planning: ``sample_rate = batch_size / num_samples`` and
-    ``planned_steps = rounds * epochs * steps_per_epoch(num_samples, batch_size)``.
+    For DP planning ``num_samples`` is the number of records n (patients at patient level):
+    ``sample_rate = batch_size / n`` and
+    ``planned_steps = rounds * epochs * steps_per_epoch(n, batch_size)``.
     """
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(
@@ -83,17 +96,18 @@ def train_local(
 ) -> TrainResult:
     """Train the parameters with ``requires_grad`` on ``dataset``; DP-SGD if ``privacy`` is given.
 
-    With ``privacy`` the run takes ``epochs * steps_per_epoch`` Poisson-sampled steps at the
-    site's sample rate and noise, raises :class:`PrivacyBudgetExhausted` *before* training if that
-    would pass the target epsilon (checked by :func:`make_private_trainer`), and persists the
-    accountant afterwards. The site's sample rate must be ``config.batch_size / len(dataset)``,
-    the rate its noise was planned for, else :class:`ConfigError`. The model is a plain
-    ``SamSegmenter`` again on return.
+    With ``privacy`` the run takes ``epochs * steps_per_epoch`` Poisson-sampled steps over the
+    records of the site's privacy unit (patients by default) at its sample rate and noise, raises
+    :class:`PrivacyBudgetExhausted` *before* training if that would pass the target epsilon
+    (checked by :func:`make_private_trainer`), and persists the accountant afterwards. The site's
+    sample rate must be ``config.batch_size / records``, the rate its noise was planned for, else
+    :class:`ConfigError`. The model is a plain ``SamSegmenter`` again on return.
     """
     params = check_trainable(model, dataset)
-    num_samples = len(dataset)  # type: ignore[arg-type]
     if privacy is not None:
-        _check_sample_rate(privacy, config, num_samples)
+        dataset = record_dataset(dataset, privacy.config.unit)
+        _check_sample_rate(privacy, config, len(dataset))  # type: ignore[arg-type]
+    num_samples = len(dataset)  # type: ignore[arg-type]
     per_epoch = steps_per_epoch(num_samples, config.batch_size)
     steps = config.epochs * per_epoch
     optimizer = torch.optim.Adam(params, lr=config.lr)
@@ -116,18 +130,20 @@ def train_local(
         loss=float(sum(last) / len(last)) if last else float("nan"),
         epsilon=None if privacy is None else privacy.epsilon(),
         seconds=seconds,
+        unit=None if privacy is None else privacy.config.unit,
     )
 
 
-def _check_sample_rate(privacy: SitePrivacy, config: TrainConfig, num_samples: int) -> None:
-    rate = config.batch_size / num_samples
+def _check_sample_rate(privacy: SitePrivacy, config: TrainConfig, records: int) -> None:
+    rate = config.batch_size / records
+    unit = privacy.config.unit
     if not math.isclose(rate, privacy.sample_rate, rel_tol=1e-6):
         raise ConfigError(
-            f"batch_size / training slices = {config.batch_size} / {num_samples} = {rate:.6g}, "
+            f"batch_size / training {unit}s = {config.batch_size} / {records} = {rate:.6g}, "
             f"but the site's privacy state ({privacy.state_dir}) has sample_rate="
-            f"{privacy.sample_rate:.6g}: sample_rate was planned from batch_size / training "
-            "slices, and the noise is only valid at that rate. Train with the batch size and "
-            "dataset the privacy state was opened for"
+            f"{privacy.sample_rate:.6g}: sample_rate was planned from expected {unit}s per step / "
+            f"training {unit}s, and the noise is only valid at that rate. Train with the batch size "
+            "and dataset the privacy state was opened for"
         )
 
 

@@ -17,11 +17,10 @@ import pytest
 from fedfms_secure.config import ServerConfig
 from fedfms_secure.data import load_site, synth_federation
 from fedfms_secure.demo import _spawn, _stop_all, _wait_for_address
-from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.accounting import extend_history
-from fedfms_secure.privacy.budget import read_ledger, resolve_delta
+from fedfms_secure.privacy.budget import read_ledger
+from fedfms_secure.privacy.planning import open_site_privacy, plan_records
 from fedfms_secure.server.store import StateStore
-from fedfms_secure.train import steps_per_epoch
 
 ROUNDS = 2
 
@@ -30,11 +29,11 @@ def spend_most_of_the_budget(site_dir: Path, state: Path) -> float:
     """Opens the site's privacy state exactly as the client will, and spends all but one step."""
     plan = ServerConfig(keys=Path("-"), state=Path("-"))
     state.mkdir(parents=True)
-    n = len(load_site(site_dir, image_size=64, split_file=state / "split.json", seed=plan.seed).train)
-    batch = min(plan.batch_size, n)
-    planned = ROUNDS * plan.local_epochs * steps_per_epoch(n, batch)
-    privacy = SitePrivacy.open(state, PrivacyConfig(target_epsilon=8.0, delta=resolve_delta(None, n)),
-                               sample_rate=batch / n, planned_steps=planned)
+    train = load_site(site_dir, image_size=64, split_file=state / "split.json", seed=plan.seed).train
+    records = plan_records(train, unit="patient", batch_size=plan.batch_size)
+    privacy = open_site_privacy(state, records, epochs=plan.local_epochs, rounds=ROUNDS, epsilon=8.0, delta=None,
+                                max_grad_norm=1.0)
+    planned = privacy.planned_steps
     privacy.accountant.history = extend_history(
         privacy.accountant.history, noise_multiplier=privacy.noise_multiplier, sample_rate=privacy.sample_rate,
         steps=planned - 1,

@@ -17,12 +17,14 @@ from fedfms_secure.privacy import (
     epsilon_of,
 )
 from fedfms_secure.privacy.accounting import RDP_ALPHAS
+from fedfms_secure.privacy.budget import append_ledger
+from fedfms_secure.privacy.site import check_against_server, check_local_state
 
 
 def _open(tmp_path, **kw) -> SitePrivacy:
     config = kw.pop("config", PrivacyConfig(target_epsilon=4.0))
     return SitePrivacy.open(tmp_path, config, sample_rate=kw.pop("sample_rate", 0.1),
-                            planned_steps=kw.pop("planned_steps", 100))  # fmt: skip
+                            planned_steps=kw.pop("planned_steps", 100), **kw)  # fmt: skip
 
 
 def _step(site: SitePrivacy, n: int) -> None:
@@ -93,7 +95,7 @@ def test_reopen_with_another_sample_rate_explains_the_cause_and_the_cost_of_dele
     with pytest.raises(ConfigError) as info:
         _open(tmp_path, sample_rate=0.125)
     message = str(info.value)
-    assert "batch_size / number of training slices" in message
+    assert "expected patients per step / training patients" in message
     assert "keep_empty_every" in message and "batch size" in message
     assert f"Deleting {STATE_FILE}" in message and "forfeits" in message
     with pytest.raises(ConfigError) as other:
@@ -151,3 +153,63 @@ def test_config_validation() -> None:
 
 def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], delta=1e-5, accountant="rdp") == 0.0
+
+
+def _train_round(site: SitePrivacy, round_: int, steps: int) -> None:
+    """What a site does for one trained round: steps, save, then one ledger line."""
+    _step(site, steps)
+    site.save()
+    append_ledger(site.state_dir, {"round": round_, "steps": steps, "epsilon": site.epsilon(), "delta": 1e-5,
+                                   "noise_multiplier": site.noise_multiplier, "sample_rate": 0.1,
+                                   "accountant": "rdp"})
+
+
+def test_a_rolled_back_accountant_is_refused_with_what_to_restore(tmp_path) -> None:
+    site = _open(tmp_path, records=50, steps_per_round=10)
+    _train_round(site, 0, 10)
+    backup = (tmp_path / STATE_FILE).read_text()  # the accountant after round 1
+    _train_round(site, 1, 10)
+    check_local_state(tmp_path)  # ledger and accountant agree
+    assert _open(tmp_path, records=50, steps_per_round=10).steps_taken == 20
+    (tmp_path / STATE_FILE).write_text(backup)  # rolled back: round 2's budget would be spent again
+    for attempt in (lambda: _open(tmp_path, records=50, steps_per_round=10), lambda: check_local_state(tmp_path)):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        message = str(info.value)
+        assert "accounts for 10 DP-SGD steps" in message and "records 20" in message
+        assert f"Restore {STATE_FILE}" in message and "after the last trained round" in message
+
+
+def test_a_lost_accountant_with_a_ledger_is_refused(tmp_path) -> None:
+    _train_round(_open(tmp_path), 0, 5)
+    (tmp_path / STATE_FILE).unlink()
+    with pytest.raises(ConfigError, match="restore the file from a backup"):
+        _open(tmp_path)
+    with pytest.raises(ConfigError, match="restore the file from a backup"):
+        check_local_state(tmp_path)
+
+
+def test_check_against_server_refuses_fewer_rounds_than_the_server_recorded(tmp_path) -> None:
+    site = _open(tmp_path, records=50, steps_per_round=10)
+    check_against_server(tmp_path, 0)
+    _train_round(site, 0, 10)
+    _train_round(site, 1, 10)
+    check_against_server(tmp_path, 2)
+    check_against_server(tmp_path, 1)
+    with pytest.raises(ConfigError) as info:
+        check_against_server(tmp_path, 3)  # e.g. privacy.json and the ledger both restored from round 2
+    message = str(info.value)
+    assert "accounts for 2 trained round(s)" in message and "server recorded 3" in message
+    assert f"Restore {STATE_FILE}" in message and "after round 3" in message
+    (tmp_path / STATE_FILE).unlink()
+    with pytest.raises(ConfigError, match="is missing: restore it"):
+        check_against_server(tmp_path, 1)
+
+
+def test_the_unit_and_the_number_of_records_are_fixed_when_the_run_starts(tmp_path) -> None:
+    site = _open(tmp_path, records=40)
+    assert site.config.unit == "patient" and site.records == 40
+    with pytest.raises(ConfigError, match="fixed at 40"):
+        _open(tmp_path, records=41)
+    with pytest.raises(ConfigError, match="unit='slice'"):
+        _open(tmp_path, config=PrivacyConfig(target_epsilon=4.0, unit="slice"), records=40)

@@ -28,10 +28,12 @@ def test_train_local_with_dp_and_a_held_out_site(federation: Path, capsys) -> No
                  "--epsilon", "8", "--image-size", "32", "--keep-empty-every", "0", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kind"] == "local" and result["options"]["epsilon"] == 8.0
+    assert result["unit"] == "patient" and result["options"]["privacy_unit"] == "patient"
     assert [s["name"] for s in result["sites"]] == ["site_1", "site_3"]
     for site in result["sites"]:
         loaded = load_site(federation / site["name"], image_size=32, seed=0, keep_empty_every=0)
         assert (site["train_slices"], site["val_slices"]) == (len(loaded.train), len(loaded.val))
+        assert site["train_patients"] == len(set(loaded.train.cases)) < site["train_slices"]
         assert 0 < site["epsilon"] <= 8.0
         assert set(FIELDS) <= set(site) and len(site["per_class"]) == 1
     assert result["epsilon"] == max(s["epsilon"] for s in result["sites"])

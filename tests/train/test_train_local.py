@@ -9,7 +9,8 @@ import torch
 from opacus.accountants import create_accountant
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
+from fedfms_secure.data.loader import SliceDataset
+from fedfms_secure.errors import ConfigError, DataError, ModelError, PrivacyBudgetExhausted
 from fedfms_secure.model import MODES, apply_mode, build_model, flatten, load_vector
 import fedfms_secure.privacy.engine as engine
 import fedfms_secure.train.local as local
@@ -21,9 +22,18 @@ from fedfms_secure.train.losses import segmentation_loss
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad")
 
 
-def _site(tmp_path, n: int, batch: int, steps: int, epsilon: float = 8.0) -> SitePrivacy:
-    return SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=epsilon),
-                            sample_rate=batch / n, planned_steps=steps)  # fmt: skip
+def _site(tmp_path, n: int, batch: int, steps: int, epsilon: float = 8.0, unit: str = "slice") -> SitePrivacy:
+    """A site whose records are ``unit``s; the DP mechanics tests below use slice records of the
+    ellipses (which have no patients); the patient-level tests use ``_patients``."""
+    return SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=epsilon, unit=unit),
+                            sample_rate=batch / n, planned_steps=steps, records=n)  # fmt: skip
+
+
+def _patients(data, per_patient: int) -> SliceDataset:
+    """The ellipses grouped into patients of ``per_patient`` consecutive slices."""
+    images, labels = data.tensors
+    cases = [f"p{i // per_patient:03d}" for i in range(len(images))]
+    return SliceDataset(images, labels, cases)
 
 
 def _assert_plain_module(model) -> None:
@@ -146,7 +156,7 @@ def test_a_sample_rate_other_than_batch_over_slices_is_refused(tmp_path, ellipse
     apply_mode(model, "fedmsa")
     site = _site(tmp_path, 24, 8, steps=30)  # planned for 8 / 24
     with pytest.raises(ConfigError, match=r"4 / 24 = 0\.166667.*sample_rate=0\.333333.*"
-                                          r"planned from batch_size / training slices"):
+                                          r"planned from expected slices per step / training slices"):
         train_local(model, ellipses(24), TrainConfig(batch_size=4), site)
     with pytest.raises(ConfigError, match=r"8 / 20"):
         train_local(model, ellipses(20), TrainConfig(batch_size=8), site)
@@ -234,3 +244,77 @@ def test_plain_training_learns_two_classes_with_boxes(ellipses) -> None:
     assert len(after) == 2
     assert all(a > max(0.6, b + 0.2) for a, b in zip(after, before, strict=True)), (before, after)
     assert evaluate_dice(model, test) == pytest.approx(sum(after) / 2)
+
+
+class _RecordingSampler(UniformWithReplacementSampler):
+    """The real Poisson sampler, recording what it was built with and every batch it drew."""
+
+    built: list[tuple[int, float, int]] = []
+    drawn: list[list[int]] = []
+
+    def __init__(self, *, num_samples, sample_rate, generator=None, steps=None):
+        super().__init__(num_samples=num_samples, sample_rate=sample_rate, generator=generator, steps=steps)
+        _RecordingSampler.built.append((num_samples, sample_rate, steps))
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            _RecordingSampler.drawn.append(list(batch))
+            yield batch
+
+
+def _patient_of(data: SliceDataset):
+    """Maps an image (exact pixels) back to the patient it belongs to."""
+    keys = {data.images[i].float().numpy().tobytes(): (data.cases[i], i) for i in range(len(data))}
+    return lambda image: keys[image.detach().float().numpy().tobytes()]
+
+
+def test_patient_level_dp_samples_patients_at_q_and_one_slice_each(tmp_path, ellipses, monkeypatch) -> None:
+    data = _patients(ellipses(60), per_patient=3)  # 20 patients of 3 slices
+    _RecordingSampler.built, _RecordingSampler.drawn = [], []
+    monkeypatch.setattr(engine, "UniformWithReplacementSampler", _RecordingSampler)
+    seen: list[list[tuple[str, int]]] = []
+    patient_of = _patient_of(data)
+
+    real_batch_loss = local.batch_loss
+
+    def recording_batch_loss(module, model, images, labels, **kw):
+        seen.append([patient_of(x) for x in images])
+        return real_batch_loss(module, model, images, labels, **kw)
+
+    monkeypatch.setattr(local, "batch_loss", recording_batch_loss)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    per_epoch = steps_per_epoch(20, 5)
+    site = _site(tmp_path, 20, 5, steps=10 * per_epoch, epsilon=50.0, unit="patient")
+    result = train_local(model, data, TrainConfig(epochs=10, batch_size=5, max_physical_batch=64), site)
+    # the sampler runs over the 20 patients (not the 60 slices) at q = 5 / 20, for the planned steps
+    assert _RecordingSampler.built == [(20, 0.25, 40)]
+    assert result.num_samples == 20 and result.steps == 40 == site.steps_taken and result.unit == "patient"
+    drawn = _RecordingSampler.drawn
+    assert len(drawn) == 40 and all(len(set(b)) == len(b) for b in drawn)
+    mean = sum(len(b) for b in drawn) / len(drawn)
+    assert 5 - 1.3 < mean < 5 + 1.3  # Binomial(20, 1/4) per step: sd of the mean over 40 steps 0.31
+    # every sampled patient contributes exactly one slice (one per-sample gradient) to its step
+    nonempty = [b for b in drawn if b]
+    assert len(seen) == len(nonempty)
+    for step, batch in zip(seen, nonempty, strict=True):
+        patients = [p for p, _ in step]
+        assert len(patients) == len(set(patients)) == len(batch)
+        assert sorted(patients) == sorted(f"p{i:03d}" for i in batch)
+    # the slice of a patient is drawn at random: over the run, patients show more than one slice
+    slices_of: dict[str, set[int]] = {}
+    for step in seen:
+        for p, i in step:
+            slices_of.setdefault(p, set()).add(i)
+    assert sum(len(v) > 1 for v in slices_of.values()) >= 10
+    _assert_plain_module(model)
+
+
+def test_patient_records_need_to_know_the_patients(tmp_path, ellipses) -> None:
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    site = _site(tmp_path, 8, 4, steps=10, unit="patient")
+    with pytest.raises(DataError, match="which patient each slice belongs to"):
+        train_local(model, ellipses(8), TrainConfig(batch_size=4), site)
+    assert site.steps_taken == 0
+    _assert_plain_module(model)
