@@ -45,7 +45,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=32, help="(expected, under DP) batch size of a step")
         p.add_argument("--learning-rate", "--lr", dest="lr", type=float, default=FEDERATED_LEARNING_RATE,
                        help=f"Adam learning rate (default {FEDERATED_LEARNING_RATE:g}, as a federated round)")
-        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (omit: no DP)")
+        p.add_argument("--epsilon", type=float, help="DP-SGD to this epsilon over the whole run (default: none, no DP)")
         p.add_argument("--delta", type=float, help="default: min(1e-5, 1/(10 n)) for n training patients")
         p.add_argument("--privacy-unit", choices=["patient", "slice"], default="patient",
                        help="DP record: a patient (default; --batch-size is then expected patients per step) "
