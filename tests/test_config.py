@@ -27,7 +27,8 @@ SERVER_VALUES: dict[str, Any] = {
 }
 CLIENT_VALUES: dict[str, Any] = {
     "keys": "k", "data": "d", "state": "s", "server": "host:1", "insecure": True, "site": "a", "epsilon": 4.0,
-    "delta": 1e-6, "max_grad_norm": 0.5, "accountant": "prv", "save_updates": True, "labels": "1,2", "axis": 0,
+    "delta": 1e-6, "max_grad_norm": 0.5, "accountant": "prv", "privacy_unit": "slice",
+    "patient_pattern": "^(\\w+?)_", "save_updates": True, "labels": "1,2", "axis": 0,
     "clip_percentiles": "1,99", "keep_empty_every": 0, "skip_bad": True, "cache": "c", "connect_timeout": 5.0,
     "round_timeout": 6.0, "call_timeout": 7.0, "reconnect_timeout": 8.0, "passphrase_file": "p",
 }
