@@ -2,6 +2,12 @@
 
 The names below load on first use: importing ``fedfms_secure.data.labels`` (numpy only, as the
 server's config checks do) does not pull in torch through the loader.
+
+What the room holds: the layout and its patients (``layout``), label maps (``labels``), reading,
+normalising, slicing and resizing (``preprocess``), the slice cache (``cache``), a site's dataset
+and its patient-level train/validation split (``loader``, ``split``), the checks of ``data
+inspect`` (``inspect``) and the synthetic generator (``synth``). It may import torch, MONAI,
+nibabel, ``errors`` and ``atomic``; nothing of the federation, the model or privacy.
 """
 
 from __future__ import annotations

@@ -141,11 +141,11 @@ def list_cases(site_dir: Path) -> list[CasePair]:
             )
     labels: dict[str, Path] = {}
     for label in _image_files(labels_dir):
-        _refuse_duplicate(labels.get(_stem(label)), label, _stem(label))
-        labels[_stem(label)] = label
+        _refuse_duplicate(labels.get(image_stem(label)), label, image_stem(label))
+        labels[image_stem(label)] = label
     cases: dict[str, CasePair] = {}
     for image in _image_files(images_dir):
-        stem = _stem(image)
+        stem = image_stem(image)
         if stem in labels:
             name = stem
         elif (m := _NNUNET_CHANNEL.match(stem)) and m["case"] in labels:
@@ -168,7 +168,7 @@ def list_cases(site_dir: Path) -> list[CasePair]:
 def expected_label(image: Path) -> Path:
     """Where the label of ``image`` belongs: ``labelsTr/`` beside its ``imagesTr/``, same name
     without the nnU-Net channel suffix (``imagesTr/b_0000.nii.gz`` -> ``labelsTr/b.nii.gz``)."""
-    stem = _stem(image)
+    stem = image_stem(image)
     suffix = image.name[len(stem) :]
     match = _NNUNET_CHANNEL.match(stem)
     case = match["case"] if match else stem
@@ -191,7 +191,8 @@ def _image_files(folder: Path) -> list[Path]:
     )
 
 
-def _stem(path: Path) -> str:
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix (``case_01.nii.gz`` -> ``case_01``)."""
     lower = path.name.lower()
     for suffix in SUFFIXES:
         if lower.endswith(suffix):

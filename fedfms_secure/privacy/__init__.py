@@ -1,4 +1,11 @@
-"""Differential privacy: budget, noise calibration, the persisted accountant, Opacus wiring."""
+"""Differential privacy: budget, noise calibration, the persisted accountant, Opacus wiring.
+
+The record is a patient by default (``units``: a dataset indexed by patient, one random slice per
+sampled patient per step); ``planning`` turns a site's patient count and the plan into q, steps
+and delta; ``site`` persists the accountant and refuses a rolled-back or reset budget; ``budget``
+keeps the ledger; ``engine`` wires Opacus. It may import torch, Opacus, ``errors`` and
+``atomic``; nothing of the federation (``he``, ``keys``, ``transport``, ``server``, ``site``).
+"""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedfms_secure.data.layout import SUFFIXES
+from fedfms_secure.data.layout import SUFFIXES, image_stem
 from fedfms_secure.errors import ConfigError, DataError
 
 log = logging.getLogger("fedfms_secure.predict")
@@ -107,10 +107,10 @@ def find_inputs(path: Path) -> list[Path]:
             break
     files = sorted(p for p in folder.iterdir()
                    if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES))
-    stems = {_stem(p) for p in files}
+    stems = {image_stem(p) for p in files}
     kept = []
     for p in files:
-        m = _EXTRA_CHANNEL.match(_stem(p))
+        m = _EXTRA_CHANNEL.match(image_stem(p))
         if m and m["channel"] != "0000" and f"{m['case']}_0000" in stems:
             log.debug("skipping %s: an extra nnU-Net channel (the model reads channel 0000)", p)
             continue
@@ -201,16 +201,8 @@ def _is_png(path: Path) -> bool:
     return path.name.lower().endswith(".png")
 
 
-def _stem(path: Path) -> str:
-    lower = path.name.lower()
-    for suffix in SUFFIXES:
-        if lower.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
-
-
 def _probabilities_path(out_dir: Path, source: Path) -> Path:
-    name = f"{_stem(source)}.npy" if _is_png(source) else source.name
+    name = f"{image_stem(source)}.npy" if _is_png(source) else source.name
     return out_dir / PROBABILITIES_DIR / name
 
 
