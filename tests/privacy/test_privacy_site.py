@@ -151,3 +151,14 @@ def test_config_validation() -> None:
 
 def test_epsilon_of_an_empty_history_is_zero() -> None:
     assert epsilon_of([], delta=1e-5, accountant="rdp") == 0.0
+
+
+def test_more_rounds_on_a_finished_run_names_what_changed_and_the_new_state_to_give(tmp_path) -> None:
+    _open(tmp_path, planned_steps=100)
+    with pytest.raises(ConfigError) as info:
+        _open(tmp_path, planned_steps=200)
+    message = str(info.value)
+    assert "planned DP-SGD steps (rounds x local epochs x steps per epoch): 100 then, 200 now" in message
+    assert "new --state" in message
+    assert "PrivacyConfig(" not in message  # no raw dump of the settings
+    assert "target_epsilon" not in message  # only what changed is named
