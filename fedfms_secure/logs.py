@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -35,3 +36,25 @@ def setup_logging(level: str = "INFO", prefix: str = "") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+def add_log_file(path: Path | None) -> None:
+    """Also append fedfms_secure's logs to ``path`` (a daemon's ``--log-file``), same format as stderr."""
+    if path is None:
+        return
+    from fedfms_secure.errors import ConfigError
+
+    root = logging.getLogger("fedfms_secure")
+    target = Path(path).expanduser().resolve()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == target for h in root.handlers):
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(target, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {path} ({exc.strerror}): give --log-file a path in a "
+                          "folder this user can write") from None
+    stderr = next((h for h in root.handlers if h.formatter is not None), None)
+    handler.setFormatter(stderr.formatter if stderr is not None
+                         else KeyValueFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)

@@ -62,7 +62,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, bytes | None]:
     passphrase = read_passphrase(args.passphrase_file)
     bundle = load_bundle(args.keys, role="client", passphrase=passphrase)
     client = FederationClient.from_bundle(bundle, args.server, call_timeout=max(args.timeout, 60.0))
-    client.wait_ready(args.timeout)
+    client.wait_ready(args.timeout, flag="--timeout")
     return bundle, client, passphrase
 
 

@@ -37,7 +37,7 @@ def _status(args: argparse.Namespace) -> int:
         b = load_bundle(args.keys, role="client", passphrase=read_passphrase(args.passphrase_file))
         client = FederationClient.from_bundle(b, args.server, call_timeout=args.timeout)
     with client:
-        client.wait_ready(args.timeout)
+        client.wait_ready(args.timeout, flag="--timeout")
         status = client.status()
     if args.json:
         print(json.dumps({**asdict(status), "done": status.done}))

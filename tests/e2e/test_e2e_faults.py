@@ -294,7 +294,7 @@ def test_a_site_that_never_answers_the_rounds_close_on_quorum(federation):
     *live, silent = sorted(fed.sites)
     for name in fed.sites:
         fed.start_site(name, address)
-    fed.wait_for(f"{silent} to join", lambda: f"site joined round=0 site={silent}" in fed.log("server"))
+    fed.wait_for(f"{silent} to join", lambda: f"site joined round=1 site={silent}" in fed.log("server"))
     fed.signal(silent, signal.SIGSTOP)  # it holds its connection and never says another word
 
     fed.wait_ok(*live)
@@ -314,7 +314,7 @@ def _deadline_federation_joined(fed: Federation) -> tuple[str, str, str]:
     punctual, late = sorted(fed.sites)
     for name in fed.sites:
         fed.start_site(name, address)
-    fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    fed.wait_for(f"{late} to join", lambda: f"site joined round=1 site={late}" in fed.log("server"))
     return address, punctual, late
 
 
