@@ -43,8 +43,11 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps({**asdict(status), "done": status.done}))
         return 0
     now = time.time()
-    print(f"federation {status.federation}: round {min(status.round + 1, status.total_rounds)} of "
-          f"{status.total_rounds}, phase {status.phase}")
+    if status.done:
+        print(f"federation {status.federation}: finished, all {status.total_rounds} rounds done")
+    else:
+        print(f"federation {status.federation}: round {status.round + 1} of {status.total_rounds}, "
+              f"phase {status.phase}")
     print(_key_line(status.key))
     if status.deadline:
         print(f"deadline: in {max(0.0, status.deadline - now):.0f} s the phase goes on with the sites it has")

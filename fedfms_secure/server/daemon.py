@@ -33,7 +33,7 @@ from fedfms_secure.he.codec import make_aggregator
 from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
 from fedfms_secure.logs import add_log_file
-from fedfms_secure.protocol import Plan, user_round
+from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.server.store import StateStore
@@ -117,24 +117,7 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     add_log_file(config.log_file)
     check_address(config.address, flag="--address", listen=True)
     with StateLock(config.state, "server"):
-        numbering = UserRounds()
-        log.addFilter(numbering)
-        try:
-            return _serve(config, stop, limits or ServerLimits())
-        finally:
-            log.removeFilter(numbering)
-
-
-class UserRounds(logging.Filter):
-    """Every server log line shows rounds as users count them, 1..R (``status``, the sites' logs and
-    ``privacy report`` do too): the coordinator's 0-based round index ``round=`` is converted here,
-    at the edge, as it is written."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        index = record.__dict__.get("round")
-        if isinstance(index, int) and not isinstance(index, bool):
-            record.round = user_round(index)
-        return True
+        return _serve(config, stop, limits or ServerLimits())
 
 
 def _serve(config: ServerConfig, stop: threading.Event | None, limits: ServerLimits) -> int:
