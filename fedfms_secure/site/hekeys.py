@@ -12,7 +12,10 @@ The CKKS secret key is generated at a site, never at the provisioning host or th
                                 PublishKeys(epoch e+1, round r, envelopes, state chunks)
 
 A site never goes back to an older key epoch (``current_key`` refuses a rollback the server might
-announce), and refuses an envelope from a site that the revocation list in its bundle
+announce), except into a new federation run with the same bundle: a server without any key (a new
+``--state``), or a key whose signed envelope was sealed after this site stored its own, makes the
+site set its keys aside (``he/archive/``, kept, never taken back) and take the new run's key.
+A site also refuses an envelope from a site that the revocation list in its bundle
 (``BUNDLE/crl.pem``) removed. The server accepts a new epoch only at a round boundary (round r open, no commit yet)
 and then refuses ciphertexts of the old one; ``rotate_key`` retries until a boundary comes or its wait
 ends. Every other site notices the new epoch (Join, GetStatus, or a refused commit), fetches its
@@ -315,7 +318,7 @@ def _later_run(client: FederationClient, bundle: Bundle, store: HeStore, envelop
     A key of an epoch this site already passed is a rollback, unless its envelope (signed by a
     site of the federation, ``created`` included) was sealed after this site stored its current
     key: then a site made it for a new run (a new server ``--state``), and no replayed old envelope
-    can be that recent. The keys held here are set aside (``set_aside``), not deleted."""
+    can be that recent. The keys held here are set aside (``HeStore.archive``), not deleted."""
     current = store.current()
     assert current is not None
     try:

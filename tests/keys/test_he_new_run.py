@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from federation_kit import provision_sites, running_server, site_client
 
-from fedfms_secure.errors import KeyMaterialError
+from fedfms_secure.errors import FederationError, KeyMaterialError
 from fedfms_secure.he.packing import fit_params
 from fedfms_secure.keys.bundle import load_bundle, load_envelope_key
 from fedfms_secure.keys.hestore import HeStore
@@ -74,3 +74,15 @@ def test_the_same_run_still_refuses_another_key_of_an_epoch_it_holds(tmp_path: P
                 hekeys.current_key(client_b, load_bundle(tmp_path / "b", role="client"),
                                    load_envelope_key(tmp_path / "b"), forged, store=store)
     assert store.current() == held and not (tmp_path / "b" / "he" / "archive").exists()
+
+
+def test_a_site_waiting_for_he_init_says_so_once(tmp_path: Path, caplog) -> None:
+    provision_sites(tmp_path, ["a", "b"], federation="wait", he_dealer=False,
+                    params=fit_params(bound=1.0, sites=2, rounds=1))
+    with running_server(tmp_path / "server", tmp_path / "state", rounds=1) as address:
+        with site_client(address, tmp_path / "b") as client_b, caplog.at_level("INFO", logger="fedfms_secure.site"):
+            with pytest.raises(FederationError, match="waiting for keys he-init"):
+                hekeys.current_key(client_b, load_bundle(tmp_path / "b", role="client"),
+                                   load_envelope_key(tmp_path / "b"), KeyEpoch(), timeout=4, interval=0.2)
+    waiting = [r for r in caplog.records if r.getMessage().startswith("waiting for keys he-init")]
+    assert len(waiting) == 1, [r.getMessage() for r in waiting]

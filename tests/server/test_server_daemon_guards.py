@@ -46,7 +46,8 @@ def server(fed: Path):
     port = _free_port()
     state = fed / "state-1"
     proc = subprocess.Popen([sys.executable, "-m", "fedfms_secure", "server", "--keys", str(fed / "server"),
-                             "--state", str(state), "--address", f"127.0.0.1:{port}", "--rounds", "1"],
+                             "--state", str(state), "--address", f"127.0.0.1:{port}", "--rounds", "1",
+                             "--log-file", str(fed / "logs" / "server.log")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 60
     while not (state / "address.json").exists():
@@ -122,3 +123,9 @@ def test_client_help_shows_the_connect_timeout_default() -> None:
     text = " ".join(done.stdout.split())
     entry = text.split("--connect-timeout CONNECT_TIMEOUT ")[-1].split(" --", 1)[0]  # its line, not the usage
     assert "seconds to wait for the server at start-up" in entry and "(default: 60)" in entry
+
+
+def test_log_file_gets_the_same_lines_as_stderr(fed: Path, server) -> None:
+    address, _, _ = server
+    text = (fed / "logs" / "server.log").read_text()
+    assert "server listening" in text and f"address={address}" in text
