@@ -218,9 +218,9 @@ class HeStore:
             state = self._read()
             if key.fingerprint in (state.get("archived") or ()):
                 raise KeyMaterialError(
-                    f"refusing CKKS key epoch {epoch} ({key.fingerprint[:16]}...): it is a key of an earlier federation "
-                    f"run that this site put aside ({self.folder / ARCHIVE_DIR}); a site never takes an old key back. "
-                    "Check the server: it announced an old key"
+                    f"refusing CKKS key epoch {epoch} ({key.fingerprint[:16]}...): it is a key of an earlier "
+                    f"federation run that this site put aside ({self.folder / ARCHIVE_DIR}); a site never takes "
+                    "an old key back. Check the server: it announced an old key"
                 )
             current = self._entry(state.get("current"), "current")
             if current is not None and (epoch < current.epoch or (epoch == current.epoch and (
