@@ -86,6 +86,7 @@ class ServerConfig:
                                    "state and report")
     passphrase_file: Path | None = setting(None, "file whose first line is the passphrase of the bundle's "
                                                  "encrypted private keys", metavar="FILE")
+    log_file: Path | None = setting(None, "also append the log to FILE", metavar="FILE", shown="stderr only")
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "rounds must be at least 1")
@@ -100,7 +101,7 @@ class ServerConfig:
         _require(isinstance(self.num_classes, int) and 1 <= self.num_classes <= MAX_CLASSES,
                  f"num_classes must be 1..{MAX_CLASSES} (SAM's mask decoder has one mask token per class), "
                  f"not {self.num_classes!r}")
-        _require(":" in self.address, f"address must be HOST:PORT, not {self.address!r}")
+        check_address(self.address, flag="--address", listen=True)
         _require(self.round_deadline is None or self.round_deadline > 0, "round_deadline must be positive")
         _require(self.min_sites is None or self.min_sites >= 1, "min_sites must be at least 1")
         _require(self.linger >= 0, "linger must be >= 0 seconds")
@@ -142,7 +143,8 @@ class ClientConfig:
     skip_bad: bool = setting(False, "skip (and log) corrupt or mismatched pairs instead of stopping")
     cache: Path | None = setting(None, "keep preprocessed slices in DIR (a changed file is re-read)",
                                  metavar="DIR", shown="STATE/cache")
-    connect_timeout: float = setting(60.0, "seconds to wait for the server at start-up")
+    connect_timeout: float = setting(60.0, "seconds to wait for the server at start-up (the site says once that it "
+                                           "waits, then gives up with what to check)")
     round_timeout: float = setting(1800.0, "seconds to wait for a round's next phase (other sites, the key)")
     call_timeout: float = setting(600.0, "deadline of one RPC in seconds, streams included "
                                          "(a whole FedSAM upload is one call)")
@@ -150,6 +152,7 @@ class ClientConfig:
                                               "unreachable (e.g. restarting)")
     passphrase_file: Path | None = setting(None, "file whose first line is the passphrase of the bundle's "
                                                  "encrypted private keys", metavar="FILE")
+    log_file: Path | None = setting(None, "also append the log to FILE", metavar="FILE", shown="stderr only")
 
     def __post_init__(self) -> None:
         _require(self.epsilon > 0, "epsilon must be positive (use inf to train without DP)")
@@ -157,7 +160,7 @@ class ClientConfig:
         _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.accountant in ACCOUNTANTS, "accountant must be rdp or prv")
         _require(self.privacy_unit in ("patient", "slice"), "privacy_unit must be patient or slice")
-        _require(":" in self.server, f"server must be HOST:PORT, not {self.server!r}")
+        check_address(self.server, flag="--server", listen=False)
         _require(self.site is None or self.insecure, "site is only set with --insecure; "
                  "otherwise the name comes from the site's certificate")
         _require(self.axis in (0, 1, 2), "axis must be 0, 1 or 2")
@@ -312,6 +315,22 @@ def _check_type(name: str, value: Any, f: dataclasses.Field, *, where: str) -> N
 
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def check_address(address: str, *, flag: str, listen: bool) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) split and checked: a host, and a port 1..65535 (0 too where
+    ``listen``: the system picks a free one). ConfigError saying what to write otherwise."""
+    example = "0.0.0.0:50051 (every interface) or 127.0.0.1:50051" if listen else "fl.example.org:50051"
+    host, sep, port_text = str(address).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{flag} {address!r} is not HOST:PORT: write e.g. {example}")
+    port = int(port_text)
+    low = 0 if listen else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"{flag} {address!r}: the port must be {low}..65535"
+                          + (" (0 picks a free one)" if listen else "") + f", not {port}: write e.g. {example}")
+    return host, port
 
 
 def _require(ok: bool, message: str) -> None:

@@ -104,7 +104,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     from fedfms_secure.keys.provision import init_federation
     from fedfms_secure.he.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
-    from fedfms_secure.report import build_report, plot_report  # opacus and torch: not for `--help`
+    from fedfms_secure.report import build_report, plot_report, worse_than_start  # opacus and torch: not for `--help`
 
     console = console or Console(stderr=True)
     if options.clients < 1 or options.rounds < 1:
@@ -206,6 +206,9 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     plot_report(report, out / "report.png")
     console.print(_table(report))
+    worse = worse_than_start(report)
+    if worse:
+        console.print(f"[bold red]warning:[/] {worse}")
     if holdout is not None:
         console.print(f"held-out site {holdout['name']} (never trained), final global model on all its "
                       f"{holdout['slices']} slices: Dice {_pm(holdout['dice_mean'], holdout['dice_std'])}, IoU "
@@ -346,7 +349,7 @@ def _table(report: dict[str, Any]) -> Table:
     eps_headers = [f"eps\n{name}" for name in sites] if per_site else ["eps\n(max)"]
     for header in ("round", "Dice", *eps_headers, "bytes\nup", "bytes\ndown", "s"):
         table.add_column(header, justify="right", no_wrap=True)
-    table.add_row("0", f"{report['dice_initial']:.4f}", *["0" for _ in eps_headers], "-", "-", "-")
+    table.add_row("start", f"{report['dice_initial']:.4f}", *["0" for _ in eps_headers], "-", "-", "-")
     for row in report["rounds"]:
         eps = [_fmt_eps(row["epsilon"].get(name)) for name in sites] if per_site else [_fmt_eps(row["epsilon_max"])]
         table.add_row(str(row["round"]), f"{row['dice_mean']:.4f}", *eps, _fmt_bytes(row["bytes_up_total"]),

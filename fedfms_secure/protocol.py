@@ -13,6 +13,12 @@ PHASE_UPLOAD = "upload"
 PHASE_DONE = "done"
 
 
+def user_round(index: int) -> int:
+    """The round number users see (rounds 1..R in logs, ``status``, reports) of the protocol's
+    0-based round index (round r's global state is ``theta_r``; the federation is done at R)."""
+    return index + 1
+
+
 @dataclass(frozen=True)
 class Plan:
     """The federation's plan, fixed by the coordinator and sent to every site on join."""

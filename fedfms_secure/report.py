@@ -142,3 +142,13 @@ def _spent(ledger: dict[int, float], round_: int) -> float:
     """Epsilon a site with DP had spent after ``round_`` (0 before the first round it trained)."""
     spent = [ledger[r] for r in sorted(ledger) if r <= round_]
     return float(spent[-1]) if spent else 0.0
+
+
+def worse_than_start(report: dict[str, Any]) -> str | None:
+    """A warning when the final global model's Dice is below the starting model's, else None."""
+    start, final = report.get("dice_initial"), report.get("dice_final")
+    if not isinstance(start, float) or not isinstance(final, float) or not final < start:  # NaN: no comparison
+        return None
+    return (f"the final global model scores WORSE than the starting model (mean Dice {final:.4f} after "
+            f"{len(report.get('rounds') or [])} rounds, {start:.4f} before): do not deploy it as is; try more "
+            "rounds, a larger --epsilon or a lower --learning-rate")

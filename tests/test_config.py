@@ -23,7 +23,7 @@ SERVER_VALUES: dict[str, Any] = {
     "keys": "k", "state": "s", "address": "0.0.0.0:6000", "insecure": True, "rounds": 7, "mode": "fedsam",
     "preset": "vit_b", "seed": 3, "local_epochs": 2, "batch_size": 8, "learning_rate": 0.01, "he": False,
     "pretrained": False, "num_classes": 2, "exit_when_done": True, "round_deadline": 30.5, "min_sites": 2,
-    "linger": 5.0, "passphrase_file": "pw.txt",
+    "linger": 5.0, "passphrase_file": "pw.txt", "log_file": "server.log",
 }
 CLIENT_VALUES: dict[str, Any] = {
     "keys": "k", "data": "d", "state": "s", "server": "host:1", "insecure": True, "site": "a", "epsilon": 4.0,
@@ -31,6 +31,7 @@ CLIENT_VALUES: dict[str, Any] = {
     "patient_pattern": "^(\\w+?)_", "save_updates": True, "labels": "1,2", "axis": 0,
     "clip_percentiles": "1,99", "keep_empty_every": 0, "skip_bad": True, "cache": "c", "connect_timeout": 5.0,
     "round_timeout": 6.0, "call_timeout": 7.0, "reconnect_timeout": 8.0, "passphrase_file": "p",
+    "log_file": "site.log",
 }
 CASES = [("server", ServerConfig, SERVER_VALUES), ("client", ClientConfig, CLIENT_VALUES)]
 

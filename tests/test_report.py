@@ -54,3 +54,13 @@ def test_report_gives_epsilon_for_every_site_and_round(tmp_path):
         {"a": 1.5, "b": 0.0, "c": None}, {"a": 2.5, "b": 1.25, "c": None}]
     assert [row["epsilon_max"] for row in report["rounds"]] == [1.5, 2.5]
     assert [row["sites_reporting"] for row in report["rounds"]] == [2, 3]
+
+
+def test_a_final_model_worse_than_the_start_is_named() -> None:
+    from fedfms_secure.report import worse_than_start
+
+    report = {"dice_initial": 0.40, "dice_final": 0.30, "rounds": [{}, {}]}
+    warning = worse_than_start(report)
+    assert warning is not None and "WORSE" in warning and "0.3000 after 2 rounds, 0.4000 before" in warning
+    assert worse_than_start({**report, "dice_final": 0.41}) is None
+    assert worse_than_start({**report, "dice_initial": float("nan")}) is None

@@ -61,3 +61,12 @@ def test_status_without_or_with_a_wrong_passphrase_names_the_file(
 
     assert main([*base, "--passphrase-file", str(root / "missing.txt")]) == 1
     assert f"passphrase file {root / 'missing.txt'} does not exist" in capsys.readouterr().err
+
+
+def test_the_headline_counts_rounds_from_one_and_says_when_the_run_is_done() -> None:
+    from fedfms_secure.commands.status import headline
+    from fedfms_secure.protocol import PHASE_COMMIT, PHASE_DONE, Status
+
+    assert headline(Status("f", 0, 3, PHASE_COMMIT, (), 0.0)) == "federation f: round 1 of 3, phase commit"
+    assert headline(Status("f", 2, 3, PHASE_COMMIT, (), 0.0)) == "federation f: round 3 of 3, phase commit"
+    assert headline(Status("f", 3, 3, PHASE_DONE, (), 0.0)) == "federation f: finished, all 3 rounds done"

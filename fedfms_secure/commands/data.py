@@ -38,7 +38,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sub = group.add_subparsers(metavar="ACTION")
     synth = sub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the site folders into")
-    synth.add_argument("--sites", type=int, default=3, help="number of site folders")
+    synth.add_argument("--sites", type=int, default=3, help="number of site folders, named site_1 .. site_K")
+    synth.add_argument("--names", metavar="A,B,...",
+                       help="name the site folders instead (e.g. hosp_a,hosp_b, the names of `keys init --clients`); "
+                            "their number replaces --sites (default: site_1 .. site_K)")
     synth.add_argument("--seed", type=int, default=0, help="seed of the generated volumes")
     synth.set_defaults(handler=cmd_synth)
     inspect = sub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
@@ -61,7 +64,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Handler of ``data synth``."""
     from fedfms_secure.data import synth_federation
 
-    for site in synth_federation(args.out, sites=args.sites, seed=args.seed):
+    names = args.names.split(",") if args.names is not None else None
+    for site in synth_federation(args.out, sites=args.sites, seed=args.seed, names=names):
         print(site)
     return 0
 

@@ -191,6 +191,10 @@ def _init(args: argparse.Namespace) -> int:
                                              seeded=True)
         lines.append(f"CKKS: {pk.quant_bits}-bit values within +-{pk.bound:g}, {pk.lanes} per coefficient, for up to "
                      f"{pk.rounds} rounds; about {per_param:.2f} B per parameter up")
+        spare = pk.sites - len(clients)
+        lines.append(f"room for {pk.sites} site(s) in all (--max-sites): "
+                     + (f"`keys add-client` can add {spare} more" if spare > 0 else
+                        "`keys add-client` cannot add any; to leave room, run `keys init` with --max-sites N"))
     lines += [
         "no CKKS secret key was made here: one site makes it with `fedfms-secure keys he-init`",
         f"next: fedfms-secure keys export server --from {out} --out SERVER_BUNDLE",

@@ -62,7 +62,7 @@ def _connect(args: argparse.Namespace) -> tuple[Any, Any, bytes | None]:
     passphrase = read_passphrase(args.passphrase_file)
     bundle = load_bundle(args.keys, role="client", passphrase=passphrase)
     client = FederationClient.from_bundle(bundle, args.server, call_timeout=max(args.timeout, 60.0))
-    client.wait_ready(args.timeout)
+    client.wait_ready(args.timeout, flag="--timeout")
     return bundle, client, passphrase
 
 
@@ -75,7 +75,7 @@ def _report(args: argparse.Namespace, what: str, published: Any) -> None:
         print(json.dumps(doc, indent=2))
         return
     print(f"{what}: CKKS key epoch {key.epoch} ({key.fingerprint[:16]}...) made at site {key.site}, in effect from "
-          f"round {key.round}")
+          f"round {key.round + 1}")
     print(f"sealed to: {', '.join(published.recipients) or 'no other site'}")
     if published.skipped:
         print(f"no envelope for: {', '.join(published.skipped)} (retired, revoked, or unknown to this bundle; a site "

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from fedfms_secure.protocol import KeyEpoch
+from fedfms_secure.protocol import KeyEpoch, Status
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,14 +37,13 @@ def _status(args: argparse.Namespace) -> int:
         b = load_bundle(args.keys, role="client", passphrase=read_passphrase(args.passphrase_file))
         client = FederationClient.from_bundle(b, args.server, call_timeout=args.timeout)
     with client:
-        client.wait_ready(args.timeout)
+        client.wait_ready(args.timeout, flag="--timeout")
         status = client.status()
     if args.json:
         print(json.dumps({**asdict(status), "done": status.done}))
         return 0
     now = time.time()
-    print(f"federation {status.federation}: round {min(status.round + 1, status.total_rounds)} of "
-          f"{status.total_rounds}, phase {status.phase}")
+    print(headline(status))
     print(_key_line(status.key))
     if status.deadline:
         print(f"deadline: in {max(0.0, status.deadline - now):.0f} s the phase goes on with the sites it has")
@@ -54,6 +53,13 @@ def _status(args: argparse.Namespace) -> int:
         retired = f"yes: {s.retired_reason}" if s.retired else "no"
         print(f"{s.name:<20} {seen:>10}  {'yes' if s.committed else 'no':>9}  {'yes' if s.uploaded else 'no':>8}  {retired}")
     return 0
+
+
+def headline(status: Status) -> str:
+    """Where the federation is, with rounds counted 1..R as everywhere users read them."""
+    if status.done:
+        return f"federation {status.federation}: finished, all {status.total_rounds} rounds done"
+    return f"federation {status.federation}: round {status.round + 1} of {status.total_rounds}, phase {status.phase}"
 
 
 def _key_line(key: KeyEpoch) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,8 +50,10 @@ class ScannerProfile:
 def synth_federation(
     out_dir: Path, *, sites: int = 3, seed: int = 0, shape: tuple[int, int, int] = (64, 64, 12),
     volumes: tuple[int, int] = (MIN_VOLUMES, MAX_VOLUMES),
+    names: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write ``out_dir/site_1 .. site_K``, each an MSD-style site folder, and return them.
+    """Write ``out_dir/site_1 .. site_K`` (or ``out_dir/<name>`` for each of ``names``: then K is
+    their number), each an MSD-style site folder, and return them.
 
     Each site gets a number of volumes (cases, i.e. patients) drawn from ``volumes`` (inclusive).
 
@@ -69,7 +72,9 @@ def synth_federation(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose another output folder.")
-    targets = [out_dir / f"site_{k + 1}" for k in range(sites)]
+    if names is not None:
+        sites = len(check_site_names(names))
+    targets = [out_dir / (names[k] if names is not None else f"site_{k + 1}") for k in range(sites)]
     foreign = [t for t in targets if (t.exists() or t.is_symlink()) and not _is_ours(t)]
     if foreign:
         raise DataError(
@@ -100,6 +105,16 @@ def synth_federation(
         shutil.rmtree(stale)
     staging.rmdir()
     return targets
+
+
+def check_site_names(names: Sequence[str]) -> list[str]:
+    """Site folder names as given (``hosp_a,hosp_b``): non-empty, distinct, plain folder names."""
+    names = list(names)
+    bad = [n for n in names if not n or n.startswith(".") or "/" in n or "\\" in n or n.strip() != n]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(f"site names {','.join(names)!r} must be distinct plain folder names (e.g. "
+                          "hosp_a,hosp_b; no '/', no leading '.', no spaces around them)")
+    return names
 
 
 def _remove(path: Path) -> None:

@@ -6,6 +6,7 @@ by the provisioning host, each site keeps the contexts it generated or opened fr
     BUNDLE/he/epoch-<n>.ctx   0600  serialized context WITH the secret key of key epoch n
     BUNDLE/he/current.json    0600  {"current": {"epoch", "fingerprint"}, "pending": {...} | null}
     BUNDLE/he/.lock           0600  serialises the site daemon and a key command at the same site
+    BUNDLE/he/archive/<time>/       the contexts of an earlier federation run with the same bundle
 
 **At rest.** When the bundle is passphrase-protected (its ``tls.key`` is encrypted, ``keys init
 --passphrase-file``) and the store is given that passphrase, each ``epoch-<n>.ctx`` is encrypted:
@@ -27,10 +28,12 @@ key (``site_key``).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +52,7 @@ from fedfms_secure.errors import KeyMaterialError
 HE_DIR = "he"
 CURRENT_FILE = "current.json"
 LOCK_FILE = ".lock"
+ARCHIVE_DIR = "archive"
 _REFETCH = ("delete the he/ folder of the bundle and start the site again: it fetches its envelope from the "
             "server (or run `fedfms-secure keys he-init` if no site has made the key yet)")
 
@@ -139,7 +143,59 @@ class HeStore:
         """The serialized context of ``key`` (with the secret key), checked as ``load`` does."""
         return self._checked(key)[1]
 
+    def archived(self) -> frozenset[str]:
+        """Fingerprints of the keys put aside by :meth:`archive`: never taken up again."""
+        return frozenset(self._read().get("archived") or ())
+
+    def not_before(self) -> dt.datetime | None:
+        """After :meth:`archive`: when the newest key set aside was stored. A key sealed before then
+        belongs to the earlier run (a replay), and is refused."""
+        value = self._read().get("not_before")
+        return parse_time(value) if isinstance(value, str) else None
+
+    def stored_at(self, key: HeKey) -> dt.datetime:
+        """When this site stored ``key`` (its file's time for a store written by an older version)."""
+        for entry in (self._read().get("current"), self._read().get("pending")):
+            if isinstance(entry, dict) and entry.get("fingerprint") == key.fingerprint:
+                when = parse_time(entry.get("stored")) if isinstance(entry.get("stored"), str) else None
+                if when is not None:
+                    return when
+        try:
+            return dt.datetime.fromtimestamp(key.path.stat().st_mtime, dt.timezone.utc)
+        except OSError:
+            return dt.datetime.now(dt.timezone.utc)
+
     # --- writing ------------------------------------------------------------------------------
+    def archive(self) -> Path | None:
+        """Puts the held contexts aside, for a new federation run with the same bundle (a fresh
+        server state that has no key epoch yet): they move, unchanged, to ``he/archive/<UTC time>/``,
+        and their fingerprints are remembered so that no server can bring them back. Returns that
+        folder, or None when there was nothing to put aside."""
+        with self._locked():
+            state = self._read()
+            held = [e for e in (state.get("current"), state.get("pending")) if e]
+            if not held:
+                return None
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            target = self.folder / ARCHIVE_DIR / stamp
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.folder / ARCHIVE_DIR / f"{stamp}-{n}"
+            target.mkdir(mode=0o700, parents=True)
+            os.chmod(target.parent, 0o700)
+            for path in self.folder.glob("epoch-*.ctx"):
+                path.rename(target / path.name)
+            pki.write_private(target / CURRENT_FILE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+            archived = sorted({*(state.get("archived") or ()), *(e["fingerprint"] for e in held)})
+            newest = max(self.stored_at(HeKey(e["epoch"], e["fingerprint"], target / f"epoch-{e['epoch']}.ctx"))
+                         for e in held)
+            earlier = parse_time(state.get("not_before")) if isinstance(state.get("not_before"), str) else None
+            newest = max(newest, earlier) if earlier is not None else newest
+            self._write({"current": None, "pending": None, "archived": archived,
+                         "not_before": newest.isoformat(timespec="seconds")})
+            return target
+
     def put(self, epoch: int, context_bytes: bytes, *, pending: bool = False) -> HeKey:
         """Stores the context of ``epoch``; as the current key (deleting older ones), or as pending.
 
@@ -160,6 +216,12 @@ class HeStore:
             )
         with self._locked():
             state = self._read()
+            if key.fingerprint in (state.get("archived") or ()):
+                raise KeyMaterialError(
+                    f"refusing CKKS key epoch {epoch} ({key.fingerprint[:16]}...): it is a key of an earlier "
+                    f"federation run that this site put aside ({self.folder / ARCHIVE_DIR}); a site never takes "
+                    "an old key back. Check the server: it announced an old key"
+                )
             current = self._entry(state.get("current"), "current")
             if current is not None and (epoch < current.epoch or (epoch == current.epoch and (
                     pending or key.fingerprint != current.fingerprint))):
@@ -174,7 +236,7 @@ class HeStore:
             if self.encrypts:
                 data = self._encrypt_at_rest(data, epoch)
             pki.write_private(key.path, data)
-            entry = {"epoch": epoch, "fingerprint": key.fingerprint}
+            entry = {"epoch": epoch, "fingerprint": key.fingerprint, "stored": _now()}
             if pending:
                 state["pending"] = entry
             else:
@@ -317,6 +379,19 @@ class HeStore:
         for path in self.folder.glob("epoch-*.ctx"):
             if path.name not in keep:
                 path.unlink(missing_ok=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An ISO time (as ``_now`` and the envelopes' ``created`` write it), or None if it is not one."""
+    try:
+        when = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
 
 
 def _bound(header: bytes, epoch: int) -> bytes:

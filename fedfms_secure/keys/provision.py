@@ -256,10 +256,11 @@ def add_client(src: Path, name: str, *, passphrase: bytes | None = None, days: i
     if params.packing is not None and len(active) + 1 > params.packing.sites:
         pk = params.packing
         raise ConfigError(
-            f"cannot add {name!r}: the CKKS packing of this federation ({src / FEDERATION_JSON}, ckks.params.packing) "
-            f"sums at most {pk.sites} sites x {pk.rounds} rounds and already has {len(active)} active site(s). "
-            f"Provision a new federation with room for {len(active) + 1} or more sites (`fedfms-secure keys init "
-            "--max-sites N`), or revoke a site that left"
+            f"cannot add {name!r}: this federation was provisioned with room for {pk.sites} site(s) (`keys init "
+            f"--max-sites`, default the number of --clients; {src / FEDERATION_JSON}, ckks.params.packing: its CKKS "
+            f"packing sums at most {pk.sites} sites x {pk.rounds} rounds) and already has {len(active)} active "
+            f"site(s). Provision a new federation with room for {len(active) + 1} or more sites (`fedfms-secure "
+            "keys init ... --max-sites N`), or revoke a site that left"
         )
     ca, ca_key = load_ca(src, passphrase)
     need_passphrase(src, meta, passphrase)

@@ -12,6 +12,7 @@ was spent that the accountant no longer counts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -210,13 +211,18 @@ class SitePrivacy:
                     "dataset or preprocessing (e.g. keep_empty_every, the split) or a changed "
                     "batch size is the usual cause: restore them"
                 )
+            changed = [f"{name}: {before} then, {after} now" for name, before, after in (
+                *((f.name, getattr(self.config, f.name), getattr(config, f.name)) for f in dataclasses.fields(config)),
+                ("sample_rate", f"{self.sample_rate:.6g}", f"{sample_rate:.6g}"),
+                ("planned DP-SGD steps (rounds x local epochs x steps per epoch)", self.planned_steps, planned_steps),
+            ) if before != after]
             raise ConfigError(
-                f"{self.state_dir / STATE_FILE} was started with {self.config}, sample_rate="
-                f"{self.sample_rate:.6g}, planned_steps={self.planned_steps}; it was re-opened "
-                f"with {config}, sample_rate={sample_rate:.6g}, planned_steps={planned_steps}"
-                f"{hint}. Use the original settings: a run's budget is fixed when it starts. "
-                f"Deleting {STATE_FILE} would start a new run but resets (forfeits) the spent "
-                "budget accounting, voiding the site's privacy guarantee for data already used"
+                f"{self.state_dir / STATE_FILE} belongs to a run with other settings ({'; '.join(changed)})"
+                f"{hint}. A run's budget is fixed when it starts: use the original settings, or, for a new "
+                "federation run (e.g. more rounds after a finished one), give this site a new --state (this one "
+                f"keeps the record of the budget already spent). Deleting {STATE_FILE} would start a new run but "
+                "resets (forfeits) the spent budget accounting, voiding the site's privacy guarantee for data "
+                "already used"
             )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -25,16 +26,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedfms_secure.config import ServerConfig
+from fedfms_secure.config import ServerConfig, check_address
 from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import CRL
 from fedfms_secure.he.codec import make_aggregator
 from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.errors import ConfigError, FedFmsError
+from fedfms_secure.logs import add_log_file
 from fedfms_secure.protocol import Plan
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.server.store import StateStore
+from fedfms_secure.statelock import StateLock
 from fedfms_secure.transport.channel import MAX_MESSAGE_BYTES, MESSAGE_OPTIONS, server_credentials
 from fedfms_secure.keys.revocation import PERSISTED, RevocationList
 from fedfms_secure.server.interceptors import RevocationInterceptor, SiteLimitInterceptor
@@ -108,8 +111,16 @@ def round_quota(vector_length: int, chunk_values: int, sites: int) -> int:
 
 
 def serve(config: ServerConfig, stop: threading.Event | None = None, limits: ServerLimits | None = None) -> int:
-    """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
-    limits = limits or ServerLimits()
+    """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``.
+
+    One server per ``--state`` folder (a lock, see ``statelock``) and per port (no SO_REUSEPORT)."""
+    add_log_file(config.log_file)
+    check_address(config.address, flag="--address", listen=True)
+    with StateLock(config.state, "server"):
+        return _serve(config, stop, limits or ServerLimits())
+
+
+def _serve(config: ServerConfig, stop: threading.Event | None, limits: ServerLimits) -> int:
     coordinator, bundle, store = build_coordinator(config)
     revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem,
                                                               persist=store.root / PERSISTED)
@@ -117,7 +128,8 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     interceptors.append(SiteLimitInterceptor(lambda context: peer_site(context, config.insecure),
                                              per_site=limits.per_site_calls, idle_timeout=limits.idle_timeout))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers),
-                         options=[*MESSAGE_OPTIONS, *limits.options()], interceptors=interceptors,
+                         options=[*MESSAGE_OPTIONS, *limits.options(), ("grpc.so_reuseport", 0)],
+                         interceptors=interceptors,
                          maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator, config.insecure), server)
     health_servicer = health.HealthServicer()
@@ -136,7 +148,7 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     except RuntimeError:
         port = 0
     if port == 0:
-        raise ConfigError(f"cannot listen on {config.address}: is the port in use? choose another --address")
+        raise ConfigError(_bind_failure(config.address))
     host = config.address.rsplit(":", 1)[0]
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -149,15 +161,18 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     stop = stop or threading.Event()
     _on_signals(stop)
     retired_by_crl: set[str] = set()
+    announced = coordinator.status().done and _announce_finished(coordinator, store, config)
     try:
         while not stop.is_set():
             if revocations is not None:
                 retire_revoked(coordinator, revocations, retired_by_crl)
-            if config.exit_when_done and coordinator.status().done:
+            if not announced and coordinator.status().done:
+                announced = _announce_finished(coordinator, store, config)
+            if config.exit_when_done and announced:
                 if coordinator.finished.wait(timeout=config.linger):
-                    log.info("federation finished: every site reported its final metrics")
+                    log.info("every site reported its final metrics")
                 else:
-                    log.warning("federation finished; not every site reported final metrics in time")
+                    log.warning("not every site reported its final metrics in time")
                 break
             try:
                 coordinator.tick()
@@ -167,8 +182,35 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=5).wait()
-    log.info("server stopped", extra={"round": coordinator.status().round})
+    status = coordinator.status()
+    log.info("server stopped", extra={"rounds_closed": status.round})
     return 0
+
+
+def _announce_finished(coordinator: Coordinator, store: StateStore, config: ServerConfig) -> bool:
+    """The one "federation finished" line, with where its results are; True."""
+    rounds = coordinator.status().total_rounds
+    then = ("the server exits once every site has reported (--exit-when-done)" if config.exit_when_done else
+            "the server keeps answering `status` until stopped (Ctrl-C or SIGTERM; --exit-when-done stops it "
+            "on its own)")
+    log.info(f"federation finished: {rounds} rounds, final state at {store.root}; each site keeps the final "
+             f"model in its STATE/final_model.pt (`fedfms-secure predict`); {then}")
+    return True
+
+
+def _bind_failure(address: str) -> str:
+    """Why ``address`` could not be bound, with what to do: a port in use, or a host not on this machine."""
+    host, port = check_address(address, flag="--address", listen=True)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return (f"cannot listen on {address}: {host} is not an address of this machine; give --address "
+                f"0.0.0.0:{port} (every interface) or one of this machine's own addresses (the sites' --server "
+                "may still name the public host)")
+    return (f"cannot listen on {address}: address in use (another server, or another program, holds port {port}); "
+            "stop it, or choose another --address")
 
 
 def retire_revoked(coordinator: Coordinator, revocations: RevocationList, done: set[str]) -> None:

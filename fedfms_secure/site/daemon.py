@@ -44,6 +44,8 @@ import numpy as np
 from fedfms_secure.atomic import write_atomic
 from fedfms_secure import __version__
 from fedfms_secure.config import ClientConfig
+from fedfms_secure.logs import add_log_file
+from fedfms_secure.statelock import StateLock
 from fedfms_secure.site.hekeys import Keyring
 from fedfms_secure.he.codec import UpdateCodec, make_site_codec
 from fedfms_secure.keys.pki import read_passphrase
@@ -58,7 +60,7 @@ from fedfms_secure.privacy import SitePrivacy
 from fedfms_secure.privacy.budget import append_ledger
 from fedfms_secure.privacy.planning import open_site_privacy, plan_records
 from fedfms_secure.privacy.site import check_local_state
-from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status
+from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status, user_round
 from fedfms_secure.train.local import TrainConfig, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
 from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
@@ -81,6 +83,12 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
     On SIGTERM the site stops between two steps: every file it writes is written atomically, the
     connection is closed, and a restart with the same ``--state`` continues (budget included).
     """
+    add_log_file(config.log_file)
+    with StateLock(config.state, "site daemon"):  # two daemons on one state would spend the budget twice
+        return _run_site(config)
+
+
+def _run_site(config: ClientConfig) -> list[RoundOutcome]:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     passphrase = read_passphrase(config.passphrase_file)
@@ -93,7 +101,10 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
         client.wait_ready(config.connect_timeout)
         keys = (Keyring(client, bundle, passphrase=passphrase, timeout=config.round_timeout)
                 if bundle is not None else None)
-        joined = client.join(keys.fingerprint if keys is not None else "plain", __version__)
+        fingerprint = keys.fingerprint if keys is not None else "plain"
+        if fingerprint and keys is not None and fingerprint != client.status().key.fingerprint:
+            fingerprint = ""  # not the server's key (an older epoch, an earlier run): keys.sync below follows it
+        joined = client.join(fingerprint, __version__)
         plan = joined.plan
         _check_classes(config, plan)  # before waiting for any key, and before any training
         if plan.scheme == "plain":
@@ -103,6 +114,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
         else:
             if bundle.params.packing is not None:
                 bundle.params.packing.check_plan(sites=len(bundle.clients), rounds=plan.rounds)
+            keys.start_run(joined.key)  # sets aside the keys of an earlier run with this bundle
             keys.sync(joined.key)  # before he-init: waits for this site's envelope
             codec = keys.codec
         log.info("joined", extra={"site": joined.site, "round": joined.round, "rounds": plan.rounds,
@@ -208,8 +220,22 @@ class _Site:
             outcomes.append(outcome)
             round_ += 1
         else:
-            log.info("federation finished", extra={"rounds": self.plan.rounds})
+            log.info("federation finished", extra={"rounds": self.plan.rounds,
+                                                   "final_model": str(self.config.state / FINAL_MODEL)})
+            self._compare_with_start(outcomes)
         return outcomes
+
+    def _compare_with_start(self, outcomes: list[RoundOutcome]) -> None:
+        """Warns when the final global model scores worse here than the model the federation started from."""
+        try:
+            initial = json.loads((self.config.state / "initial.json").read_text())["dice"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # joined after the start: no score of the starting model here
+        if outcomes and outcomes[-1].dice < initial:
+            log.warning(f"the final global model scores WORSE on this site's validation slices than the starting "
+                        f"model (Dice {outcomes[-1].dice:.4f} after {self.plan.rounds} rounds, {initial:.4f} before): "
+                        "do not deploy it as is; try more rounds, a larger --epsilon or a lower --learning-rate",
+                        extra={"dice_final": outcomes[-1].dice, "dice_initial": initial})
 
     def _budget_spent(self, round_: int) -> bool:
         """Retires the site (and says so to the server) if this round would pass its budget."""
@@ -219,7 +245,7 @@ class _Site:
         if not self.privacy.would_exceed(steps):
             return False
         reason = (
-            f"privacy budget: round {round_} would take epsilon from {self.privacy.epsilon():.3f} to "
+            f"privacy budget: round {user_round(round_)} would take epsilon from {self.privacy.epsilon():.3f} to "
             f"{self.privacy.epsilon_after(steps):.3f}, past the target {self.config.epsilon:g}"
         )
         active = self.client.retire(round_, reason)
@@ -251,9 +277,12 @@ class _Site:
         epsilon = self.privacy.epsilon() if self.privacy is not None else None
         seconds = time.monotonic() - t0
         self._report(round_, scores, up0, down0, dice_local=dice_local, contributed=0.0 if weight is None else 1.0)
-        log.info("round done", extra={"round": round_, "dice": dice, "epsilon": epsilon if epsilon is not None else math.inf,
-                                      "epsilon_per": self.privacy.config.unit if self.privacy is not None else "-",
-                                      "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
+        log.info(f"round {user_round(round_)} of {self.plan.rounds} done: the global model it produced scores Dice "
+                 f"{dice:.4f} on this site's validation slices",
+                 extra={"round": round_, "dice": dice, "dice_local": dice_local,
+                        "epsilon": epsilon if epsilon is not None else math.inf,
+                        "epsilon_per": self.privacy.config.unit if self.privacy is not None else "-",
+                        "loss": result.loss, "train_seconds": result.seconds, "seconds": seconds})
         return RoundOutcome(round_, dice, epsilon, seconds), new_theta
 
     def _load_global(self, round_: int, theta: np.ndarray) -> dict[str, float]:
@@ -332,7 +361,7 @@ class _Site:
             lambda: self.client.weight_total(round_),
             lambda t: t.ready,
             timeout=self.config.round_timeout,
-            what=f"all sites to commit in round {round_}",
+            what=f"all sites to commit in round {user_round(round_)}",
             waiting_on=lambda: self._missing("committed"),
         )
         big_n = self.codec.decrypt_scalar(total.payload)
@@ -393,7 +422,7 @@ class _Site:
             self.client.status,
             lambda s: s.round >= round_,
             timeout=self.config.round_timeout,
-            what=f"round {round_} to open",
+            what=f"round {user_round(round_)} to open" if round_ < self.plan.rounds else "the last round to close",
             waiting_on=lambda: self._missing("uploaded"),
         )
 

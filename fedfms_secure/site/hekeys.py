@@ -12,7 +12,10 @@ The CKKS secret key is generated at a site, never at the provisioning host or th
                                 PublishKeys(epoch e+1, round r, envelopes, state chunks)
 
 A site never goes back to an older key epoch (``current_key`` refuses a rollback the server might
-announce), and refuses an envelope from a site that the revocation list in its bundle
+announce), except into a new federation run with the same bundle: a server without any key (a new
+``--state``), or a key whose signed envelope was sealed after this site stored its own, makes the
+site set its keys aside (``he/archive/``, kept, never taken back) and take the new run's key.
+A site also refuses an envelope from a site that the revocation list in its bundle
 (``BUNDLE/crl.pem``) removed. The server accepts a new epoch only at a round boundary (round r open, no commit yet)
 and then refuses ciphertexts of the old one; ``rotate_key`` retries until a boundary comes or its wait
 ends. Every other site notices the new epoch (Join, GetStatus, or a refused commit), fetches its
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -37,8 +41,8 @@ from fedfms_secure.keys import pki
 from fedfms_secure.keys.bundle import CRL, Bundle, sealing_keys
 from fedfms_secure.he.ckks import new_secret_context, serialize_site_context
 from fedfms_secure.he.codec import UpdateCodec, make_site_codec
-from fedfms_secure.keys.envelope import open_envelope, seal_for_sites
-from fedfms_secure.keys.hestore import HeStore, SiteKey, site_key
+from fedfms_secure.keys.envelope import OpenedEnvelope, open_envelope, seal_for_sites
+from fedfms_secure.keys.hestore import HeStore, SiteKey, parse_time, site_key
 from fedfms_secure.he.rekey import reencrypt_chunks
 from fedfms_secure.errors import ConfigError, FederationError, KeyMaterialError
 from fedfms_secure.protocol import PHASE_COMMIT, KeyEpoch, KeyPublication, Status
@@ -67,13 +71,14 @@ def init_key(client: FederationClient, bundle: Bundle, store: HeStore | None = N
             f"{bundle.path} holds the CKKS key made by the provisioning host (ckks.ctx): this federation has its "
             "key already; to replace it use `fedfms-secure keys rotate-he`"
         )
+    status = client.status()
+    set_aside_earlier_run(store, status.key)
     current = store.current()
     if current is not None:
         raise ConfigError(
             f"this site already holds CKKS key epoch {current.epoch} ({store.folder}); he-init makes the first key "
             "only: to replace it use `fedfms-secure keys rotate-he`"
         )
-    status = client.status()
     if status.key.epoch:
         raise ConfigError(
             f"the federation already has CKKS key epoch {status.key.epoch} (made by "
@@ -195,11 +200,16 @@ def current_key(
     store = store or HeStore(bundle.path, passphrase=passphrase)
     deadline = time.monotonic() + timeout
     delay = interval
+    said = Reminder(60.0)
     while True:
         if announced.epoch:
             held = _held(bundle, store, announced)
             if held is not None:
                 return held
+            if envelope_key is not None and _older_than_held(store, announced):
+                newer = _later_run(client, bundle, store, envelope_key, announced)
+                if newer is not None:
+                    return newer
             _refuse_rollback(store, announced)
             if envelope_key is None:
                 raise KeyMaterialError(
@@ -211,7 +221,8 @@ def current_key(
             except FederationError as exc:
                 if exc.code != "not_found" or time.monotonic() + delay > deadline:
                     raise
-                log.info("waiting for this site's envelope", extra={"epoch": announced.epoch, "reason": str(exc)})
+                if said("envelope"):
+                    log.info("waiting for this site's envelope", extra={"epoch": announced.epoch, "reason": str(exc)})
             else:
                 return _adopt(bundle, store, envelope_key, envelope.payload, envelope.key)
         elif time.monotonic() + delay > deadline:
@@ -220,11 +231,44 @@ def current_key(
                 "(`fedfms-secure keys he-init --keys SITE_BUNDLE --server HOST:PORT`)",
                 "unavailable",
             )
-        else:
-            log.info("waiting for keys he-init at one site")
+        elif said("he-init"):
+            log.info(f"waiting for keys he-init at one site (gives up after {timeout:g} s)",
+                     extra={"again_in_seconds": said.every})
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
         announced = client.status().key
+
+
+def set_aside_earlier_run(store: HeStore, announced: KeyEpoch) -> Path | None:
+    """A server without any key epoch (a new ``--state``) while this site holds keys: they belong to an
+    earlier federation run with the same bundle. They are moved, unchanged, to ``he/archive/`` (and
+    never taken back), so that ``keys he-init`` and the site daemon start the new run; returns the
+    archive folder, or None when nothing was set aside."""
+    if announced.epoch:
+        return None
+    held = store.current() or store.pending()
+    if held is None:
+        return None
+    folder = store.archive()
+    log.warning("the server has no CKKS key yet (a new federation run): this site's keys of an earlier run are "
+                "set aside, not deleted", extra={"epoch": held.epoch, "fingerprint": held.fingerprint[:16],
+                                                 "archive": str(folder)})
+    return folder
+
+
+class Reminder:
+    """Says whether a waiting message is due: the first time for each ``topic``, then every ``every`` s."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+
+    def __call__(self, topic: str) -> bool:
+        now = time.monotonic()
+        if topic in self._last and now - self._last[topic] < self.every:
+            return False
+        self._last[topic] = now
+        return True
 
 
 def client_key_is(client: FederationClient, fingerprint: str) -> bool:
@@ -262,17 +306,62 @@ def _refuse_rollback(store: HeStore, announced: KeyEpoch) -> None:
         )
 
 
-def _adopt(bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey, payload: bytes, key: KeyEpoch) -> SiteKey:
-    opened = open_envelope(
+def _older_than_held(store: HeStore, announced: KeyEpoch) -> bool:
+    current = store.current()
+    return current is not None and announced.epoch <= current.epoch and announced.fingerprint != current.fingerprint
+
+
+def _later_run(client: FederationClient, bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey,
+               announced: KeyEpoch) -> SiteKey | None:
+    """The announced key when it belongs to a new federation run with this bundle, else None.
+
+    A key of an epoch this site already passed is a rollback, unless its envelope (signed by a
+    site of the federation, ``created`` included) was sealed after this site stored its current
+    key: then a site made it for a new run (a new server ``--state``), and no replayed old envelope
+    can be that recent. The keys held here are set aside (``HeStore.archive``), not deleted."""
+    current = store.current()
+    assert current is not None
+    try:
+        envelope = client.envelope(announced.epoch)
+    except FederationError:
+        return None
+    opened = _open(bundle, envelope_key, envelope.payload, envelope.key)
+    created = parse_time(opened.header.created)
+    if created is None or created <= store.stored_at(current):
+        return None
+    folder = store.archive()
+    log.warning("a key sealed after this site's own, for an epoch it already passed: a new federation run with "
+                "this bundle; the keys of the earlier run are set aside, not deleted",
+                extra={"epoch": announced.epoch, "from": opened.header.sender, "archive": str(folder)})
+    return _store_opened(store, opened, announced)
+
+
+def _open(bundle: Bundle, envelope_key: X25519PrivateKey, payload: bytes, key: KeyEpoch) -> OpenedEnvelope:
+    return open_envelope(
         payload, recipient=bundle.name, recipient_key=envelope_key, federation=bundle.federation,
         sites=bundle.clients, ca_pem=bundle.ca_pem, params=bundle.params, epoch=key.epoch,
         fingerprint=key.fingerprint, source=f"the envelope of key epoch {key.epoch}",
         revoked_sites=bundle_removed_sites(bundle),
     )
+
+
+def _store_opened(store: HeStore, opened: OpenedEnvelope, key: KeyEpoch) -> SiteKey:
+    not_before = store.not_before()
+    created = parse_time(opened.header.created)
+    if not_before is not None and (created is None or created <= not_before):
+        raise KeyMaterialError(
+            f"the envelope of CKKS key epoch {key.epoch} from {opened.header.sender} was sealed at "
+            f"{opened.header.created}, before this site's keys of an earlier run were stored "
+            f"({not_before.isoformat(timespec='seconds')}): a replayed old key, refused. Check the server"
+        )
     stored = store.put(key.epoch, opened.context_bytes)
     log.info("CKKS key received", extra={"epoch": key.epoch, "from": opened.header.sender,
                                          "fingerprint": key.fingerprint[:16]})
     return SiteKey(store.load(stored), stored.fingerprint, stored.epoch)
+
+
+def _adopt(bundle: Bundle, store: HeStore, envelope_key: X25519PrivateKey, payload: bytes, key: KeyEpoch) -> SiteKey:
+    return _store_opened(store, _open(bundle, envelope_key, payload, key), key)
 
 
 def removed_sites(bundle: Bundle, crl_pem: bytes | None) -> set[str]:
@@ -347,6 +436,12 @@ class Keyring:
     def fingerprint(self) -> str:
         """The fingerprint of the key held now ("" before this site has any)."""
         return self.codec.fingerprint if self.codec is not None else ""
+
+    def start_run(self, announced: KeyEpoch) -> None:
+        """Before joining: sets aside the keys of an earlier federation run when the server has none
+        yet (``set_aside_earlier_run``), so the site waits for this run's he-init instead."""
+        if set_aside_earlier_run(self._store, announced) is not None:
+            self.codec = None
 
     def sync(self, announced: KeyEpoch) -> bool:
         """Switches to the ``announced`` key epoch unless it is held already; True when it switched.

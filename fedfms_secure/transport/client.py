@@ -53,6 +53,7 @@ class FederationClient:
         reconnect_timeout: float = 0.0,
     ) -> None:
         self.address = address
+        self._server_name = server_name
         self._channel = client_channel(
             address, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, server_name=server_name, insecure=insecure
         )
@@ -83,16 +84,41 @@ class FederationClient:
         self.close()
 
     # --- calls ----------------------------------------------------------------------------------
-    def wait_ready(self, timeout: float) -> None:
-        """Blocks until the channel connects; ServerUnreachable after ``timeout`` seconds."""
+    def wait_ready(self, timeout: float, *, flag: str = "--connect-timeout") -> None:
+        """Blocks until the server answers; says once that it waits (and for how long, set by ``flag``).
+
+        ServerUnreachable after ``timeout`` seconds, or at once when the TLS handshake fails (the
+        bundle cannot work with this server: waiting would not help)."""
+        deadline = time.monotonic() + timeout
+        ready = grpc.channel_ready_future(self._channel)
+        said = False
+        while True:
+            try:
+                ready.result(timeout=max(0.0, min(2.0, deadline - time.monotonic())))
+                return
+            except grpc.FutureTimeoutError:
+                pass
+            self._refuse_handshake_failure()
+            if time.monotonic() >= deadline:
+                break
+            if not said:
+                log.warning(f"waiting for the server at {self.address} (gives up after {timeout:g} s, {flag})",
+                            extra={"address": self.address})
+                said = True
+        raise ServerUnreachable(
+            f"cannot reach the server at {self.address} after {timeout:g} s: is `fedfms-secure server` running "
+            f"there, do --server and the server's --address match, and does a firewall let the port through? "
+            f"(raise {flag} to wait longer)"
+        )
+
+    def _refuse_handshake_failure(self) -> None:
+        """One status call, to learn why the channel is not ready; raises when TLS is the reason."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise ServerUnreachable(
-                f"cannot reach the server at {self.address} after {timeout:.0f} s: is `fedfms-secure server` "
-                "running there, and do --server and the server's --address match? (with TLS, a wrong "
-                "bundle shows up the same way: check it with the server's CA)"
-            ) from None
+            self._stub.GetStatus(pb.GetStatusRequest(), timeout=2.0, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and _handshake_failed(details):
+                raise ServerUnreachable(_handshake_message(self.address, self._server_name)) from None
 
     def join(self, fingerprint: str, version: str) -> Joined:
         req = pb.JoinRequest(context_fingerprint=fingerprint, client_version=version)
@@ -198,6 +224,8 @@ class FederationClient:
 def _translate(exc: grpc.RpcError, address: str) -> FederationError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE and _handshake_failed(details or ""):
+        return FederationError(_handshake_message(address, None), "unavailable")  # waiting would not help
     if code == grpc.StatusCode.UNAVAILABLE:
         return ServerUnreachable(
             f"the server at {address} is unavailable ({details}); check that it runs and that the site's "
@@ -212,6 +240,26 @@ def _translate(exc: grpc.RpcError, address: str) -> FederationError:
     reason = next((value for key, value in trailers or () if key == REASON_METADATA_KEY), "")
     error_class = REASON_CLASSES.get(reason, FederationError)
     return error_class(f"server refused: {details}", CODE_NAMES.get(code, "failed_precondition"))
+
+
+# gRPC reports a failed TLS handshake only as UNAVAILABLE with these words in the details
+_HANDSHAKE_WORDS = ("handshake", "certificate_verify_failed", "ssl_error", "tsi_", "peer certificate",
+                    "certificate verify", "tlsv1 alert")
+
+
+def _handshake_failed(details: str) -> bool:
+    text = details.lower()
+    return any(word in text for word in _HANDSHAKE_WORDS)
+
+
+def _handshake_message(address: str, server_name: str | None) -> str:
+    expected = f" (the site expects a server certificate for {server_name!r})" if server_name else ""
+    return (
+        f"the TLS handshake with the server at {address} failed{expected}. Likely causes: the site's bundle "
+        "is from another federation than the server's (export both from the same `keys init` folder), "
+        "--server names another server than this federation's, or a certificate has expired or was revoked "
+        "(`fedfms-secure keys verify BUNDLE` shows which; renew with `keys rotate-tls`)"
+    )
 
 
 def poll(fn: Callable[[], T], done: Callable[[T], bool], *, timeout: float, interval: float = 0.2,

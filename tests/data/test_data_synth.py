@@ -143,3 +143,18 @@ def test_scanner_shifts_survive_preprocessing(tmp_path: Path) -> None:
         steps.append(float(images[labels].mean() - images[~labels & (images > 0.05)].mean()))
     # the organ's step above the surrounding tissue differs between sites after normalisation
     assert max(steps) - min(steps) > 0.03, steps
+
+
+def test_named_sites_match_the_names_of_keys_init(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fedfms_secure", "data", "synth", "--out", str(tmp_path / "d"),
+                           "--names", "hosp_a,hosp_b"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["hosp_a", "hosp_b"]
+    assert [Path(line).name for line in done.stdout.split()] == ["hosp_a", "hosp_b"]
+    assert len(find_sites(tmp_path / "d" / "hosp_a")) == 1
+    for bad in (["a", "a"], ["../x"], [".hidden"], []):
+        with pytest.raises(ConfigError, match="distinct plain folder names"):
+            synth_federation(tmp_path / "e", names=bad)

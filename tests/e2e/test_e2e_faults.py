@@ -237,7 +237,7 @@ def test_server_killed_mid_round_resumes_and_the_sites_finish(federation):
     resumed = next(line for line in log.splitlines() if "resumed from the state folder" in line)
     fields = dict(re.findall(r"(\w+)=(\S+)", resumed))
     # what status.json showed had been stored (it is written after each database transaction)
-    assert int(fields["round"]) == at_kill["round"], (resumed, at_kill)
+    assert int(fields["round"]) == at_kill["round"] + 1, (resumed, at_kill)  # the log counts rounds from 1
     assert int(fields["commits"]) >= len(at_kill["committed"]) and int(fields["uploads"]) >= len(at_kill["uploaded"])
     if at_kill["round"] == 0:  # the usual case: one upload received, the held site's still to come
         assert fields["phase"] == "upload" and int(fields["uploads"]) == 1, resumed
@@ -294,7 +294,7 @@ def test_a_site_that_never_answers_the_rounds_close_on_quorum(federation):
     *live, silent = sorted(fed.sites)
     for name in fed.sites:
         fed.start_site(name, address)
-    fed.wait_for(f"{silent} to join", lambda: f"site joined round=0 site={silent}" in fed.log("server"))
+    fed.wait_for(f"{silent} to join", lambda: f"site joined round=1 site={silent}" in fed.log("server"))
     fed.signal(silent, signal.SIGSTOP)  # it holds its connection and never says another word
 
     fed.wait_ok(*live)
@@ -314,7 +314,7 @@ def _deadline_federation_joined(fed: Federation) -> tuple[str, str, str]:
     punctual, late = sorted(fed.sites)
     for name in fed.sites:
         fed.start_site(name, address)
-    fed.wait_for(f"{late} to join", lambda: f"site joined round=0 site={late}" in fed.log("server"))
+    fed.wait_for(f"{late} to join", lambda: f"site joined round=1 site={late}" in fed.log("server"))
     return address, punctual, late
 
 

@@ -61,7 +61,9 @@ def test_server_never_held_a_secret_key(run):
     assert len(fingerprints) == 1 and StateStore(out / "run" / "server").key_epochs()[0].site == "site_1"
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
     names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
-    assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl"}, names
+    assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl", ".lock"}, names
+    lock = (out / "run" / "server" / "daemon.lock").read_text()  # the one-server-per-folder lock: a PID only
+    assert lock.strip().isdigit(), lock
 
 
 def test_sites_decrypt_the_plaintext_weighted_fedavg(run):

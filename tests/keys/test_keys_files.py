@@ -174,14 +174,17 @@ def test_lifetimes_and_rotation_keep_modes(tmp_path: Path) -> None:
         init_federation(tmp_path / "r", federation="d", server_host="localhost", clients=["a"], days=0)
 
 
-def test_add_client_refuses_what_the_packing_cannot_hold(tmp_path: Path) -> None:
+def test_add_client_refuses_what_the_packing_cannot_hold(tmp_path: Path, capsys) -> None:
     prov = tmp_path / "p"
     assert main(["keys", "init", "--out", str(prov), "--server-host", "localhost", "--clients", "a,b"]) == 0
-    with pytest.raises(ConfigError, match=r"cannot add 'c'.*at most 2 sites x 10 rounds.*keys init --max-sites"):
+    assert "room for 2 site(s) in all (--max-sites): `keys add-client` cannot add any" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"cannot add 'c': this federation was provisioned with room for 2 site\(s\) "
+                                          r"\(`keys init --max-sites`.*at most 2 sites x 10 rounds.*--max-sites N"):
         add_client(prov, "c")
     roomy = tmp_path / "roomy"
     assert main(["keys", "init", "--out", str(roomy), "--server-host", "localhost", "--clients", "a,b",
                  "--max-sites", "3"]) == 0
+    assert "`keys add-client` can add 1 more" in capsys.readouterr().out
     add_client(roomy, "c")
     with pytest.raises(ConfigError, match=r"cannot add 'd'.*at most 3 sites"):
         add_client(roomy, "d")

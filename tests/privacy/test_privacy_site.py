@@ -213,3 +213,14 @@ def test_the_unit_and_the_number_of_records_are_fixed_when_the_run_starts(tmp_pa
         _open(tmp_path, records=41)
     with pytest.raises(ConfigError, match="unit='slice'"):
         _open(tmp_path, config=PrivacyConfig(target_epsilon=4.0, unit="slice"), records=40)
+
+
+def test_more_rounds_on_a_finished_run_names_what_changed_and_the_new_state_to_give(tmp_path) -> None:
+    _open(tmp_path, planned_steps=100)
+    with pytest.raises(ConfigError) as info:
+        _open(tmp_path, planned_steps=200)
+    message = str(info.value)
+    assert "planned DP-SGD steps (rounds x local epochs x steps per epoch): 100 then, 200 now" in message
+    assert "new --state" in message
+    assert "PrivacyConfig(" not in message  # no raw dump of the settings
+    assert "target_epsilon" not in message  # only what changed is named
