@@ -220,9 +220,8 @@ class SitePrivacy:
                 f"{self.state_dir / STATE_FILE} belongs to a run with other settings ({'; '.join(changed)})"
                 f"{hint}. A run's budget is fixed when it starts: use the original settings, or, for a new "
                 "federation run (e.g. more rounds after a finished one), give this site a new --state (this one "
-                f"keeps the record of the budget already spent). Deleting {STATE_FILE} would start a new run but "
-                "resets (forfeits) the spent budget accounting, voiding the site's privacy guarantee for data "
-                "already used"
+                f"keeps the record of the budget already spent). Deleting {STATE_FILE} does not start a new run: "
+                "the ledger and the server still record the budget spent on this data"
             )
 
 

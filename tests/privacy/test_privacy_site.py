@@ -97,7 +97,7 @@ def test_reopen_with_another_sample_rate_explains_the_cause_and_the_cost_of_dele
     message = str(info.value)
     assert "expected patients per step / training patients" in message
     assert "keep_empty_every" in message and "batch size" in message
-    assert f"Deleting {STATE_FILE}" in message and "forfeits" in message
+    assert f"Deleting {STATE_FILE} does not start a new run" in message  # the ledger and the server remember
     with pytest.raises(ConfigError) as other:
         _open(tmp_path, planned_steps=200)
     assert "keep_empty_every" not in str(other.value)  # the hint is for the sample rate only
@@ -211,7 +211,7 @@ def test_the_unit_and_the_number_of_records_are_fixed_when_the_run_starts(tmp_pa
     assert site.config.unit == "patient" and site.records == 40
     with pytest.raises(ConfigError, match="fixed at 40"):
         _open(tmp_path, records=41)
-    with pytest.raises(ConfigError, match="unit='slice'"):
+    with pytest.raises(ConfigError, match="unit: patient then, slice now"):
         _open(tmp_path, config=PrivacyConfig(target_epsilon=4.0, unit="slice"), records=40)
 
 
