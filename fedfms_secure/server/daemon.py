@@ -96,7 +96,7 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
     quota = round_quota(length, aggregator.chunk_values, len(bundle.clients))
     coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
                               round_deadline=config.round_deadline, min_sites=config.min_sites,
-                              vector_length=length, round_quota_bytes=quota)
+                              vector_length=length, round_quota_bytes=quota, background_close=True)
     return coordinator, bundle, store
 
 
