@@ -1,6 +1,7 @@
-"""Closing a round: E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's running sum,
-written as one pack (one fsync), then recorded with the next round's opening in one SQLite
-transaction.
+"""Closing a round: E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's uploads. The
+running sum starts each round as the stored state E(theta_r - theta_0) (loaded while the sites
+train), so closing only writes it out as one pack (one fsync), then records it with the next
+round's opening in one SQLite transaction.
 
 With ``background=True`` (the daemon) a closer thread does the work off the request path: the
 call that brought the last upload returns once that upload is stored, and the coordinator's lock
@@ -64,6 +65,12 @@ class RoundCloser:
     _vector_length: int | None
     _chunks: int | None
     _close_wanted: threading.Event | None
+    _closer_thread: threading.Thread | None
+    _closer_stopping: bool
+    _sum_ready: threading.Event
+    _sum_generation: int
+    _sum_error: str
+    _previous: GlobalRow | None
 
     _drop_streams: Callable[[str], None]
     _rebuild_sums: Callable[[int], None]
@@ -73,7 +80,50 @@ class RoundCloser:
 
     def _start_closer(self) -> None:
         self._close_wanted = threading.Event()
-        threading.Thread(target=self._closer_loop, name="round-closer", daemon=True).start()
+        self._closer_thread = threading.Thread(target=self._closer_loop, name="round-closer", daemon=True)
+        self._closer_thread.start()
+
+    def stop_closer(self, timeout: float) -> None:
+        """Lets a round close in progress finish (at most ``timeout`` seconds), then ends the closer
+        thread; a close cut short is done again by the next start."""
+        if self._close_wanted is None or self._closer_thread is None:
+            return
+        self._closer_stopping = True
+        self._close_wanted.set()
+        self._closer_thread.join(timeout)
+
+    def _reload_sum(self) -> None:
+        """The running sum starts over from the stored state that opens the current round (caller
+        holds ``_lock``): loaded by the closer thread, or at once without one."""
+        self._previous = self._summed_state(self._round)
+        self._sum_generation += 1
+        self._sum_ready.clear()
+        with self._sum_lock:
+            self._round_sum, self._sum_error = {}, ""
+        if self._close_wanted is not None:
+            self._close_wanted.set()
+        else:
+            self._load_sum(self._sum_generation, self._previous)
+
+    def _load_sum(self, generation: int, previous: GlobalRow | None) -> None:
+        """Parses ``previous`` into the running sum (no lock held while it reads and parses)."""
+        loaded: dict[int, Any] = {}
+        error = ""
+        try:
+            if previous is not None:
+                for index, payload in enumerate(self._store.iter_global(previous)):
+                    loaded[index] = self._parse(payload, what="stored global state")
+                if len(loaded) != previous.chunks:
+                    raise BlobError(f"it holds {len(loaded)} chunks, not {previous.chunks}")
+        except (BlobError, FederationError) as exc:
+            error = (f"the stored global state of round {previous.round if previous else 0} is damaged ({exc}): "
+                     "stop the server and restore its --state folder from a backup")
+            log.error("cannot load the global state", extra={"error": error})
+        with self._sum_lock:
+            if generation != self._sum_generation:
+                return  # superseded (e.g. a key rotation replaced the state meanwhile)
+            self._round_sum, self._sum_error = loaded, error
+            self._sum_ready.set()
 
     def _close_round(self) -> None:
         """Closes the open round (caller holds ``_lock``); in the background when a closer runs."""
@@ -97,15 +147,22 @@ class RoundCloser:
             self._close_wanted.clear()
             try:
                 with self._lock:
-                    if not self._closing:
-                        continue
-                    job = self._begin_close()
-                row = self._write_state(job)
-                with self._lock:
-                    self._finish_close(job, row)
-                self._store.delete_packs(job.upload_packs)
+                    job = self._begin_close() if self._closing else None
+                    load = None if self._sum_ready.is_set() else (self._sum_generation, self._previous)
+                if job is not None:
+                    row = self._write_state(job)
+                    with self._lock:
+                        self._finish_close(job, row)
+                        load = (self._sum_generation, self._previous)
+                    self._store.delete_packs(job.upload_packs)
+                if self._closer_stopping:
+                    return
+                if load is not None:
+                    self._load_sum(*load)
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any one failure
                 log.error("could not close the round; trying again", extra={"error": str(exc)}, exc_info=exc)
+                if self._closer_stopping:
+                    return
                 threading.Timer(RETRY_SECONDS, self._close_wanted.set).start()
 
     def _begin_close(self) -> _Closing:
@@ -114,12 +171,13 @@ class RoundCloser:
             self._drop_streams(f"round {self._round} closed without this upload: the site takes part again "
                                f"from round {self._round + 1}")
             packs = tuple(self._accepted_packs.values())
-        return _Closing(self._round, self._summed_state(self._round), self._chunks or 0, self._vector_length or 0,
+        return _Closing(self._round, self._previous, self._chunks or 0, self._vector_length or 0,
                         dict(self._receipts), tuple(sorted(set(self._commits) - set(self._receipts))), packs)
 
     def _write_state(self, job: _Closing) -> GlobalRow:
-        """The state that opens the next round, written as one pack. No folding runs meanwhile (the
-        round is closing), so the running sum is read without a lock.
+        """The state that opens the next round (the running sum: the previous state plus every
+        upload), written as one pack. No folding runs meanwhile (the round is closing), so the
+        sum is read without a lock.
 
         A round without uploads (every committed site retired first) carries the state over
         unchanged: the same pack, or none while nothing was ever uploaded (theta_0).
@@ -132,20 +190,12 @@ class RoundCloser:
             if previous is None:
                 return GlobalRow(next_round, 0, 0)
             return GlobalRow(next_round, previous.vector_length, previous.chunks, previous.pack, previous.blobs)
+        if self._sum_error:
+            raise FederationError(self._sum_error, "failed_precondition")
         writer = self._store.new_pack("global")
         try:
-            stored = self._store.iter_global(previous) if previous is not None else None
             for index in range(job.chunks):
-                total = self._round_sum[index]
-                if stored is not None:
-                    try:
-                        old = self._parse(next(stored), what="stored global state")
-                    except (BlobError, StopIteration) as exc:
-                        raise FederationError(
-                            f"the stored global state of round {job.round} is damaged ({exc}): stop the server "
-                            "and restore its --state folder from a backup", "failed_precondition") from exc
-                    total = self._sum([old, total], what=f"global chunk {index}")
-                writer.append(self._aggregator.dump(total))
+                writer.append(self._aggregator.dump(self._round_sum[index]))
             writer.commit()
         except BaseException:
             writer.discard()
@@ -170,8 +220,9 @@ class RoundCloser:
         self._phase_started = self._round_started = now
         self._commits, self._weight_total, self._receipts = {}, None, {}
         with self._sum_lock:
-            self._round_sum, self._accepted_packs = {}, {}
+            self._accepted_packs = {}
         self._closing = False
+        self._reload_sum()
         log.info("round closed", extra={"round": job.round, "sites": len(job.receipts)})
         try:  # bookkeeping for tools: a failure here must not fail the round
             self._store.append_record("rounds.jsonl", closed)
@@ -188,15 +239,20 @@ class RoundCloser:
         row = self._store.global_row(round_) if round_ > 0 else None
         return row if row is not None and row.chunks else None
 
+    def _fold_one(self, index: int, obj: Any) -> None:
+        """The running sum at ``index`` plus ``obj``, in place (caller holds ``_sum_lock`` or is alone)."""
+        if self._sum_error:
+            raise FederationError(self._sum_error, "failed_precondition")
+        current = self._round_sum.get(index)
+        self._round_sum[index] = obj if current is None else self._sum([current, obj], what=f"chunk {index}")
+
     def _fold_pack(self, name: str, chunks: int) -> None:
         """Adds a stored upload to the running sum (at start-up); on a damaged pack, what it added is
         taken back out and BlobError is raised."""
         count = 0
         try:
             for index, payload in enumerate(self._store.read_pack(name)):
-                obj = self._parse(payload, what=f"stored chunk {index}")
-                current = self._round_sum.get(index)
-                self._round_sum[index] = obj if current is None else self._sum([current, obj], what=f"chunk {index}")
+                self._fold_one(index, self._parse(payload, what=f"stored chunk {index}"))
                 count += 1
             if count != chunks:
                 raise BlobError(f"pack {name} holds {count} chunks, its row says {chunks}")

@@ -53,7 +53,7 @@ from fedfms_secure.server.checks import check_metrics, expected_values
 from fedfms_secure.server.closer import RoundCloser
 from fedfms_secure.server.key_epochs import KeyEpochRegistry
 from fedfms_secure.server.uploads import UploadIntake, UploadStream
-from fedfms_secure.server.store import BlobError, StateStore
+from fedfms_secure.server.store import BlobError, GlobalRow, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
 
@@ -100,6 +100,12 @@ class Coordinator(KeyEpochRegistry, UploadIntake, RoundCloser):
         self._accepted_packs: dict[str, str] = {}
         self._closing = False
         self._close_wanted: threading.Event | None = None
+        self._closer_thread: threading.Thread | None = None
+        self._closer_stopping = False
+        self._sum_ready = threading.Event()
+        self._sum_generation = 0
+        self._sum_error = ""
+        self._previous: GlobalRow | None = None
         self._joined: dict[str, bool] = {name: False for name in sites}
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
@@ -140,6 +146,8 @@ class Coordinator(KeyEpochRegistry, UploadIntake, RoundCloser):
         if self._phase == PHASE_UPLOAD:
             self._weight_total = self._aggregator.dump(self._sum(self._commits.values(), what="the committed weights"))
         self._receipts: dict[str, Receipt] = {}
+        self._previous = current
+        self._load_sum(self._sum_generation, current)
         for site, row in store.uploads(self._round).items():
             try:
                 if not row.pack:

@@ -167,6 +167,7 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=5).wait()
+        coordinator.stop_closer(timeout=120)
     log.info("server stopped", extra={"round": coordinator.status().round})
     return 0
 

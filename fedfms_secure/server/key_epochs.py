@@ -67,6 +67,7 @@ class KeyEpochRegistry:
 
     _touch: Callable[[str], None]
     _write_status: Callable[[], None]
+    _reload_sum: Callable[[], None]
 
     def _restore_keys(self) -> None:
         """The key epochs from the database; a dealer-made key becomes epoch 1 of a fresh state."""
@@ -130,6 +131,8 @@ class KeyEpochRegistry:
                 writer = None  # recorded
                 previous = self._key
                 self._use_key([*self._keys, key], aggregator)
+                if state is not None:
+                    self._reload_sum()  # the round's sum starts from the re-encrypted state
                 log.info("CKKS key epoch started", extra={"epoch": key.epoch, "site": site, "round": key.round,
                                                           "fingerprint": key.fingerprint[:16],
                                                           "previous": previous.fingerprint[:16] or "none",

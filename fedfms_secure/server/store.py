@@ -117,9 +117,10 @@ class PackWriter:
         """Where the records written so far can be read: the final name once committed."""
         return self.tmp_path if self._fh is not None else self.path
 
-    def append(self, payload: bytes) -> None:
+    def append(self, payload: bytes, digest: bytes | None = None) -> None:
+        """Writes one record; ``digest``: the payload's sha256, when the caller has it already."""
         assert self._fh is not None, "append after commit or discard"
-        self._fh.write(_RECORD.pack(len(payload), hashlib.sha256(payload).digest()))
+        self._fh.write(_RECORD.pack(len(payload), digest or hashlib.sha256(payload).digest()))
         self._fh.write(payload)
         self.count += 1
 
@@ -193,16 +194,19 @@ class StateStore:
                               "and its permissions, or give another --state") from exc
 
     def discard_partial_blobs(self) -> int:
-        """Deletes blob files a crash left half-written (never referenced); the owning server calls
-        this once at start-up, before any write, and no other reader of the folder may."""
+        """Deletes blob and pack files a crash left half-written, and packs the open round no longer
+        needs; returns how many half-written ones went. The owning server calls this once at
+        start-up, before any write, and no other reader of the folder may."""
         partial = [*(self.root / "blobs").glob("*/*.tmp"), *(self.root / "packs").glob("*.tmp")]
         for tmp in partial:
             tmp.unlink(missing_ok=True)
-        referenced = {row.pack for row in self._all_globals()} | {
-            json.loads(text).get("pack", "") for (text,) in self._db.execute("SELECT blobs FROM uploads")
-            if text.startswith("{")}
+        # what the open round still needs: its uploads, its state and the one before (the rest was
+        # left by a crash between a round's close and its clean-up)
+        current = int(self.get_state("round", "0"))
+        referenced = {row.pack for row in self._all_globals() if row.round >= current - 1} | {
+            _upload_pack(text) for (text,) in self._db.execute("SELECT blobs FROM uploads WHERE round = ?", (current,))}
         for path in (self.root / "packs").glob("*.pack"):
-            if path.stem not in referenced:  # written, never recorded: the crash came in between
+            if path.stem not in referenced:
                 path.unlink(missing_ok=True)
         return len(partial)
 

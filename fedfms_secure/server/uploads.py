@@ -23,7 +23,7 @@ from fedfms_secure.errors import FederationError, UpdateAlreadyReceived
 from fedfms_secure.he.aggregate import PayloadAggregator
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Receipt
 from fedfms_secure.server.checks import check_chunk, check_layout
-from fedfms_secure.server.store import PackWriter, StateStore, UploadRow, read_pack
+from fedfms_secure.server.store import GlobalRow, PackWriter, StateStore, UploadRow, read_pack
 
 log = logging.getLogger("fedfms_secure.server")
 
@@ -48,6 +48,8 @@ class UploadIntake:
     _store: StateStore
     _lock: threading.Lock
     _sum_lock: threading.Lock  # guards the four below; taken after ``_lock`` where both are held
+    _sum_ready: threading.Event  # set once the round's stored state is in the sum
+    _previous: GlobalRow | None  # the stored state that opens the round (None: theta_0)
     _round_sum: dict[int, Any]
     _streams: dict[str, UploadStream]
     _accepted_packs: dict[str, str]
@@ -68,6 +70,7 @@ class UploadIntake:
     _sum: Callable[..., Any]
     _progress: Callable[[], None]
     _write_status: Callable[[], None]
+    _fold_one: Callable[[int, Any], None]
 
     def receive_upload(self, site: str, chunks: Iterable[Chunk]) -> Receipt:
         """Consumes one upload stream, folding it into the round's sum as it arrives; returns once
@@ -132,8 +135,9 @@ class UploadIntake:
         return True
 
     def _take(self, site: str, first: Chunk, rest: Iterable[Chunk], stream: UploadStream | None) -> Receipt:
-        """Checks the stream chunk by chunk, parsing each once; folds and stores it (with ``stream``).
-        The round's disk quota counts every accepted upload and every stream in progress."""
+        """Checks the stream chunk by chunk, parsing and hashing each once; folds and stores it (with
+        ``stream``). The receipt's digest is the sha256 of the chunks' sha256 digests, in order. The
+        round's disk quota counts every accepted upload and every stream in progress."""
         digest = hashlib.sha256()
         size = 0
         expected_index = 0
@@ -148,10 +152,11 @@ class UploadIntake:
                 )
             with self._lock:
                 self._charge(site, len(chunk.payload))
+            record = hashlib.sha256(chunk.payload).digest()
             if stream is not None and stream.writer is not None:
-                stream.writer.append(chunk.payload)
+                stream.writer.append(chunk.payload, record)
                 self._fold(stream, chunk.index, obj)
-            digest.update(chunk.payload)
+            digest.update(record)  # the upload's digest: over its chunks' digests
             size += len(chunk.payload)
             expected_index += 1
         if expected_index != first.total:
@@ -163,11 +168,12 @@ class UploadIntake:
 
     def _fold(self, stream: UploadStream, index: int, obj: Any) -> None:
         """Adds chunk ``index`` of ``stream`` to the round's sum, in place."""
+        if not self._sum_ready.is_set():  # the round's stored state is still being loaded
+            self._sum_ready.wait()
         with self._sum_lock:
             if stream.dropped:
                 raise FederationError(stream.dropped, "failed_precondition")
-            current = self._round_sum.get(index)
-            self._round_sum[index] = obj if current is None else self._sum([current, obj], what=f"chunk {index}")
+            self._fold_one(index, obj)
             stream.folded += 1
 
     def _accept(self, site: str, first: Chunk, receipt: Receipt, stream: UploadStream | None) -> Receipt:
@@ -219,18 +225,21 @@ class UploadIntake:
             self._rebuild_sums(touched)
 
     def _rebuild_sums(self, count: int) -> None:
-        """Sums ``0..count-1`` again from the accepted uploads and the streams in flight (caller
-        holds ``_sum_lock``): what a dropped stream had folded is gone."""
+        """Sums ``0..count-1`` again from the round's stored state, the accepted uploads and the
+        streams in flight (caller holds ``_sum_lock``): what a dropped stream had folded is gone."""
         for index in range(count):
             self._round_sum.pop(index, None)
+        if self._previous is not None:
+            for index, payload in enumerate(self._store.iter_global(self._previous)):
+                if index >= count:
+                    break
+                self._fold_one(index, self._parse(payload, what="stored global state"))
         sources = [(self._store.pack_path(name), count) for name in self._accepted_packs.values()]
         sources += [(s.writer.readable_path, min(count, s.folded)) for s in self._streams.values()
                     if s.writer is not None and s.folded]
         for path, limit in sources:
             for index, payload in enumerate(read_pack(path, limit)):
-                obj = self._parse(payload, what=f"stored chunk {index}")
-                current = self._round_sum.get(index)
-                self._round_sum[index] = obj if current is None else self._sum([current, obj], what=f"chunk {index}")
+                self._fold_one(index, self._parse(payload, what=f"stored chunk {index}"))
         log.info("rebuilt the round's sum without a dropped upload", extra={"round": self._round, "chunks": count})
 
     def _charge(self, site: str, size: int) -> None:
