@@ -10,7 +10,8 @@ the server parses and adds each one all the same). Measured per run:
 - the state folder's largest size on disk during the round;
 - phase times: commit (every site's E(n_k)), upload (from the first byte to the last site's
   receipt), close (from that receipt until the next round is open), download (every site
-  streams the new global state);
+  streams the new global state); then round 1's upload and close (its sum starts from the
+  stored state, which the server loads while the sites download and train);
 - send time: the same N concurrent uploads to a null server (the same gRPC options and mutual
   TLS, a handler that only reads the stream), i.e. what the sites need to serialise and send
   their bytes; the target is upload <= 1.5x send time, and close < 10% of upload.
@@ -49,6 +50,7 @@ from fedfms_secure.transport.client import FederationClient  # noqa: E402
 from fedfms_secure.v1 import federation_pb2 as pb  # noqa: E402
 from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc  # noqa: E402
 
+ROUNDS = 3  # the plan's; the run closes rounds 0 and 1
 DEFAULT_RUNS = ("fedmsa:2", "fedmsa:4", "fedmsa:8", "fedsam:2", "fedsam:4")
 RSS_FIXED, RSS_PER_PARAM = 150e6, 8.0
 #: the previous server (per-chunk fsync'd files under one lock, the close inside the last upload's
@@ -117,18 +119,18 @@ def _proc_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for process {pid}")
 
 
-def _wait_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
+def _wait_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the process did not start (exit {proc.poll()}); see its log")
+            raise RuntimeError(f"the process did not start (exit {proc.poll()}): {log.read_text()[-2000:]}")
         time.sleep(0.05)
     text = path.read_text()
     return json.loads(text)["address"] if text.startswith("{") else text
 
 
 def _provision(root: Path, sites: list[str]) -> None:
-    params = fit_params(bound=1.0, sites=len(sites), rounds=2)
+    params = fit_params(bound=1.0, sites=len(sites), rounds=ROUNDS)
     prov = init_federation(root / "prov", federation="scale", server_host="localhost", clients=sites,
                            he_dealer=True, params=params)
     export_bundle("server", None, prov, root / "server")
@@ -163,15 +165,15 @@ def run_one(mode: str, sites_n: int, length: int, root: Path) -> dict[str, Any]:
     last = codec.encrypt_vector(rng.uniform(-1e-4, 1e-4, length - (-(-length // step) - 1) * step))[0]
     chunks = -(-length // step)
 
-    def upload(client: FederationClient) -> Any:
-        return client.upload(lambda: _stream(0, length, step, codec.fingerprint, full, last))
+    def upload(client: FederationClient, round_: int = 0) -> Any:
+        return client.upload(lambda: _stream(round_, length, step, codec.fingerprint, full, last))
 
     # the sites' own cost: the same concurrent uploads into a null server
     null_file = root / "null.address"
     null = subprocess.Popen([sys.executable, __file__, "--null-server", str(root / "server"), str(null_file)],
                             stdout=subprocess.DEVNULL, stderr=open(root / "null.log", "wb"))
     try:
-        address = _wait_file(null_file, null)
+        address = _wait_file(null_file, null, root / "null.log")
         clients = {s: FederationClient.from_bundle(bundles[s], address, call_timeout=600) for s in sites}
         send_s, _ = _all(sites, lambda s: upload(clients[s]))
         for c in clients.values():
@@ -184,11 +186,11 @@ def run_one(mode: str, sites_n: int, length: int, root: Path) -> dict[str, Any]:
     preset = "vit_b" if mode in ("fedsam", "fedmsa") and length == plan_vector_length("vit_b", mode) else "tiny"
     server = subprocess.Popen(
         [sys.executable, "-m", "fedfms_secure", "server", "--keys", str(root / "server"), "--state", str(state),
-         "--address", "127.0.0.1:0", "--preset", preset, "--mode", mode, "--rounds", "2"],
+         "--address", "127.0.0.1:0", "--preset", preset, "--mode", mode, "--rounds", str(ROUNDS)],
         cwd=_common.ROOT, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
     sampler = _Sampler(server.pid, state)
     try:
-        address = _wait_file(state / "address.json", server)
+        address = _wait_file(state / "address.json", server, root / "server.log")
         clients = {s: FederationClient.from_bundle(bundles[s], address, call_timeout=600) for s in sites}
         for s in sites:
             clients[s].join(codec.fingerprint, "benchmark")
@@ -214,6 +216,13 @@ def run_one(mode: str, sites_n: int, length: int, root: Path) -> dict[str, Any]:
             return size
 
         download_s, sizes = _all(sites, download)
+        # round 1: its sum starts from the stored state, so its close writes no more than round 0's
+        _all(sites, lambda s: clients[s].commit_weight(1, codec.fingerprint, weight))
+        upload1_s, _ = _all(sites, lambda s: upload(clients[s], 1))
+        start = time.perf_counter()
+        while clients[sites[0]].status().round < 2:
+            time.sleep(0.01)
+        close1_s = time.perf_counter() - start
         peak_rss = _proc_kb(server.pid, "VmHWM")
         for c in clients.values():
             c.close()
@@ -234,6 +243,7 @@ def run_one(mode: str, sites_n: int, length: int, root: Path) -> dict[str, Any]:
         "peak_state_disk_mb": sampler.peak_disk / 1e6,
         "commit_s": commit_s, "upload_s": upload_s, "send_s_null_server": send_s, "upload_over_send": upload_s / send_s,
         "close_s": close_s, "close_over_upload": close_s / upload_s, "download_s": download_s,
+        "round1_upload_s": upload1_s, "round1_close_s": close1_s,
     }
 
 
@@ -243,14 +253,15 @@ def _markdown(head: dict[str, Any], rows: list[dict[str, Any]], not_run: list[st
              "`FederationClient` send random packed-CKKS updates of the plan's length. Send time: the same",
              "uploads into a null server (same TLS and gRPC options, a handler that only reads).", "",
              "| mode | N | parameters | MB/site | server RSS idle / peak (target) MB | peak disk MB | commit s "
-             "| upload s | send s (null) | upload/send | close s | close/upload | download s |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| upload s | send s (null) | upload/send | close s | close/upload | download s | round 1: upload s, close s |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(
             f"| {r['mode']} | {r['sites']} | {r['parameters']:,} | {r['bytes_per_site'] / 1e6:.0f} "
             f"| {r['server_idle_rss_mb']:.0f} / {r['server_peak_rss_mb']:.0f} ({r['rss_target_mb']:.0f}) "
             f"| {r['peak_state_disk_mb']:.0f} | {r['commit_s']:.2f} | {r['upload_s']:.1f} | {r['send_s_null_server']:.1f} "
-            f"| {r['upload_over_send']:.2f} | {r['close_s']:.2f} | {r['close_over_upload']:.1%} | {r['download_s']:.1f} |")
+            f"| {r['upload_over_send']:.2f} | {r['close_s']:.2f} | {r['close_over_upload']:.1%} | {r['download_s']:.1f} "
+            f"| {r['round1_upload_s']:.1f}, {r['round1_close_s']:.2f} |")
     if not_run:
         lines += ["", f"Not run in this pass (time on this 2-core machine): {', '.join(not_run)}."]
     lines += ["", "Baseline: the previous server, measured the same way on this machine:", ""]

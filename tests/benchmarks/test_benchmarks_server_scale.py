@@ -26,7 +26,8 @@ def test_server_scale_quick_measures_every_phase_and_writes_its_results(tmp_path
     assert row["downloaded_bytes"] > row["uploaded_bytes"] / 2
     assert 0 < row["server_idle_rss_mb"] <= row["server_peak_rss_mb"]
     assert row["peak_state_disk_mb"] > 0
-    for phase in ("commit_s", "upload_s", "send_s_null_server", "close_s", "download_s"):
+    for phase in ("commit_s", "upload_s", "send_s_null_server", "close_s", "download_s", "round1_upload_s",
+                  "round1_close_s"):
         assert row[phase] > 0, phase
     markdown = (tmp_path / "server_scale.md").read_text()
     assert "| fedmsa | 2 |" in markdown and "Baseline" in markdown
