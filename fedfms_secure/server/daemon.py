@@ -14,6 +14,8 @@ takes one upload per site at a time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import signal
@@ -100,6 +102,17 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
     return coordinator, bundle, store
 
 
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas: each of the many worker threads that parse ciphertexts would
+    otherwise keep an arena of its own, holding freed memory that no other thread reuses (the
+    same as ``MALLOC_ARENA_MAX``). Does nothing without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def round_quota(vector_length: int, chunk_values: int, sites: int) -> int:
     """Disk a round may use for uploads: each site's update twice over (an accepted one and one in
     flight), every chunk at the largest message the transport accepts."""
@@ -110,6 +123,7 @@ def round_quota(vector_length: int, chunk_values: int, sites: int) -> int:
 def serve(config: ServerConfig, stop: threading.Event | None = None, limits: ServerLimits | None = None) -> int:
     """Runs until the federation is done (with ``exit_when_done``), SIGTERM/SIGINT, or ``stop``."""
     limits = limits or ServerLimits()
+    limit_malloc_arenas()
     coordinator, bundle, store = build_coordinator(config)
     revocations = None if config.insecure else RevocationList(bundle.path / CRL, bundle.ca_pem,
                                                               persist=store.root / PERSISTED)
