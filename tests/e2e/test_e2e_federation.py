@@ -60,8 +60,10 @@ def test_server_never_held_a_secret_key(run):
         fingerprints.add(key.fingerprint)
     assert len(fingerprints) == 1 and StateStore(out / "run" / "server").key_epochs()[0].site == "site_1"
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
-    names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
+    files = [p for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"]
+    names = {p.suffix for p in files if p.parent.name != "packs"}
     assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl"}, names
+    assert {p.suffix for p in files if p.parent.name == "packs"} == {".pack"}  # ciphertexts, as in blobs/
 
 
 def test_sites_decrypt_the_plaintext_weighted_fedavg(run):
