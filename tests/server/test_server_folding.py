@@ -10,13 +10,22 @@ import numpy as np
 import pytest
 
 from fedfms_secure.errors import FederationError
+from fedfms_secure.he.ckks import CkksParams, context_fingerprint, load_context, new_secret_context, serialize_params_only
+from fedfms_secure.he.codec import make_site_codec
 from fedfms_secure.protocol import PHASE_UPLOAD
 from fedfms_secure.server.coordinator import Coordinator
 from fedfms_secure.server.store import StateStore
 
-from test_server_coordinator import SITES, chunks, global_vector, keys, make_coordinator  # noqa: F401
+from test_server_coordinator import SITES, chunks, global_vector, make_coordinator
 
 VALUES = 3  # chunks per update
+
+
+@pytest.fixture(scope="module")
+def keys():
+    ctx = new_secret_context(CkksParams())
+    fp = context_fingerprint(ctx)
+    return make_site_codec("ckks", ctx, fp), load_context(serialize_params_only(ctx), source="test"), fp
 
 
 def _commit(coord, codec, round_):
