@@ -127,7 +127,7 @@ class Coordinator(KeyEpochRegistry, UploadIntake, RoundCloser):
         """Rebuilds the open round from the database: commits, E(N), accepted uploads, the sum."""
         store = self._store
         if partial := store.discard_partial_blobs():
-            log.warning("discarded half-written blobs left by a crash", extra={"blobs": partial})
+            log.warning("discarded half-written files left by a crash", extra={"files": partial})
         self._restore_keys()
         self._round = int(store.get_state("round", "0"))
         self._phase = store.get_state("phase", PHASE_COMMIT)
