@@ -59,6 +59,8 @@ class Joined:
     plan: Plan
     round: int
     key: KeyEpoch = NO_KEY
+    #: rounds whose aggregate took this site's upload, oldest first (what its privacy budget has spent)
+    contributed_rounds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ It never imports gRPC and never sees a plaintext update: it adds payloads throug
 One round r, for the sites S of the federation::
 
     commit   every site in S sends E(n_k)            -> E(N) = sum E(n_k) becomes available
-    upload   every committed site streams E(n_k/N * delta_k), chunk by chunk, into a staging
-             folder of its own; a complete, valid upload is folded into the round's running sum
-             (memory O(model), not O(sites x model))
+    upload   every committed site streams E(n_k/N * delta_k); each chunk is folded into the
+             round's running sum as it arrives (memory O(model), not O(sites x model)) and the
+             upload is kept as one pack file until the round closes (``uploads.py``)
     close    E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + sum      -> round r+1 opens
+             (``closer.py``; off the request path with ``background_close``)
 
 State changes only after every check and every addition of a request has succeeded, so a
 malformed or interrupted request leaves nothing behind, and each change is one SQLite
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from fedfms_secure.he.ckks import is_fingerprint
 from fedfms_secure.he.aggregate import PayloadAggregator
@@ -49,18 +50,21 @@ from fedfms_secure.protocol import (
     WeightTotal,
 )
 from fedfms_secure.server.checks import check_metrics, expected_values
+from fedfms_secure.server.closer import RoundCloser
 from fedfms_secure.server.key_epochs import KeyEpochRegistry
-from fedfms_secure.server.uploads import UploadIntake
+from fedfms_secure.server.uploads import UploadIntake, UploadStream
 from fedfms_secure.server.store import BlobError, GlobalRow, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
 
-class Coordinator(KeyEpochRegistry, UploadIntake):
+class Coordinator(KeyEpochRegistry, UploadIntake, RoundCloser):
     """State of a federation on the server side; thread-safe.
 
     ``vector_length`` is the plan's (``plan_sizes.plan_vector_length``): every upload must have
     it; None lets the first accepted upload fix it. ``round_quota_bytes`` caps the disk that a
-    round's accepted and in-flight uploads may use (None: no cap).
+    round's accepted and in-flight uploads may use (None: no cap). With ``background_close`` a
+    thread of its own closes each round, so that no call waits for it; without (tools and
+    tests), the call that completes a round closes it before it returns.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         min_sites: int | None = None,
         round_quota_bytes: int | None = None,
         vector_length: int | None = None,
+        background_close: bool = False,
     ) -> None:
         self.plan = plan
         # the fingerprint every ciphertext must carry now: "plain" without HE; with CKKS the current
@@ -89,6 +94,18 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         self._deadline = round_deadline
         self._min_sites = min_sites if min_sites is not None else (1 if round_deadline is not None else None)
         self._lock = threading.Lock()
+        self._sum_lock = threading.Lock()
+        self._round_sum: dict[int, Any] = {}
+        self._streams: dict[str, UploadStream] = {}
+        self._accepted_packs: dict[str, str] = {}
+        self._closing = False
+        self._close_wanted: threading.Event | None = None
+        self._closer_thread: threading.Thread | None = None
+        self._closer_stopping = False
+        self._sum_ready = threading.Event()
+        self._sum_generation = 0
+        self._sum_error = ""
+        self._previous: GlobalRow | None = None
         self._joined: dict[str, bool] = {name: False for name in sites}
         self._last_seen: dict[str, float] = {name: 0.0 for name in sites}
         self._reported: dict[int, set[str]] = {}
@@ -102,13 +119,15 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         self._key = NO_KEY
         self._retired = {name: reason for name, reason in store.retired().items() if name in self._joined}
         self.finished = threading.Event()
+        if background_close:
+            self._start_closer()
         self._restore()
 
     def _restore(self) -> None:
         """Rebuilds the open round from the database: commits, E(N), accepted uploads, the sum."""
         store = self._store
         if partial := store.discard_partial_blobs():
-            log.warning("discarded half-written blobs left by a crash", extra={"blobs": partial})
+            log.warning("discarded half-written files left by a crash", extra={"files": partial})
         self._restore_keys()
         self._round = int(store.get_state("round", "0"))
         self._phase = store.get_state("phase", PHASE_COMMIT)
@@ -116,7 +135,7 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         self._round_started = float(store.get_state("round_started", str(self._clock())))
         current = self._summed_state(self._round)
         self._vector_length: int | None = current.vector_length if current else self._plan_length
-        self._chunks: int | None = len(current.blobs) if current else None
+        self._chunks: int | None = current.chunks if current else None
         self._commits: dict[str, Any] = {}
         for site, blob in store.commits(self._round).items():
             try:
@@ -127,14 +146,18 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         if self._phase == PHASE_UPLOAD:
             self._weight_total = self._aggregator.dump(self._sum(self._commits.values(), what="the committed weights"))
         self._receipts: dict[str, Receipt] = {}
-        self._round_sum: dict[int, Any] = {}
+        self._previous = current
+        self._load_sum(self._sum_generation, current)
         for site, row in store.uploads(self._round).items():
             try:
-                self._round_sum = self._folded(self._round_sum, row.blobs)
+                if not row.pack:
+                    raise BlobError("it was stored by an older server, chunk by chunk")
+                self._fold_pack(row.pack, row.chunks)
             except (BlobError, FederationError) as exc:
                 store.drop_upload(self._round, site)  # the site uploads it again
                 log.warning("discarded a stored upload", extra={"site": site, "reason": str(exc)})
                 continue
+            self._accepted_packs[site] = row.pack
             self._receipts[site] = Receipt(self._round, row.chunks, row.bytes, row.digest)
             self._vector_length, self._chunks = row.vector_length, row.chunks
         if self._deadline is not None and self._phase != PHASE_DONE:
@@ -176,6 +199,13 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
             self._joined[site] = True
             return self._round
 
+    def contributed_rounds(self, site: str) -> list[int]:
+        """The rounds whose aggregate took ``site``'s upload, oldest first (kept in the state folder,
+        so a site that lost its own state still learns what its privacy budget has spent)."""
+        with self._lock:
+            self._touch(site)
+            return self._store.contributed_rounds(site)
+
     def status(self, site: str | None = None) -> Status:
         """Progress of the federation; ``site`` (when a site asks) must be a member."""
         with self._lock:
@@ -204,44 +234,63 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
         """Number of chunks of the state that opens ``round_`` (0 for round 0: theta_0 is public)."""
         with self._lock:
             self._touch(site)
-            if round_ > self._round:
-                raise FederationError(
-                    f"round {round_} has not started (the federation is at round {self._round}); "
-                    "wait for the current round to close",
-                    "failed_precondition",
-                )
-            if round_ == 0:
-                return 0
-            # closing a round keeps the blobs of the newest two global states only
-            row = self._store.global_row(round_) if round_ >= self._round - 1 else None
+            row = self._global_row(round_)
+        return row.chunks if row is not None else 0
+
+    def global_chunks(self, site: str, round_: int) -> Iterator[Chunk]:
+        """The chunks of the state that opens ``round_``, read once, in order (none for round 0).
+
+        The checks run before the first chunk is asked for; the stream reads a pack that was open
+        before a later round could collect it."""
+        with self._lock:
+            self._touch(site)
+            row = self._global_row(round_)
+        if row is None:
+            return iter(())
+        payloads = self._store.iter_global(row)
+        return self._chunk_stream(row.round, row.chunks, row.vector_length, payloads)
+
+    def global_chunk(self, round_: int, index: int) -> Chunk:
+        """Chunk ``index`` of the state that opens ``round_`` (reads the state up to it)."""
+        with self._lock:
+            row = self._store.global_row(round_)
+        if row is None or not 0 <= index < row.chunks:
+            raise FederationError(f"the global state of round {round_} has no chunk {index}", "not_found")
+        for chunk in self._chunk_stream(round_, row.chunks, row.vector_length, self._store.iter_global(row)):
+            if chunk.index == index:
+                return chunk
+        raise AssertionError("unreachable")
+
+    def _global_row(self, round_: int) -> Any:
+        if round_ > self._round:
+            raise FederationError(
+                f"round {round_} has not started (the federation is at round {self._round}); "
+                "wait for the current round to close",
+                "failed_precondition",
+            )
+        if round_ == 0:
+            return None
+        # closing a round keeps the newest two global states only
+        row = self._store.global_row(round_) if round_ >= self._round - 1 else None
         if row is None:
             raise FederationError(
                 f"the server keeps no global state for round {round_}; ask for round {self._round}",
                 "not_found",
             )
-        return len(row.blobs)
+        return row if row.chunks else None
 
-    def global_chunk(self, round_: int, index: int) -> Chunk:
-        with self._lock:
-            row = self._store.global_row(round_)
-            try:
-                if row is None:
-                    raise BlobError(f"no global state row for round {round_}")
-                payload = self._store.get_blob(row.blobs[index])
-            except BlobError as exc:  # e.g. collected by a round that closed while the stream ran
-                raise FederationError(
-                    f"the global state of round {round_} is no longer available ({exc}); ask for round {self._round}",
-                    "not_found",
-                ) from None
-            return Chunk(
-                round=round_,
-                index=index,
-                total=len(row.blobs),
-                num_values=expected_values(index, row.vector_length, self._aggregator.chunk_values),
-                fingerprint=self.fingerprint,
-                payload=payload,
-                vector_length=row.vector_length,
-            )
+    def _chunk_stream(self, round_: int, total: int, length: int, payloads: Iterator[bytes]) -> Iterator[Chunk]:
+        index = 0
+        try:
+            for index, payload in enumerate(payloads):
+                yield Chunk(round=round_, index=index, total=total,
+                            num_values=expected_values(index, length, self._aggregator.chunk_values),
+                            fingerprint=self.fingerprint, payload=payload, vector_length=length)
+        except BlobError as exc:
+            raise FederationError(
+                f"the global state of round {round_} is no longer available ({exc}); ask for round {self._round}",
+                "not_found",
+            ) from None
 
     # --- commit -------------------------------------------------------------------------------
     def commit_weight(self, site: str, round_: int, fingerprint: str, payload: bytes) -> CommitAck:
@@ -344,7 +393,7 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
             return
         with self._lock:
             waited = self._clock() - self._phase_started
-            if self._phase == PHASE_DONE or waited < self._deadline:
+            if self._phase == PHASE_DONE or self._closing or waited < self._deadline:
                 return
             if self._phase == PHASE_COMMIT and len(self._commits) >= self._min_sites:
                 log.warning("commit deadline: the round goes on without the sites that did not commit",
@@ -392,66 +441,6 @@ class Coordinator(KeyEpochRegistry, UploadIntake):
     def _check_finished(self) -> None:
         if self._phase == PHASE_DONE and self._reported.get(self.plan.rounds - 1, set()) >= self._active():
             self.finished.set()
-
-    def _close_round(self) -> None:
-        """E(theta_{r+1} - theta_0) = E(theta_r - theta_0) + the round's sum; the next round opens.
-
-        A round without uploads (every committed site retired first) carries the state over unchanged:
-        the same blobs, or none while nothing was ever uploaded (the sites then start from theta_0).
-        """
-        previous = self._summed_state(self._round)
-        if self._receipts:
-            blobs, length = self._fold_round_sum(previous), self._vector_length or 0
-        else:
-            log.warning("every committed site retired before uploading: the global state carries over unchanged",
-                        extra={"round": self._round})
-            blobs, length = (list(previous.blobs), previous.vector_length) if previous is not None else ([], 0)
-        next_round = self._round + 1
-        next_phase = PHASE_DONE if next_round >= self.plan.rounds else PHASE_COMMIT
-        now = self._clock()
-        closed = {
-            "round": self._round,
-            "participants": sorted(self._receipts),
-            "zero_delta": sorted(set(self._commits) - set(self._receipts)),
-            "seconds": now - self._round_started,
-            "bytes_received": sum(r.bytes for r in self._receipts.values()),
-        }
-        # one transaction moves the federation to the next round, with its clocks
-        self._store.put_global(GlobalRow(next_round, length, tuple(blobs)),
-                               round_=next_round, phase=next_phase, started=now)
-        self._round, self._phase = next_round, next_phase
-        self._phase_started = self._round_started = now
-        self._commits, self._weight_total, self._receipts, self._round_sum = {}, None, {}, {}
-        log.info("round closed", extra={"round": closed["round"], "sites": len(closed["participants"])})
-        try:  # bookkeeping for tools: a failure here must not fail the request that closed the round
-            self._store.append_record("rounds.jsonl", closed)
-            # keep the newest two global states; the round's uploads are folded into them
-            self._store.collect_garbage(set(blobs) | (set(previous.blobs) if previous else set()))
-            self._write_status()
-        except OSError as exc:
-            log.error("could not write the round's records", extra={"round": closed["round"], "error": str(exc)})
-
-    def _summed_state(self, round_: int) -> GlobalRow | None:
-        """The stored state that opens ``round_``; None while it is theta_0 (round 0, or no round so
-        far has summed an upload: its row holds no blobs)."""
-        row = self._store.global_row(round_) if round_ > 0 else None
-        return row if row is not None and row.blobs else None
-
-    def _fold_round_sum(self, previous: GlobalRow | None) -> list[str]:
-        """Blobs of the previous state plus the round's sum, chunk by chunk."""
-        blobs = []
-        for index in range(self._chunks or 0):
-            total = self._round_sum[index]
-            if previous is not None:
-                try:
-                    stored = self._parse(self._store.get_blob(previous.blobs[index]), what="stored global state")
-                except BlobError as exc:
-                    raise FederationError(
-                        f"the stored global state of round {self._round} is damaged ({exc}): stop the server "
-                        "and restore its --state folder from a backup", "failed_precondition") from exc
-                total = self._sum([stored, total], what=f"global chunk {index}")
-            blobs.append(self._store.put_blob(self._aggregator.dump(total)))
-        return blobs
 
     def _write_status(self) -> None:
         self._store.write_json(

@@ -14,6 +14,8 @@ takes one upload per site at a time.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import signal
@@ -99,8 +101,19 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
     quota = round_quota(length, aggregator.chunk_values, len(bundle.clients))
     coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
                               round_deadline=config.round_deadline, min_sites=config.min_sites,
-                              vector_length=length, round_quota_bytes=quota)
+                              vector_length=length, round_quota_bytes=quota, background_close=True)
     return coordinator, bundle, store
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Caps glibc's malloc arenas: each of the many worker threads that parse ciphertexts would
+    otherwise keep an arena of its own, holding freed memory that no other thread reuses (the
+    same as ``MALLOC_ARENA_MAX``). Does nothing without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
 
 
 def round_quota(vector_length: int, chunk_values: int, sites: int) -> int:
@@ -115,6 +128,7 @@ def serve(config: ServerConfig, stop: threading.Event | None = None, limits: Ser
 
     One server per ``--state`` folder (a lock, see ``statelock``) and per port (no SO_REUSEPORT)."""
     add_log_file(config.log_file)
+    limit_malloc_arenas()
     check_address(config.address, flag="--address", listen=True)
     with StateLock(config.state, "server"):
         return _serve(config, stop, limits or ServerLimits())
@@ -182,8 +196,8 @@ def _serve(config: ServerConfig, stop: threading.Event | None, limits: ServerLim
     finally:
         health_servicer.enter_graceful_shutdown()
         server.stop(grace=5).wait()
-    status = coordinator.status()
-    log.info("server stopped", extra={"rounds_closed": status.round})
+        coordinator.stop_closer(timeout=120)
+    log.info("server stopped", extra={"round": coordinator.status().round})
     return 0
 
 

@@ -35,7 +35,7 @@ from fedfms_secure.protocol import (
     SealedEnvelope,
 )
 from fedfms_secure.server.checks import expected_values, shorten
-from fedfms_secure.server.store import GlobalRow, StateStore
+from fedfms_secure.server.store import GlobalRow, PackWriter, StateStore
 
 log = logging.getLogger("fedfms_secure.server")
 
@@ -67,6 +67,7 @@ class KeyEpochRegistry:
 
     _touch: Callable[[str], None]
     _write_status: Callable[[], None]
+    _reload_sum: Callable[[], None]
 
     def _restore_keys(self) -> None:
         """The key epochs from the database; a dealer-made key becomes epoch 1 of a fresh state."""
@@ -114,28 +115,39 @@ class KeyEpochRegistry:
                 raise FederationError("another key publication is in progress; retry when it has ended", "unavailable")
             self._publishing = True
             aggregator = self._summer_for(publication.fingerprint)
+        writer: PackWriter | None = None
         try:
-            envelopes, blobs = self._stage_keys(site, publication, items, aggregator, row)
+            envelopes, writer = self._stage_keys(site, publication, items, aggregator, row)
+            if writer is not None:
+                writer.commit()
             with self._lock:
                 if self._check_publication(publication) != row:
                     raise FederationError("the global state changed while the new key was being published; publish "
                                           "again from the current state", "failed_precondition")
                 key = KeyEpoch(publication.epoch, publication.fingerprint, publication.round, site)
-                state = GlobalRow(row.round, row.vector_length, tuple(blobs)) if row is not None else None
+                state = GlobalRow(row.round, row.vector_length, row.chunks, writer.name) if row is not None and writer else None
+                stale = self._store.stale_global_packs(1 << 62) if state is not None else []
                 self._store.put_key(key, envelopes, state, created=self._clock())
+                writer = None  # recorded
                 previous = self._key
                 self._use_key([*self._keys, key], aggregator)
+                if state is not None:
+                    self._reload_sum()  # the round's sum starts from the re-encrypted state
                 log.info("CKKS key epoch started", extra={"epoch": key.epoch, "site": site, "round": key.round,
                                                           "fingerprint": key.fingerprint[:16],
                                                           "previous": previous.fingerprint[:16] or "none",
                                                           "envelopes": len(envelopes)})
                 try:  # the state under the previous key is gone: nothing else is referenced now
-                    self._store.collect_garbage(set(blobs))
+                    if state is not None:
+                        self._store.delete_packs(stale)
+                        self._store.collect_garbage(())
                     self._write_status()
                 except OSError as exc:
-                    log.error("could not collect the previous key's blobs", extra={"error": str(exc)})
-                return KeyAck(key, len(envelopes), len(blobs))
+                    log.error("could not collect the previous key's state", extra={"error": str(exc)})
+                return KeyAck(key, len(envelopes), state.chunks if state is not None else 0)
         finally:
+            if writer is not None:
+                writer.discard()
             with self._lock:
                 self._publishing = False
 
@@ -204,7 +216,7 @@ class KeyEpochRegistry:
                 "failed_precondition",
             )
         row = self._store.global_row(self._round) if self._round > 0 else None
-        chunks = len(row.blobs) if row is not None else 0
+        chunks = row.chunks if row is not None else 0
         if pub.state_chunks != chunks:
             raise FederationError(
                 f"the global state of round {self._round} has {chunks} chunks: a new key must come with all of them "
@@ -217,11 +229,22 @@ class KeyEpochRegistry:
         return row
 
     def _stage_keys(self, site: str, pub: KeyPublication, items: Iterable[SealedEnvelope | Chunk],
-                    aggregator: PayloadAggregator, row: GlobalRow | None) -> tuple[dict[str, bytes], list[str]]:
+                    aggregator: PayloadAggregator, row: GlobalRow | None) -> tuple[dict[str, bytes], PackWriter | None]:
         """Checks every envelope's routing (its header, unverified: only sites can verify) and every
-        state chunk (layout, fingerprint, a valid ciphertext), storing the chunks as blobs."""
+        state chunk (layout, fingerprint, a valid ciphertext), storing the chunks in one pack (not
+        yet durable: the caller commits it)."""
         envelopes: dict[str, bytes] = {}
-        blobs: list[str] = []
+        try:
+            return self._take_keys(site, pub, items, aggregator, row, envelopes, writer_box := [])
+        except BaseException:
+            for w in writer_box:
+                w.discard()
+            raise
+
+    def _take_keys(self, site: str, pub: KeyPublication, items: Iterable[SealedEnvelope | Chunk],
+                   aggregator: PayloadAggregator, row: GlobalRow | None, envelopes: dict[str, bytes],
+                   writer_box: list[PackWriter]) -> tuple[dict[str, bytes], PackWriter | None]:
+        count = 0
         for item in items:
             if isinstance(item, SealedEnvelope):
                 self._check_envelope(site, pub, item, envelopes)
@@ -230,12 +253,12 @@ class KeyEpochRegistry:
             if row is None:
                 raise FederationError(f"round {pub.round} has no global state to re-encrypt: send envelopes only",
                                       "invalid_argument")
-            index = len(blobs)
-            if (item.round, item.index, item.total, item.vector_length) != (row.round, index, len(row.blobs),
+            index = count
+            if (item.round, item.index, item.total, item.vector_length) != (row.round, index, row.chunks,
                                                                              row.vector_length):
                 raise FederationError(
                     f"state chunk {item.index} (round {item.round}, {item.total} chunks, {item.vector_length} values) "
-                    f"does not fit: expected chunk {index} of {len(row.blobs)} of the {row.vector_length}-value state "
+                    f"does not fit: expected chunk {index} of {row.chunks} of the {row.vector_length}-value state "
                     f"of round {row.round}, in order",
                     "invalid_argument",
                 )
@@ -254,15 +277,17 @@ class KeyEpochRegistry:
                     f"state chunk {index} holds {aggregator.size(obj)} values (header {item.num_values}), not {expected}",
                     "invalid_argument",
                 )
-            with self._lock:
-                blobs.append(self._store.put_blob(aggregator.dump(obj)))
-        if len(envelopes) != pub.envelopes or len(blobs) != pub.state_chunks:
+            if not writer_box:
+                writer_box.append(self._store.new_pack("global"))
+            writer_box[0].append(aggregator.dump(obj))
+            count += 1
+        if len(envelopes) != pub.envelopes or count != pub.state_chunks:
             raise FederationError(
                 f"the key publication announced {pub.envelopes} envelopes and {pub.state_chunks} state chunks, but "
-                f"carried {len(envelopes)} and {len(blobs)}: publish again",
+                f"carried {len(envelopes)} and {count}: publish again",
                 "invalid_argument",
             )
-        return envelopes, blobs
+        return envelopes, (writer_box[0] if writer_box else None)
 
     def _check_envelope(self, site: str, pub: KeyPublication, item: SealedEnvelope, seen: dict[str, bytes]) -> None:
         name = item.recipient

@@ -88,12 +88,13 @@ class FederationServicer(pb_grpc.FederationServicer):
     def Join(self, site: str, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinResponse:
         round_ = self.coordinator.join(site, request.context_fingerprint)
         return pb.JoinResponse(site=site, plan=serde.plan_to_proto(self.coordinator.plan), round=round_,
-                               key=serde.key_to_proto(self.coordinator.key))
+                               key=serde.key_to_proto(self.coordinator.key),
+                               contributed_rounds=self.coordinator.contributed_rounds(site))
 
     @_stream_rpc
     def GetGlobalState(self, site: str, request: pb.GetGlobalStateRequest, context: grpc.ServicerContext):
-        for index in range(self.coordinator.global_state(site, request.round)):
-            yield serde.chunk_to_proto(self.coordinator.global_chunk(request.round, index))
+        for chunk in self.coordinator.global_chunks(site, request.round):
+            yield serde.chunk_to_proto(chunk)
 
     @_rpc
     def CommitWeight(self, site: str, request: pb.CommitWeightRequest, context: grpc.ServicerContext):

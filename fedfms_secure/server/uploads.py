@@ -1,9 +1,14 @@
-"""Upload intake of the coordinator: one stream per site at a time, staged on disk chunk by
-chunk, checked, then folded into the round's running sum (memory O(model), not O(sites x model)).
+"""Upload intake of the coordinator: one stream per site at a time, each chunk parsed once, folded
+into the round's running sum as it arrives (in place: memory O(model), not O(sites x model)) and
+appended to one pack file of that upload, made durable by one fsync when the stream ends.
 
-A refused or broken stream leaves nothing: the chunks it staged are deleted at once, and while
-it runs its bytes count against the round's disk quota together with every accepted upload.
-``UploadIntake`` is a base of ``Coordinator`` and works on its state under its lock.
+No disk work happens under the coordinator's lock, and the sum has a lock of its own that only
+memory work holds, so concurrent uploads do not take turns. A stream that fails after folding
+some chunks (a broken connection, a bad chunk, a round that closed without it) has those chunks
+taken back out: the affected sums are rebuilt from the packs of the accepted uploads and of the
+other streams still in flight. Its pack is deleted, and while it runs its bytes count against
+the round's disk quota together with every accepted upload. ``UploadIntake`` is a base of
+``Coordinator`` and works on its state under its locks (the coordinator's lock first).
 """
 
 from __future__ import annotations
@@ -11,15 +16,28 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 from fedfms_secure.errors import FederationError, UpdateAlreadyReceived
 from fedfms_secure.he.aggregate import PayloadAggregator
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Receipt
 from fedfms_secure.server.checks import check_chunk, check_layout
-from fedfms_secure.server.store import StateStore, UploadRow
+from fedfms_secure.server.store import GlobalRow, PackWriter, StateStore, UploadRow, read_pack
 
 log = logging.getLogger("fedfms_secure.server")
+
+
+@dataclass(eq=False)
+class UploadStream:
+    """An upload being folded into the round's sum."""
+
+    site: str
+    round: int
+    writer: PackWriter | None = None
+    folded: int = 0  # chunks of this stream in the round's sum
+    dropped: str = ""  # set when the round closed without it: why
+    stored: bool = False  # recorded as an accepted upload
 
 
 class UploadIntake:
@@ -29,10 +47,16 @@ class UploadIntake:
     _aggregator: PayloadAggregator
     _store: StateStore
     _lock: threading.Lock
+    _sum_lock: threading.Lock  # guards the four below; taken after ``_lock`` where both are held
+    _sum_ready: threading.Event  # set once the round's stored state is in the sum
+    _previous: GlobalRow | None  # the stored state that opens the round (None: theta_0)
+    _round_sum: dict[int, Any]
+    _streams: dict[str, UploadStream]
+    _accepted_packs: dict[str, str]
     _round: int
+    _closing: bool
     _commits: dict[str, Any]
     _receipts: dict[str, Receipt]
-    _round_sum: dict[int, Any]
     _uploading: set[str]
     _staged_bytes: dict[str, int]
     _round_quota: int | None
@@ -46,12 +70,14 @@ class UploadIntake:
     _sum: Callable[..., Any]
     _progress: Callable[[], None]
     _write_status: Callable[[], None]
+    _fold_one: Callable[[int, Any], None]
 
     def receive_upload(self, site: str, chunks: Iterable[Chunk]) -> Receipt:
-        """Consumes one upload stream, stages it on disk, then folds it into the round's sum.
+        """Consumes one upload stream, folding it into the round's sum as it arrives; returns once
+        the upload is stored (the round closes apart from this call).
 
-        A site uploads one stream at a time: a second is refused before it is read. The staged
-        chunks of a refused or broken stream are deleted at once.
+        A site uploads one stream at a time: a second is refused before it is read. A repeated
+        upload of an accepted one is read to its end and compared, never folded again.
         """
         with self._lock:
             self._touch(site)
@@ -61,26 +87,33 @@ class UploadIntake:
                     "unavailable",
                 )
             self._uploading.add(site)
-        created: list[str] = []
+        stream: UploadStream | None = None
         try:
             first = next(iter_chunks := iter(chunks), None)
             if first is None:
                 raise FederationError("empty upload stream: send at least one chunk", "invalid_argument")
             with self._lock:
-                self._check_upload(site, first)
-            receipt, blobs = self._stage(site, first, iter_chunks, created)
+                if self._check_upload(site, first):
+                    stream = UploadStream(site, first.round)
+                    with self._sum_lock:
+                        self._streams[site] = stream
+            if stream is not None:
+                stream.writer = self._store.new_pack("upload")
+            receipt = self._take(site, first, iter_chunks, stream)
+            if stream is not None and stream.writer is not None:
+                stream.writer.commit()  # one fsync, outside every lock
             with self._lock:
-                return self._accept(site, first, receipt, blobs, created)
+                return self._accept(site, first, receipt, stream)
         finally:
             with self._lock:
                 self._uploading.discard(site)
                 self._staged_bytes.pop(site, None)
-                if created:
-                    self._store.delete_blobs(created)
-                    log.info("deleted a refused upload's staged chunks", extra={"site": site, "blobs": len(created)})
+            if stream is not None and not stream.stored:
+                self._drop_stream(stream)
 
-    def _check_upload(self, site: str, first: Chunk) -> None:
-        """Whether ``site`` may upload the stream that ``first`` opens."""
+    def _check_upload(self, site: str, first: Chunk) -> bool:
+        """Whether ``site`` may upload the stream that ``first`` opens; True: it is folded (False:
+        a repeat of an accepted upload, only compared)."""
         if first.round < self._round and site in self._store.uploads(first.round):
             # a retry after a lost reply (e.g. the server restarted), once the round has closed
             raise UpdateAlreadyReceived(
@@ -94,49 +127,20 @@ class UploadIntake:
                 "failed_precondition",
             )
         check_layout(first, self._aggregator.chunk_values, self._vector_length)
+        if site in self._receipts:
+            return False
+        if self._closing:
+            raise FederationError(f"round {first.round} is closing without an upload from site {site}; it "
+                                  f"takes part again from round {first.round + 1}", "failed_precondition")
+        return True
 
-    def _accept(self, site: str, first: Chunk, receipt: Receipt, blobs: tuple[str, ...],
-                created: list[str]) -> Receipt:
-        """Folds a staged upload into the round's sum; ``created`` is emptied once it is stored."""
-        self._check_round(first.round, PHASE_UPLOAD, "upload")
-        previous = self._receipts.get(site)
-        if previous is not None:
-            if previous == receipt:
-                return previous
-            raise UpdateAlreadyReceived(
-                f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
-            )
-        # without a pinned length, another site's upload may have fixed the shape meanwhile
-        check_layout(first, self._aggregator.chunk_values, self._vector_length)
-        round_sum = self._folded(self._round_sum, blobs)
-        self._store.put_upload(
-            first.round, UploadRow(site, receipt.chunks, receipt.bytes, receipt.digest, first.vector_length, blobs)
-        )
-        created.clear()  # referenced by the stored upload now
-        self._vector_length, self._chunks = first.vector_length, first.total
-        self._round_sum, self._receipts = round_sum, {**self._receipts, site: receipt}
-        log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
-        self._progress()
-        self._write_status()
-        return receipt
-
-    def _folded(self, round_sum: dict[int, Any], blobs: Sequence[str]) -> dict[int, Any]:
-        """``round_sum`` plus the upload stored as ``blobs`` (a new dict; the input is untouched)."""
-        out = dict(round_sum)
-        for index, blob in enumerate(blobs):
-            obj = self._parse(self._store.get_blob(blob), what=f"chunk {index}")
-            out[index] = obj if index not in out else self._sum([out[index], obj], what=f"chunk {index}")
-        return out
-
-    def _stage(self, site: str, first: Chunk, rest: Iterable[Chunk],
-               created: list[str]) -> tuple[Receipt, tuple[str, ...]]:
-        """Validates the stream chunk by chunk and stores each as a blob (the ones it wrote are
-        added to ``created``); nothing is referenced yet. The round's disk quota counts every
-        accepted upload and every stream in progress."""
+    def _take(self, site: str, first: Chunk, rest: Iterable[Chunk], stream: UploadStream | None) -> Receipt:
+        """Checks the stream chunk by chunk, parsing and hashing each once; folds and stores it (with
+        ``stream``). The receipt's digest is the sha256 of the chunks' sha256 digests, in order. The
+        round's disk quota counts every accepted upload and every stream in progress."""
         digest = hashlib.sha256()
         size = 0
         expected_index = 0
-        blobs = []
         for chunk in _chain(first, rest):
             self._check_fingerprint(chunk.fingerprint)
             check_chunk(chunk, first, expected_index, self._aggregator.chunk_values)
@@ -148,11 +152,11 @@ class UploadIntake:
                 )
             with self._lock:
                 self._charge(site, len(chunk.payload))
-                blob, new = self._store.stage_blob(chunk.payload)
-            if new:
-                created.append(blob)
-            blobs.append(blob)
-            digest.update(chunk.payload)
+            record = hashlib.sha256(chunk.payload).digest()
+            if stream is not None and stream.writer is not None:
+                stream.writer.append(chunk.payload, record)
+                self._fold(stream, chunk.index, obj)
+            digest.update(record)  # the upload's digest: over its chunks' digests
             size += len(chunk.payload)
             expected_index += 1
         if expected_index != first.total:
@@ -160,7 +164,83 @@ class UploadIntake:
                 f"upload stream ended after {expected_index} of {first.total} chunks: resend the whole update",
                 "invalid_argument",
             )
-        return Receipt(first.round, first.total, size, digest.hexdigest()), tuple(blobs)
+        return Receipt(first.round, first.total, size, digest.hexdigest())
+
+    def _fold(self, stream: UploadStream, index: int, obj: Any) -> None:
+        """Adds chunk ``index`` of ``stream`` to the round's sum, in place."""
+        if not self._sum_ready.is_set():  # the round's stored state is still being loaded
+            self._sum_ready.wait()
+        with self._sum_lock:
+            if stream.dropped:
+                raise FederationError(stream.dropped, "failed_precondition")
+            self._fold_one(index, obj)
+            stream.folded += 1
+
+    def _accept(self, site: str, first: Chunk, receipt: Receipt, stream: UploadStream | None) -> Receipt:
+        """Records a complete upload (already in the round's sum) and moves the round on."""
+        self._check_round(first.round, PHASE_UPLOAD, "upload")
+        previous = self._receipts.get(site)
+        if stream is None or previous is not None:
+            if previous == receipt:
+                return previous
+            raise UpdateAlreadyReceived(
+                f"site {site} already uploaded a different update for round {first.round}", "failed_precondition"
+            )
+        if stream.dropped:
+            raise FederationError(stream.dropped, "failed_precondition")
+        # without a pinned length, another site's upload may have fixed the shape meanwhile
+        check_layout(first, self._aggregator.chunk_values, self._vector_length)
+        assert stream.writer is not None
+        self._store.put_upload(first.round, UploadRow(site, receipt.chunks, receipt.bytes, receipt.digest,
+                                                      first.vector_length, stream.writer.name))
+        stream.stored = True
+        with self._sum_lock:
+            del self._streams[site]
+            self._accepted_packs[site] = stream.writer.name
+        self._vector_length, self._chunks = first.vector_length, first.total
+        self._receipts = {**self._receipts, site: receipt}
+        log.info("update received", extra={"site": site, "round": first.round, "bytes": receipt.bytes})
+        self._progress()
+        self._write_status()
+        return receipt
+
+    def _drop_stream(self, stream: UploadStream) -> None:
+        """Takes a failed stream's chunks back out of the round's sum and deletes its pack."""
+        with self._sum_lock:
+            if self._streams.get(stream.site) is stream:
+                del self._streams[stream.site]
+                if stream.folded:
+                    self._rebuild_sums(stream.folded)
+        if stream.writer is not None:
+            stream.writer.discard()
+            log.info("deleted a refused upload's staged chunks", extra={"site": stream.site, "chunks": stream.writer.count})
+
+    def _drop_streams(self, reason: str) -> None:
+        """The round closes: every stream still in flight is left out of its sum (caller holds ``_sum_lock``)."""
+        touched = max((s.folded for s in self._streams.values()), default=0)
+        for stream in self._streams.values():
+            stream.dropped = reason
+        self._streams.clear()
+        if touched:
+            self._rebuild_sums(touched)
+
+    def _rebuild_sums(self, count: int) -> None:
+        """Sums ``0..count-1`` again from the round's stored state, the accepted uploads and the
+        streams in flight (caller holds ``_sum_lock``): what a dropped stream had folded is gone."""
+        for index in range(count):
+            self._round_sum.pop(index, None)
+        if self._previous is not None:
+            for index, payload in enumerate(self._store.iter_global(self._previous)):
+                if index >= count:
+                    break
+                self._fold_one(index, self._parse(payload, what="stored global state"))
+        sources = [(self._store.pack_path(name), count) for name in self._accepted_packs.values()]
+        sources += [(s.writer.readable_path, min(count, s.folded)) for s in self._streams.values()
+                    if s.writer is not None and s.folded]
+        for path, limit in sources:
+            for index, payload in enumerate(read_pack(path, limit)):
+                self._fold_one(index, self._parse(payload, what=f"stored chunk {index}"))
+        log.info("rebuilt the round's sum without a dropped upload", extra={"round": self._round, "chunks": count})
 
     def _charge(self, site: str, size: int) -> None:
         """Counts ``size`` staged bytes of ``site`` against the round's disk quota."""

@@ -52,7 +52,8 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
 
 
 def joined_from_proto(msg: pb.JoinResponse) -> Joined:
-    return Joined(site=msg.site, plan=plan_from_proto(msg.plan), round=msg.round, key=key_from_proto(msg.key))
+    return Joined(site=msg.site, plan=plan_from_proto(msg.plan), round=msg.round, key=key_from_proto(msg.key),
+                  contributed_rounds=tuple(msg.contributed_rounds))
 
 
 def key_to_proto(key: KeyEpoch) -> pb.KeyEpoch:

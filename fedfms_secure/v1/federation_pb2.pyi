@@ -41,16 +41,18 @@ class Plan(_message.Message):
     def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ..., num_classes: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("site", "plan", "round", "key")
+    __slots__ = ("site", "plan", "round", "key", "contributed_rounds")
     SITE_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     site: str
     plan: Plan
     round: int
     key: KeyEpoch
-    def __init__(self, site: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., round: _Optional[int] = ..., key: _Optional[_Union[KeyEpoch, _Mapping]] = ...) -> None: ...
+    contributed_rounds: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, site: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., round: _Optional[int] = ..., key: _Optional[_Union[KeyEpoch, _Mapping]] = ..., contributed_rounds: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KeyEpoch(_message.Message):
     __slots__ = ("epoch", "context_fingerprint", "round", "site")

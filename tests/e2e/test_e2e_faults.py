@@ -421,6 +421,9 @@ def test_a_duplicated_upload_gets_the_same_receipt_and_an_old_round_replay_is_re
             assert exc.value.code == "failed_precondition"
             assert [s.uploaded for s in clients["b"].status().sites] == [True, False]  # counted once, round open
             clients["b"].upload(lambda: streams["b"])
+            deadline = time.monotonic() + 30  # the round closes apart from the call that brought its last upload
+            while clients["a"].status().round == r and time.monotonic() < deadline:
+                time.sleep(0.02)
             assert clients["a"].status().round == r + 1
             # the round has closed with a's update: the same stream, or a re-encrypted one, is refused
             for stream in (streams["a"], _stream(codecs["a"], r, update_a)):

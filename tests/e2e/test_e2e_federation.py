@@ -45,7 +45,7 @@ def test_server_never_held_a_secret_key(run):
     # the context the server ran with cannot decrypt the global state it built
     store = StateStore(out / "run" / "server")
     row = store.global_row(2)
-    stored = [store.get_blob(b) for b in row.blobs]
+    stored = list(store.iter_global(row))
     make_aggregator("ckks", context, server.fingerprint, params=server.params).parse(stored[0])  # it can add them
     with pytest.raises(FedFmsError):
         make_site_codec("ckks", context, server.fingerprint, params=server.params).decrypt_vector(stored, row.vector_length)
@@ -60,8 +60,10 @@ def test_server_never_held_a_secret_key(run):
         fingerprints.add(key.fingerprint)
     assert len(fingerprints) == 1 and StateStore(out / "run" / "server").key_epochs()[0].site == "site_1"
     # nothing the server wrote can decrypt: its folder holds ciphertexts and JSON records only
-    names = {p.suffix for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"}
+    files = [p for p in (out / "run" / "server").rglob("*") if p.is_file() and p.parent.parent.name != "blobs"]
+    names = {p.suffix for p in files if p.parent.name != "packs"}
     assert names <= {".db", ".db-wal", ".db-shm", ".json", ".jsonl", ".lock"}, names
+    assert {p.suffix for p in files if p.parent.name == "packs"} == {".pack"}  # ciphertexts, as in blobs/
     lock = (out / "run" / "server" / "daemon.lock").read_text()  # the one-server-per-folder lock: a PID only
     assert lock.strip().isdigit(), lock
 

@@ -227,8 +227,7 @@ def test_a_damaged_blob_is_discarded_on_restart_and_never_used(tmp_path, keys):
         coord.commit_weight(site, 0, codec.fingerprint, codec.encrypt_scalar(1))
     coord.receive_upload("a", chunks(codec, 0, np.full(6, 0.5)))
     store = StateStore(tmp_path)
-    blob = store.uploads(0)["a"].blobs[0]
-    path = tmp_path / "blobs" / blob[:2] / blob
+    path = store.pack_path(store.uploads(0)["a"].pack)
     path.write_bytes(path.read_bytes()[:1000])  # half-written
     leftover = path.with_name(".crash.tmp")
     leftover.write_bytes(b"partial")

@@ -52,7 +52,17 @@ def _commit_all(root, address, codecs):
 
 
 def _blobs(root) -> set[str]:
-    return {p.name for p in (root / "state" / "blobs").glob("*/*")}
+    """Every file that holds ciphertexts: blobs, and packs (staged uploads, global states)."""
+    state = root / "state"
+    return {p.name for p in [*(state / "blobs").glob("*/*"), *(state / "packs").glob("*")]}
+
+
+def _wait_for_round(client, round_: int) -> None:
+    """The server closes a round apart from the call that brought its last upload: wait, as a site does."""
+    deadline = time.monotonic() + 20
+    while client.status().round < round_:
+        assert time.monotonic() < deadline, f"round {round_ - 1} did not close"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("rpc, most_held", [("UploadUpdate", 1), ("PublishKeys", 4)])
@@ -139,6 +149,7 @@ def test_a_short_first_upload_does_not_fix_the_vector_length(federation):
         with site_client(address, root / site, timeout=20) as client:
             client.upload(lambda site=site: _chunks(codecs[site], 0, np.full(LENGTH, 1e-3)))
     with site_client(address, root / "b", timeout=20) as client:
+        _wait_for_round(client, 1)
         assert client.status().round == 1
         assert client.global_state(1)[0].vector_length == LENGTH
 
@@ -152,6 +163,7 @@ def test_metrics_reports_are_bounded(federation):
             client.upload(lambda site=site: _chunks(codecs[site], 0, np.zeros(LENGTH)))
     metrics_file = root / "state" / "metrics.jsonl"
     with site_client(address, root / "a", timeout=10) as client:
+        _wait_for_round(client, 1)
         client.report_metrics(0, {"dice": 0.5})
         for _ in range(50):  # a flood of repeats is acknowledged and not written
             client.report_metrics(0, {"dice": 0.9, "loss": 1.0})
