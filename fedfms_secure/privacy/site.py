@@ -16,13 +16,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from opacus.accountants import IAccountant, create_accountant
 
+from fedfms_secure.atomic import write_atomic
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.privacy.budget import LEDGER_FILE, ledger_steps, read_ledger
 from fedfms_secure.privacy.accounting import (
@@ -162,15 +162,8 @@ class SitePrivacy:
                 "history": [list(h) for h in state["history"]],
             },
         }
-        path = self.state_dir / STATE_FILE
-        tmp = path.with_suffix(".json.tmp")
-        # Durable as well as atomic: the spent budget must not roll back after a power cut.
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.state_dir)
+        # durable as well as atomic: the spent budget must not roll back after a power cut
+        write_atomic(self.state_dir / STATE_FILE, json.dumps(data, indent=2).encode(), mode=0o600)
 
     @classmethod
     def _load(cls, path: Path) -> SitePrivacy:
@@ -281,18 +274,6 @@ def _refuse_lost_accountant(state_dir: Path) -> None:
             f"(epsilon {float(ledger[-1].get('epsilon', float('nan'))):.3f}): restore the file from a backup; "
             "starting over would reset the spent budget"
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["STATE_FILE", "SitePrivacy", "check_against_server", "check_local_state"]

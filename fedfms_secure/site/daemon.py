@@ -59,7 +59,7 @@ from fedfms_secure.model.vector import flatten, load_vector
 from fedfms_secure.privacy import SitePrivacy
 from fedfms_secure.privacy.budget import append_ledger
 from fedfms_secure.privacy.planning import open_site_privacy, plan_records
-from fedfms_secure.privacy.site import check_local_state
+from fedfms_secure.privacy.site import check_against_server, check_local_state
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status, user_round
 from fedfms_secure.train.local import TrainConfig, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
@@ -105,6 +105,10 @@ def _run_site(config: ClientConfig) -> list[RoundOutcome]:
         if fingerprint and keys is not None and fingerprint != client.status().key.fingerprint:
             fingerprint = ""  # not the server's key (an older epoch, an earlier run): keys.sync below follows it
         joined = client.join(fingerprint, __version__)
+        if math.isfinite(config.epsilon):
+            # the server remembers the rounds that took this site's upload: a wiped or restored
+            # --state cannot start the budget over
+            check_against_server(config.state, len(joined.contributed_rounds))
         plan = joined.plan
         _check_classes(config, plan)  # before waiting for any key, and before any training
         if plan.scheme == "plain":
