@@ -3,9 +3,11 @@ packed CKKS). The server remembers the rounds whose aggregate took each site's u
 site at join; a site whose accountant accounts for fewer refuses to train.
 
 * the site's whole ``--state`` folder wiped after it contributed to round 1;
-* ``privacy.json`` and the ledger both restored from a backup taken before the site trained;
-* the ledger alone deleted (the accountant still holds every step: the site may go on, and its
-  epsilon keeps counting from where it was, never past the target).
+* ``privacy.json`` and the ledger both restored from a backup taken before the site trained.
+
+(A deleted ledger alone resets nothing: the accountant in ``privacy.json`` holds every step; a lost
+``privacy.json`` beside its ledger, or one with fewer steps than the ledger, is refused before the
+site connects: ``tests/privacy/test_privacy_site.py``.)
 """
 
 from __future__ import annotations
@@ -37,24 +39,27 @@ def data(tmp_path_factory):
     return synth_federation(tmp_path_factory.mktemp("data"), sites=2, seed=1, shape=(64, 64, 24))
 
 
-def _after_round_one(fed: Federation, victim: str) -> tuple[str, dict]:
-    """Runs the federation until round 1 has closed with ``victim``'s upload, then kills ``victim``.
+def _after_round_one(fed: Federation) -> tuple[str, str, dict[str, bytes]]:
+    """Runs the federation until round 1 has closed, then kills a site whose upload it took.
 
-    Returns the address and a copy of ``victim``'s state files as they were right after it joined
-    (before it trained anything)."""
+    Returns the address, that site's name and a copy of its state files as they were right after
+    it opened its accountant (before it trained anything)."""
     address = f"127.0.0.1:{_free_port()}"
-    fed.start_server(address, "--round-deadline", "30", "--min-sites", "1")
+    fed.start_server(address, "--round-deadline", "120", "--min-sites", "1")
     for name in fed.sites:
         fed.start_site(name, address)
-    state = fed.root / f"state_{victim}"
-    fed.wait_for(f"{victim} to open its accountant", lambda: (state / STATE_FILE).exists())
-    backup = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl")}
+    backups = {}
+    for name in fed.sites:
+        state = fed.root / f"state_{name}"
+        fed.wait_for(f"{name} to open its accountant", lambda: (state / STATE_FILE).exists())
+        backups[name] = {p.name: p.read_bytes() for p in state.iterdir()
+                         if p.is_file() and p.suffix in (".json", ".jsonl")}
     fed.wait_for("round 1 to close", lambda: (fed.status().get("round") or 0) >= 1)
-    assert victim in fed.rounds()[0]["participants"]
+    victim = fed.rounds()[0]["participants"][0]
     fed.expected_dead.add(victim)
     fed.procs[victim].send_signal(signal.SIGKILL)
     fed.procs[victim].wait(timeout=30)
-    return address, backup
+    return address, victim, backups[victim]
 
 
 def _restart_refused(fed: Federation, victim: str, address: str) -> str:
@@ -68,8 +73,7 @@ def _restart_refused(fed: Federation, victim: str, address: str) -> str:
 
 @pytest.mark.timeout(900)
 def test_a_wiped_state_folder_does_not_start_the_budget_over(fed):
-    victim = next(iter(fed.sites))
-    address, _ = _after_round_one(fed, victim)
+    address, victim, _ = _after_round_one(fed)
     state = fed.root / f"state_{victim}"
     shutil.rmtree(state)
     _restart_refused(fed, victim, address)
@@ -78,8 +82,7 @@ def test_a_wiped_state_folder_does_not_start_the_budget_over(fed):
 
 @pytest.mark.timeout(900)
 def test_a_restored_backup_from_before_training_is_refused(fed):
-    victim = next(iter(fed.sites))
-    address, backup = _after_round_one(fed, victim)
+    address, victim, backup = _after_round_one(fed)
     state = fed.root / f"state_{victim}"
     spent = read_ledger(state)
     assert [e["round"] for e in spent] == [0]
