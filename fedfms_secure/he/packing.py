@@ -119,8 +119,14 @@ class PackingConfig:
     lanes: int = 2
     lane_bits: int = 21
     rounding: str = "stochastic"
+    noise_std: float | None = None
 
     def __post_init__(self) -> None:
+        noise = self.noise_std
+        if noise is not None:
+            if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+                raise ConfigError(f"packing noise_std={noise!r} must be a positive finite number or absent")
+            object.__setattr__(self, "noise_std", float(noise))
         bound = self.bound
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
             raise ConfigError(f"packing bound={bound!r} must be a positive finite number (the largest |update value|)")
@@ -160,7 +166,10 @@ class PackingConfig:
         return 1 << self.quant_bits
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["noise_std"] is None:  # absent, as in manifests written before it was recorded
+            del d["noise_std"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> PackingConfig:
@@ -169,7 +178,7 @@ class PackingConfig:
         try:
             return cls(
                 bound=d["bound"], sites=d["sites"], rounds=d["rounds"], quant_bits=d["quant_bits"],
-                lanes=d["lanes"], lane_bits=d["lane_bits"], rounding=d["rounding"],
+                lanes=d["lanes"], lane_bits=d["lane_bits"], rounding=d["rounding"], noise_std=d.get("noise_std"),
             )
         except KeyError as exc:
             raise ConfigError(
