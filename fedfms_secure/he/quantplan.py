@@ -68,10 +68,10 @@ class UpdatePlan:
                               f"{self.local_steps} (the busiest site's steps)")
         if self.bound is None and (self.lr is None or self.local_steps is None):
             raise ConfigError("the update plan needs the learning rate and the local steps per round "
-                              "(lr=, local_steps=), or an explicit bound=")
+                              "(--lr and --local-steps), or an explicit bound (--update-bound)")
         if self.dp and self.noise_std is None and (self.lr is None or self.local_steps is None):
-            raise ConfigError("under DP the update plan needs lr= and local_steps= to derive the noise std, "
-                              "or an explicit noise_std=")
+            raise ConfigError("under DP the update plan needs the learning rate and the local steps (--lr and "
+                              "--local-steps) to derive the noise std, or the noise std itself (--noise-std)")
 
     @property
     def update_bound(self) -> float:
