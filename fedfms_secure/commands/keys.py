@@ -59,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ki.add_argument("--max-sites", type=int,
                     help="sites the CKKS packing makes room for, to add some later with `keys add-client` "
                          "(default: the number of --clients)")
-    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: the finest "
-                                                    "that fits 8 B per parameter)")
+    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: sized to the "
+                                                    "plan's noise with --lr and --local-steps or --noise-std, else "
+                                                    "the finest that fits 8 B per parameter)")
     ki.add_argument("--legacy-ckks", action="store_true",
                     help="one value per CKKS slot (57 B per parameter) instead of packed integers")
     ki.add_argument("--envelope-public", action="append", default=[], metavar="NAME=FILE",
@@ -190,11 +191,13 @@ def _init(args: argparse.Namespace) -> int:
                               "raise it or leave it out")
         sites = max(1, len(clients), args.max_sites or 0)
         planned = args.lr is not None or args.local_steps is not None or args.noise_std is not None
-        if planned and args.quant_bits is None:
+        if planned:
             plan = UpdatePlan(lr=args.lr, local_steps=args.local_steps, sites=sites, rounds=args.max_rounds,
                               dp=not args.no_dp, bound=args.update_bound, noise_std=args.noise_std,
                               error_ratio=args.max_error_ratio)
-            params = plan_params(plan)
+            params = (plan_params(plan) if args.quant_bits is None  # else the plan's bound, the bits given
+                      else fit_params(bound=plan.update_bound, sites=sites, rounds=args.max_rounds,
+                                      quant_bits=args.quant_bits))
         else:
             bound = DEFAULT_UPDATE_BOUND if args.update_bound is None else args.update_bound
             params = fit_params(bound=bound, sites=sites, rounds=args.max_rounds, quant_bits=args.quant_bits)

@@ -31,6 +31,9 @@ def test_init_from_the_plan_records_bound_step_and_noise(tmp_path: Path, capsys:
     assert main([*base, "--out", str(tmp_path / "old"), "--update-bound", "0.5", "--quant-bits", "12"]) == 0
     old = _packing(tmp_path / "old")
     assert (old["bound"], old["quant_bits"]) == (0.5, 12) and "noise_std" not in old
+    assert main([*base, "--out", str(tmp_path / "bits"), "--lr", "3e-3", "--local-steps", "20",
+                 "--quant-bits", "12"]) == 0
+    assert (_packing(tmp_path / "bits")["bound"], _packing(tmp_path / "bits")["quant_bits"]) == (pytest.approx(0.06), 12)
     assert main([*base, "--out", str(tmp_path / "default")]) == 0
     assert _packing(tmp_path / "default")["bound"] == 1.0
     capsys.readouterr()
