@@ -106,8 +106,9 @@ def run_he_bench(
     if plan is not None and quant_bits is None:
         ckks = plan_params(plan, rounding=rounding, poly_modulus_degree=poly_modulus_degree)
     else:
-        ckks = choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=16 if quant_bits is None else quant_bits,
-                             rounding=rounding, poly_modulus_degree=poly_modulus_degree)
+        bits = 16 if quant_bits is None else quant_bits
+        ckks = choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=bits, rounding=rounding,
+                             poly_modulus_degree=poly_modulus_degree)
     quant_bits = ckks.packing.quant_bits
     ctx = new_secret_context(ckks)
     fingerprint = context_fingerprint(ctx)

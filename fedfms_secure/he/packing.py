@@ -49,14 +49,15 @@ S = sites * rounds = the most fresh ciphertexts that one global-state ciphertext
    T = 1, 1.19 at T = 8-12, 1.18 at T = 20, 1.05 at T = 100; a signal as large as the noise lowers
    c to ~0.6, but the norm bound leaves that to a vanishing share of coordinates. The plan uses
    c = 1 (``noise_std = lr sqrt(T_min)`` with the least busy site's T). Measured on the DP demo's
-   real deltas (``benchmarks/results/quant_dice.md``): std / (lr sqrt T) 1.17-1.20 and
-   max |delta| / (lr T) 0.84-0.93 (T = 15, 20, 25). The step must keep the quantisation error of
-   the *aggregate* at most ``error_ratio`` (default 1%) of its DP noise: sum_k n_k/N delta_k carries
-   noise std ``noise_std sqrt(sum_k w_k^2) >= noise_std / sqrt(K)`` (equal weights are the least),
-   its quantisation error std is at most ``sqrt(K) h / 2``, so ``h <= 2 error_ratio noise_std / K``:
-   the per-coordinate noise std of one site's weighted update at equal weights, ``lr sqrt(T) / K``,
-   is what ``--noise-std`` means. ``quant_bits = ceil(log2(bound / h))``: ``ceil(log2(K sqrt(T) /
-   (2 error_ratio)))`` bits, 10 for the demo plan (K = 3, T = 15-25; measured error/noise 0.5%).
+   real deltas (``benchmarks/results/quant_dice.md``): std / (lr sqrt T) 1.16-1.20 and
+   max |delta| / (lr T) 0.76-1.00 (T = 15, 20, 25; the bound clipped none). The step must keep
+   the quantisation error of the *aggregate* at most ``error_ratio`` (default 1%) of its DP noise:
+   sum_k n_k/N delta_k carries noise std ``noise_std sqrt(sum_k w_k^2) >= noise_std / sqrt(K)``
+   (equal weights give the least), its quantisation error std is at most ``sqrt(K) h / 2``, so
+   ``h <= 2 error_ratio noise_std / K``: the per-coordinate noise std of one site's weighted update
+   at equal weights, ``lr sqrt(T) / K``, is what ``--noise-std`` means. ``quant_bits =
+   ceil(log2(bound / h))``, i.e. ``ceil(log2(K T_max / (2 error_ratio sqrt(T_min))))`` bits: 10 for the demo plan (K = 3, T = 15-25; measured error std
+   0.77% of the aggregate's noise, the uniform-rounding average h / sqrt(6) rather than h / 2).
    Without DP the plan states a relative error instead: ``h / 2 <= 1e-3 bound`` (9 bits).
 4. *Carry headroom.* A lane is a signed ``w``-bit integer with ``w = quant_bits + 1 +
    bit_length(S)``, so ``S * 2**quant_bits < 2**(w-1)``: the lanes of a sum of S fresh
@@ -72,15 +73,19 @@ S = sites * rounds = the most fresh ciphertexts that one global-state ciphertext
    symmetrically and sends ``(c0, seed)`` instead of ``(c0, c1)``: half the bytes. The server's
    TenSEAL expands the seed on load; its sums and the global state travel as full ciphertexts.
 
-Wire cost per parameter: ``2 N (Q/8 + ~0.9) / (N P)`` bytes for a full ciphertext (SEAL's zstd
-leaves ~0.9 B of overhead per Q-bit residue), half that for a seeded upload. K = 3 sites, R = 5
-rounds (t = 10, w = quant_bits + 5): 10 bits (the demo plan) give 3 lanes of 15 bits in Q = 56,
-about 2.63 B/param up and 5.27 for sums and the global state (7.9 a round); 9 bits: Q = 53, 2.51 +
-5.02; 8 bits: Q = 50, 2.38 + 4.75; the former fixed 16-17 bits: 2 lanes, 3.8 + 7.5 (measured in
-``benchmarks/results/he_bench.md``). Up to at most 2.5 B/param with 3 lanes needs Q <= 52, i.e.
-w <= 13: quant_bits <= 8 at K x R <= 15, which the 1% rule allows only when ``K sqrt(T)`` <= 5.1.
-``choose_params`` / ``plan_params`` raise a ConfigError naming the limit when the lanes that the
-headroom needs do not fit one 60-bit prime or the byte limit.
+Wire cost per parameter: about ``2 N B_Q / (N P)`` bytes for a full ciphertext, half that for a
+seeded upload, where B_Q is SEAL's zstd-compressed size of one Q-bit residue: measured 7.3-7.6 B for
+any Q from 50 to 56 (its byte-wise entropy coder gains little from the zero top bits; about
+Q/8 + 0.9 at Q = 53). K = 3 sites, R = 5 rounds (t = 10, w = quant_bits + 5), measured at vit_b
+FedMSA's 11.16M values or a 1e6 slice (``benchmarks/results/he_bench.md``): 10 bits (the demo
+plan) give 3 lanes of 15 bits in Q = 56, 2.53 B/param up and 5.06 for sums and the global state
+(7.59 a round, against 8 for plaintext fp32); 9 bits (Q = 53) 2.52 + 5.03; 8 bits (Q = 50) 2.42 +
+4.84; the former fixed 16 bits, 2 lanes: 3.82 + 7.61. At most 2.5 B/param up therefore needs 8 bits
+or fewer at K x R = 15, which the 1% rule allows only when ``K T_max / sqrt(T_min)`` <= 5.1;
+below that, only a tighter serialization than SEAL's zstd (e.g. c0 bit-packed to Q bits: 7 B per
+coefficient at Q = 56, 2.33 B/param) would help. ``choose_params`` / ``plan_params`` raise a
+ConfigError naming the limit when the lanes that the headroom needs do not fit one 60-bit prime or
+the byte limit.
 
 The sample count (``encrypt_scalar``) travels in coefficient 0 as ``round(x * 2**8) * 2**t`` with all
 other coefficients zero; sums of up to ``sites`` of them are exact to 2**-8.
@@ -255,7 +260,9 @@ def required_scale_bits(summands: int, q_bits: int) -> int:
 
 
 def estimate_bytes_per_param(poly_modulus_degree: int, q_bits: int, lanes: int, *, seeded: bool = False) -> float:
-    """Serialized bytes per parameter of a full chunk (about; ``seeded``: an upload)."""
+    """Serialized bytes per parameter of a full chunk (about; ``seeded``: an upload).
+
+    An upper estimate from Q = 53 up: SEAL's zstd measured 7.55-7.6 B per residue for Q from 53 to 56."""
     polys = 1 if seeded else 2
     return polys * poly_modulus_degree * (q_bits / 8 + ZSTD_OVERHEAD_BYTES) / (poly_modulus_degree * lanes)
 

@@ -37,9 +37,10 @@ class UpdatePlan:
 
     ``lr``: Adam's learning rate; ``local_steps``: optimizer steps of the busiest site in one round
     (epochs x steps per epoch), which sets the bound; ``min_local_steps``: those of the least busy
-    site (default ``local_steps``), which set the noise; ``sites`` and ``rounds``: K and R of one CKKS key; ``dp``: whether
-    sites train with DP-SGD. ``bound`` / ``noise_std`` override the derived figures (``noise_std``:
-    per-coordinate DP noise std of one site's *weighted* update n_k/N * delta_k).
+    site (default ``local_steps``), which set the noise; ``sites`` and ``rounds``: K and R of one
+    CKKS key; ``dp``: whether sites train with DP-SGD. ``bound`` / ``noise_std`` override the
+    derived figures (``noise_std``: per-coordinate DP noise std of one site's *weighted* update
+    n_k/N * delta_k).
     """
 
     lr: float | None = None
@@ -63,7 +64,8 @@ class UpdatePlan:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"update plan {name}={value!r} must be a positive integer")
-        if self.min_local_steps is not None and self.local_steps is not None and self.min_local_steps > self.local_steps:
+        fewest, most = self.min_local_steps, self.local_steps
+        if fewest is not None and most is not None and fewest > most:
             raise ConfigError(f"update plan min_local_steps={self.min_local_steps} exceeds local_steps="
                               f"{self.local_steps} (the busiest site's steps)")
         if self.bound is None and (self.lr is None or self.local_steps is None):
