@@ -56,8 +56,9 @@ S = sites * rounds = the most fresh ciphertexts that one global-state ciphertext
    (equal weights give the least), its quantisation error std is at most ``sqrt(K) h / 2``, so
    ``h <= 2 error_ratio noise_std / K``: the per-coordinate noise std of one site's weighted update
    at equal weights, ``lr sqrt(T) / K``, is what ``--noise-std`` means. ``quant_bits =
-   ceil(log2(bound / h))``, i.e. ``ceil(log2(K T_max / (2 error_ratio sqrt(T_min))))`` bits: 10 for the demo plan (K = 3, T = 15-25; measured error std
-   0.77% of the aggregate's noise, the uniform-rounding average h / sqrt(6) rather than h / 2).
+   ceil(log2(bound / h))``, i.e. ``ceil(log2(K T_max / (2 error_ratio sqrt(T_min))))`` bits: 10
+   for the demo plan (K = 3, T = 15-25; measured error std 0.77% of the aggregate's noise, the
+   uniform-rounding average h / sqrt(6) rather than h / 2).
    Without DP the plan states a relative error instead: ``h / 2 <= 1e-3 bound`` (9 bits).
 4. *Carry headroom.* A lane is a signed ``w``-bit integer with ``w = quant_bits + 1 +
    bit_length(S)``, so ``S * 2**quant_bits < 2**(w-1)``: the lanes of a sum of S fresh
