@@ -17,8 +17,9 @@ Sizes are ``ByteSize()`` of the real protobuf messages, as the site's byte count
 (gRPC, HTTP/2 and TLS framing not included; nor the status polls and metric reports, a few
 hundred bytes a round). Schemes:
 
-* ``ckks``  packed CKKS with the parameters ``fedfms-secure demo`` provisions (``fit_params`` for
-  update bound 1, the given sites and rounds): what travels by default;
+* ``ckks``  packed CKKS with the parameters ``fedfms-secure demo`` provisions: ``plan_params`` for
+  the demo plan (Adam lr 3e-3, 15-25 local steps a round, DP; ``he/quantplan.py``), the given
+  sites and rounds: what travels by default;
 * ``plain`` the ``--no-he`` baseline as the code sends it (float64 payloads);
 * ``fp32``  reference: the same chunks with float32 payloads, i.e. plaintext FedAvg at 4 B/param.
 
@@ -102,6 +103,11 @@ class _Fp32Summer:
         return obj.astype("<f4").tobytes()
 
 
+# the demo's plan: Adam's learning rate and the fewest and most local steps of its sites in a round
+DEMO_LR = 3e-3
+DEMO_STEPS = (15, 25)
+
+
 def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict[str, Any]]:
     """(one codec per site, the server's aggregator, what was provisioned) for ``scheme``."""
     from fedfms_secure.he import (
@@ -113,14 +119,14 @@ def _parties(scheme: str, sites: int, rounds: int) -> tuple[list[Any], Any, dict
         serialize_params_only,
         serialize_site_context,
     )
-    from fedfms_secure.he.packing import fit_params
-    from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
+    from fedfms_secure.he.quantplan import UpdatePlan, plan_params
 
     if scheme == "fp32":
         return [_Fp32Codec() for _ in range(sites)], _Fp32Summer(), {}
     if scheme == "plain":
         return [make_site_codec("plain", None, "plain") for _ in range(sites)], make_aggregator("plain", None), {}
-    params = fit_params(bound=DEFAULT_UPDATE_BOUND, sites=sites, rounds=rounds)
+    params = plan_params(UpdatePlan(lr=DEMO_LR, local_steps=DEMO_STEPS[1], min_local_steps=DEMO_STEPS[0],
+                                    sites=sites, rounds=rounds))
     ctx = new_secret_context(params)
     fingerprint = context_fingerprint(ctx)
     site_blob = serialize_site_context(ctx)
@@ -257,7 +263,8 @@ def markdown(head: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     ]
     if ckks:
         lines.append(
-            f"- CKKS parameters (`fit_params`, as `fedfms-secure demo` provisions them): N={ckks['poly_modulus_degree']}, "
+            f"- CKKS parameters (`plan_params` for the demo plan, lr {DEMO_LR:g}, {DEMO_STEPS[0]}-{DEMO_STEPS[1]} local "
+            f"steps, DP, as `fedfms-secure demo` provisions them): N={ckks['poly_modulus_degree']}, "
             f"primes {ckks['coeff_mod_bit_sizes']}, scale 2^{ckks['scale_bits']}, {ckks['quant_bits']}-bit "
             f"quantisation, {ckks['lanes']} lanes x {ckks['lane_bits']} bits, bound {ckks['bound']:g}"
         )

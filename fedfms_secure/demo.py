@@ -34,7 +34,6 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
-from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND as UPDATE_BOUND
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,12 @@ class DemoOptions:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     keep_empty_every: int = 5
     skip_bad: bool = False
+    # the CKKS quantisation: None sizes it from the plan (lr, local steps, DP noise; he/quantplan.py),
+    # with local_steps counted from the sites' training splits unless given; quant_bits (with
+    # update_bound, default 1) fixes it instead, as provisioning did before the plan sized it
+    local_steps: int | None = None
+    quant_bits: int | None = None
+    update_bound: float | None = None
 
     def __post_init__(self) -> None:
         """Every option is checked here, before any data is written or any process started: the
@@ -102,7 +107,6 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
     from fedfms_secure.keys.export import export_bundle
     from fedfms_secure.keys.provision import init_federation
-    from fedfms_secure.he.packing import fit_params
     from fedfms_secure.data import find_sites, synth_federation
     from fedfms_secure.report import build_report, plot_report, worse_than_start  # opacus and torch: not for `--help`
 
@@ -144,7 +148,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
         console.print(f"      training sites: {', '.join(names)}; held out (never trains): {held_out.name}")
 
     with tempfile.TemporaryDirectory(prefix="fedfms-keys-") as tmp:
-        params = fit_params(bound=UPDATE_BOUND, sites=len(names), rounds=options.rounds)
+        params = _ckks_params(options, sites, run_dir)
         # no CKKS secret key here: one site makes it (keys he-init) once the server runs
         provision = init_federation(Path(tmp) / "provision", federation="demo", server_host="localhost",
                                     clients=names, params=params, he_dealer=False)
@@ -287,6 +291,48 @@ def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _ckks_params(options: DemoOptions, sites: list[Path], run_dir: Path) -> Any:
+    """The federation's CKKS parameters: from the update plan (bound lr x steps, step sized to the
+    DP noise), or the fixed ``quant_bits`` / ``update_bound`` of the options."""
+    from fedfms_secure.config import ServerConfig
+    from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND, fit_params
+    from fedfms_secure.he.quantplan import UpdatePlan, plan_params
+
+    if options.quant_bits is not None:
+        bound = DEFAULT_UPDATE_BOUND if options.update_bound is None else options.update_bound
+        return fit_params(bound=bound, sites=len(sites), rounds=options.rounds, quant_bits=options.quant_bits)
+    unset = Path("-")
+    server = ServerConfig(keys=unset, state=unset, rounds=options.rounds, local_epochs=options.local_epochs,
+                          **({} if options.learning_rate is None else {"learning_rate": options.learning_rate}))
+    if options.local_steps is not None:
+        fewest = most = options.local_steps
+    else:
+        fewest, most = _local_steps(sites, options, server.batch_size, run_dir)
+    plan = UpdatePlan(lr=server.learning_rate, local_steps=most, min_local_steps=fewest, sites=len(sites),
+                      rounds=options.rounds, dp=math.isfinite(options.epsilon), bound=options.update_bound)
+    return plan_params(plan)
+
+
+def _local_steps(sites: list[Path], options: DemoOptions, batch_size: int, run_dir: Path) -> tuple[int, int]:
+    """Optimizer steps in one round of the least and of the busiest site, counted as the sites will
+    count them: each site's training split is loaded into the cache (and split file) it then reuses."""
+    from fedfms_secure.data.loader import load_site
+    from fedfms_secure.model.registry import get_preset
+    from fedfms_secure.train.local import steps_per_epoch
+
+    image_size = get_preset(options.preset).img_size
+    counts = []
+    for site in sites:
+        state = run_dir / site.name
+        state.mkdir(parents=True, exist_ok=True)
+        data = load_site(site, image_size=image_size, split_file=state / "split.json", seed=options.seed,
+                         axis=options.axis, keep_empty_every=options.keep_empty_every, skip_bad=options.skip_bad,
+                         labels=options.labels, clip_percentiles=options.clip_percentiles, cache_dir=state / "cache")
+        n = len(data.train)
+        counts.append(options.local_epochs * steps_per_epoch(n, min(batch_size, n)))
+    return min(counts), max(counts)
 
 
 def _raise_exit(signum: int, frame: object) -> None:

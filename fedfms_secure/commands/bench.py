@@ -10,7 +10,10 @@ is one site's upload (seeded ciphertexts), ``encrypt_s`` one site's time to encr
 (mean over sites), ``sum_s_per_site`` the server's time to parse and add one site's N values,
 ``decrypt_s`` the time to decrypt the sum, ``max_abs_error`` the largest |decrypted sum - exact sum|.
 Also reported: ``bytes_per_param_sum`` (the summed ciphertexts, i.e. what the global state costs
-to download), the error's std, its documented bound and the parameters chosen.
+to download), the error's std, its documented bound and the parameters chosen. With the plan's
+figures (``--noise-std``, or ``--lr`` and ``--local-steps``; ``he/quantplan.py``) the step is sized
+to the DP noise and ``error_to_noise`` is the sum's error std over the DP noise std of the K
+weighted updates it sums (``sqrt(K) x noise_std``): the plan keeps it at most ``--max-error-ratio``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,18 @@ def register(subparsers: Any) -> None:
     he.add_argument("--params", type=_count, required=True, help="values per site (e.g. 1e6 or 11160000)")
     he.add_argument("--sites", type=int, default=3, help="K: sites summed (default 3)")
     he.add_argument("--rounds", type=int, default=5, help="R: rounds the parameters must allow (default 5)")
-    he.add_argument("--bound", type=float, default=1.0, help="largest |value| (default 1.0)")
-    he.add_argument("--quant-bits", type=int, default=16, help="step = bound / 2**bits (default 16)")
+    he.add_argument("--bound", type=float, help="largest |value| of a weighted update (default: --lr x "
+                                                "--local-steps with a plan, else 1.0)")
+    he.add_argument("--noise-std", type=float,
+                    help="per-coordinate DP noise std of one site's weighted update: the step is sized so that "
+                         "the error std is at most --max-error-ratio of it (default with --lr and --local-steps: "
+                         "lr x sqrt(steps) / sites)")
+    he.add_argument("--lr", type=float, help="the plan's Adam learning rate (with --local-steps: bound and noise)")
+    he.add_argument("--local-steps", type=int, help="the plan's optimizer steps per round")
+    he.add_argument("--max-error-ratio", type=float, default=0.01,
+                    help="quantisation error std / DP noise std the plan allows (default 0.01)")
+    he.add_argument("--quant-bits", type=int,
+                    help="step = bound / 2**bits (default: from the plan's noise, else 16)")
     he.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic",
                     help="how values are rounded to the quantisation step")
     he.add_argument("--poly-modulus-degree", type=int, default=8192,
@@ -58,25 +71,45 @@ def run_he_bench(
     params: int,
     sites: int = 3,
     rounds: int = 5,
-    bound: float = 1.0,
-    quant_bits: int = 16,
+    bound: float | None = None,
+    quant_bits: int | None = None,
     rounding: str = "stochastic",
     poly_modulus_degree: int = 8192,
     seed: int = 0,
+    noise_std: float | None = None,
+    lr: float | None = None,
+    local_steps: int | None = None,
+    max_error_ratio: float = 0.01,
 ) -> dict[str, Any]:
-    """Encrypt ``params`` values at each of ``sites`` sites, sum them as the server does, decrypt."""
+    """Encrypt ``params`` values at each of ``sites`` sites, sum them as the server does, decrypt.
+
+    With ``noise_std`` (or ``lr`` and ``local_steps``) the quantisation comes from the update plan
+    (``he/quantplan.py``) unless ``quant_bits`` fixes it; otherwise 16 bits within ``bound`` (1.0).
+    """
     import numpy as np
 
     from fedfms_secure.he.ckks import context_fingerprint, load_context, new_secret_context, serialize_params_only
     from fedfms_secure.he.codec import PackedCkksCodec
     from fedfms_secure.he.packing import choose_params, noise_bound
     from fedfms_secure.he.aggregate import PackedCkksAggregator
+    from fedfms_secure.he.quantplan import UpdatePlan, plan_params
     from fedfms_secure.errors import ConfigError
 
     if sites < 1 or params < 1:
         raise ConfigError("bench he needs --params >= 1 and --sites >= 1")
-    ckks = choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=quant_bits, rounding=rounding,
-                         poly_modulus_degree=poly_modulus_degree)
+    plan = None
+    if noise_std is not None or lr is not None or local_steps is not None:
+        plan = UpdatePlan(lr=lr, local_steps=local_steps, sites=sites, rounds=rounds, bound=bound,
+                          noise_std=noise_std, error_ratio=max_error_ratio)
+        bound, noise_std = plan.update_bound, plan.weighted_noise_std
+    bound = 1.0 if bound is None else bound
+    if plan is not None and quant_bits is None:
+        ckks = plan_params(plan, rounding=rounding, poly_modulus_degree=poly_modulus_degree)
+    else:
+        bits = 16 if quant_bits is None else quant_bits
+        ckks = choose_params(bound=bound, sites=sites, rounds=rounds, quant_bits=bits, rounding=rounding,
+                             poly_modulus_degree=poly_modulus_degree)
+    quant_bits = ckks.packing.quant_bits
     ctx = new_secret_context(ckks)
     fingerprint = context_fingerprint(ctx)
     codec = PackedCkksCodec(ctx, fingerprint, ckks, rng=np.random.default_rng(seed + 1))
@@ -121,6 +154,9 @@ def run_he_bench(
         "sum_s_per_site": sum_s / sites,
         "max_abs_error": max_err,
         "error_std": math.sqrt(sq_err / params),
+        # the K-site sum's error against the DP noise the K weighted updates carry (sqrt(K) x noise_std)
+        "noise_std": noise_std,
+        "error_to_noise": None if noise_std is None else math.sqrt(sq_err / params) / (math.sqrt(sites) * noise_std),
         "error_bound": sites * per_value,
         "ckks_error_bound_units": noise_bound(sites, ckks.coeff_mod_bit_sizes[0]) / ckks.scale,
         "bytes_per_param_sum": down_bytes / params,
@@ -144,6 +180,7 @@ def _cmd_bench_he(args: argparse.Namespace) -> int:
     result = run_he_bench(
         params=args.params, sites=args.sites, rounds=args.rounds, bound=args.bound, quant_bits=args.quant_bits,
         rounding=args.rounding, poly_modulus_degree=args.poly_modulus_degree, seed=args.seed,
+        noise_std=args.noise_std, lr=args.lr, local_steps=args.local_steps, max_error_ratio=args.max_error_ratio,
     )
     if args.json:
         print(json.dumps(result), flush=True)

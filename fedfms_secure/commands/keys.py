@@ -19,6 +19,7 @@ from typing import Any
 
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.he.packing import DEFAULT_UPDATE_BOUND
+from fedfms_secure.he.quantplan import DEFAULT_ERROR_RATIO
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,15 +42,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     ki.add_argument("--days", type=int, default=365, help="lifetime of server and site certificates (default 365)")
     ki.add_argument("--ca-days", type=int, default=3650, help="lifetime of the CA certificate (default 3650)")
     _passphrase_arg(ki, "encrypt every private key written with the passphrase in this file")
-    ki.add_argument("--update-bound", type=float, default=DEFAULT_UPDATE_BOUND,
-                    help=f"largest |value| of a weighted update (default {DEFAULT_UPDATE_BOUND}); "
-                    "larger values are clipped")
+    ki.add_argument("--update-bound", type=float,
+                    help="largest |value| of a weighted update; larger values are clipped (default: "
+                         f"--lr x --local-steps with a plan, else {DEFAULT_UPDATE_BOUND})")
+    ki.add_argument("--lr", type=float, help="the plan's Adam learning rate: with --local-steps it sizes the CKKS "
+                                             "quantisation to the DP noise (bound lr x steps, noise lr x sqrt(steps))")
+    ki.add_argument("--local-steps", type=int, help="the plan's optimizer steps per round at the busiest site "
+                                                    "(local epochs x steps per epoch)")
+    ki.add_argument("--noise-std", type=float, help="per-coordinate DP noise std of one site's weighted update "
+                                                    "(default with a plan: lr x sqrt(steps) / sites)")
+    ki.add_argument("--max-error-ratio", type=float, default=DEFAULT_ERROR_RATIO,
+                    help="quantisation error std at most this fraction of --noise-std (default %(default)s)")
+    ki.add_argument("--no-dp", action="store_true",
+                    help="the plan trains without DP: the error std is at most 1e-3 of the bound instead")
     ki.add_argument("--max-rounds", type=int, default=10, help="rounds this CKKS key may sum (default 10)")
     ki.add_argument("--max-sites", type=int,
                     help="sites the CKKS packing makes room for, to add some later with `keys add-client` "
                          "(default: the number of --clients)")
-    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: the finest "
-                                                    "that fits 8 B per parameter)")
+    ki.add_argument("--quant-bits", type=int, help="quantisation step = bound / 2**bits (default: sized to the "
+                                                    "plan's noise with --lr and --local-steps or --noise-std, else "
+                                                    "the finest that fits 8 B per parameter)")
     ki.add_argument("--legacy-ckks", action="store_true",
                     help="one value per CKKS slot (57 B per parameter) instead of packed integers")
     ki.add_argument("--envelope-public", action="append", default=[], metavar="NAME=FILE",
@@ -166,6 +178,7 @@ def _init(args: argparse.Namespace) -> int:
     from fedfms_secure.keys.federation import check_algorithms
     from fedfms_secure.keys.provision import init_federation
     from fedfms_secure.he.packing import estimate_bytes_per_param, fit_params
+    from fedfms_secure.he.quantplan import UpdatePlan, plan_params
 
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     check_algorithms(args.algorithm, args.ca_algorithm or args.algorithm)  # before any slow work
@@ -176,8 +189,18 @@ def _init(args: argparse.Namespace) -> int:
         if args.max_sites is not None and args.max_sites < len(clients):
             raise ConfigError(f"--max-sites {args.max_sites} is less than the {len(clients)} sites of --clients: "
                               "raise it or leave it out")
-        params = fit_params(bound=args.update_bound, sites=max(1, len(clients), args.max_sites or 0),
-                            rounds=args.max_rounds, quant_bits=args.quant_bits)
+        sites = max(1, len(clients), args.max_sites or 0)
+        planned = args.lr is not None or args.local_steps is not None or args.noise_std is not None
+        if planned:
+            plan = UpdatePlan(lr=args.lr, local_steps=args.local_steps, sites=sites, rounds=args.max_rounds,
+                              dp=not args.no_dp, bound=args.update_bound, noise_std=args.noise_std,
+                              error_ratio=args.max_error_ratio)
+            params = (plan_params(plan) if args.quant_bits is None  # else the plan's bound, the bits given
+                      else fit_params(bound=plan.update_bound, sites=sites, rounds=args.max_rounds,
+                                      quant_bits=args.quant_bits))
+        else:
+            bound = DEFAULT_UPDATE_BOUND if args.update_bound is None else args.update_bound
+            params = fit_params(bound=bound, sites=sites, rounds=args.max_rounds, quant_bits=args.quant_bits)
     out = init_federation(
         args.out, federation=args.federation, server_host=args.server_host, clients=clients, days=args.days,
         ca_days=args.ca_days, params=params, algorithm=args.algorithm, ca_algorithm=args.ca_algorithm,
@@ -190,7 +213,8 @@ def _init(args: argparse.Namespace) -> int:
         per_param = estimate_bytes_per_param(params.poly_modulus_degree, params.coeff_mod_bit_sizes[0], pk.lanes,
                                              seeded=True)
         lines.append(f"CKKS: {pk.quant_bits}-bit values within +-{pk.bound:g}, {pk.lanes} per coefficient, for up to "
-                     f"{pk.rounds} rounds; about {per_param:.2f} B per parameter up")
+                     f"{pk.rounds} rounds; about {per_param:.2f} B per parameter up"
+                     + (f"; step {pk.step:.3g} for a DP noise std of {pk.noise_std:.3g}" if pk.noise_std else ""))
         spare = pk.sites - len(clients)
         lines.append(f"room for {pk.sites} site(s) in all (--max-sites): "
                      + (f"`keys add-client` can add {spare} more" if spare > 0 else

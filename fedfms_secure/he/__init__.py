@@ -7,6 +7,7 @@ Modules (one concept each):
 
 * ``ckks``       CkksParams, TenSEAL contexts (site / params-only), load, fingerprint
 * ``packing``    the compact scheme (<= 8 B/param): choose_params, quantise, pack lanes, coefficient encoding
+* ``quantplan``  bound and step from the plan (lr, local steps, sites, DP): UpdatePlan, plan_params, clip_to_bound
 * ``payload``    wire format of one ciphertext chunk (v1 one value per slot, v2 packed) and its validation
 * ``codec``      site side: ``make_site_codec`` -> PackedCkksCodec / CkksCodec / PlainCodec
 * ``aggregate``  server side: ``make_aggregator`` -> PackedCkksAggregator / CkksAggregator / PlainAggregator

@@ -2,7 +2,7 @@
 
 ``make_site_codec("ckks", ctx, fingerprint, params=bundle.params)`` gives a ``PackedCkksCodec`` when
 the federation's params carry a packing (quantised integers packed into the coefficients, see
-``packing.py``; about 7 B per parameter), else a ``CkksCodec`` (CKKS under the federation's key,
+``packing.py``; 2.5-3.8 B per parameter up, twice that for sums), else a ``CkksCodec`` (CKKS under the federation's key,
 one value per slot, one ciphertext per ``slots`` values); ``make_site_codec("plain", None, "plain")`` gives the
 ``--no-he`` baseline, ``PlainCodec``, whose payloads are float64 little-endian bytes.
 

@@ -32,14 +32,34 @@ S = sites * rounds = the most fresh ciphertexts that one global-state ciphertext
    The decoder also checks every coefficient's distance to the nearest integer against the same
    bound: a ciphertext under another key, or corrupted, decrypts to uniform residues mod q and
    fails that check in practically every coefficient.
-3. *Quantisation to the precision the DP noise leaves.* Stochastic rounding (default, unbiased:
-   ``E[m h] = x``, ``|m h - x| < h``) or round-to-nearest (``|m h - x| <= h/2``). With the default
-   ``quant_bits = 16`` the step is ``bound * 2**-16``; its error std (<= h/2) against the DP noise
-   of one DP-SGD step on the averaged gradient, ``sigma * C / batch = 1/32`` for sigma = 1, C = 1,
-   batch 32, with ``bound = C``: 7.6e-6 / 0.031 = 2.4e-4, i.e. it adds less than 1e-7 of the noise
-   variance. After T local steps at learning rate lr the DP noise of the update is
-   ``lr sqrt(T) sigma C / batch`` while a per-coordinate bound is at most ``lr T C``: the ratio is
-   ``sqrt(T) * batch / (sigma 2**(q+1))``, still below 1% for T <= 1000 (bench: ``error_std``).
+3. *Quantisation to the precision the DP noise leaves* (``quantplan.py``). Stochastic rounding
+   (default, unbiased: ``E[m h] = x``, ``|m h - x| < h``, error std <= h/2) or round-to-nearest
+   (``|m h - x| <= h/2``). Bound and step come from the public plan: Adam's learning rate ``lr``,
+   the local steps ``T`` of a round, the K sites. Adam moves a coordinate by ``lr m/sqrt(v)`` a step,
+   and ``|m/sqrt(v)|`` is about 1 at most (exactly 1 at the first step; Kingma and Ba's bound is
+   (1-b1)/sqrt(1-b2) in the worst, sparse case), so a site's delta lies within ``bound = lr T``
+   and a site clips its weighted update ``n_k/N delta_k`` (|n_k/N| <= 1) to it, counting and logging
+   the clipped values (post-processing: DP is unaffected). The DP noise: DP-SGD adds
+   ``N(0, (sigma C / b)^2)`` to every coordinate of the averaged gradient, while the clipped
+   gradients' norm is at most C, i.e. about ``C / sqrt(d)`` per coordinate over d parameters: at
+   sigma ~ 1, b = 32 and d >= 5e4 the noise dominates every coordinate but a few. Adam then divides
+   by ``sqrt(v) ~ sigma C / b`` itself, so each step moves a coordinate by about lr of unit-variance
+   noise, correlated over ~10 steps by the momentum, and the delta's noise std is ``c lr sqrt(T)``
+   whatever sigma, C and b are. Simulated Adam (b1 0.9, b2 0.999) on pure noise gives c = 1.00 at
+   T = 1, 1.19 at T = 8-12, 1.18 at T = 20, 1.05 at T = 100; a signal as large as the noise lowers
+   c to ~0.6, but the norm bound leaves that to a vanishing share of coordinates. The plan uses
+   c = 1 (``noise_std = lr sqrt(T_min)`` with the least busy site's T). Measured on the DP demo's
+   real deltas (``benchmarks/results/quant_dice.md``): std / (lr sqrt T) 1.16-1.20 and
+   max |delta| / (lr T) 0.76-1.00 (T = 15, 20, 25; the bound clipped none). The step must keep
+   the quantisation error of the *aggregate* at most ``error_ratio`` (default 1%) of its DP noise:
+   sum_k n_k/N delta_k carries noise std ``noise_std sqrt(sum_k w_k^2) >= noise_std / sqrt(K)``
+   (equal weights give the least), its quantisation error std is at most ``sqrt(K) h / 2``, so
+   ``h <= 2 error_ratio noise_std / K``: the per-coordinate noise std of one site's weighted update
+   at equal weights, ``lr sqrt(T) / K``, is what ``--noise-std`` means. ``quant_bits =
+   ceil(log2(bound / h))``, i.e. ``ceil(log2(K T_max / (2 error_ratio sqrt(T_min))))`` bits: 10
+   for the demo plan (K = 3, T = 15-25; measured error std 0.77% of the aggregate's noise, the
+   uniform-rounding average h / sqrt(6) rather than h / 2).
+   Without DP the plan states a relative error instead: ``h / 2 <= 1e-3 bound`` (9 bits).
 4. *Carry headroom.* A lane is a signed ``w``-bit integer with ``w = quant_bits + 1 +
    bit_length(S)``, so ``S * 2**quant_bits < 2**(w-1)``: the lanes of a sum of S fresh
    ciphertexts (K sites over R rounds into the global state, each |m| <= 2**quant_bits) never
@@ -54,13 +74,19 @@ S = sites * rounds = the most fresh ciphertexts that one global-state ciphertext
    symmetrically and sends ``(c0, seed)`` instead of ``(c0, c1)``: half the bytes. The server's
    TenSEAL expands the seed on load; its sums and the global state travel as full ciphertexts.
 
-Wire cost per parameter: ``2 N (Q/8 + ~0.9) / (N P)`` bytes for a full ciphertext (SEAL's zstd
-leaves ~0.9 B of overhead per Q-bit residue), half that for a seeded upload. K = 3 sites, R = 5
-rounds, 16 bits: w = 21, P = 2, t = 10, Q = 53: about 7.5 B/param for sums and the global state
-and 3.8 B/param for uploads (measured in ``benchmarks/results/he_*.md``). Fewer than 8 B/param needs
-P >= 2 and Q <= 56: at most 8 B/param holds for K*R <= 15 at 17 bits, 31 at 16 bits, 63 at 14 bits,
-188 at 12 bits and 511 at 10 bits (the noise margin t grows with K*R too); ``choose_params`` raises
-a ConfigError naming the limit otherwise.
+Wire cost per parameter: about ``2 N B_Q / (N P)`` bytes for a full ciphertext, half that for a
+seeded upload, where B_Q is SEAL's zstd-compressed size of one Q-bit residue: measured 7.3-7.6 B for
+any Q from 50 to 56 (its byte-wise entropy coder gains little from the zero top bits; about
+Q/8 + 0.9 at Q = 53). K = 3 sites, R = 5 rounds (t = 10, w = quant_bits + 5), measured at vit_b
+FedMSA's 11.16M values or a 1e6 slice (``benchmarks/results/he_bench.md``): 10 bits (the demo
+plan) give 3 lanes of 15 bits in Q = 56, 2.53 B/param up and 5.06 for sums and the global state
+(7.59 a round, against 8 for plaintext fp32); 9 bits (Q = 53) 2.52 + 5.03; 8 bits (Q = 50) 2.42 +
+4.84; the former fixed 16 bits, 2 lanes: 3.82 + 7.61. At most 2.5 B/param up therefore needs 8 bits
+or fewer at K x R = 15, which the 1% rule allows only when ``K T_max / sqrt(T_min)`` <= 5.1;
+below that, only a tighter serialization than SEAL's zstd (e.g. c0 bit-packed to Q bits: 7 B per
+coefficient at Q = 56, 2.33 B/param) would help. ``choose_params`` / ``plan_params`` raise a
+ConfigError naming the limit when the lanes that the headroom needs do not fit one 60-bit prime or
+the byte limit.
 
 The sample count (``encrypt_scalar``) travels in coefficient 0 as ``round(x * 2**8) * 2**t`` with all
 other coefficients zero; sums of up to ``sites`` of them are exact to 2**-8.
@@ -119,8 +145,14 @@ class PackingConfig:
     lanes: int = 2
     lane_bits: int = 21
     rounding: str = "stochastic"
+    noise_std: float | None = None
 
     def __post_init__(self) -> None:
+        noise = self.noise_std
+        if noise is not None:
+            if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise <= 0:
+                raise ConfigError(f"packing noise_std={noise!r} must be a positive finite number or absent")
+            object.__setattr__(self, "noise_std", float(noise))
         bound = self.bound
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound <= 0:
             raise ConfigError(f"packing bound={bound!r} must be a positive finite number (the largest |update value|)")
@@ -160,7 +192,10 @@ class PackingConfig:
         return 1 << self.quant_bits
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["noise_std"] is None:  # absent, as in manifests written before it was recorded
+            del d["noise_std"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> PackingConfig:
@@ -169,7 +204,7 @@ class PackingConfig:
         try:
             return cls(
                 bound=d["bound"], sites=d["sites"], rounds=d["rounds"], quant_bits=d["quant_bits"],
-                lanes=d["lanes"], lane_bits=d["lane_bits"], rounding=d["rounding"],
+                lanes=d["lanes"], lane_bits=d["lane_bits"], rounding=d["rounding"], noise_std=d.get("noise_std"),
             )
         except KeyError as exc:
             raise ConfigError(
@@ -226,7 +261,9 @@ def required_scale_bits(summands: int, q_bits: int) -> int:
 
 
 def estimate_bytes_per_param(poly_modulus_degree: int, q_bits: int, lanes: int, *, seeded: bool = False) -> float:
-    """Serialized bytes per parameter of a full chunk (about; ``seeded``: an upload)."""
+    """Serialized bytes per parameter of a full chunk (about; ``seeded``: an upload).
+
+    An upper estimate from Q = 53 up: SEAL's zstd measured 7.55-7.6 B per residue for Q from 53 to 56."""
     polys = 1 if seeded else 2
     return polys * poly_modulus_degree * (q_bits / 8 + ZSTD_OVERHEAD_BYTES) / (poly_modulus_degree * lanes)
 

@@ -48,6 +48,7 @@ from fedfms_secure.logs import add_log_file
 from fedfms_secure.statelock import StateLock
 from fedfms_secure.site.hekeys import Keyring
 from fedfms_secure.he.codec import UpdateCodec, make_site_codec
+from fedfms_secure.he.quantplan import clip_to_bound
 from fedfms_secure.keys.pki import read_passphrase
 from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
@@ -344,11 +345,10 @@ class _Site:
         bound = getattr(self.codec, "bound", None)
         if bound is None or self.codec.scheme == "plain":
             return update
-        clipped = int(np.count_nonzero(np.abs(update) > bound))
-        if clipped:
-            log.warning("update values clipped to the CKKS bound", extra={"round": round_, "values": clipped,
-                                                                           "bound": bound})
-        return np.clip(update, -bound, bound)
+        bounded, clipped = clip_to_bound(update, bound)
+        log.log(logging.WARNING if clipped else logging.INFO, "update values clipped to the CKKS bound",
+                extra={"round": round_, "values": clipped, "of": int(update.size), "bound": bound})
+        return bounded
 
     def _exchange_weight(self, round_: int, n: int) -> float:
         """Commit E(n_k), wait for E(N), decrypt it: returns n_k / N."""

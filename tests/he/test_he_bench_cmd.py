@@ -41,3 +41,19 @@ def test_bench_he_refuses_bad_counts_and_impossible_packings(capsys) -> None:
 
     with pytest.raises(ConfigError, match="over the 8 B limit"):
         args.handler(args)
+
+
+def test_bench_he_sizes_the_step_from_the_plan(capsys) -> None:
+    """The demo plan (lr 3e-3, 20 local steps, 3 sites x 5 rounds): 10 bits, 3 lanes, error < 1% of the noise."""
+    args = _parser().parse_args(["bench", "he", "--params", "4.9152e4", "--lr", "3e-3", "--local-steps", "20",
+                                 "--json"])
+    assert args.handler(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bound"] == pytest.approx(0.06) and result["noise_std"] == pytest.approx(0.06 / 20**0.5 / 3)
+    assert (result["quant_bits"], result["lanes"], result["lane_bits"]) == (10, 3, 15)
+    assert 0.003 < result["error_to_noise"] <= 0.01
+    assert result["bytes_per_param"] < 2.7 and result["bytes_per_param_sum"] < 5.4  # two full chunks
+    given = _parser().parse_args(["bench", "he", "--params", "1000", "--bound", "0.06", "--noise-std", "0.00447",
+                                  "--max-error-ratio", "0.03", "--json"])
+    assert given.handler(given) == 0
+    assert json.loads(capsys.readouterr().out)["quant_bits"] == 8
