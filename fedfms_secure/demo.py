@@ -317,9 +317,12 @@ def _ckks_params(options: DemoOptions, sites: list[Path], run_dir: Path) -> Any:
 
 def _local_steps(sites: list[Path], options: DemoOptions, batch_size: int, run_dir: Path) -> tuple[int, int]:
     """Optimizer steps in one round of the least and of the busiest site, counted as the sites will
-    count them: each site's training split is loaded into the cache (and split file) it then reuses."""
+    count them (under DP from their records, patients by default: ``privacy.planning``; without DP
+    from their slices): each site's training split is loaded into the cache (and split file) it
+    then reuses."""
     from fedfms_secure.data.loader import load_site
     from fedfms_secure.model.registry import get_preset
+    from fedfms_secure.privacy.planning import plan_records
     from fedfms_secure.train.local import steps_per_epoch
 
     image_size = get_preset(options.preset).img_size
@@ -330,8 +333,12 @@ def _local_steps(sites: list[Path], options: DemoOptions, batch_size: int, run_d
         data = load_site(site, image_size=image_size, split_file=state / "split.json", seed=options.seed,
                          axis=options.axis, keep_empty_every=options.keep_empty_every, skip_bad=options.skip_bad,
                          labels=options.labels, clip_percentiles=options.clip_percentiles, cache_dir=state / "cache")
-        n = len(data.train)
-        counts.append(options.local_epochs * steps_per_epoch(n, min(batch_size, n)))
+        records = plan_records(data.train, unit=options.privacy_unit, batch_size=batch_size)
+        if math.isfinite(options.epsilon):
+            per_epoch = records.steps_per_epoch
+        else:
+            per_epoch = steps_per_epoch(len(data.train), records.expected_per_step)
+        counts.append(options.local_epochs * per_epoch)
     return min(counts), max(counts)
 
 
