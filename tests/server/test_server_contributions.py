@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from fedfms_secure.he.codec import make_site_codec
-from fedfms_secure.keys.keystore import load_bundle
+from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.protocol import Chunk
 from fedfms_secure.server.plan_sizes import plan_vector_length
 
