@@ -37,18 +37,18 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-
-from fedfms_secure.he.codec import make_site_codec  # noqa: E402
-from fedfms_secure.he.packing import fit_params  # noqa: E402
-from fedfms_secure.keys.keystore import export_bundle, init_federation, load_bundle  # noqa: E402
-from fedfms_secure.protocol import Chunk  # noqa: E402
-from fedfms_secure.server.plan_sizes import plan_vector_length  # noqa: E402
-from fedfms_secure.transport.channel import MESSAGE_OPTIONS, client_channel, server_credentials  # noqa: E402
-from fedfms_secure.transport.client import FederationClient  # noqa: E402
-from fedfms_secure.v1 import federation_pb2 as pb  # noqa: E402
-from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc  # noqa: E402
+from benchmarks import _common
+from fedfms_secure.he.codec import make_site_codec
+from fedfms_secure.he.packing import fit_params
+from fedfms_secure.keys.bundle import load_bundle
+from fedfms_secure.keys.export import export_bundle
+from fedfms_secure.keys.provision import init_federation
+from fedfms_secure.protocol import Chunk
+from fedfms_secure.server.plan_sizes import plan_vector_length
+from fedfms_secure.transport.channel import MESSAGE_OPTIONS, client_channel, server_credentials
+from fedfms_secure.transport.client import FederationClient
+from fedfms_secure.v1 import federation_pb2 as pb
+from fedfms_secure.v1 import federation_pb2_grpc as pb_grpc
 
 ROUNDS = 3  # the plan's; the run closes rounds 0 and 1
 DEFAULT_RUNS = ("fedmsa:2", "fedmsa:4", "fedmsa:8", "fedsam:2", "fedsam:4")
@@ -170,8 +170,9 @@ def run_one(mode: str, sites_n: int, length: int, root: Path) -> dict[str, Any]:
 
     # the sites' own cost: the same concurrent uploads into a null server
     null_file = root / "null.address"
-    null = subprocess.Popen([sys.executable, __file__, "--null-server", str(root / "server"), str(null_file)],
-                            stdout=subprocess.DEVNULL, stderr=open(root / "null.log", "wb"))
+    null = subprocess.Popen([sys.executable, "-m", "benchmarks.server_scale", "--null-server", str(root / "server"),
+                             str(null_file)], cwd=_common.ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(root / "null.log", "wb"))
     try:
         address = _wait_file(null_file, null, root / "null.log")
         clients = {s: FederationClient.from_bundle(bundles[s], address, call_timeout=600) for s in sites}
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = [("fedmsa", 2, plan_vector_length("tiny", "fedmsa"))] if args.quick else [
         (mode, int(n), plan_vector_length("vit_b", mode)) for mode, n in (r.split(":") for r in args.runs)]
-    head = _common.header(argv=[sys.argv[0], *argv])
+    head = _common.header(argv=_common.script_argv(__file__, argv))
     progress = _common.Progress(len(runs))
     rows = []
     for mode, n, length in runs:

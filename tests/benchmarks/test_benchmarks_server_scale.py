@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(300)
 def test_server_scale_quick_measures_every_phase_and_writes_its_results(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "server_scale.py"), "--quick", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.server_scale", "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "server_scale.json").read_text())
     assert result["header"]["command"].endswith(f"--quick --out {tmp_path}")
