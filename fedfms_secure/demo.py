@@ -7,6 +7,10 @@ site on 127.0.0.1 under mutual TLS, DP-SGD at each
 site, CKKS aggregation at the server, a live progress line, a per-round table, ``OUT/report.json``
 and ``OUT/report.png``.
 
+The report reads each site's scores from that site's own state folder (``OUT/run/SITE/metrics.jsonl``):
+the demo runs every party on this one machine. The server's folder gives only what the server
+knows (who reported each round, bytes, round times).
+
 With ``--holdout SITE`` (leave-one-site-out, as in FedFMS) that site starts no client and never
 trains; at the end ``fedfms-secure evaluate --split all`` scores the final global model (which a site keeps in
 ``STATE/final_model.pt``) on all of its slices, and the report gives that result separately.

@@ -12,6 +12,11 @@ PHASE_COMMIT = "commit"
 PHASE_UPLOAD = "upload"
 PHASE_DONE = "done"
 
+#: the only metrics a site reports to the server after a round (the server refuses any other name):
+#: whether it contributed (the server knows who uploaded) and the bytes it moved (the server sees the
+#: traffic). Its scores, epsilon and loss stay in its own ``STATE/metrics.jsonl``.
+SERVER_METRICS = ("contributed", "bytes_up", "bytes_down")
+
 
 def user_round(index: int) -> int:
     """The round number users see (rounds 1..R in logs, ``status``, reports) of the protocol's

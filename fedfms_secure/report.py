@@ -1,12 +1,17 @@
 """The federation report: per-round Dice, epsilon, bytes and seconds, from the files the daemons wrote.
 
-Sources: the server's ``metrics.jsonl`` (what each site chose to report after each round: Dice,
-IoU and HD95 of the new global model on its validation slices, as means and standard deviations
-over its images, and bytes) and ``rounds.jsonl`` (round durations), and, from each site's own
-state folder, ``initial.json`` (scores of theta_0) and its privacy ledger (epsilon spent: never
-sent to the server, whom it would tell the site's sample count).
+Sources, kept apart by who may know them:
 
-``final`` holds each site's last report (``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std``,
+* each site's own state folder: ``metrics.jsonl`` (after each round, Dice, IoU and HD95 of the new
+  global model on its validation slices, as means and standard deviations over its images, and
+  ``dice_local``), ``initial.json`` (scores of theta_0) and its privacy ledger (epsilon spent). None
+  of this ever reaches the server; the demo can read every site's folder only because one person
+  runs every party on one machine.
+* the server's state folder: ``metrics.jsonl`` (which sites reported each round, whether they
+  contributed, the bytes they moved: what the server sees anyway) and ``rounds.jsonl`` (round
+  durations).
+
+``final`` holds each site's last record (``dice_mean``, ``dice_std``, ``iou_mean``, ``iou_std``,
 ``hd95_mean``, ``hd95_std``) and their mean over sites; ``holdout`` the scores of the final model
 on a site that never trained (leave-one-site-out), when the run had one.
 """
@@ -22,11 +27,12 @@ from typing import Any, Mapping
 from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.privacy.site import STATE_FILE as PRIVACY_STATE
 from fedfms_secure.server.store import StateStore
+from fedfms_secure.site.metrics import read_metrics
 from fedfms_secure.train.metrics import METRICS
 
 #: the scores of :func:`fedfms_secure.train.metrics.summarize` that ``final`` holds per site
 FINAL_FIELDS = tuple(f"{metric}_{stat}" for metric in METRICS for stat in ("mean", "std"))
-# the report's field -> what a site reports (see site/daemon.py): "dice", "dice_std", "iou", ...
+# the report's field -> what a site keeps (see site/metrics.py): "dice", "dice_std", "iou", ...
 _REPORTED = {field: field.removesuffix("_mean") for field in FINAL_FIELDS}
 
 
@@ -34,19 +40,23 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
                  wall_seconds: float, holdout: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Collects the report of one federation run (``holdout``: the held-out site's scores)."""
     store = StateStore(server_state)
-    metrics = store.read_records("metrics.jsonl", skip_bad=True)  # a line cut short by a crash is left out
+    # what the server knows: who reported each round, and the bytes (a line cut short by a crash is left out)
+    reports = store.read_records("metrics.jsonl", skip_bad=True)
     durations = {r["round"]: r["seconds"] for r in store.read_records("rounds.jsonl", skip_bad=True)}
     sites = list(site_states)
+    # the scores, from each site's own folder (the last record of a round: a restarted site may repeat one)
+    scored = {site: {r["round"]: r for r in read_metrics(path)} for site, path in site_states.items()}
     initial = [_initial_dice(path) for path in site_states.values()]
     initial = [d for d in initial if _number(d) is not None]
     rounds = []
     ledgers = {site: {e["round"]: e["epsilon"] for e in read_ledger(path)} if Path(path).is_dir() else {}
                for site, path in site_states.items()}
     private = {site: (Path(path) / PRIVACY_STATE).exists() for site, path in site_states.items()}
-    for r in sorted({m["round"] for m in metrics}):
-        rows = {m["site"]: m for m in metrics if m["round"] == r}
-        # a site without validation slices reports NaN: it is left out of the means, not fatal
-        dice = [d for d in (rows[s]["dice"] for s in sites if s in rows) if _number(d) is not None]
+    for r in sorted({m["round"] for m in reports} | {r for records in scored.values() for r in records}):
+        known = {m["site"]: m for m in reports if m["round"] == r}
+        rows = {s: scored[s][r] for s in sites if r in scored[s]}
+        # a site without validation slices keeps NaN (null): it is left out of the means, not fatal
+        dice = [d for d in (rows[s].get("dice") for s in rows) if _number(d) is not None]
         dice_local = [d for d in (rows[s].get("dice_local") for s in rows) if _number(d) is not None]
         # every site, also in a round it did not report (it may have waited it out, or retired)
         eps = {s: _spent(ledgers[s], r) if private[s] else None for s in sites}
@@ -55,14 +65,14 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
             "round": r + 1,
             "dice_mean": statistics.fmean(dice) if dice else float("nan"),
             "dice_std": statistics.pstdev(dice) if len(dice) > 1 else 0.0,
-            "dice": {s: rows[s]["dice"] for s in sites if s in rows},
+            "dice": {s: rows[s].get("dice") for s in rows},
             "dice_local_mean": statistics.fmean(dice_local) if dice_local else float("nan"),
             "epsilon": eps,
             "epsilon_max": max(finite_eps) if finite_eps else None,
-            "bytes_up_total": sum(rows[s]["bytes_up"] for s in rows),
-            "bytes_down_total": sum(rows[s]["bytes_down"] for s in rows),
+            "bytes_up_total": sum(known[s].get("bytes_up", 0.0) for s in known),
+            "bytes_down_total": sum(known[s].get("bytes_down", 0.0) for s in known),
             "seconds": durations.get(r, float("nan")),
-            "sites_reporting": len(rows),
+            "sites_reporting": len(known),
         })
     return {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()},
@@ -70,7 +80,7 @@ def build_report(server_state: Path, site_states: Mapping[str, Path], options: M
         "dice_initial": statistics.fmean(initial) if initial else float("nan"),
         "rounds": rounds,
         "dice_final": rounds[-1]["dice_mean"] if rounds else None,
-        "final": final_scores(metrics, sites),
+        "final": final_scores(scored, sites),
         "holdout": dict(holdout) if holdout is not None else None,
         "epsilon_final_max": rounds[-1]["epsilon_max"] if rounds else None,
         "seconds_total": wall_seconds,
@@ -109,13 +119,10 @@ def plot_report(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def final_scores(metrics: list[dict[str, Any]], sites: list[str]) -> dict[str, Any]:
-    """Each site's last reported scores and their mean over the sites that reported."""
-    last: dict[str, dict[str, Any]] = {}
-    for record in metrics:
-        site = record.get("site")
-        if site in sites and (site not in last or record["round"] >= last[site]["round"]):
-            last[site] = record
+def final_scores(scored: Mapping[str, Mapping[int, dict[str, Any]]], sites: list[str]) -> dict[str, Any]:
+    """Each site's last scores (``scored``: per site, its records by round) and their mean over the
+    sites that kept any."""
+    last = {site: scored[site][max(scored[site])] for site in sites if scored.get(site)}
     per_site = {site: {"round": last[site]["round"] + 1,
                        **{field: _number(last[site].get(key)) for field, key in _REPORTED.items()}}
                 for site in sites if site in last}

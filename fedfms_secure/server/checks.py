@@ -9,12 +9,9 @@ from __future__ import annotations
 import math
 
 from fedfms_secure.errors import FederationError
-from fedfms_secure.protocol import Chunk
+from fedfms_secure.protocol import SERVER_METRICS, Chunk
 
 MAX_CHUNKS = 1 << 20
-RESERVED_METRICS = frozenset({"site", "round", "time"})
-MAX_METRICS = 64
-MAX_METRIC_NAME = 64
 
 
 def shorten(text: str, limit: int = 64) -> str:
@@ -67,14 +64,17 @@ def check_chunk(chunk: Chunk, first: Chunk, expected_index: int, chunk_values: i
 
 
 def check_metrics(metrics: dict[str, float]) -> None:
-    """At most ``MAX_METRICS`` metrics, with short printable names that are not reserved."""
-    reserved = RESERVED_METRICS & set(metrics)
-    if reserved:
-        raise FederationError(f"metrics may not be named {', '.join(sorted(reserved))}", "invalid_argument")
-    if len(metrics) > MAX_METRICS:
-        raise FederationError(f"at most {MAX_METRICS} metrics per report, not {len(metrics)}", "invalid_argument")
-    bad = next((name for name in metrics if not 0 < len(name) <= MAX_METRIC_NAME or not name.isprintable()), None)
-    if bad is not None:
+    """Only what the server knows anyway: ``contributed`` (0 or 1) and ``bytes_up`` / ``bytes_down``
+    (finite, not negative). Any other name (a score, epsilon, a loss) is refused, so that no site,
+    old or modified, can leave a per-site score in the server's files."""
+    unknown = sorted(name for name in metrics if name not in SERVER_METRICS)
+    if unknown:
+        names = ", ".join(repr(shorten(name)) for name in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise FederationError(
-            f"metric name {shorten(bad)!r} is empty, longer than {MAX_METRIC_NAME} characters or not printable: "
-            "report short plain names", "invalid_argument")
+            f"metric(s) {names} not accepted: a site reports to the server only {', '.join(SERVER_METRICS)}; "
+            "its scores stay in its own STATE/metrics.jsonl (update the site)", "invalid_argument")
+    for name, value in metrics.items():
+        if not math.isfinite(value) or value < 0 or (name == "contributed" and value not in (0.0, 1.0)):
+            raise FederationError(
+                f"metric {name} = {value!r} is out of range: contributed is 0 or 1, bytes a finite count",
+                "invalid_argument")

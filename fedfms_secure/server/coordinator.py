@@ -345,7 +345,8 @@ class Coordinator(KeyEpochRegistry, UploadIntake, RoundCloser):
 
     # --- metrics ------------------------------------------------------------------------------
     def report_metrics(self, site: str, round_: int, metrics: dict[str, float]) -> None:
-        """Appends the public metrics a site chose to report (never sample counts or updates).
+        """Records that ``site`` is done with ``round_``: only ``contributed`` and bytes, what the server
+        sees anyway (:func:`check_metrics` refuses a score or any other name before anything is written).
 
         One report per site and round is kept: a repeated one (a retry after a lost reply, or a
         restarted site) is acknowledged and not written again, so ``metrics.jsonl`` stays small.

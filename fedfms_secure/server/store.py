@@ -10,7 +10,7 @@ Layout under ``--state DIR``::
                           record is [8-byte length][sha256 of the payload][payload]
     address.json          the HOST:PORT the server is bound to (written once listening)
     status.json           the latest status snapshot (for the demo's progress display)
-    metrics.jsonl         public metrics the sites chose to report, one record a line
+    metrics.jsonl         what each site reported after a round: contributed, bytes up and down (no scores)
     rounds.jsonl          one record per closed round: participants, seconds, bytes
     revocations.json      every certificate revocation the server has seen and the highest CRL number
                           (written atomically by ``transport/revocation.py``; it outlives the bundle's crl.pem)

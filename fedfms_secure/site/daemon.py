@@ -6,8 +6,9 @@ For round r the site (see DESIGN.md, "One round")::
     local DP-SGD on its own patients (one slice each per step) -> theta_k, epsilon so far
     commit E(n_k); wait for E(N); decrypt N
     upload E(n_k / N * (theta_k - theta_r)), chunk by chunk
-    wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices, report
-    (Dice, IoU and HD95: mean and standard deviation over its validation images, never a count)
+    wait for the round to close, fetch theta_{r+1}, evaluate it on its validation slices
+    keep the scores (Dice, IoU and HD95: mean and standard deviation over its validation images)
+    in STATE/metrics.jsonl; tell the server only that it is done: contributed, bytes up and down
 
 After the last round the site keeps the final global model in ``STATE/final_model.pt`` (all its
 weights, the class map and the preprocessing; :mod:`fedfms_secure.train.model_file`):
@@ -62,6 +63,7 @@ from fedfms_secure.privacy.budget import append_ledger
 from fedfms_secure.privacy.planning import open_site_privacy, plan_records
 from fedfms_secure.privacy.site import check_against_server, check_local_state
 from fedfms_secure.protocol import PHASE_UPLOAD, Chunk, Joined, KeyEpoch, Plan, Status, user_round
+from fedfms_secure.site.metrics import append_metrics
 from fedfms_secure.train.local import TrainConfig, train_local
 from fedfms_secure.train.metrics import evaluate_segmentation
 from fedfms_secure.train.model_file import FINAL_MODEL, save_model_file
@@ -215,9 +217,9 @@ class _Site:
                 self._sync_key(status.key)
                 round_ = min(max(later, status.round), self.plan.rounds)
                 theta = self._fetch_theta(round_)
-                # the global model after the round it missed, as after any round (the server's report
-                # and its end of the federation count on every active site's metrics)
-                self._report(round_ - 1, self._load_global(round_, theta), up0, down0, contributed=0.0)
+                # the global model after the round it missed, as after any round (the server's end of
+                # the federation waits for every active site's report)
+                self._report(round_ - 1, self._load_global(round_, theta), up0, down0, contributed=False)
                 continue
             if self._budget_spent(round_):
                 break
@@ -281,7 +283,7 @@ class _Site:
         dice = scores["dice"]
         epsilon = self.privacy.epsilon() if self.privacy is not None else None
         seconds = time.monotonic() - t0
-        self._report(round_, scores, up0, down0, dice_local=dice_local, contributed=0.0 if weight is None else 1.0)
+        self._report(round_, scores, up0, down0, contributed=weight is not None, dice_local=dice_local)
         log.info(f"round {user_round(round_)} of {self.plan.rounds} done: the global model it produced scores Dice "
                  f"{dice:.4f} on this site's validation slices",
                  extra={"round": round_, "dice": dice, "dice_local": dice_local,
@@ -298,19 +300,30 @@ class _Site:
             self._save_final_model(round_)
         return self._evaluate()
 
-    def _report(self, round_: int, scores: dict[str, float], up0: int, down0: int, **extra: float) -> None:
-        """Sends what a site reports after ``round_``: the global model's scores, bytes moved since
-        ``up0`` / ``down0``, and ``extra`` (``contributed``, ``dice_local``).
+    def _report(self, round_: int, scores: dict[str, float], up0: int, down0: int, *, contributed: bool,
+                dice_local: float | None = None) -> None:
+        """Keeps what the site measured after ``round_`` in its own ``STATE/metrics.jsonl`` (the global
+        model's scores, ``dice_local``: its own model before averaging, bytes moved since ``up0`` /
+        ``down0``, ``contributed``, epsilon spent with its unit), and tells the server only that it is
+        done with the round: ``contributed`` and the bytes, which the server knows anyway.
 
-        Not reported: epsilon (it depends on n_k through the sampling rate, steps and delta, so the
-        server could invert it: it stays in STATE/privacy_ledger.jsonl), the training loss (training
-        slices, no DP noise) and the time taken (a proxy for n_k); all stay in the log.
+        Nothing else reaches the server: a score is computed on the site's data outside the DP
+        guarantee; epsilon depends on n_k through the sampling rate (the server could invert it);
+        the training loss and the time taken (a proxy for n_k) stay in the log.
         """
-        self.client.report_metrics(round_, {
-            **scores, **extra,
+        known = {
+            "contributed": 1.0 if contributed else 0.0,
             "bytes_up": float(self.client.bytes_up - up0),
             "bytes_down": float(self.client.bytes_down - down0),
-        })
+        }
+        record = {"site": self.joined.site, "round": round_, "time": time.time(), **scores, **known,
+                  **({} if dice_local is None else {"dice_local": dice_local}),
+                  "epsilon": self.privacy.epsilon() if self.privacy is not None else None,
+                  "epsilon_unit": self.privacy.config.unit if self.privacy is not None else None}
+        path = append_metrics(self.config.state, record)
+        log.info("round scores kept at this site", extra={"round": round_, "dice": scores["dice"], "iou": scores["iou"],
+                                                          "hd95": scores["hd95"], "path": str(path)})
+        self.client.report_metrics(round_, known)
 
     def _contribute(self, round_: int, delta: np.ndarray, n: int) -> float | None:
         """Commit, then upload the weighted delta; returns the weight, or None if the round went on
@@ -438,7 +451,7 @@ class _Site:
         return ", ".join(s.name for s in status.sites if not getattr(s, field)) or "nobody"
 
     def _evaluate(self) -> dict[str, float]:
-        """The model's scores on the validation slices, as the site reports them: ``dice``, ``iou``,
+        """The model's scores on the validation slices, as the site keeps them: ``dice``, ``iou``,
         ``hd95`` (means over images) and their ``*_std``; ``dice_class_k`` per class with several
         classes. Aggregates only: no number of images."""
         summary = evaluate_segmentation(self.model, self.data.val, self.data.class_names)

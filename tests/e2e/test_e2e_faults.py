@@ -47,6 +47,7 @@ from fedfms_secure.protocol import Chunk
 from fedfms_secure.server.daemon import serve
 from fedfms_secure.server.plan_sizes import plan_vector_length
 from fedfms_secure.server.store import StateStore
+from fedfms_secure.site.metrics import read_metrics
 from fedfms_secure.transport.client import FederationClient
 
 ROUNDS = 2
@@ -368,6 +369,10 @@ def test_a_site_restarted_after_its_commit_deadline_waits_without_training(feder
     metrics = StateStore(fed.state).read_records("metrics.jsonl")
     reported = {m["round"]: m["contributed"] for m in metrics if m["site"] == late}
     assert reported[1] == 0.0  # it scored the final global model like the others
+    assert all("dice" not in m for m in metrics)  # ... and kept its score to itself
+    kept = {r["round"]: r for r in read_metrics(state)}
+    assert kept[1]["contributed"] == 0.0 and "dice_local" not in kept[1]  # it did not train round 1
+    assert isinstance(kept[1]["dice"], float)
 
 
 # --- duplicated and replayed uploads (in-process server and clients) ------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from fedfms_secure.keys.bundle import load_bundle
 from fedfms_secure.demo import DemoOptions, run_demo
 from fedfms_secure.privacy.budget import read_ledger
 from fedfms_secure.server.store import StateStore
+from fedfms_secure.site.metrics import METRICS_FILE, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,30 @@ def test_training_improves_dice_and_epsilon_grows(run):
         assert 0 < eps[0] < eps[1] <= 50.0
         # the site's own ledger holds the same cumulative epsilon as its reports
         assert [r["epsilon"] for r in read_ledger(out / "run" / site)] == pytest.approx(eps)
+
+
+def test_scores_stay_at_the_sites(run):
+    """The server's metrics.jsonl holds who reported, contributed and bytes, and no score; each
+    site's own STATE/metrics.jsonl (mode 0600) holds its scores, and the report is built from those."""
+    out, report = run
+    server = StateStore(out / "run" / "server").read_records("metrics.jsonl")
+    assert sorted((m["site"], m["round"]) for m in server) == [(s, r) for s in ("site_1", "site_2") for r in (0, 1)]
+    for record in server:
+        assert set(record) == {"site", "round", "time", "contributed", "bytes_up", "bytes_down"}, record
+        assert record["contributed"] == 1.0 and record["bytes_up"] > 0
+    text = (out / "run" / "server" / "metrics.jsonl").read_text()
+    for word in ("dice", "iou", "hd95", "loss", "epsilon"):
+        assert word not in text
+    for site in ("site_1", "site_2"):
+        path = out / "run" / site / METRICS_FILE
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        records = read_metrics(out / "run" / site)
+        assert [r["round"] for r in records] == [0, 1]
+        ledger = read_ledger(out / "run" / site)
+        for record, entry, row in zip(records, ledger, report["rounds"], strict=True):
+            for key in ("dice", "dice_std", "iou", "iou_std", "hd95", "hd95_std", "dice_local"):
+                assert isinstance(record[key], float), key
+            assert record["epsilon"] == pytest.approx(entry["epsilon"]) and record["epsilon_unit"] == "patient"
+            assert record["contributed"] == 1.0
+            assert row["dice"][site] == record["dice"]  # the report's table comes from the site's own file
+        assert report["final"]["sites"][site]["dice_mean"] == records[-1]["dice"]

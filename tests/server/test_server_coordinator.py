@@ -169,17 +169,20 @@ def test_a_malformed_commit_is_refused_and_the_round_goes_on(tmp_path, keys):
     assert codec.decrypt_scalar(coord.weight_total("b", 0).payload) == pytest.approx(9, abs=1e-3)
 
 
-def test_reserved_metric_names_are_refused(tmp_path, keys):
+def test_only_what_the_server_knows_is_reported(tmp_path, keys):
     codec = keys[0]
     coord = make_coordinator(tmp_path, keys, rounds=1)
     run_round(coord, codec, 0, [np.zeros(4), np.zeros(4)], (1, 1))
-    with pytest.raises(FederationError, match="may not be named round"):
-        coord.report_metrics("a", 0, {"round": 7.0, "dice": 0.5})
-    coord.report_metrics("a", 0, {"dice": 0.5})
+    with pytest.raises(FederationError, match="'round' not accepted"):
+        coord.report_metrics("a", 0, {"round": 7.0, "bytes_up": 1.0})
+    with pytest.raises(FederationError, match="'dice' not accepted"):
+        coord.report_metrics("a", 0, {"dice": 0.5})
+    coord.report_metrics("a", 0, {"bytes_up": 1.0, "contributed": 1.0})
     records = StateStore(tmp_path).read_records("metrics.jsonl")
-    assert [(r["site"], r["round"], r["dice"]) for r in records] == [("a", 0, 0.5)]
+    assert [(r["site"], r["round"], r["bytes_up"]) for r in records] == [("a", 0, 1.0)]
+    assert "dice" not in records[0]
     with pytest.raises(FederationError, match="has not closed"):
-        make_coordinator(tmp_path / "other", keys).report_metrics("a", 0, {"dice": 0.1})
+        make_coordinator(tmp_path / "other", keys).report_metrics("a", 0, {"bytes_up": 1.0})
 
 
 def test_a_restarted_coordinator_resumes_at_the_stored_round(tmp_path, keys):

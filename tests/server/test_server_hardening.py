@@ -4,6 +4,7 @@ each must do no harm to the other sites or to the server's disk."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 
@@ -154,7 +155,9 @@ def test_a_short_first_upload_does_not_fix_the_vector_length(federation):
         assert client.global_state(1)[0].vector_length == LENGTH
 
 
-def test_metrics_reports_are_bounded(federation):
+def test_metrics_reports_carry_only_what_the_server_knows(federation):
+    """A site's scores never reach the server's files: a Dice (or epsilon, loss, ...) is refused
+    with INVALID_ARGUMENT and nothing is written; contributed and bytes are accepted once."""
     root, address = federation
     codecs = {s: _codec(root, s) for s in ("a", "b")}
     _commit_all(root, address, codecs)
@@ -162,15 +165,25 @@ def test_metrics_reports_are_bounded(federation):
         with site_client(address, root / site, timeout=20) as client:
             client.upload(lambda site=site: _chunks(codecs[site], 0, np.zeros(LENGTH)))
     metrics_file = root / "state" / "metrics.jsonl"
+    known = {"contributed": 1.0, "bytes_up": 1234.0, "bytes_down": 5678.0}
     with site_client(address, root / "a", timeout=10) as client:
         _wait_for_round(client, 1)
-        client.report_metrics(0, {"dice": 0.5})
-        for _ in range(50):  # a flood of repeats is acknowledged and not written
-            client.report_metrics(0, {"dice": 0.9, "loss": 1.0})
-        for metrics in ({f"m{i}": 1.0 for i in range(65)}, {"x" * 1000: 1.0}, {"bad\nname": 1.0}):
-            with pytest.raises(FederationError) as info:
-                client.report_metrics(0, metrics)
+        for leaky in ({"dice": 0.5}, {**known, "dice": 0.5}, {**known, "epsilon": 3.0}, {"dice_local": 0.4},
+                      {"hd95": 3.0, "iou": 0.2, "loss": 1.0}, {f"m{i}": 1.0 for i in range(65)}, {"x" * 1000: 1.0},
+                      {"bad\nname": 1.0}, {"round": 7.0}):
+            with pytest.raises(FederationError, match="not accepted: a site reports to the server only "
+                                                      "contributed, bytes_up, bytes_down") as info:
+                client.report_metrics(0, leaky)
             assert info.value.code == "invalid_argument"
+        for bad in ({"contributed": 0.5}, {"bytes_up": -1.0}, {"bytes_down": math.nan}, {"bytes_up": math.inf}):
+            with pytest.raises(FederationError, match="out of range") as info:
+                client.report_metrics(0, bad)
+            assert info.value.code == "invalid_argument"
+        assert not metrics_file.exists()  # nothing refused was written
+        client.report_metrics(0, known)
+        for _ in range(50):  # a flood of repeats is acknowledged and not written
+            client.report_metrics(0, {**known, "bytes_up": 1.0})
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    assert [(r["site"], r["dice"]) for r in records] == [("a", 0.5)]
+    assert len(records) == 1
+    assert set(records[0]) == {"site", "round", "time", *known} and records[0]["bytes_up"] == 1234.0
     assert metrics_file.stat().st_size < 200

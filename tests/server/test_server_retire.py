@@ -133,19 +133,19 @@ def test_a_restart_once_done_remembers_who_reported_the_final_metrics(tmp_path, 
     for site in SITES:
         upload(coord, codec, site, 0, np.full(2, 0.1))
     assert coord.status().phase == PHASE_DONE
-    coord.report_metrics("a", 0, {"dice": 0.5})
-    coord.report_metrics("b", 0, {"dice": 0.6})
+    coord.report_metrics("a", 0, {"bytes_up": 5.0})
+    coord.report_metrics("b", 0, {"bytes_up": 6.0})
     assert not coord.finished.is_set()
     # a line cut short by a crash is skipped, and the records written after it stay whole
     with open(tmp_path / "metrics.jsonl", "a") as fh:
         fh.write('{"site": "a", "rou')
     coord = coordinator(tmp_path, rounds=1)  # restarted: still waiting for c only
     assert not coord.finished.is_set()
-    coord.report_metrics("c", 0, {"dice": 0.7})
+    coord.report_metrics("c", 0, {"bytes_up": 7.0})
     assert coord.finished.is_set()
     assert coordinator(tmp_path, rounds=1).finished.is_set()  # and a restart after that need not wait at all
     coord = coordinator(tmp_path, rounds=1)
     assert coord.finished.is_set()
-    coord.report_metrics("b", 0, {"dice": 0.65})  # one report per site and round: a repeat is not written
+    coord.report_metrics("b", 0, {"bytes_up": 65.0})  # one report per site and round: a repeat is not written
     records = StateStore(tmp_path).read_records("metrics.jsonl", skip_bad=True)
-    assert [r["site"] for r in records] == ["a", "b", "c"] and records[1]["dice"] == 0.6 and records[2]["dice"] == 0.7
+    assert [r["site"] for r in records] == ["a", "b", "c"] and records[1]["bytes_up"] == 6.0 and records[2]["bytes_up"] == 7.0

@@ -222,8 +222,8 @@ class Fuzzer:
     def report_metrics(self) -> None:
         metrics: dict[str, float] = {}
         for _ in range(int(self.rng.choice([0, 1, 3, 8, 70]))):
-            key = str(self.rng.choice(["dice", "epsilon", "site", "round", "time"])) if self.rng.random() < 0.3 \
-                else self.text()
+            names = ["dice", "epsilon", "site", "round", "time", "contributed", "bytes_up"]
+            key = str(self.rng.choice(names)) if self.rng.random() < 0.3 else self.text()
             metrics[key] = float(self.rng.choice([np.nan, np.inf, -np.inf, 0.0, 1e308, -5e-324,
                                                   self.rng.normal()]))
         req = pb.ReportMetricsRequest(round=self.u32(), metrics=metrics)
