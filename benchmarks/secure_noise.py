@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from opacus.optimizers.optimizer import _generate_noise
 
-import _common
+from benchmarks import _common
 from fedfms_secure.model import apply_mode, build_model
 from fedfms_secure.privacy.units import entropy_generator
 
@@ -40,13 +40,13 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    head = _common.header()
+    head = _common.header(argv=_common.script_argv(__file__, argv))
     sizes = [("tiny FedMSA", _trainable("fedmsa")), ("tiny FedSAM", _trainable("fedsam")),
              ("vit_b FedMSA", 10_740_000)]
     rows = []

@@ -41,8 +41,8 @@ def register(subparsers: Any) -> None:
                     help="per-coordinate DP noise std of one site's weighted update: the step is sized so that "
                          "the error std is at most --max-error-ratio of it (default with --lr and --local-steps: "
                          "lr x sqrt(steps) / sites)")
-    he.add_argument("--lr", type=float, help="the plan's Adam learning rate (with --local-steps: bound and noise)")
-    he.add_argument("--local-steps", type=int, help="the plan's optimizer steps per round")
+    he.add_argument("--lr", type=float, help="the plan's Adam learning rate (with --local-steps: bound and noise; default: none)")
+    he.add_argument("--local-steps", type=int, help="the plan's optimizer steps per round (default: none)")
     he.add_argument("--max-error-ratio", type=float, default=0.01,
                     help="quantisation error std / DP noise std the plan allows (default 0.01)")
     he.add_argument("--quant-bits", type=int,

@@ -254,6 +254,11 @@ class PackedCkksCodec:
         )
 
 
+#: a plain scalar (a site's sample count) is sent as x * 2**-16: counts up to 2**25 stay within the
+#: plain aggregator's +-PLAIN_LIMIT and exact in its 2**-52 grid
+PLAIN_SCALAR_SHIFT = 16
+
+
 class PlainCodec:
     """The ``--no-he`` baseline: payloads are float64 little-endian bytes, no encryption."""
 
@@ -280,13 +285,16 @@ class PlainCodec:
         return np.concatenate(parts)
 
     def encrypt_scalar(self, x: float) -> bytes:
-        return _as_vector(np.array([x], dtype=np.float64), bound=None).astype("<f8").tobytes()
+        # a weight (a count of samples) may exceed the aggregator's +-PLAIN_LIMIT for update values:
+        # it travels scaled by 2**-PLAIN_SCALAR_SHIFT, which is exact for whole numbers
+        scaled = np.array([x], dtype=np.float64) * 2.0**-PLAIN_SCALAR_SHIFT
+        return _as_vector(scaled, bound=None).astype("<f8").tobytes()
 
     def decrypt_scalar(self, payload: bytes) -> float:
         values = plain_from_bytes(payload)
         if values.size != 1:
             raise CryptoError(f"expected a scalar payload (8 bytes), got {values.size} values")
-        return float(values[0])
+        return float(values[0]) * 2.0**PLAIN_SCALAR_SHIFT
 
     def seed_rounding(self, *entropy: int) -> None:
         """Nothing to seed: this codec does not round."""

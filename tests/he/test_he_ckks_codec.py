@@ -249,3 +249,16 @@ def test_plain_summer_and_factories() -> None:
         make_aggregator("paillier", None)
     with pytest.raises(KeyMaterialError, match="ckks"):
         make_aggregator("ckks", None)
+
+
+def test_plain_weights_of_large_sites_sum_exactly() -> None:
+    """A sample count beyond the plain aggregator's +-PLAIN_LIMIT for update values still travels
+    (scaled) and sums exactly: three sites of 697, 100,000 and 3 samples."""
+    from fedfms_secure.he.aggregate import PLAIN_LIMIT
+
+    codec, aggregator = make_site_codec("plain", None, "plain"), make_aggregator("plain", None)
+    counts = [697, 100_000, 3]
+    assert max(counts) > PLAIN_LIMIT
+    chunks = [aggregator.parse(codec.encrypt_scalar(float(n))) for n in counts]
+    total = aggregator.add(aggregator.add(chunks[0], chunks[1]), chunks[2])
+    assert codec.decrypt_scalar(aggregator.dump(total)) == float(sum(counts))

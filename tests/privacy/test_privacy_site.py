@@ -125,9 +125,12 @@ def test_save_fsyncs_the_file_before_the_rename_and_the_directory_after(
     folder = os.path.realpath(tmp_path)
     state = os.path.join(folder, STATE_FILE)
     events = [(kind, os.path.realpath(path)) for kind, path in events]
-    assert events == [("fsync", state + ".tmp"), ("replace", state), ("fsync", folder)]
+    (first, temporary), *rest = events  # the one atomic writer's temporary file, beside the state
+    assert first == "fsync" and os.path.dirname(temporary) == folder and temporary.endswith(".tmp")
+    assert rest == [("replace", state), ("fsync", folder)]
     assert json.loads((tmp_path / STATE_FILE).read_text())["accountant"]["history"][0][2] == 2
-    assert not (tmp_path / (STATE_FILE + ".tmp")).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert (tmp_path / STATE_FILE).stat().st_mode & 0o777 == 0o600
 
 
 def test_corrupt_state_is_a_config_error_that_warns_against_deleting(tmp_path) -> None:
