@@ -1,6 +1,7 @@
 """Federated against centralized against each site alone, on real anatomy, at equal epochs.
 
     .venv/bin/python -m benchmarks.fed_vs_central --jobs 3           # seeds 0 1 2, 25 epochs (5 rounds x 5)
+    .venv/bin/python -m benchmarks.fed_vs_central --jobs 3 --rounds 10 --levers keep-adam   # 50 epochs
     .venv/bin/python -m benchmarks.fed_vs_central --seeds 0 --quick  # a look in a few minutes
 
 The data is `fedfms-secure data anatomy` (the MNI T1 template cut into deformed patients at sites
@@ -18,10 +19,12 @@ site's train/validation split and the batch order):
   server step size above 1 (each site scales its weighted delta, so the server still only adds).
 
 Every number is the mean over sites of the model's Dice on each site's validation slices (the
-demo's "Dice"; for ``local``, each site's own model on its own validation slices). Optimizer steps
+demo's "Dice"; for ``local``, each site's own model on its own validation slices; the best site's
+model is also scored on every site's validation slices, as the federation's model is). Optimizer steps
 are counted per training run: central's pooled steps, and per site for local and federated.
-Writes ``fed_vs_central.{md,json}`` to ``--out``; runs are appended to ``fed_vs_central.jsonl``
-as they finish, so an interrupted grid keeps what ran.
+Writes ``fed_vs_central.{md,json}`` to ``--out`` (``fed_vs_central_<E>ep.*`` for other than 25
+epochs); runs are appended to the ``.jsonl`` beside them as they finish, so an interrupted grid
+keeps what ran.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Lever:
     lr: float | None = None  # None: the plan's default
     keep_adam: bool = False  # each site resumes its own Adam state every round
     server_lr: float = 1.0  # global step = server_lr x the weighted mean of the deltas
+    batch: int = BATCH  # a site's batch size (more, smaller steps per epoch)
 
 
 LEVERS = {
@@ -62,10 +66,11 @@ LEVERS = {
     "lr-1e-2": Lever("learning rate 1e-2 (default 3e-3)", lr=1e-2),
     "1-epoch-rounds": Lever("1 local epoch per round, 5x the rounds", rounds=-1),
     "server-lr-2": Lever("server step size 2", server_lr=2.0),
+    "batch-8": Lever("batch size 8 at the sites (4x the steps per epoch)", batch=8),
     "keep-adam+server-lr-2": Lever("Adam state kept and server step size 2", keep_adam=True, server_lr=2.0),
 }
 # what a full grid runs (the demo itself is the FedAvg reference: in-process FedAvg repeats its Dice)
-DEFAULT_LEVERS = ("keep-adam", "server-lr-2", "lr-1e-2")
+DEFAULT_LEVERS = ("keep-adam", "batch-8", "server-lr-2", "lr-1e-2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.local_epochs, args.levers = 2, 2, ["fedavg", "keep-adam"]
     epochs = args.rounds * args.local_epochs
     args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "fed_vs_central.jsonl"
+    stem = "fed_vs_central" if epochs == 25 else f"fed_vs_central_{epochs}ep"
+    log = args.out / f"{stem}.jsonl"
     log.unlink(missing_ok=True)
     kinds = ["central", "local", "federated", *args.levers]
     with tempfile.TemporaryDirectory(prefix="fedfms-fvc-") as tmp:
@@ -110,10 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     runs.sort(key=lambda r: (r["seed"], kinds.index(r["kind"])))
     summary = summarize(runs, kinds)
-    (args.out / "fed_vs_central.json").write_text(
-        json.dumps({"header": head, "summary": summary, "runs": runs}, indent=2) + "\n")
-    (args.out / "fed_vs_central.md").write_text(markdown(head, summary, runs, kinds))
-    print((args.out / "fed_vs_central.md").read_text())
+    (args.out / f"{stem}.json").write_text(json.dumps({"header": head, "summary": summary, "runs": runs}, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(head, summary, runs, kinds))
+    print((args.out / f"{stem}.md").read_text())
     return 0
 
 
@@ -149,18 +154,30 @@ def _run(kind: str, data: Path, out: Path, seed: int, args: argparse.Namespace) 
     if kind in ("central", "local"):
         from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
-        options = BaselineOptions(epochs=epochs, batch_size=BATCH, seed=seed)
+        options = BaselineOptions(epochs=epochs, batch_size=BATCH, seed=seed, out=out)
         result = (train_central if kind == "central" else run_local_baselines)(data, options, progress=lambda m: None)
         per_site = {s["name"]: s["dice_mean"] for s in result["sites"]}
         slices = {s["name"]: s["train_slices"] for s in result["sites"]}
         if kind == "central":
-            steps = {"central": epochs * math.ceil(sum(slices.values()) / BATCH)}
-        else:
-            steps = {n: epochs * math.ceil(k / BATCH) for n, k in slices.items()}
-        return {"dice": statistics.fmean(per_site.values()), "per_site": per_site, "steps": steps}
+            return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
+                    "steps": {"central": epochs * math.ceil(sum(slices.values()) / BATCH)}}
+        return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
+                "steps": {n: epochs * math.ceil(k / BATCH) for n, k in slices.items()},
+                "everywhere": _everywhere(out, data, list(per_site))}
     if kind == "federated":
         return _demo(data, out, seed, args)
     return _fedavg(LEVERS[kind], data, seed, args)
+
+
+def _everywhere(out: Path, data: Path, sites: list[str]) -> dict[str, float]:
+    """Each site's local model scored as the federation's model is: mean over all sites of the
+    validation Dice (the same splits)."""
+    from fedfms_secure.commands.train import evaluate_model_file
+
+    return {model_site: statistics.fmean(
+        evaluate_model_file(out / f"local_{model_site}_model.pt", data / site, split="val",
+                            split_file=out / "splits" / f"{site}.json")["sites"][0]["dice_mean"] for site in sites)
+        for model_site in sites}
 
 
 def _demo(data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -199,7 +216,7 @@ def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> di
     model = build_model("tiny", seed=seed)
     names = apply_mode(model, "fedmsa")
     sites = {d.name: load_site(d, image_size=model.preset.img_size, seed=seed) for d in find_sites(data)}
-    configs = {n: TrainConfig(epochs=local_epochs, batch_size=min(BATCH, len(s.train)),
+    configs = {n: TrainConfig(epochs=local_epochs, batch_size=min(lever.batch, len(s.train)),
                               lr=lever.lr or FEDERATED_LEARNING_RATE, seed=seed) for n, s in sites.items()}
     states: dict[str, dict | None] = {n: None for n in sites}
     theta = flatten(model, names).astype(np.float64)
@@ -224,7 +241,8 @@ def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> di
     return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
             "dice_per_round": per_round if rounds <= 10 else per_round[local_epochs * 4::5],
             "rounds": rounds, "local_epochs": local_epochs,
-            "steps": {n: rounds * local_epochs * math.ceil(len(s.train) / BATCH) for n, s in sites.items()}}
+            "steps": {n: rounds * local_epochs * math.ceil(len(s.train) / configs[n].batch_size)
+                      for n, s in sites.items()}}
 
 
 def summarize(runs: list[dict[str, Any]], kinds: list[str]) -> dict[str, dict[str, Any]]:
@@ -241,6 +259,10 @@ def summarize(runs: list[dict[str, Any]], kinds: list[str]) -> dict[str, dict[st
         best = [max(r["per_site"].values()) for r in rows]
         entry.update(best_site_mean=statistics.fmean(best),
                      best_site_std=statistics.stdev(best) if len(best) > 1 else float("nan"))
+        if all("everywhere" in r for r in rows):
+            best = [max(r["everywhere"].values()) for r in rows]
+            entry.update(best_everywhere_mean=statistics.fmean(best),
+                         best_everywhere_std=statistics.stdev(best) if len(best) > 1 else float("nan"))
         out[kind] = entry
     return out
 
@@ -256,7 +278,8 @@ def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: lis
     lines = ["# Federated vs centralized vs local-only, on real anatomy", "", *_common.header_markdown(head), "",
              "Dice: mean over sites of the validation Dice; mean ± sample std over seeds. Steps: optimizer steps "
              "of one training run (central: pooled; else per site, sites in order).", "",
-             "| run | Dice (mean ± std) | per seed | best local site | optimizer steps |",
+             "| run | Dice (mean ± std) | per seed | best local site: own validation / its model on all sites "
+             "| optimizer steps |",
              "| --- | --- | --- | --- | --- |"]
     for kind in kinds:
         if kind not in summary:
@@ -265,7 +288,11 @@ def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: lis
         label = {"central": "central (`train central`)", "local": "local only (`train local`, own site's model)",
                  "federated": "federated, demo: CKKS, no DP"}.get(kind, f"in-process FedAvg: {LEVERS[kind].label}"
                                                                     if kind in LEVERS else kind)
-        best = pm(s["best_site_mean"], s["best_site_std"]) if kind == "local" else ""
+        best = ""
+        if kind == "local":
+            best = pm(s["best_site_mean"], s["best_site_std"])
+            if "best_everywhere_mean" in s:
+                best += " / " + pm(s["best_everywhere_mean"], s["best_everywhere_std"])
         lines.append(f"| {label} | {pm(s['dice_mean'], s['dice_std'])} | "
                      f"{', '.join(f'{d:.3f}' for d in s['dice'])} | {best} | {steps(s['steps'])} |")
     lines += ["", "## Per run", "", "| seed | run | Dice | per site | Dice per round | wall s |",
@@ -273,6 +300,8 @@ def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: lis
     for r in runs:
         rounds = ", ".join(f"{d:.3f}" for d in r.get("dice_per_round", []))
         sites = ", ".join(f"{n} {d:.3f}" for n, d in r["per_site"].items())
+        if "everywhere" in r:
+            sites += "; each model on all sites: " + ", ".join(f"{n} {d:.3f}" for n, d in r["everywhere"].items())
         lines.append(f"| {r['seed']} | {r['kind']} | {r['dice']:.4f} | {sites} | {rounds} | {r['wall_seconds']:.0f} |")
     initial = [r["dice_initial"] for r in runs if "dice_initial" in r]
     if initial:
