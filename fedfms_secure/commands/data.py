@@ -1,4 +1,4 @@
-"""``fedfms-secure data ...``: write a synthetic federation, inspect a data folder.
+"""``fedfms-secure data ...``: write a synthetic or a real-anatomy federation, inspect a data folder.
 
 ``add_data_options(parser)`` adds the flags that say how site folders are read (label map, axis,
 clip percentiles, empty-slice keeping, bad files, slice cache), generated from the site's config
@@ -33,7 +33,7 @@ def add_data_options(parser: argparse.ArgumentParser, *, cache: bool = True) -> 
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``data`` command group (``data synth``, ``data inspect``) to an argparse ``subparsers``."""
+    """Add the ``data`` command group (``data synth``, ``data anatomy``, ``data inspect``) to an argparse ``subparsers``."""
     group = subparsers.add_parser("data", help="site datasets")
     sub = group.add_subparsers(metavar="ACTION")
     synth = sub.add_parser("synth", help="write a synthetic multi-site NIfTI federation (MSD layout)")
@@ -44,6 +44,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                             "their number replaces --sites (default: site_1 .. site_K)")
     synth.add_argument("--seed", type=int, default=0, help="seed of the generated volumes")
     synth.set_defaults(handler=cmd_synth)
+    anatomy = sub.add_parser("anatomy", help="write a multi-site NIfTI federation (MSD layout) from the real MRI "
+                                             "template shipped with nilearn: deformed patients, scanner-like sites")
+    anatomy.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the site folders into")
+    anatomy.add_argument("--sites", type=int, default=3, help="number of site folders (default 3)")
+    anatomy.add_argument("--cases", type=int, default=3, help="patients (volumes) per site (default 3)")
+    anatomy.add_argument("--classes", default="wm", help="tissue classes, label k = k-th: wm, gm or wm,gm (default wm)")
+    anatomy.add_argument("--size", type=int, default=64, help="in-plane size in pixels (default 64)")
+    anatomy.add_argument("--slices", type=int, default=20, help="axial slices per volume (default 20)")
+    anatomy.add_argument("--seed", type=int, default=0, help="seed of the deformations and scanners (default 0)")
+    anatomy.set_defaults(handler=cmd_anatomy)
     inspect = sub.add_parser("inspect", help="sites, volumes, slices, shapes, labels and problems of a data folder")
     inspect.add_argument("data", type=Path, help="a site folder or a folder of site folders")
     inspect.add_argument("--image-size", type=int, default=64, help="the model's input size (default 64)")
@@ -66,6 +76,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     names = args.names.split(",") if args.names is not None else None
     for site in synth_federation(args.out, sites=args.sites, seed=args.seed, names=names):
+        print(site)
+    return 0
+
+
+def cmd_anatomy(args: argparse.Namespace) -> int:
+    """Handler of ``data anatomy``."""
+    from fedfms_secure.data.anatomy import anatomy_federation
+
+    for site in anatomy_federation(args.out, sites=args.sites, cases=args.cases, seed=args.seed, size=args.size,
+                                   slices=args.slices, classes=args.classes):
         print(site)
     return 0
 
@@ -112,4 +132,4 @@ def _values(values: list[float]) -> str:
     return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
-__all__ = ["DATA_SETTINGS", "add_data_options", "cmd_inspect", "cmd_synth", "register"]
+__all__ = ["DATA_SETTINGS", "add_data_options", "cmd_anatomy", "cmd_inspect", "cmd_synth", "register"]

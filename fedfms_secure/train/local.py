@@ -1,7 +1,8 @@
 """Local training of a site: plain Adam, or DP-SGD (Opacus) bound to the site's accountant.
 
 The optimizer is Adam over the parameters that ``apply_mode`` left trainable, created fresh on
-every call (as usual in FedAvg: local optimizer state does not survive a round). The loss is
+every call (as usual in FedAvg: local optimizer state does not survive a round), unless the caller
+hands back the ``optimizer_state`` a previous call returned. The loss is
 Dice + BCE on logits per class plus SAM's IoU-head MSE, a mean of per-image terms
 (:func:`~fedfms_secure.train.losses.segmentation_loss`). A model built with ``prompt="box"`` gets
 each class's box from the label, jittered as SAM's training does (``TrainConfig.box_jitter``).
@@ -72,6 +73,7 @@ class TrainResult:
     epsilon: float | None
     seconds: float
     unit: str | None = None
+    optimizer_state: dict | None = None  # Adam's state_dict after training, to resume from
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -93,6 +95,7 @@ def train_local(
     dataset: Dataset,
     config: TrainConfig,
     privacy: SitePrivacy | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train the parameters with ``requires_grad`` on ``dataset``; DP-SGD if ``privacy`` is given.
 
@@ -102,6 +105,8 @@ def train_local(
     (checked by :func:`make_private_trainer`), and persists the accountant afterwards. The site's
     sample rate must be ``config.batch_size / records``, the rate its noise was planned for, else
     :class:`ConfigError`. The model is a plain ``SamSegmenter`` again on return.
+    ``optimizer_state`` (a previous result's) resumes Adam's moments instead of starting them at
+    zero.
     """
     params = check_trainable(model, dataset)
     if privacy is not None:
@@ -111,6 +116,8 @@ def train_local(
     per_epoch = steps_per_epoch(num_samples, config.batch_size)
     steps = config.epochs * per_epoch
     optimizer = torch.optim.Adam(params, lr=config.lr)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     was_training = model.training
     model.train()
     start = time.perf_counter()
@@ -131,6 +138,7 @@ def train_local(
         epsilon=None if privacy is None else privacy.epsilon(),
         seconds=seconds,
         unit=None if privacy is None else privacy.config.unit,
+        optimizer_state=optimizer.state_dict(),
     )
 
 

@@ -1,0 +1,313 @@
+"""Federated against centralized against each site alone, on real anatomy, at equal epochs.
+
+    .venv/bin/python -m benchmarks.fed_vs_central --jobs 3           # seeds 0 1 2, 25 epochs (5 rounds x 5)
+    .venv/bin/python -m benchmarks.fed_vs_central --jobs 3 --rounds 10 --levers keep-adam   # 50 epochs
+    .venv/bin/python -m benchmarks.fed_vs_central --seeds 0 --quick  # a look in a few minutes
+
+The data is `fedfms-secure data anatomy` (the MNI T1 template cut into deformed patients at sites
+with scanner-like shifts; white matter), written for each seed from that seed (or once from
+``--data-seed``). For each seed (the patients and scanners, the model's initialisation, every
+site's train/validation split and the batch order):
+
+* ``central``: `train central`, every site's training slices pooled, ``epochs`` epochs;
+* ``local``: `train local`, each site alone on its slices, ``epochs`` epochs;
+* ``federated``: the real demo (server and site processes, mutual TLS, CKKS sums, no DP),
+  ``rounds`` x ``local_epochs`` = ``epochs``;
+* levers, in-process FedAvg (the sites' ``train_local``, exact plaintext sample-weighted mean; the
+  demo's plan otherwise): ``fedavg`` as the demo does it, then one change each: Adam state kept
+  at each site across rounds, another learning rate, one local epoch per round (25 rounds), a
+  server step size above 1 (each site scales its weighted delta, so the server still only adds).
+
+Every number is the mean over sites of the model's Dice on each site's validation slices (the
+demo's "Dice"; for ``local``, each site's own model on its own validation slices; the best site's
+model is also scored on every site's validation slices, as the federation's model is). Optimizer steps
+are counted per training run: central's pooled steps, and per site for local and federated.
+Writes ``fed_vs_central.{md,json}`` to ``--out`` (``fed_vs_central_<E>ep.*`` for other than 25
+epochs); runs are appended to the ``.jsonl`` beside them as they finish, so an interrupted grid
+keeps what ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import _common
+
+BATCH = 32  # the plan's batch size (ServerConfig.batch_size), as the baselines'
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One in-process FedAvg variant."""
+
+    label: str
+    rounds: int | None = None  # None: the grid's rounds
+    lr: float | None = None  # None: the plan's default
+    keep_adam: bool = False  # each site resumes its own Adam state every round
+    server_lr: float = 1.0  # global step = server_lr x the weighted mean of the deltas
+    batch: int = BATCH  # a site's batch size (more, smaller steps per epoch)
+
+
+LEVERS = {
+    "fedavg": Lever("FedAvg as the demo runs it (fresh Adam each round)"),
+    "keep-adam": Lever("each site keeps its Adam state across rounds", keep_adam=True),
+    "lr-1e-2": Lever("learning rate 1e-2 (default 3e-3)", lr=1e-2),
+    "1-epoch-rounds": Lever("1 local epoch per round, 5x the rounds", rounds=-1),
+    "server-lr-2": Lever("server step size 2", server_lr=2.0),
+    "batch-8": Lever("batch size 8 at the sites (4x the steps per epoch)", batch=8),
+    "keep-adam+server-lr-2": Lever("Adam state kept and server step size 2", keep_adam=True, server_lr=2.0),
+}
+# what a full grid runs (the demo itself is the FedAvg reference: in-process FedAvg repeats its Dice)
+DEFAULT_LEVERS = ("keep-adam", "batch-8", "server-lr-2", "lr-1e-2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--local-epochs", type=int, default=5)
+    parser.add_argument("--data-seed", type=int, help="seed of `data anatomy` (default: each training seed's own, "
+                        "so the spread covers other patients and scanners too)")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--cases", type=int, default=3, help="patients per site (default 3)")
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--levers", nargs="*", default=list(DEFAULT_LEVERS), choices=list(LEVERS))
+    parser.add_argument("--quick", action="store_true", help="2 rounds x 2 local epochs, fedavg and keep-adam only")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
+    parser.add_argument("--out", type=Path, default=_common.RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.local_epochs, args.levers = 2, 2, ["fedavg", "keep-adam"]
+    epochs = args.rounds * args.local_epochs
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "fed_vs_central" if epochs == 25 else f"fed_vs_central_{epochs}ep"
+    log = args.out / f"{stem}.jsonl"
+    log.unlink(missing_ok=True)
+    kinds = ["central", "local", "federated", *args.levers]
+    with tempfile.TemporaryDirectory(prefix="fedfms-fvc-") as tmp:
+        if args.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parts = list(pool.map(_seed_runs, [(seed, kinds, Path(tmp), args, log) for seed in args.seeds]))
+        else:
+            parts = [_seed_runs((seed, kinds, Path(tmp), args, log)) for seed in args.seeds]
+    runs = [run for part in parts for run in part]
+    head = _common.header(
+        seeds=args.seeds, argv=_common.script_argv(__file__, argv),
+        preset="tiny (64 px), FedMSA, no DP",
+        data=f"`fedfms-secure data anatomy --sites {args.sites} --cases {args.cases} --slices {args.slices} "
+             f"--seed {'SEED' if args.data_seed is None else args.data_seed}` (white matter; 64 x 64 x {args.slices} "
+             "per case; 2 training and 1 validation case per site)",
+        plan=f"{epochs} epochs: federated {args.rounds} rounds x {args.local_epochs} local epochs, batch {BATCH}",
+    )
+    runs.sort(key=lambda r: (r["seed"], kinds.index(r["kind"])))
+    summary = summarize(runs, kinds)
+    (args.out / f"{stem}.json").write_text(json.dumps({"header": head, "summary": summary, "runs": runs}, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(head, summary, runs, kinds))
+    print((args.out / f"{stem}.md").read_text())
+    return 0
+
+
+def _seed_runs(job: tuple[int, list[str], Path, argparse.Namespace, Path]) -> list[dict[str, Any]]:
+    """Every kind of run for one seed, on its data, each appended to ``log`` as it finishes."""
+    from fedfms_secure.data.anatomy import anatomy_federation
+
+    seed, kinds, tmp, args, log = job
+    data_seed = seed if args.data_seed is None else args.data_seed
+    data = tmp / f"data-{seed}"
+    anatomy_federation(data, sites=args.sites, cases=args.cases, seed=data_seed, slices=args.slices)
+    if args.jobs > 1:  # share the cores between the seeds' processes
+        import torch
+
+        torch.set_num_threads(1)
+    epochs = args.rounds * args.local_epochs
+    progress = _common.Progress(len(kinds))
+    runs = []
+    for kind in kinds:
+        progress.start(f"seed {seed}: {kind}")
+        started = time.monotonic()
+        run = _run(kind, data, tmp / f"{kind}-{seed}", seed, args)
+        run.update(kind=kind, seed=seed, data_seed=data_seed, epochs=epochs, wall_seconds=round(time.monotonic() - started, 1))
+        runs.append(run)
+        with open(log, "a") as fh:
+            fh.write(json.dumps(run) + "\n")
+        progress.finish(f"Dice {run['dice']:.4f}")
+    return runs
+
+
+def _run(kind: str, data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    epochs = args.rounds * args.local_epochs
+    if kind in ("central", "local"):
+        from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
+
+        options = BaselineOptions(epochs=epochs, batch_size=BATCH, seed=seed, out=out)
+        result = (train_central if kind == "central" else run_local_baselines)(data, options, progress=lambda m: None)
+        per_site = {s["name"]: s["dice_mean"] for s in result["sites"]}
+        slices = {s["name"]: s["train_slices"] for s in result["sites"]}
+        if kind == "central":
+            return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
+                    "steps": {"central": epochs * math.ceil(sum(slices.values()) / BATCH)}}
+        return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
+                "steps": {n: epochs * math.ceil(k / BATCH) for n, k in slices.items()},
+                "everywhere": _everywhere(out, data, list(per_site))}
+    if kind == "federated":
+        return _demo(data, out, seed, args)
+    return _fedavg(LEVERS[kind], data, seed, args)
+
+
+def _everywhere(out: Path, data: Path, sites: list[str]) -> dict[str, float]:
+    """Each site's local model scored as the federation's model is: mean over all sites of the
+    validation Dice (the same splits)."""
+    from fedfms_secure.commands.train import evaluate_model_file
+
+    return {model_site: statistics.fmean(
+        evaluate_model_file(out / f"local_{model_site}_model.pt", data / site, split="val",
+                            split_file=out / "splits" / f"{site}.json")["sites"][0]["dice_mean"] for site in sites)
+        for model_site in sites}
+
+
+def _demo(data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+
+    from fedfms_secure.demo import DemoOptions, run_demo
+
+    report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds,
+                                  local_epochs=args.local_epochs, epsilon=math.inf, he=True, seed=seed),
+                      console=Console(file=io.StringIO()))
+    per_site = {name: site["dice_mean"] for name, site in report["final"]["sites"].items()}
+    slices = {name: _train_slices(out / "run" / name / "split.json", data / name) for name in per_site}
+    return {"dice": report["rounds"][-1]["dice_mean"], "per_site": per_site, "dice_initial": report["dice_initial"],
+            "dice_per_round": [r["dice_mean"] for r in report["rounds"]],
+            "steps": {n: args.rounds * args.local_epochs * math.ceil(k / BATCH) for n, k in slices.items()}}
+
+
+def _train_slices(split_file: Path, site: Path) -> int:
+    from fedfms_secure.data import load_site
+
+    return len(load_site(site, image_size=64, split_file=split_file).train)
+
+
+def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """In-process FedAvg with one lever changed; returns Dice per round and the final per-site Dice."""
+    from fedfms_secure.config import FEDERATED_LEARNING_RATE
+    from fedfms_secure.data import find_sites, load_site
+    from fedfms_secure.model.modes import apply_mode
+    from fedfms_secure.model.registry import build_model
+    from fedfms_secure.model.vector import flatten, load_vector
+    from fedfms_secure.train.local import TrainConfig, train_local
+    from fedfms_secure.train.metrics import score_model, summarize as summarize_scores
+
+    epochs = args.rounds * args.local_epochs
+    rounds, local_epochs = (epochs, 1) if lever.rounds == -1 else (lever.rounds or args.rounds, args.local_epochs)
+    model = build_model("tiny", seed=seed)
+    names = apply_mode(model, "fedmsa")
+    sites = {d.name: load_site(d, image_size=model.preset.img_size, seed=seed) for d in find_sites(data)}
+    configs = {n: TrainConfig(epochs=local_epochs, batch_size=min(lever.batch, len(s.train)),
+                              lr=lever.lr or FEDERATED_LEARNING_RATE, seed=seed) for n, s in sites.items()}
+    states: dict[str, dict | None] = {n: None for n in sites}
+    theta = flatten(model, names).astype(np.float64)
+
+    def dice_now() -> dict[str, float]:
+        load_vector(model, names, theta)
+        return {n: summarize_scores(score_model(model, s.val), s.class_names)["dice_mean"] for n, s in sites.items()}
+
+    per_round = []
+    for _ in range(rounds):
+        total, weight = np.zeros_like(theta), 0
+        for n, site in sites.items():
+            load_vector(model, names, theta)
+            result = train_local(model, site.train, configs[n], optimizer_state=states[n])
+            if lever.keep_adam:
+                states[n] = result.optimizer_state
+            total += result.num_samples * (flatten(model, names).astype(np.float64) - theta)
+            weight += result.num_samples
+        theta = theta + lever.server_lr * total / weight
+        per_round.append(statistics.fmean(dice_now().values()))
+    per_site = dice_now()
+    return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
+            "dice_per_round": per_round if rounds <= 10 else per_round[local_epochs * 4::5],
+            "rounds": rounds, "local_epochs": local_epochs,
+            "steps": {n: rounds * local_epochs * math.ceil(len(s.train) / configs[n].batch_size)
+                      for n, s in sites.items()}}
+
+
+def summarize(runs: list[dict[str, Any]], kinds: list[str]) -> dict[str, dict[str, Any]]:
+    """Per kind: Dice mean and sample std over seeds, per-seed Dice, steps; for local also the best
+    site's Dice (mean over seeds of each seed's best site)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        rows = [r for r in runs if r["kind"] == kind]
+        if not rows:
+            continue
+        dice = [r["dice"] for r in rows]
+        entry = {"seeds": [r["seed"] for r in rows], "dice": dice, "dice_mean": statistics.fmean(dice),
+                 "dice_std": statistics.stdev(dice) if len(dice) > 1 else float("nan"), "steps": rows[0]["steps"]}
+        best = [max(r["per_site"].values()) for r in rows]
+        entry.update(best_site_mean=statistics.fmean(best),
+                     best_site_std=statistics.stdev(best) if len(best) > 1 else float("nan"))
+        if all("everywhere" in r for r in rows):
+            best = [max(r["everywhere"].values()) for r in rows]
+            entry.update(best_everywhere_mean=statistics.fmean(best),
+                         best_everywhere_std=statistics.stdev(best) if len(best) > 1 else float("nan"))
+        out[kind] = entry
+    return out
+
+
+def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+             kinds: list[str]) -> str:
+    def pm(mean: float, std: float) -> str:
+        return f"{mean:.3f}" + ("" if math.isnan(std) else f" ± {std:.3f}")
+
+    def steps(s: dict[str, int]) -> str:
+        return str(s["central"]) if "central" in s else " / ".join(str(v) for v in s.values()) + " per site"
+
+    lines = ["# Federated vs centralized vs local-only, on real anatomy", "", *_common.header_markdown(head), "",
+             "Dice: mean over sites of the validation Dice; mean ± sample std over seeds. Steps: optimizer steps "
+             "of one training run (central: pooled; else per site, sites in order).", "",
+             "| run | Dice (mean ± std) | per seed | best local site: own validation / its model on all sites "
+             "| optimizer steps |",
+             "| --- | --- | --- | --- | --- |"]
+    for kind in kinds:
+        if kind not in summary:
+            continue
+        s = summary[kind]
+        label = {"central": "central (`train central`)", "local": "local only (`train local`, own site's model)",
+                 "federated": "federated, demo: CKKS, no DP"}.get(kind, f"in-process FedAvg: {LEVERS[kind].label}"
+                                                                    if kind in LEVERS else kind)
+        best = ""
+        if kind == "local":
+            best = pm(s["best_site_mean"], s["best_site_std"])
+            if "best_everywhere_mean" in s:
+                best += " / " + pm(s["best_everywhere_mean"], s["best_everywhere_std"])
+        lines.append(f"| {label} | {pm(s['dice_mean'], s['dice_std'])} | "
+                     f"{', '.join(f'{d:.3f}' for d in s['dice'])} | {best} | {steps(s['steps'])} |")
+    lines += ["", "## Per run", "", "| seed | run | Dice | per site | Dice per round | wall s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in runs:
+        rounds = ", ".join(f"{d:.3f}" for d in r.get("dice_per_round", []))
+        sites = ", ".join(f"{n} {d:.3f}" for n, d in r["per_site"].items())
+        if "everywhere" in r:
+            sites += "; each model on all sites: " + ", ".join(f"{n} {d:.3f}" for n, d in r["everywhere"].items())
+        lines.append(f"| {r['seed']} | {r['kind']} | {r['dice']:.4f} | {sites} | {rounds} | {r['wall_seconds']:.0f} |")
+    initial = [r["dice_initial"] for r in runs if "dice_initial" in r]
+    if initial:
+        lines += ["", f"Dice before training (the demo's round 0): {', '.join(f'{d:.3f}' for d in initial)}."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
