@@ -129,6 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
+    from fedfms_secure.device import resolve_device
+
+    resolve_device(args.device)  # a GPU that is not there: said before anything else
     if args.per_image and not args.json:
         from fedfms_secure.errors import ConfigError
 

@@ -89,6 +89,7 @@ def run_site(config: ClientConfig) -> list[RoundOutcome]:
               else load_bundle(config.keys, role="client", passphrase=passphrase))
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
     check_local_state(config.state)  # a lost or rolled-back accountant: refused before connecting
+    resolve_device(config.device)  # a GPU that is not there: refused before connecting
     client = _connect(config, bundle)
     with client:
         client.wait_ready(config.connect_timeout)
