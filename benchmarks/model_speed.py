@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 
 from benchmarks import _common
 from fedfms_secure.data.synth import ellipses
+from fedfms_secure.device import resolve_device
 from fedfms_secure.model import apply_mode, build_model
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.train import TrainConfig, steps_per_epoch, train_local
@@ -37,8 +38,8 @@ class Counting(TensorDataset):
 
 
 def measure(mode: str, dp: bool, data: TensorDataset, epochs: int, batch: int, tmp: Path,
-            **model_kwargs) -> tuple[float, int]:  # fmt: skip
-    model = build_model("tiny", seed=0, **model_kwargs)
+            device: torch.device = torch.device("cpu"), **model_kwargs) -> tuple[float, int]:  # fmt: skip
+    model = build_model("tiny", seed=0, **model_kwargs).to(device)
     apply_mode(model, mode)
     config = TrainConfig(epochs=1, batch_size=batch, lr=1e-3)
     train_local(model, data, config)  # warm-up (allocations, first-call overheads)
@@ -61,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS / "model_speed.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     base = ellipses(args.images)
     data = Counting(*base.tensors)
     settings = [("fedmsa", {}), ("fedsam", {}),
@@ -77,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
                 half[..., 32:] = 0
                 data = Counting(images, torch.cat([labels, half], dim=1))
             for dp in (False, True):
-                rate, params = measure(mode, dp, data, args.epochs, args.batch, Path(tmp), **kwargs)
+                rate, params = measure(mode, dp, data, args.epochs, args.batch, Path(tmp), device, **kwargs)
                 label = mode + (" (2 classes, box prompts)" if kwargs else "")
                 rows.append((label, dp, rate, params))
                 print(f"{label:<34} dp={dp!s:<5} {rate:7.1f} images/s  ({params:,} trainable)",
                       flush=True)  # fmt: skip
     plain = {label: rate for label, dp, rate, _ in rows if not dp}
     base_rate = plain["fedmsa"]
-    head = _common.header(seeds=0, argv=_common.script_argv(__file__, argv), threads=args.threads)
+    head = _common.header(seeds=0, argv=_common.script_argv(__file__, argv), threads=args.threads,
+                          device=str(device))
     lines = [
         "# Training speed of the tiny preset on CPU",
         "",

@@ -116,8 +116,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 # what the demo shares with the daemons: the same flags, help and checks, with the demo's defaults
-DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "seed", "local_epochs", "learning_rate", "he", "pretrained")
-DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "labels", "axis", "clip_percentiles", "keep_empty_every", "skip_bad")
+DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "image_size", "seed", "local_epochs", "learning_rate", "he",
+                        "pretrained")
+DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "device", "labels", "axis", "clip_percentiles", "keep_empty_every",
+                        "skip_bad")
 CONFIG_HELP = "TOML file with the same keys as the flags (underscores: learning_rate = 3e-3); flags override it"
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
+from fedfms_secure.device import DEVICE_HELP, check_device_spec
 from fedfms_secure.errors import ConfigError
 
 # Adam's learning rate for a federated round (the server's plan) and for the baselines. At 1e-2
@@ -67,6 +68,9 @@ class ServerConfig:
     mode: str = setting("fedmsa", "fedmsa trains adapters and the mask decoder; fedsam the whole model",
                         choices=MODES)
     preset: str = setting("tiny", "model preset", choices=PRESETS)
+    image_size: int | None = setting(None, "side of the model's input in pixels, a multiple of the preset's patch "
+                                           "side (16; tiny: 8): every site builds its model at this size",
+                                     shown="the preset's: 1024, tiny 64", metavar="PX")
     seed: int = setting(0, "seed of the model's initialisation")
     # DP-SGD needs large expected batches and few, large steps: on the demo's ~100 slices a site
     # samples about a third of its slices per step (see README, "What the demo shows").
@@ -93,6 +97,9 @@ class ServerConfig:
         _require(self.mode in MODES, f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         _require(self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}, not {self.preset!r}")
         _require(self.seed >= 0, "seed must be >= 0")
+        from fedfms_secure.server.plan_sizes import check_image_size  # torch-free
+
+        check_image_size(self.preset, self.image_size)
         _require(self.local_epochs >= 1, "local_epochs must be at least 1")
         _require(self.batch_size >= 1, "batch_size must be at least 1")
         _require(self.learning_rate > 0 and math.isfinite(self.learning_rate), "learning_rate must be positive")
@@ -121,6 +128,7 @@ class ClientConfig:
     server: str = setting("127.0.0.1:50051", "the coordinator's HOST:PORT")
     insecure: bool = setting(False, "connect without TLS (local experiments only)")
     site: str | None = setting(None, "site name, only with --insecure (otherwise the certificate's)")
+    device: str = setting("auto", DEVICE_HELP)
     epsilon: float = setting(8.0, "target epsilon over the whole run (inf: no DP)")
     delta: float | None = setting(None, "target delta", shown="min(1e-5, 1/(10 n)) for n training records (patients)")
     max_grad_norm: float = setting(1.0, "DP-SGD clipping bound of one patient's gradient")
@@ -161,6 +169,7 @@ class ClientConfig:
         _require(self.accountant in ACCOUNTANTS, "accountant must be rdp or prv")
         _require(self.privacy_unit in ("patient", "slice"), "privacy_unit must be patient or slice")
         check_address(self.server, flag="--server", listen=False)
+        object.__setattr__(self, "device", check_device_spec(self.device))
         _require(self.site is None or self.insecure, "site is only set with --insecure; "
                  "otherwise the name comes from the site's certificate")
         _require(self.axis in (0, 1, 2), "axis must be 0, 1 or 2")

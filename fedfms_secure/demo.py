@@ -40,6 +40,17 @@ from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
 
 
+# generated data and batch size per model: (volume shape, (fewest, most) volumes a site, expected
+# patients per DP-SGD step). "tiny": about half of a site's ~170 training patients per step, 3 steps
+# an epoch (fewer, larger steps: less noise per patient). "sam" (vit_b/l/h, where one image costs
+# seconds on a CPU): 12 patients a site, 9 of them training, 3 steps of 4 an epoch, ~10 validation
+# slices, so that a vit_b round at 128 px fits in minutes on 2 CPU cores.
+DEMO_DATA: dict[str, tuple[tuple[int, int, int], tuple[int, int], int]] = {
+    "tiny": ((64, 64, 8), (200, 240), 80),
+    "sam": ((64, 64, 6), (12, 12), 4),
+}
+
+
 @dataclass(frozen=True)
 class DemoOptions:
     out: Path = Path("demo-out")
@@ -54,14 +65,17 @@ class DemoOptions:
     local_epochs: int = 5
     # None: the server's default plan (ServerConfig.learning_rate)
     learning_rate: float | None = None
-    # (H, W, slices) of each generated volume: many small volumes (about 4-5 slices kept each), since
-    # DP protects patients and patient-level DP-SGD needs many patients per site
-    synth_shape: tuple[int, int, int] = (64, 64, 8)
-    # (fewest, most) volumes of a generated site
-    synth_volumes: tuple[int, int] = (200, 240)
-    # expected patients per DP-SGD step (the plan's batch size): about half of a generated site's
-    # ~170 training patients, 3 steps an epoch (fewer, larger steps: less noise per patient)
-    batch_size: int = 80
+    # model input side in pixels (None: the preset's, 64 for tiny and 1024 for SAM's own)
+    image_size: int | None = None
+    # where each site trains: auto (a CUDA GPU when present), cpu, cuda, cuda:N
+    device: str = "auto"
+    # (H, W, slices) of each generated volume (None: per preset, see DEMO_DATA): many small volumes
+    # (about 4-5 slices kept each), since patient-level DP-SGD needs many patients per site
+    synth_shape: tuple[int, int, int] | None = None
+    # (fewest, most) volumes of a generated site (None: per preset)
+    synth_volumes: tuple[int, int] | None = None
+    # expected patients per DP-SGD step, the plan's batch size (None: per preset)
+    batch_size: int | None = None
     # what one DP record is: "patient" (default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
     timeout: float = 1800.0
@@ -89,6 +103,10 @@ class DemoOptions:
         settings the demo shares with the daemons by the daemons' own checks."""
         from fedfms_secure.config import ClientConfig, ServerConfig
 
+        shape, volumes, batch = DEMO_DATA["tiny" if self.preset == "tiny" else "sam"]
+        for name, value in (("synth_shape", shape), ("synth_volumes", volumes), ("batch_size", batch)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.clients < 1:
             raise ConfigError(f"--clients must be at least 1, not {self.clients}")
         if not self.timeout > 0:
@@ -99,12 +117,13 @@ class DemoOptions:
             raise ConfigError(f"--data {self.data} is not a folder: give a folder of site folders")
         unset = Path("-")  # the demo provisions the keys and state folders itself
         ServerConfig(keys=unset, state=unset, rounds=self.rounds, mode=self.mode, preset=self.preset, seed=self.seed,
+                     image_size=self.image_size, batch_size=self.batch_size,
                      local_epochs=self.local_epochs, he=self.he, pretrained=self.pretrained,
                      num_classes=num_classes_of(self.labels),
                      **({} if self.learning_rate is None else {"learning_rate": self.learning_rate}))
         ClientConfig(keys=unset, data=unset, state=unset, epsilon=self.epsilon, labels=self.labels, axis=self.axis,
                      clip_percentiles=self.clip_percentiles, keep_empty_every=self.keep_empty_every,
-                     skip_bad=self.skip_bad)
+                     skip_bad=self.skip_bad, device=self.device)
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -171,6 +190,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
            "--mode", options.mode, "--preset", options.preset, "--seed", str(options.seed),
            "--local-epochs", str(options.local_epochs), "--num-classes", str(num_classes_of(options.labels)),
            "--batch-size", str(options.batch_size),
+           *(["--image-size", str(options.image_size)] if options.image_size else []),
            "--exit-when-done", *(["--lr", repr(options.learning_rate)] if options.learning_rate is not None else [])]
     if not options.he:
         cmd.append("--no-he")
@@ -196,6 +216,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
                  "--epsilon", str(options.epsilon), "--privacy-unit", options.privacy_unit,
+                 "--device", options.device,
                  *(["--save-updates"] if options.save_updates else []),
                  *_data_flags(options)],
                 logs / f"{name}.log",
@@ -247,7 +268,7 @@ def _evaluate_holdout(model: Path, site: Path, options: DemoOptions, logs: Path,
                       env: dict[str, str]) -> dict[str, Any]:
     """``fedfms-secure evaluate`` of the final global model on the held-out site (all its slices)."""
     cmd = [sys.executable, "-m", "fedfms_secure", "evaluate", "--model", str(model), "--data", str(site), "--split", "all",
-           "--json"]
+           "--json", "--device", options.device]
     if options.skip_bad:
         cmd.append("--skip-bad")
     log_file = logs / "evaluate.log"

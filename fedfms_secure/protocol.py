@@ -39,6 +39,7 @@ class Plan:
     scheme: str
     pretrained: bool = True  # the preset's shipped weights (tiny), else the seeded initialisation
     num_classes: int = 1  # foreground classes: every site's label map must give this many (0: not fixed)
+    image_size: int = 0  # model input side in pixels (0: the preset's)
 
 
 @dataclass(frozen=True)

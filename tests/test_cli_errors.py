@@ -90,6 +90,8 @@ def test_config_file_and_flag_override(tmp_path):
         (["--clip-percentiles", "99,1"], "LOW < HIGH"),
         (["--keep-empty-every", "-1"], "keep_empty_every"),
         (["--holdout", " "], "--holdout"),
+        (["--device", "gpu"], "not one of auto, cpu, cuda, cuda:N"),
+        (["--preset", "vit_b", "--image-size", "100"], "patch side 16"),
     ],
 )
 def test_demo_refuses_bad_arguments_before_writing_or_starting_anything(flags, message, tmp_path, capsys):
@@ -136,3 +138,32 @@ def test_a_closed_pipe_ends_quietly(argv, code):
     _, err = proc.communicate(timeout=120)
     assert b"Traceback" not in err and b"BrokenPipeError" not in err, err.decode()
     assert proc.returncode == code
+
+
+def _absent_gpu() -> tuple[str, str]:
+    """A CUDA device this machine does not have, and what the error says about it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.device_count()}", "CUDA device(s) here"
+    return "cuda", "no CUDA GPU here"
+
+
+def test_a_client_on_an_absent_gpu_stops_before_connecting(provisioned, tmp_path, capsys):
+    root, data = provisioned
+    device, message = _absent_gpu()
+    code = main(["client", "--keys", str(root / "site_1"), "--server", f"127.0.0.1:{_free_port()}",
+                 "--data", str(data), "--state", str(tmp_path / "s"), "--connect-timeout", "30", "--device", device])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert message in err and "cannot reach the server" not in err
+
+
+@pytest.mark.parametrize("command", ["central", "local"])
+def test_train_and_evaluate_on_an_absent_gpu_say_so(provisioned, tmp_path, capsys, command):
+    _, data = provisioned
+    device, message = _absent_gpu()
+    assert main(["train", command, "--data", str(data.parent), "--epochs", "1", "--device", device]) == 1
+    assert message in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path / "m.pt"), "--data", str(data), "--device", device]) == 1
+    assert message in capsys.readouterr().err

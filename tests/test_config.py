@@ -21,12 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 # a value different from the default for every field
 SERVER_VALUES: dict[str, Any] = {
     "keys": "k", "state": "s", "address": "0.0.0.0:6000", "insecure": True, "rounds": 7, "mode": "fedsam",
-    "preset": "vit_b", "seed": 3, "local_epochs": 2, "batch_size": 8, "learning_rate": 0.01, "he": False,
+    "preset": "vit_b", "image_size": 256, "seed": 3, "local_epochs": 2, "batch_size": 8, "learning_rate": 0.01, "he": False,
     "pretrained": False, "num_classes": 2, "exit_when_done": True, "round_deadline": 30.5, "min_sites": 2,
     "linger": 5.0, "passphrase_file": "pw.txt", "log_file": "server.log",
 }
 CLIENT_VALUES: dict[str, Any] = {
-    "keys": "k", "data": "d", "state": "s", "server": "host:1", "insecure": True, "site": "a", "epsilon": 4.0,
+    "keys": "k", "data": "d", "state": "s", "server": "host:1", "insecure": True, "site": "a", "device": "cpu", "epsilon": 4.0,
     "delta": 1e-6, "max_grad_norm": 0.5, "accountant": "prv", "privacy_unit": "slice",
     "patient_pattern": "^(\\w+?)_", "save_updates": True, "labels": "1,2", "axis": 0,
     "clip_percentiles": "1,99", "keep_empty_every": 0, "skip_bad": True, "cache": "c", "connect_timeout": 5.0,
@@ -163,3 +163,19 @@ def test_the_torch_free_preset_and_mode_names_match_the_model_registry() -> None
 
     assert set(PRESETS) == set(REGISTRY)
     assert set(MODES) == set(MODEL_MODES)
+
+
+def test_image_size_must_fit_the_presets_patch() -> None:
+    assert ServerConfig(keys=Path("k"), state=Path("s"), preset="vit_b", image_size=128).image_size == 128
+    with pytest.raises(ConfigError, match="multiple of preset 'vit_b'.*patch side 16; use e.g. 128"):
+        ServerConfig(keys=Path("k"), state=Path("s"), preset="vit_b", image_size=130)
+    with pytest.raises(ConfigError, match="patch side 8"):
+        load_config(ServerConfig, None, {"keys": "k", "state": "s", "image_size": 4})
+
+
+def test_device_is_checked_and_normalised_without_a_gpu() -> None:
+    base = {"keys": "k", "data": "d", "state": "s"}
+    assert load_config(ClientConfig, None, {**base, "device": " CUDA:1 "}).device == "cuda:1"  # checked on use
+    assert load_config(ClientConfig, None, base).device == "auto"
+    with pytest.raises(ConfigError, match="not one of auto, cpu, cuda, cuda:N"):
+        load_config(ClientConfig, None, {**base, "device": "gpu"})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfms_secure.config import FEDERATED_LEARNING_RATE, MODES, PRESETS
+from fedfms_secure.device import DEVICE_HELP
 
 from fedfms_secure.commands.data import add_data_options
 from fedfms_secure.errors import ConfigError
@@ -57,6 +58,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="model seed and the sites' split seed (default 0)")
         p.add_argument("--no-pretrained", action="store_true", help="start from the seeded initialisation")
         p.add_argument("--image-size", type=int, help="model input size (default: the preset's)")
+        p.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
         p.add_argument("--val-fraction", type=float, default=0.25,
                        help="fraction of each site's cases held out for validation")
         add_data_options(p)
@@ -89,6 +91,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     help="keep preprocessed slices in DIR (default: no cache)")
     ev.add_argument("--per-image", action="store_true",
                     help="also list every slice's Dice, IoU and HD95 per class (needs --json)")
+    ev.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default: auto)")
     ev.add_argument("--json", action="store_true", help="print the result as one JSON object")
     ev.set_defaults(handler=cmd_evaluate)
     return group
@@ -110,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_empty_every=args.keep_empty_every, labels=args.labels, clip_percentiles=args.clip_percentiles,
         val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
         max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit,
-        patient_pattern=args.patient_pattern, out=args.out,
+        patient_pattern=args.patient_pattern, out=args.out, device=args.device,
     )
     run = train_central if args.kind == "central" else run_local_baselines
     result = run(args.data, options, progress=lambda message: print(message, file=sys.stderr))
@@ -126,6 +129,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Handler of ``evaluate``."""
+    from fedfms_secure.device import resolve_device
+
+    resolve_device(args.device)  # a GPU that is not there: said before anything else
     if args.per_image and not args.json:
         from fedfms_secure.errors import ConfigError
 
@@ -134,7 +140,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_model_file(args.model, args.data, labels=args.labels, axis=args.axis,
                                  clip_percentiles=args.clip_percentiles, keep_empty_every=args.keep_empty_every,
                                  skip_bad=args.skip_bad, cache=args.cache, per_image=args.per_image,
-                                 split=args.split, split_file=split_file)
+                                 split=args.split, split_file=split_file, device=args.device)
     if args.json:
         print(_dumps(result))
     else:
@@ -181,7 +187,7 @@ def _nan_to_none(value: Any) -> Any:
 def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axis: int | None = None,
                         clip_percentiles: Any = None, keep_empty_every: int | None = None, skip_bad: bool = False,
                         cache: Path | None = None, per_image: bool = False, split: str = "all",
-                        split_file: Path | None = None) -> dict[str, Any]:
+                        split_file: Path | None = None, device: str = "auto") -> dict[str, Any]:
     """Scores a model file on the ``split`` slices of each site under ``data``: ``"all"`` (every
     slice), or ``"val"`` / ``"train"`` as ``split_file`` (one site's pinned split) says.
 
@@ -192,6 +198,7 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
     where the slice is not scored for the class).
     """
     from fedfms_secure.data import find_sites, load_site
+    from fedfms_secure.device import resolve_device
     from fedfms_secure.train.metrics import ImageScores, score_model, summarize
     from fedfms_secure.train.model_file import load_model_file
 
@@ -199,7 +206,9 @@ def evaluate_model_file(model_path: Path, data: Path, *, labels: Any = None, axi
         raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if split != "all" and split_file is None:
         raise ConfigError(f"split {split!r} needs the site's split file (STATE/split.json); or use split 'all'")
+    target = resolve_device(device)  # an absent GPU fails before the model loads
     model, header = load_model_file(model_path)
+    model.to(target)
     recorded = header.data
     options = dict(
         image_size=header.img_size,

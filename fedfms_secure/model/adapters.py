@@ -48,7 +48,10 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.up(self.act(self.down(x)))
+        # tokens as (batch, tokens, channels): Opacus' ghost clipping computes the norms of a
+        # Linear's per-sample gradients for 2-D and 3-D inputs only (the result is the same)
+        tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+        out = self.up(self.act(self.down(tokens))).reshape(x.shape[:-1] + (-1,))
         return x + out if self.skip_connect else out
 
 

@@ -114,7 +114,8 @@ class SamSegmenter(nn.Module):
         """Output tokens ``[B, 1 + mask tokens, C]`` and the dense "no mask" prompt ``[B, C, 1, 1]``."""
         decoder, prompt = self.sam.mask_decoder, self.sam.prompt_encoder
         zeros = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        mask_ids = torch.arange(decoder.num_mask_tokens, device=device).expand(batch, -1)
+        # contiguous: Opacus' ghost clipping views the ids of an embedding as one column
+        mask_ids = torch.arange(decoder.num_mask_tokens, device=device).expand(batch, -1).contiguous()
         tokens = torch.cat([decoder.iou_token(zeros), decoder.mask_tokens(mask_ids)], dim=1)
         dense = prompt.no_mask_embed(zeros).reshape(batch, -1, 1, 1)
         return tokens, dense

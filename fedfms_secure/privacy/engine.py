@@ -13,6 +13,13 @@ all use ``SitePrivacy.sample_rate``, and the sampler is built with its number of
 :class:`~fedfms_secure.privacy.units.PatientDataset` (one random slice of a patient per item), so
 everything here (sampling, clipping, noise) works on patients unchanged.
 
+``clipping="ghost"`` swaps in Opacus' fast-gradient-clipping pair
+(``GradSampleModuleFastGradientClipping``, ``DPOptimizerFastGradientClipping``): the first backward
+computes each record's gradient norm (without materialising per-sample gradients for ``nn.Linear``,
+whose inputs must then be 2-D or 3-D; other layers go through per-sample gradients as before), the
+second backprops the clipped-weighted per-record losses. The clipped sum, the noise and the
+accounting are those of the standard mode; it trades a second backward for memory.
+
 The sampler and the noise draw from generators whose state comes from the OS entropy pool
 (:func:`~fedfms_secure.privacy.units.entropy_generator`), never from a configured seed: noise
 that a peer could regenerate would give no privacy. The noise is drawn in Opacus' ``secure_mode``.
@@ -28,17 +35,24 @@ from typing import Any
 
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from fedfms_secure.errors import ConfigError, ModelError, PrivacyBudgetExhausted
 from fedfms_secure.privacy.site import SitePrivacy
 from fedfms_secure.privacy.units import entropy_generator
+
+
+#: how DP-SGD clips: Opacus' per-sample gradients, or its ghost clipping
+CLIPPING_MODES = ("standard", "ghost")
 
 
 def check_trainable(model: nn.Module, dataset: Dataset) -> list[nn.Parameter]:
@@ -93,7 +107,7 @@ class PrivateTrainer:
     """The DP-SGD pieces for one local training; valid only inside :func:`make_private_trainer`.
 
     Iterate ``batches`` once (physical batches of at most ``max_physical_batch`` images), run
-    ``module`` on each, ``backward()`` a *mean* loss of independent per-image terms, then call
+    ``module`` on each, call :meth:`backward` with the independent per-image loss terms, then call
     ``optimizer.step()`` and ``optimizer.zero_grad()``. For an empty batch call
     :meth:`empty_step` instead: Poisson sampling can draw none, and that step must still add noise
     and be accounted.
@@ -102,11 +116,24 @@ class PrivateTrainer:
     module: GradSampleModule
     optimizer: DPOptimizer
     batches: SingleUseBatches
+    clipping: str = "standard"
+
+    def backward(self, per_image_losses: Tensor) -> None:
+        """Backpropagates the mean of ``per_image_losses`` (one term per image of the physical
+        batch) as the clipping mode needs: once (standard), or twice with the records' clipping
+        weights in between (ghost)."""
+        if self.clipping == "ghost":
+            DPTensorFastGradientClipping(self.module, self.optimizer, per_image_losses, "mean").backward()
+        else:
+            per_image_losses.mean().backward()
 
     def empty_step(self) -> None:
         """A noise-only step for an empty Poisson batch."""
         for p in self.optimizer.params:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            if self.clipping == "ghost":  # the clipped sum is read from p.grad
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         self.optimizer.step()
         self.optimizer.zero_grad()
 
@@ -153,9 +180,11 @@ def make_private_trainer(
     steps: int,
     max_physical_batch: int = 16,
     secure_mode: bool = True,
+    clipping: str = "standard",
 ) -> Iterator[PrivateTrainer]:
     """DP-SGD over ``dataset`` (one item per DP record) for ``steps`` logical steps, accounted in
     ``privacy``. ``secure_mode`` draws each noise value as Opacus' sum of four Gaussians.
+    ``clipping`` is ``"standard"`` (per-sample gradients) or ``"ghost"`` (see the module docstring).
 
     Raises :class:`PrivacyBudgetExhausted` before touching the model if ``steps`` more steps would
     pass the site's target epsilon, and :class:`ModelError` if there is nothing to train. On exit
@@ -164,14 +193,23 @@ def make_private_trainer(
     """
     if steps < 1:
         raise ConfigError(f"make_private_trainer needs steps >= 1, got {steps}")
+    if clipping not in CLIPPING_MODES:
+        raise ConfigError(f"clipping {clipping!r} is not one of {', '.join(CLIPPING_MODES)}")
     check_trainable(model, dataset)
     check_budget(privacy, steps)
     num_samples = len(dataset)  # type: ignore[arg-type]
     device = next(p for p in model.parameters() if p.requires_grad).device
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    ghost = clipping == "ghost"
+    if ghost:
+        module: GradSampleModule = GradSampleModuleFastGradientClipping(
+            model, batch_first=True, loss_reduction="mean", strict=True,
+            max_grad_norm=privacy.config.max_grad_norm, use_ghost_clipping=True,
+        )  # fmt: skip
+    else:
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
     try:
         module.forbid_grad_accumulation()
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = (DPOptimizerFastGradientClipping if ghost else DPOptimizer)(
             optimizer,
             noise_multiplier=privacy.noise_multiplier,
             max_grad_norm=privacy.config.max_grad_norm,
@@ -189,6 +227,7 @@ def make_private_trainer(
             yield PrivateTrainer(
                 module=module,
                 optimizer=dp_optimizer,
+                clipping=clipping,
                 batches=SingleUseBatches(
                     _poisson_loader(dataset, privacy.sample_rate, steps, dp_optimizer,
                                     max_physical_batch),
@@ -203,10 +242,11 @@ def make_private_trainer(
                     delattr(sub, attr)
         for p in model.parameters():
             p.grad = None
-            if hasattr(p, "summed_grad"):
-                delattr(p, "summed_grad")
+            for attr in ("summed_grad", "_norm_sample", "_forward_counter", "grad_sample"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
         privacy.save()
 
 
-__all__ = ["PrivateTrainer", "SingleUseBatches", "check_budget", "check_trainable",
+__all__ = ["CLIPPING_MODES", "PrivateTrainer", "SingleUseBatches", "check_budget", "check_trainable",
            "make_private_trainer"]

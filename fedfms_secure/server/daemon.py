@@ -95,9 +95,10 @@ def build_coordinator(config: ServerConfig) -> tuple[Coordinator, Bundle, StateS
         scheme=config.scheme,
         pretrained=config.pretrained,
         num_classes=config.num_classes,
+        image_size=config.image_size or 0,
     )
     store = StateStore(config.state)
-    length = plan_vector_length(plan.preset, plan.mode)
+    length = plan_vector_length(plan.preset, plan.mode, plan.image_size or None)
     quota = round_quota(length, aggregator.chunk_values, len(bundle.clients))
     coordinator = Coordinator(plan, bundle.clients, aggregator, fingerprint, store,
                               round_deadline=config.round_deadline, min_sites=config.min_sites,

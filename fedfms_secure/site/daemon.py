@@ -54,6 +54,7 @@ from fedfms_secure.keys.pki import read_passphrase
 from fedfms_secure.keys.bundle import Bundle, load_bundle
 from fedfms_secure.data import find_sites, load_site
 from fedfms_secure.data.labels import num_classes_of
+from fedfms_secure.device import resolve_device
 from fedfms_secure.errors import ConfigError, DataError, FederationError, UpdateAlreadyReceived
 from fedfms_secure.model.modes import apply_mode
 from fedfms_secure.model.registry import build_model
@@ -99,6 +100,7 @@ def _run_site(config: ClientConfig) -> list[RoundOutcome]:
               else load_bundle(config.keys, role="client", passphrase=passphrase))
     site_dir = _site_folder(config.data)  # fail on a wrong --data before touching the network
     check_local_state(config.state)  # a lost or rolled-back accountant: refused before connecting
+    resolve_device(config.device)  # a GPU that is not there: refused before connecting
     client = _connect(config, bundle)
     with client:
         client.wait_ready(config.connect_timeout)
@@ -157,7 +159,9 @@ class _Site:
         config.state.mkdir(parents=True, exist_ok=True)
         # None: the preset's default (tiny ships pretrained weights; official presets load a checkpoint)
         self.model = build_model(self.plan.preset, seed=self.plan.seed, pretrained=None if self.plan.pretrained else False,
-                                 num_classes=num_classes_of(config.labels))  # the plan's: checked in run_site
+                                 num_classes=num_classes_of(config.labels),  # the plan's: checked in run_site
+                                 img_size=self.plan.image_size or None)  # 0: an older server, the preset's size
+        self.model.to(resolve_device(config.device))  # the flat vector and CKKS stay on the CPU
         self.data = load_site(
             site_dir, image_size=self.model.preset.img_size, split_file=config.state / "split.json", seed=self.plan.seed,
             axis=config.axis, keep_empty_every=config.keep_empty_every, skip_bad=config.skip_bad,

@@ -52,6 +52,7 @@ class BaselineOptions:
     seed: int = 0
     pretrained: bool = True
     holdout: str | None = None
+    device: str = "auto"  # where the model trains and is scored: auto, cpu, cuda, cuda:N
     # data, as a site reads it
     image_size: int | None = None  # None: the preset's input size
     axis: int = 2
@@ -170,11 +171,14 @@ def _sites(data_dir: Path, holdout: str | None) -> tuple[list[Path], Path | None
 
 
 def _build(options: BaselineOptions) -> tuple[Any, list[str]]:
+    from fedfms_secure.device import resolve_device
     from fedfms_secure.model.modes import apply_mode
     from fedfms_secure.model.registry import build_model
 
+    device = resolve_device(options.device)  # an absent GPU fails before the model is built
     model = build_model(options.preset, seed=options.seed, pretrained=None if options.pretrained else False,
                         num_classes=num_classes_of(options.labels), img_size=options.image_size)
+    model.to(device)
     return model, apply_mode(model, options.mode)
 
 

@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from fedfms_secure.errors import ConfigError
 from fedfms_secure.model.prompts import DEFAULT_BOX_JITTER, boxes_from_labels, label_targets
 from fedfms_secure.model.segmenter import SamSegmenter
-from fedfms_secure.privacy.engine import check_trainable, make_private_trainer
+from fedfms_secure.privacy.engine import CLIPPING_MODES, check_trainable, make_private_trainer
 from fedfms_secure.privacy.site import SitePrivacy
 from fedfms_secure.privacy.units import record_dataset
-from fedfms_secure.train.losses import segmentation_loss
+from fedfms_secure.train.losses import per_image_segmentation_loss
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class TrainConfig:
     seed: int = 0
     max_physical_batch: int = 16
     box_jitter: float = DEFAULT_BOX_JITTER  # only for models built with prompt="box"
+    clipping: str = "standard"  # DP-SGD: "standard" per-sample gradients or Opacus' "ghost" clipping
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_physical_batch"):
@@ -53,6 +54,9 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.clipping not in CLIPPING_MODES:
+            raise ConfigError(f"TrainConfig.clipping must be one of {', '.join(CLIPPING_MODES)}, got "
+                              f"{self.clipping!r}")
         if not 0 <= self.box_jitter <= 1:
             raise ConfigError(f"TrainConfig.box_jitter must be in [0, 1], got {self.box_jitter}")
 
@@ -169,12 +173,25 @@ def batch_loss(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The training loss of one batch. ``module`` is ``model`` or its Opacus wrapper."""
+    return per_image_loss(module, model, images, labels, box_jitter=box_jitter, generator=generator).mean()
+
+
+def per_image_loss(
+    module: torch.nn.Module,
+    model: SamSegmenter,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    box_jitter: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The training loss of each image of a batch (its mean is :func:`batch_loss`)."""
     targets = label_targets(labels, model.num_classes)
     boxes = None
     if model.prompt == "box":
         boxes = boxes_from_labels(targets, jitter=box_jitter, generator=generator)
     logits, iou = module(images, boxes, with_iou=True)
-    return segmentation_loss(logits, iou, targets)
+    return per_image_segmentation_loss(logits, iou, targets)
 
 
 def _physical_chunks(images: Tensor, labels: Tensor, size: int) -> list[tuple[Tensor, Tensor]]:
@@ -223,6 +240,7 @@ def _train_private(
     with make_private_trainer(
         model, optimizer, dataset, privacy,
         steps=config.epochs * per_epoch, max_physical_batch=config.max_physical_batch,
+        clipping=config.clipping,
     ) as dp:  # fmt: skip
         device = _device_of(model)
         for images, labels in dp.batches:
@@ -232,9 +250,10 @@ def _train_private(
                 epoch_losses[done // per_epoch].append(float("nan"))
                 done += 1
                 continue
-            loss = batch_loss(dp.module, model, images, labels, box_jitter=config.box_jitter,
-                              generator=jitter_gen)  # fmt: skip
-            loss.backward()
+            losses = per_image_loss(dp.module, model, images, labels, box_jitter=config.box_jitter,
+                                    generator=jitter_gen)  # fmt: skip
+            dp.backward(losses)
+            loss = losses.mean()
             dp.optimizer.step()
             dp.optimizer.zero_grad()
             step_loss += float(loss.detach()) * len(images)
@@ -246,4 +265,4 @@ def _train_private(
     return epoch_losses
 
 
-__all__ = ["TrainConfig", "TrainResult", "batch_loss", "steps_per_epoch", "train_local"]
+__all__ = ["TrainConfig", "TrainResult", "batch_loss", "per_image_loss", "steps_per_epoch", "train_local"]

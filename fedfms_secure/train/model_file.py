@@ -116,7 +116,10 @@ def save_model_file(
     from fedfms_secure import __version__
 
     path = Path(path)
-    names = list(names)
+    # parameters by their state-dict keys (the positional tables are saved under SAM's official names)
+    key_of = {id(value): key for key, value in model.state_dict(keep_vars=True).items()}
+    params = dict(model.named_parameters())
+    names = [key_of.get(id(params[n]), n) if n in params else n for n in names]
     state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
     missing = [n for n in names if n not in state]
     if missing:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fedfms_secure.data.layout import SUFFIXES, image_stem
+from fedfms_secure.device import resolve_device
 from fedfms_secure.errors import ConfigError, DataError
 
 log = logging.getLogger("fedfms_secure.predict")
@@ -67,26 +68,6 @@ class PredictOptions:
     probabilities: bool = False
     overwrite: bool = False
     progress: Progress | None = field(default=None, repr=False)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (CUDA when ``torch.cuda.is_available()``, else the CPU), ``cpu``, ``cuda`` or
-    ``cuda:N``; ConfigError if the device is malformed or absent."""
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", spec)
-    if not match:
-        raise ConfigError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
-    index = int(match.group(1) or 0)
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here "
-                          f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    return torch.device("cuda", index)
 
 
 def find_inputs(path: Path) -> list[Path]:

@@ -32,6 +32,7 @@ def plan_to_proto(plan: Plan) -> pb.Plan:
         scheme=plan.scheme,
         random_init=not plan.pretrained,
         num_classes=plan.num_classes,
+        image_size=plan.image_size,
     )
 
 
@@ -48,6 +49,7 @@ def plan_from_proto(msg: pb.Plan) -> Plan:
         scheme=msg.scheme,
         pretrained=not msg.random_init,
         num_classes=msg.num_classes,  # 0: a server older than the field, which fixes no class count
+        image_size=msg.image_size,  # 0: a server older than the field, i.e. the preset's size
     )
 
 

@@ -15,7 +15,7 @@ class JoinRequest(_message.Message):
     def __init__(self, context_fingerprint: _Optional[str] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("federation", "rounds", "mode", "preset", "seed", "local_epochs", "batch_size", "learning_rate", "scheme", "random_init", "num_classes")
+    __slots__ = ("federation", "rounds", "mode", "preset", "seed", "local_epochs", "batch_size", "learning_rate", "scheme", "random_init", "num_classes", "image_size")
     FEDERATION_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class Plan(_message.Message):
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     RANDOM_INIT_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     federation: str
     rounds: int
     mode: str
@@ -38,7 +39,8 @@ class Plan(_message.Message):
     scheme: str
     random_init: bool
     num_classes: int
-    def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ..., num_classes: _Optional[int] = ...) -> None: ...
+    image_size: int
+    def __init__(self, federation: _Optional[str] = ..., rounds: _Optional[int] = ..., mode: _Optional[str] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., scheme: _Optional[str] = ..., random_init: _Optional[bool] = ..., num_classes: _Optional[int] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("site", "plan", "round", "key", "contributed_rounds")

@@ -8,7 +8,7 @@ import torch
 from fedfms_secure.errors import ModelError, PrivacyBudgetExhausted
 from fedfms_secure.model import apply_mode, build_model, flatten
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy, make_private_trainer
-from fedfms_secure.train.local import batch_loss
+from fedfms_secure.train.local import batch_loss, per_image_loss
 
 
 def _model():
@@ -115,3 +115,55 @@ def test_per_sample_gradients_are_clipped_before_the_noise(tmp_path, ellipses) -
     factors = (clip / (norms + 1e-6)).clamp(max=1.0)
     torch.testing.assert_close(summed, (factors[:, None] * per_sample).sum(dim=0),
                                rtol=1e-4, atol=1e-9)  # fmt: skip
+
+
+def _clipped_sum(tmp_path, data, clip: float, clipping: str) -> torch.Tensor:
+    """The clipped, summed gradient of one step over all of ``data`` (before any noise)."""
+    site = SitePrivacy.open(tmp_path / clipping, PrivacyConfig(target_epsilon=1e4, max_grad_norm=clip),
+                            sample_rate=1.0, planned_steps=1)  # fmt: skip
+    model = _model()
+    seen: list[torch.Tensor] = []
+    with make_private_trainer(model, _adam(model), data, site, steps=1, clipping=clipping) as dp:
+        params = dp.optimizer.params
+        add_noise = dp.optimizer.add_noise
+
+        def spy() -> None:
+            seen.append(torch.cat([p.summed_grad.flatten() for p in params]).detach().clone())
+            add_noise()
+
+        dp.optimizer.add_noise = spy
+        for images, labels in dp.batches:
+            assert len(images) == len(data)
+            dp.backward(per_image_loss(dp.module, model, images, labels))
+            dp.optimizer.step()
+            dp.optimizer.zero_grad()
+    assert _no_opacus_left(model)
+    assert len(seen) == 1
+    return seen[0]
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # every image clipped; none clipped
+def test_ghost_clipping_sums_the_same_clipped_gradients_as_per_sample_clipping(tmp_path, ellipses, clip) -> None:
+    data = ellipses(4)
+    standard = _clipped_sum(tmp_path, data, clip, "standard")
+    ghost = _clipped_sum(tmp_path, data, clip, "ghost")
+    assert float(standard.norm()) > 0
+    if clip < 1:
+        assert float(standard.norm()) <= clip * len(data) * (1 + 1e-4)
+    torch.testing.assert_close(ghost, standard, rtol=2e-3, atol=1e-7)
+
+
+def test_ghost_clipping_trains_with_empty_steps_and_an_unknown_mode_is_refused(tmp_path, ellipses) -> None:
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=50.0), sample_rate=1e-4, planned_steps=2)
+    model = _model()
+    before = flatten(model, [n for n, p in model.named_parameters() if p.requires_grad])
+    with make_private_trainer(model, _adam(model), ellipses(3), site, steps=2, clipping="ghost") as dp:
+        for images, _ in dp.batches:
+            assert len(images) == 0  # rate 1e-4: empty Poisson batches, noise only
+            dp.empty_step()
+    after = flatten(model, [n for n, p in model.named_parameters() if p.requires_grad])
+    assert (before != after).any()  # the noise moved the parameters
+    assert site.accountant.history and _no_opacus_left(model)
+    with pytest.raises(Exception, match="clipping 'fast' is not one of standard, ghost"):
+        with make_private_trainer(model, _adam(model), ellipses(3), site, steps=1, clipping="fast"):
+            pass

@@ -135,3 +135,23 @@ def test_a_file_that_does_not_fit_its_preset_is_refused(saved, tmp_path: Path) -
     torch.save(doc, tmp_path / "nan.pt")
     with pytest.raises(ModelError, match="NaN"):
         load_model(tmp_path / "nan.pt")
+
+
+def test_a_fedsam_model_at_another_size_saves_and_loads(tmp_path: Path) -> None:
+    # FedSAM communicates the positional tables, whose state-dict keys are SAM's official names
+    model = build_model("tiny", seed=3, img_size=32)
+    names = apply_mode(model, "fedsam")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in names:
+                param.add_(0.01 * torch.randn_like(param))
+    path = save_model_file(tmp_path / "model.pt", model, names, mode="fedsam", seed=3, pretrained=True, data=DATA,
+                           label_spec=None, source="federated")
+    doc = torch.load(path, weights_only=True)
+    assert "sam.image_encoder.pos_embed" in doc["communicated"] and len(doc["communicated"]) == len(names)
+    loaded = load_model(path)
+    assert loaded.meta.img_size == 32
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(x), model.eval()(x))
+    np.testing.assert_array_equal(read_model_file(path)[1], flatten(model, names))

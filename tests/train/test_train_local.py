@@ -17,7 +17,7 @@ import fedfms_secure.train.local as local
 from fedfms_secure.privacy import PrivacyConfig, SitePrivacy
 from fedfms_secure.privacy.accounting import RDP_ALPHAS
 from fedfms_secure.train import TrainConfig, evaluate_dice, steps_per_epoch, train_local
-from fedfms_secure.train.losses import segmentation_loss
+from fedfms_secure.train.losses import per_image_segmentation_loss
 
 OPACUS_PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "summed_grad")
 
@@ -121,11 +121,11 @@ def test_loss_is_the_mean_of_the_last_epoch_with_empty_batches(
     seen: list[tuple[float, int]] = []
 
     def recording_loss(logits, iou, targets):
-        loss = segmentation_loss(logits, iou, targets)
-        seen.append((float(loss.detach()), len(targets)))
-        return loss
+        losses = per_image_segmentation_loss(logits, iou, targets)
+        seen.append((float(losses.detach().mean()), len(targets)))
+        return losses
 
-    monkeypatch.setattr(local, "segmentation_loss", recording_loss)
+    monkeypatch.setattr(local, "per_image_segmentation_loss", recording_loss)
     model = build_model()
     names = apply_mode(model, "fedmsa")
     before = flatten(model, names)
@@ -275,13 +275,13 @@ def test_patient_level_dp_samples_patients_at_q_and_one_slice_each(tmp_path, ell
     seen: list[list[tuple[str, int]]] = []
     patient_of = _patient_of(data)
 
-    real_batch_loss = local.batch_loss
+    real_loss = local.per_image_loss  # the DP path's loss (one term per image)
 
-    def recording_batch_loss(module, model, images, labels, **kw):
+    def recording_loss(module, model, images, labels, **kw):
         seen.append([patient_of(x) for x in images])
-        return real_batch_loss(module, model, images, labels, **kw)
+        return real_loss(module, model, images, labels, **kw)
 
-    monkeypatch.setattr(local, "batch_loss", recording_batch_loss)
+    monkeypatch.setattr(local, "per_image_loss", recording_loss)
     model = build_model()
     apply_mode(model, "fedmsa")
     per_epoch = steps_per_epoch(20, 5)

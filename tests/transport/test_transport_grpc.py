@@ -128,10 +128,14 @@ def test_the_plan_survives_the_wire():
     from fedfms_secure.protocol import Plan
     from fedfms_secure.transport import serde
 
-    for pretrained, classes in ((True, 1), (False, 3)):
-        plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained, num_classes=classes)
+    for pretrained, classes, size in ((True, 1, 0), (False, 3, 256)):
+        plan = Plan("f", 3, "fedsam", "tiny", 7, 2, 16, 3e-3, "plain", pretrained=pretrained, num_classes=classes,
+                    image_size=size)
         assert serde.plan_from_proto(serde.plan_to_proto(plan)) == plan
-    # a plan from a server older than the field (0 on the wire) fixes no class count
+    # a plan from a server older than the fields (0 on the wire) fixes no class count and keeps the
+    # preset's input size
     legacy = serde.plan_to_proto(plan)
     legacy.ClearField("num_classes")
+    legacy.ClearField("image_size")
     assert serde.plan_from_proto(legacy).num_classes == 0
+    assert serde.plan_from_proto(legacy).image_size == 0
