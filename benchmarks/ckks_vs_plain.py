@@ -136,7 +136,9 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
         aggregates = [f["aggregate"] for f in saved]
         if any(not np.array_equal(aggregates[0], a) for a in aggregates[1:]):
             raise RuntimeError(f"round {round_}: the sites decrypted different aggregates")
-        bound = DEFAULT_UPDATE_BOUND
+        # the sites clipped their weighted update to the plan's bound (DEFAULT_UPDATE_BOUND in files
+        # written before the bound was recorded)
+        bound = float(saved[0]["bound"]) if "bound" in saved[0] else DEFAULT_UPDATE_BOUND
         plain = np.sum([np.clip(float(f["weight"]) * f["delta"], -bound, bound) for f in saved], axis=0)
         dice = {}
         for label, aggregate in (("ckks", aggregates[0]), ("plain", plain)):
@@ -147,6 +149,7 @@ def same_input_rounds(out: Path, options: DemoOptions) -> list[dict[str, float]]
             "round": round_ + 1,
             "max_abs_error": float(np.max(np.abs(aggregates[0] - plain))),
             "max_abs_update": float(np.max(np.abs(plain))),
+            "quant_step": float(saved[0]["step"]) if "step" in saved[0] else 0.0,
             "dice_ckks": dice["ckks"],
             "dice_plain": dice["plain"],
             "delta": dice["ckks"] - dice["plain"],

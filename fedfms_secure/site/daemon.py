@@ -483,7 +483,10 @@ class _Site:
         folder.mkdir(exist_ok=True)
         # atomically: a site stopped while writing (SIGTERM between two steps) leaves no partial file
         buffer = io.BytesIO()
-        np.savez(buffer, delta=delta, n=n, weight=weight, aggregate=aggregate)
+        # the bound the weighted update was clipped to and the quantisation step (0 and inf: none)
+        bound = getattr(self.codec, "bound", None) if self.codec.scheme != "plain" else None
+        np.savez(buffer, delta=delta, n=n, weight=weight, aggregate=aggregate,
+                 bound=np.inf if bound is None else bound, step=getattr(self.codec, "step", 0.0))
         write_atomic(folder / f"round_{round_}.npz", buffer.getvalue())
 
     def _write_json(self, name: str, data: dict) -> None:
