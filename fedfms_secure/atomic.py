@@ -4,6 +4,10 @@
 callback (``torch.save``, ``numpy.save``, ...) so that large documents need not be built in memory
 first. Both write a temporary file in the target's folder, flush it to disk, rename it over the
 target and then flush the folder, so that the rename itself survives a power loss.
+
+Files are private to their user (0600) unless a caller asks for another mode: what this project
+writes is mostly patient-derived (splits, caches, scores, models) or key material; public files
+(certificates, the federation's manifest) pass ``mode=0o644``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomic_with(path: Path | str, write: Callable[[BinaryIO], object], *, mode: int = 0o644) -> None:
+def write_atomic_with(path: Path | str, write: Callable[[BinaryIO], object], *, mode: int = 0o600) -> None:
     """Let ``write`` fill ``path`` (permission bits ``mode``) through an open binary file, atomically.
 
     ``write`` receives a file opened for writing bytes (e.g. ``lambda f: torch.save(doc, f)``); what it
@@ -42,7 +46,7 @@ def write_atomic_with(path: Path | str, write: Callable[[BinaryIO], object], *, 
     _fsync_folder(path.parent)
 
 
-def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o644) -> None:
+def write_atomic(path: Path | str, data: bytes, *, mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` with permission bits ``mode``, atomically and durably
     (see :func:`write_atomic_with`)."""
     write_atomic_with(path, lambda handle: handle.write(data), mode=mode)  # a buffered write writes all or raises

@@ -64,6 +64,9 @@ def _main(argv: Sequence[str] | None) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from fedfms_secure.config import ServerConfig, flag_overrides, load_config
     from fedfms_secure.server.daemon import serve
+    from fedfms_secure.statelock import PRIVATE_UMASK
+
+    os.umask(PRIVATE_UMASK)  # state.db, ciphertexts and logs: readable by this user only
 
     return serve(load_config(ServerConfig, args.config, flag_overrides(ServerConfig, args)))
 
@@ -71,6 +74,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedfms_secure.config import ClientConfig, flag_overrides, load_config
     from fedfms_secure.site.daemon import run_site
+    from fedfms_secure.statelock import PRIVATE_UMASK
+
+    os.umask(PRIVATE_UMASK)  # slice caches, split, scores, accountant, final model: this user only
 
     run_site(load_config(ClientConfig, args.config, flag_overrides(ClientConfig, args)))
     return 0

@@ -38,6 +38,7 @@ from rich.table import Table
 
 from fedfms_secure.data.labels import num_classes_of
 from fedfms_secure.errors import ConfigError, FedFmsError
+from fedfms_secure.statelock import PRIVATE_UMASK
 
 
 # generated data and batch size per model: (volume shape, (fewest, most) volumes a site, expected
@@ -127,7 +128,18 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
-    """Runs the demo and returns the report (also written to ``OUT/report.json``)."""
+    """Runs the demo and returns the report (also written to ``OUT/report.json``).
+
+    Everything it writes (patient data, state folders, bundles, report) is private to its user:
+    folders 0700 and files 0600, as the daemons write theirs."""
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        return _run_demo(options, console)
+    finally:
+        os.umask(previous)
+
+
+def _run_demo(options: DemoOptions, console: Console | None) -> dict[str, Any]:
     from fedfms_secure.keys.export import export_bundle
     from fedfms_secure.keys.provision import init_federation
     from fedfms_secure.data import find_sites, synth_federation

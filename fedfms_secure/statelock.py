@@ -4,6 +4,10 @@ Two servers on one state folder would each hold rounds in memory and overwrite e
 files; two site daemons on one folder would each spend the site's privacy budget. The lock is
 the kernel's (``flock``), so a daemon that crashed or was killed leaves no stale lock behind; the
 file keeps the holder's PID for the message.
+
+A state folder holds patient-derived data (slice caches, splits, scores, models) and the budget:
+it is made private to its user (0700) when locked, and the daemons run with ``PRIVATE_UMASK`` so
+that what they write in it is 0600 (folders 0700).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import IO
 from fedfms_secure.errors import ConfigError
 
 LOCK_NAME = "daemon.lock"
+#: the daemons' (and the demo's) umask: files 0600, folders 0700
+PRIVATE_UMASK = 0o077
 
 
 class StateLock:
@@ -26,7 +32,9 @@ class StateLock:
         self._file: IO[str] | None = None
         state = Path(state)
         try:
-            state.mkdir(parents=True, exist_ok=True)
+            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if state.stat().st_uid == os.getuid():
+                os.chmod(state, 0o700)  # an existing folder too: it holds patient-derived data
             fh = open(self.path, "a+")
         except OSError as exc:
             raise ConfigError(f"cannot use the state folder {state} ({exc.strerror}): give --state a folder "

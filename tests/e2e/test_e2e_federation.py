@@ -27,6 +27,20 @@ def run(tmp_path_factory):
     return out, report
 
 
+def test_state_and_data_are_private_to_their_user(run):
+    """Server and site state (patient-derived caches, splits, scores, models, ciphertexts) and the
+    demo's data: folders 0700, files 0600, never readable by other local users."""
+    out, _ = run
+    checked = 0
+    for root in (out / "run" / "server", out / "run" / "site_1", out / "run" / "site_2", out / "data"):
+        for path in [root, *root.rglob("*")]:
+            if path.is_symlink():
+                continue
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode & 0o777)}"
+            checked += 1
+    assert checked > 20
+
+
 def test_report_has_every_round(run):
     out, report = run
     on_disk = json.loads((out / "report.json").read_text())
