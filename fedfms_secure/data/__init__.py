@@ -6,7 +6,8 @@ server's config checks do) does not pull in torch through the loader.
 What the room holds: the layout and its patients (``layout``), label maps (``labels``), reading,
 normalising, slicing and resizing (``preprocess``), the slice cache (``cache``), a site's dataset
 and its patient-level train/validation split (``loader``, ``split``), the checks of ``data
-inspect`` (``inspect``) and the synthetic generator (``synth``). It may import torch, MONAI,
+inspect`` (``inspect``), the synthetic and real-anatomy generators (``synth``, ``anatomy``) and
+the safe writing of generated site folders they share (``generated``). It may import torch, MONAI,
 nibabel, ``errors`` and ``atomic``; nothing of the federation, the model or privacy.
 """
 

@@ -19,22 +19,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from fedfms_secure.data.generated import write_generated_sites
 from fedfms_secure.errors import ConfigError, DataError
 
 TISSUES = ("wm", "gm")  # classes that can be asked for, with the template's probability map of each
 TISSUE_NAMES = {"wm": "white matter", "gm": "grey matter"}
 _TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 _MARKER = "fedfms_secure.anatomy"  # in dataset.json: this folder may be overwritten
-_STAGING = ".fedfms-anatomy-staging"
-_SITE_NAME = re.compile(r"site_(?P<k>[1-9][0-9]*)")
 FOV_MM = 184.0  # in-plane field of view of every scan (the template's head fits in it)
 SLAB_CENTRE = (98.0, 120.0, 92.0)  # template voxel the slabs are centred on (through the lateral ventricles)
 
@@ -104,47 +101,14 @@ def anatomy_federation(
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose another output folder")
     targets = [out_dir / f"site_{k + 1}" for k in range(sites)]
-    foreign = [t for t in targets if (t.exists() or t.is_symlink()) and not _is_ours(t)]
-    if foreign:
-        raise DataError(f"{', '.join(map(str, foreign))} already exist(s) and was not written by `data anatomy`; "
-                        "choose an empty output folder or delete it. Nothing was written.")
     template = _load_template(tissues, FOV_MM / size)
-    staging = out_dir / _STAGING
-    _remove(staging)
-    staging.mkdir(parents=True)
     scanners = _scanners(np.random.default_rng([seed, 0]), sites)
-    try:
-        for k, target in enumerate(targets):
-            _write_site(staging / target.name, template, tissues, scanners[k], cases, size, slices,
-                        np.random.default_rng([seed, k + 1]))
-    except BaseException:
-        _remove(staging)
-        raise
-    for target in targets:
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / target.name).rename(target)
-    for stale in sorted(p for p in out_dir.iterdir()
-                        if (m := _SITE_NAME.fullmatch(p.name)) and int(m["k"]) > sites and _is_ours(p)):
-        shutil.rmtree(stale)
-    staging.rmdir()
-    return targets
 
+    def write(k: int, site_dir: Path) -> None:
+        _write_site(site_dir, template, tissues, scanners[k], cases, size, slices, np.random.default_rng([seed, k + 1]))
 
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def _is_ours(site_dir: Path) -> bool:
-    if site_dir.is_symlink() or not site_dir.is_dir():
-        return False
-    try:
-        return json.loads((site_dir / "dataset.json").read_text()).get("generator") == _MARKER
-    except (OSError, ValueError, AttributeError):
-        return False
+    return write_generated_sites(out_dir, targets, marker=_MARKER, what="`data anatomy`", staging=".fedfms-anatomy-staging",
+                                 write=write)
 
 
 def _load_template(tissues: tuple[str, ...], spacing_mm: float) -> dict[str, np.ndarray]:

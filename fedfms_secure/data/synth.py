@@ -14,8 +14,6 @@ Everything derives from ``seed``: the same seed writes byte-identical files.
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,12 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedfms_secure.data.generated import write_generated_sites
 from fedfms_secure.errors import ConfigError, DataError
 
 MIN_VOLUMES, MAX_VOLUMES = 3, 8
 _MARKER = "fedfms_secure.synth"  # in dataset.json: this folder may be overwritten
-_STAGING = ".fedfms-synth-staging"  # sites are written here, then renamed into place
-_SITE_NAME = re.compile(r"site_(?P<k>[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -75,36 +72,17 @@ def synth_federation(
     if names is not None:
         sites = len(check_site_names(names))
     targets = [out_dir / (names[k] if names is not None else f"site_{k + 1}") for k in range(sites)]
-    foreign = [t for t in targets if (t.exists() or t.is_symlink()) and not _is_ours(t)]
-    if foreign:
-        raise DataError(
-            f"{', '.join(map(str, foreign))} already exist(s) and was not written by synth_federation; choose "
-            "an empty output folder or delete it. Nothing was written."
-        )
-    staging = out_dir / _STAGING
-    _remove(staging)  # left by an interrupted run
-    staging.mkdir(parents=True)
-
     rng = np.random.default_rng(seed)
     profiles = _scanner_profiles(rng, sites, np.random.default_rng([seed, 0]))
     counts = _volume_counts(rng, sites, volumes)
-    try:
-        for k, target in enumerate(targets):
-            site_dir = staging / target.name
-            (site_dir / "imagesTr").mkdir(parents=True)
-            (site_dir / "labelsTr").mkdir()
-            _write_site(site_dir, profiles[k], counts[k], tuple(shape), np.random.default_rng([seed, k + 1]))
-    except BaseException:
-        _remove(staging)
-        raise
-    for target in targets:
-        if target.exists():
-            shutil.rmtree(target)
-        (staging / target.name).rename(target)
-    for stale in _own_sites_beyond(out_dir, sites):
-        shutil.rmtree(stale)
-    staging.rmdir()
-    return targets
+
+    def write(k: int, site_dir: Path) -> None:
+        (site_dir / "imagesTr").mkdir(parents=True)
+        (site_dir / "labelsTr").mkdir()
+        _write_site(site_dir, profiles[k], counts[k], tuple(shape), np.random.default_rng([seed, k + 1]))
+
+    return write_generated_sites(out_dir, targets, marker=_MARKER, what="synth_federation", staging=".fedfms-synth-staging",
+                                 write=write)
 
 
 def check_site_names(names: Sequence[str]) -> list[str]:
@@ -115,32 +93,6 @@ def check_site_names(names: Sequence[str]) -> list[str]:
         raise ConfigError(f"site names {','.join(names)!r} must be distinct plain folder names (e.g. "
                           "hosp_a,hosp_b; no '/', no leading '.', no spaces around them)")
     return names
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def _is_ours(site_dir: Path) -> bool:
-    """Whether ``site_dir`` is a real folder whose dataset.json carries this generator's marker."""
-    if site_dir.is_symlink() or not site_dir.is_dir():
-        return False
-    try:
-        return json.loads((site_dir / "dataset.json").read_text()).get("generator") == _MARKER
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _own_sites_beyond(out_dir: Path, sites: int) -> list[Path]:
-    """Folders ``site_k`` with k > ``sites`` that an earlier, larger run wrote."""
-    return sorted(
-        p
-        for p in out_dir.iterdir()
-        if (m := _SITE_NAME.fullmatch(p.name)) and int(m["k"]) > sites and _is_ours(p)
-    )
 
 
 def _scanner_profiles(rng: np.random.Generator, sites: int, contrast_rng: np.random.Generator) -> list[ScannerProfile]:
