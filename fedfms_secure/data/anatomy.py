@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fedfms_secure.data.generated import write_generated_sites
+from fedfms_secure.data.generated import write_case, write_generated_sites
 from fedfms_secure.errors import ConfigError, DataError
 
 TISSUES = ("wm", "gm")  # classes that can be asked for, with the template's probability map of each
@@ -146,10 +146,7 @@ def _write_site(site_dir: Path, template: dict[str, np.ndarray], tissues: tuple[
     for i in range(cases):
         t1, label = _patient(rng, template, tissues, size, slices, spacing)
         image = _scan(rng, t1, scanner)
-        name = f"case_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), site_dir / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine), site_dir / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        training.append(write_case(site_dir, i, image, label, affine))
     meta = {
         "name": f"anatomy {site_dir.name}",
         "description": "Axial slabs of the MNI ICBM152 2009a T1 template (shipped with nilearn) under random "

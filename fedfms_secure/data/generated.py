@@ -15,6 +15,9 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from fedfms_secure.errors import DataError
 
 _SITE_NAME = re.compile(r"site_(?P<k>[1-9][0-9]*)")
@@ -51,6 +54,16 @@ def write_generated_sites(out_dir: Path, targets: Sequence[Path], *, marker: str
         shutil.rmtree(stale)
     folder.rmdir()
     return list(targets)
+
+
+def write_case(site_dir: Path, index: int, image: np.ndarray, label: np.ndarray,
+               affine: np.ndarray) -> dict[str, str]:
+    """Writes case ``index`` (``case_XXX.nii.gz`` in imagesTr/ and labelsTr/); returns its
+    ``dataset.json`` training entry."""
+    name = f"case_{index:03d}.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), site_dir / "imagesTr" / name)
+    nib.save(nib.Nifti1Image(label, affine), site_dir / "labelsTr" / name)
+    return {"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"}
 
 
 def is_generated(site_dir: Path, marker: str) -> bool:

@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedfms_secure.data.generated import write_generated_sites
+from fedfms_secure.data.generated import write_case, write_generated_sites
 from fedfms_secure.errors import ConfigError, DataError
 
 MIN_VOLUMES, MAX_VOLUMES = 3, 8
@@ -139,10 +138,7 @@ def _write_site(
     for i in range(n_volumes):
         tissue, label = _phantom(rng, shape, profile.contrast)
         image = _scan(rng, tissue, profile)
-        name = f"case_{i:03d}.nii.gz"
-        nib.save(nib.Nifti1Image(image, affine), site_dir / "imagesTr" / name)
-        nib.save(nib.Nifti1Image(label, affine), site_dir / "labelsTr" / name)
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+        training.append(write_case(site_dir, i, image, label, affine))
     meta = {
         "name": f"synthetic {site_dir.name}",
         "description": "Synthetic organ phantoms with a per-site scanner shift",

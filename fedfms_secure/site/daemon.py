@@ -357,10 +357,14 @@ class _Site:
         status = self.client.status()
         return missed_round(status, self.joined.site, round_) is not None and not self._me(status).retired
 
+    def _codec_bound(self) -> float | None:
+        """The bound the CKKS codec clips weighted updates to (None: plaintext, or no bound)."""
+        return None if self.codec.scheme == "plain" else getattr(self.codec, "bound", None)
+
     def _bounded(self, update: np.ndarray, round_: int) -> np.ndarray:
         """Clips the weighted update to the codec's bound (post-processing: DP is unaffected)."""
-        bound = getattr(self.codec, "bound", None)
-        if bound is None or self.codec.scheme == "plain":
+        bound = self._codec_bound()
+        if bound is None:
             return update
         bounded, clipped = clip_to_bound(update, bound)
         log.log(logging.WARNING if clipped else logging.INFO, "update values clipped to the CKKS bound",
@@ -484,7 +488,7 @@ class _Site:
         # atomically: a site stopped while writing (SIGTERM between two steps) leaves no partial file
         buffer = io.BytesIO()
         # the bound the weighted update was clipped to and the quantisation step (0 and inf: none)
-        bound = getattr(self.codec, "bound", None) if self.codec.scheme != "plain" else None
+        bound = self._codec_bound()
         np.savez(buffer, delta=delta, n=n, weight=weight, aggregate=aggregate,
                  bound=np.inf if bound is None else bound, step=getattr(self.codec, "step", 0.0))
         write_atomic(folder / f"round_{round_}.npz", buffer.getvalue())
