@@ -4,14 +4,19 @@
     .venv/bin/python -m benchmarks.privacy_budget --quick      # a smaller grid (under 5 min)
     .venv/bin/python -m benchmarks.privacy_budget --data DIR --holdout site_3 --seeds 0 1 2
 
-The grid: epsilon in {inf, 16, 8, 4, 2, 1} (inf: no DP) x {fedmsa, fedsam} x {CKKS on, off}. Every
-federated run is ``fedfms-secure demo`` (``run_demo``): a real server process and one process per
-site on loopback under mutual TLS, DP-SGD at each site (Opacus, epsilon per site for the whole
-run), packed CKKS aggregation or the ``--no-he`` plaintext one. Baselines, with the same budget of
-epochs (rounds x local epochs): *central* (all sites' training slices pooled, one model) and
-*local* (each site alone), at the epsilons of ``--baseline-epsilons`` (default inf and 8).
+The grid: epsilon in {inf, 16, 8, 4, 2, 1} (inf: no DP) x {fedmsa, fedsam}, packed CKKS, at
+**patient level** (one DP record = one patient, the default everywhere), and beside it the same
+federations at **slice level** (``--privacy-unit slice``: epsilon per slice, which does not protect
+a patient whose volume gives several slices) at the epsilons of ``--slice-epsilons`` (default 8).
+``--he on off`` adds the ``--no-he`` plaintext sums. Every federated run is ``fedfms-secure demo``
+(``run_demo``): a real server process and one process per site on loopback under mutual TLS,
+DP-SGD at each site (Opacus, epsilon per site for the whole run). Baselines, with the same budget
+of epochs (rounds x local epochs) and the same batch (expected patients per step): *central* (all
+sites' training patients pooled, one model) and *local* (each site alone), at patient level, at the
+epsilons of ``--baseline-epsilons`` (default inf and 8).
 
-Data: the synthetic multi-site set (``fedfms-secure data synth``, one per seed) by default, or the
+Data: the demo's synthetic sites (``fedfms-secure demo``'s generator: 200-240 volumes of 64 x 64 x 8
+per site, one set per seed) by default, since patient-level DP needs many patients per site, or the
 MSD-layout site folders under ``--data``. ``--holdout SITE`` leaves that site out of training and
 scores every model on it too (leave-one-site-out).
 
@@ -56,23 +61,25 @@ GRID_EPSILONS = (math.inf, 16.0, 8.0, 4.0, 2.0, 1.0)
 MODES = ("fedmsa", "fedsam")
 KINDS = ("federated", "central", "local")
 COLUMNS = (
-    "kind", "mode", "epsilon", "he", "seed", "dice_mean", "dice_std", "hd95", "iou_mean",
+    "kind", "mode", "unit", "epsilon", "he", "seed", "dice_mean", "dice_std", "hd95", "iou_mean",
     "bytes_up_per_round", "bytes_down_per_round", "seconds_per_round", "trainable_params",
     "communicated_params", "rounds", "local_epochs", "epsilon_spent", "holdout", "holdout_dice_mean",
     "holdout_hd95", "wall_seconds", "config", "commit",
 )  # fmt: skip
 
-# the grids: rounds, local epochs, sites, synthetic volume shape, epsilons, modes, CKKS on/off, baseline epsilons.
-# default: 24 federated runs + 8 baselines, about 26 min on 2 quiet CPU cores (demo_matrix: a fedmsa DP+CKKS
-# federation of 5 x 5 takes 46 s); quick: 8 + 4 runs, about 3 min; toy (tests): 1 + 2 runs
+# the grids: rounds, local epochs, sites, synthetic data (None: the demo's, see fedfms_secure.demo.DEMO_DATA),
+# epsilons (patient level), slice-level epsilons, modes, CKKS on/off, baseline epsilons. default: 14 federated
+# runs + 8 baselines; the runs without DP train on every slice and take the longest (a 5 x 5 fedmsa demo without
+# DP about 10 min on 2 CPU cores, with DP about 2); quick: 4 + 2 runs; toy (tests): 2 + 1 runs
 PROFILES: dict[str, dict[str, Any]] = {
-    "default": {"rounds": 5, "local_epochs": 5, "clients": 3, "synth_shape": (64, 64, 40),
-                "epsilons": GRID_EPSILONS, "modes": MODES, "he": (True, False), "baseline_epsilons": (math.inf, 8.0)},
-    "quick": {"rounds": 3, "local_epochs": 2, "clients": 3, "synth_shape": (64, 64, 24),
-              "epsilons": (math.inf, 4.0), "modes": MODES, "he": (True, False), "baseline_epsilons": (math.inf,)},
-    "toy": {"rounds": 1, "local_epochs": 1, "clients": 2, "synth_shape": (32, 32, 12),
-            "epsilons": (8.0,), "modes": ("fedmsa",), "he": (True,), "baseline_epsilons": (math.inf,)},
+    "default": {"rounds": 5, "local_epochs": 5, "clients": 3, "synth": None, "epsilons": GRID_EPSILONS,
+                "slice_epsilons": (8.0,), "modes": MODES, "he": (True,), "baseline_epsilons": (math.inf, 8.0)},
+    "quick": {"rounds": 3, "local_epochs": 2, "clients": 3, "synth": None, "epsilons": (math.inf, 8.0),
+              "slice_epsilons": (), "modes": MODES, "he": (True,), "baseline_epsilons": (8.0,)},
+    "toy": {"rounds": 1, "local_epochs": 1, "clients": 2, "synth": ((32, 32, 6), (12, 14), 4), "epsilons": (8.0,),
+            "slice_epsilons": (8.0,), "modes": ("fedmsa",), "he": (True,), "baseline_epsilons": (8.0,)},
 }  # fmt: skip
+UNITS = ("patient", "slice")
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,16 @@ class Run:
     epsilon: float
     he: bool
     seed: int
+    unit: str = "patient"  # what one DP record is; "slice" does not protect patients
 
     @property
     def label(self) -> str:
         he = (" CKKS" if self.he else " plain") if self.kind == "federated" else ""
-        return f"{self.kind} {self.mode}{he} epsilon={_fmt_eps(self.epsilon)} seed={self.seed}"
+        unit = " (slice-level DP)" if self.unit == "slice" and not math.isinf(self.epsilon) else ""
+        return f"{self.kind} {self.mode}{he} epsilon={_fmt_eps(self.epsilon)}{unit} seed={self.seed}"
 
     def key(self, config: str) -> tuple[str, ...]:
-        return (config, self.kind, self.mode, _fmt_eps(self.epsilon), str(self.he).lower(), str(self.seed))
+        return (config, self.kind, self.mode, self.unit, _fmt_eps(self.epsilon), str(self.he).lower(), str(self.seed))
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,9 @@ class Plan:
     rounds: int
     local_epochs: int
     clients: int
-    synth_shape: tuple[int, int, int]
+    synth_shape: tuple[int, int, int]  # each generated volume (H, W, slices)
+    synth_volumes: tuple[int, int]  # (fewest, most) volumes (patients) a generated site
+    batch_size: int  # the plan's batch: expected patients (or slices) per DP-SGD step
     data: str | None
     holdout: str | None
     pretrained: bool
@@ -114,8 +125,10 @@ class Plan:
 
 
 def build_runs(plan_epsilons: Sequence[float], modes: Sequence[str], he: Sequence[bool], seeds: Sequence[int],
-               baseline_epsilons: Sequence[float], baselines: bool) -> list[Run]:  # fmt: skip
-    """The grid, seed by seed: federated runs, then the baselines."""
+               baseline_epsilons: Sequence[float], baselines: bool,
+               slice_epsilons: Sequence[float] = ()) -> list[Run]:  # fmt: skip
+    """The grid, seed by seed: federated runs at patient level, then the baselines, then the slice-level
+    federations (the costliest: with DP they train on every slice, not one slice per sampled patient)."""
     runs = []
     for seed in seeds:
         for mode in modes:
@@ -127,6 +140,10 @@ def build_runs(plan_epsilons: Sequence[float], modes: Sequence[str], he: Sequenc
                 for kind in ("central", "local"):
                     for eps in baseline_epsilons:
                         runs.append(Run(kind, mode, eps, False, seed))
+        for mode in modes:
+            for eps in slice_epsilons:
+                if not math.isinf(eps):  # without DP the unit changes nothing
+                    runs.append(Run("federated", mode, eps, True, seed, unit="slice"))
     return runs
 
 
@@ -146,8 +163,9 @@ def run_federated(run: Run, plan: Plan, data_dir: Path, work: Path) -> dict[str,
     from fedfms_secure.demo import DemoOptions, run_demo
 
     options = DemoOptions(out=work, clients=plan.clients, rounds=plan.rounds, epsilon=run.epsilon, he=run.he,
-                          mode=run.mode, data=data_dir, preset=plan.preset, seed=run.seed,
-                          local_epochs=plan.local_epochs, pretrained=plan.pretrained, holdout=plan.holdout)  # fmt: skip
+                          mode=run.mode, data=data_dir, preset=plan.preset, seed=run.seed, batch_size=plan.batch_size,
+                          privacy_unit=run.unit, local_epochs=plan.local_epochs, pretrained=plan.pretrained,
+                          holdout=plan.holdout)  # fmt: skip
     started = time.monotonic()
     report = run_demo(options, console=Console(file=io.StringIO()))
     wall = time.monotonic() - started
@@ -184,6 +202,7 @@ def run_baseline(run: Run, plan: Plan, data_dir: Path) -> dict[str, Any]:
     from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
     options = BaselineOptions(mode=run.mode, preset=plan.preset, epochs=plan.rounds * plan.local_epochs,
+                              batch_size=plan.batch_size, privacy_unit=run.unit,
                               epsilon=None if math.isinf(run.epsilon) else run.epsilon, seed=run.seed,
                               pretrained=plan.pretrained, holdout=plan.holdout)  # fmt: skip
     train = train_central if run.kind == "central" else run_local_baselines
@@ -235,7 +254,7 @@ def load_rows(path: Path, config: str) -> list[dict[str, Any]]:
             continue
         parsed: dict[str, Any] = dict(row)
         for key in COLUMNS:
-            if key in ("kind", "mode", "holdout", "config", "commit"):
+            if key in ("kind", "mode", "unit", "holdout", "config", "commit"):
                 continue
             if key == "he":
                 parsed[key] = row[key] == "true"
@@ -246,19 +265,21 @@ def load_rows(path: Path, config: str) -> list[dict[str, Any]]:
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean (and std over seeds) per (kind, mode, epsilon, he), in grid order."""
+    """Mean (and std over seeds) per (kind, mode, unit, epsilon, he), in grid order."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["kind"], row["mode"], row["epsilon"], row["he"]), []).append(row)
+        groups.setdefault((row["kind"], row["mode"], row.get("unit") or "patient", row["epsilon"], row["he"]),
+                          []).append(row)
 
     def order(key: tuple) -> tuple:
-        kind, mode, eps, he = key
-        return (KINDS.index(kind), MODES.index(mode) if mode in MODES else 9, not he, -eps)
+        kind, mode, unit, eps, he = key
+        return (KINDS.index(kind), MODES.index(mode) if mode in MODES else 9, UNITS.index(unit), not he, -eps)
 
     out = []
     for key in sorted(groups, key=order):
         members = groups[key]
-        item = {"kind": key[0], "mode": key[1], "epsilon": key[2], "he": key[3], "seeds": len(members)}
+        item = {"kind": key[0], "mode": key[1], "unit": key[2], "epsilon": key[3], "he": key[4],
+                "seeds": len(members)}
         for col in ("dice_mean", "dice_std", "hd95", "iou_mean", "bytes_up_per_round", "bytes_down_per_round",
                     "seconds_per_round", "trainable_params", "communicated_params", "epsilon_spent",
                     "holdout_dice_mean", "holdout_hd95", "wall_seconds"):  # fmt: skip
@@ -300,9 +321,12 @@ def markdown(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, na
         f"Every federated row is `fedfms-secure demo`: {plan.clients} site processes and a server on loopback "
         f"under mutual TLS, {plan.rounds} rounds x {plan.local_epochs} local epochs, preset `{plan.preset}`; "
         "epsilon is each site's target for the whole run (inf: no DP; delta as the site resolves it), "
-        "CKKS = packed CKKS aggregation, plain = `--no-he`. Baselines train for the same "
-        f"{plan.rounds * plan.local_epochs} epochs: central = all sites' training slices pooled, local = each "
-        "site alone (scores averaged over sites). Dice/IoU/HD95: final model on each site's validation slices "
+        f"expected {plan.batch_size} records per DP-SGD step, CKKS = packed CKKS aggregation, plain = `--no-he`. "
+        "**DP unit**: *patient* = one record is a patient (the default: each step Poisson-samples patients and "
+        "takes one slice of each, so epsilon protects a patient's whole volume); *slice* = `--privacy-unit slice`, "
+        "epsilon per slice, which **does not protect patients** (a volume gives several slices). Baselines train "
+        f"for the same {plan.rounds * plan.local_epochs} epochs at patient level: central = all sites' training "
+        "patients pooled, local = each site alone (scores averaged over sites). Dice/IoU/HD95: final model on each site's validation slices "
         "(HD95 in pixels), averaged over sites; dice std: within-site spread as the report gives it. Bytes are "
         "per site per round (serialized messages, as the site counts them); seconds per round are the "
         "server's round durations from round 2 on (round 1's clock also holds the sites' start-up; baselines: "
@@ -314,10 +338,10 @@ def markdown(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, na
           if plan.preset != "vit_b" or plan.data is None else []),
         f"![Dice against epsilon]({name}_dice.png)",
         "",
-        "| kind | mode | aggregation | epsilon | epsilon spent | Dice | Dice std | IoU | HD95 "
+        "| kind | mode | aggregation | DP unit | epsilon | epsilon spent | Dice | Dice std | IoU | HD95 "
         + ("| holdout Dice | holdout HD95 " if holdout else "")
         + "| up / site / round | down / site / round | s / round | trainable | communicated | runs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
         + ("| --- | --- " if holdout else "")
         + "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -326,7 +350,8 @@ def markdown(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, na
         dice = _f(s["dice_mean"])
         if not math.isnan(s["dice_seed_std"]):
             dice += f" ± {s['dice_seed_std']:.3f}"
-        cells = [s["kind"], s["mode"], agg, _fmt_eps(s["epsilon"]), _f(s["epsilon_spent"], ".2f"), dice,
+        unit = "-" if math.isinf(s["epsilon"]) else ("**slice** (not patients)" if s["unit"] == "slice" else "patient")
+        cells = [s["kind"], s["mode"], agg, unit, _fmt_eps(s["epsilon"]), _f(s["epsilon_spent"], ".2f"), dice,
                  _f(s["dice_std"]), _f(s["iou_mean"]), _f(s["hd95"], ".1f")]  # fmt: skip
         if holdout:
             cells += [_f(s["holdout_dice_mean"]), _f(s["holdout_hd95"], ".1f")]
@@ -371,9 +396,14 @@ def plots(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, out: 
     fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         for he, style in ((True, "o-"), (False, "s--")):
-            pts = sorted((pos[s["epsilon"]], s[metric]) for s in fed if s["mode"] == mode and s["he"] == he)
+            pts = sorted((pos[s["epsilon"]], s[metric]) for s in fed
+                         if s["mode"] == mode and s["he"] == he and s["unit"] == "patient")
             if pts:
-                ax.plot(*zip(*pts), style, label=f"federated, {'CKKS' if he else 'plain'}")
+                ax.plot(*zip(*pts), style, label=f"federated, {'CKKS' if he else 'plain'}, patient-level DP")
+        pts = sorted((pos[s["epsilon"]], s[metric]) for s in fed if s["mode"] == mode and s["unit"] == "slice")
+        if pts:
+            ax.plot(*zip(*pts), "x", color="0.35", markersize=8,
+                    label="federated, slice-level DP (does not protect patients)")
         for kind, color in (("central", "tab:green"), ("local", "tab:red")):
             rows = [s for s in summary if s["kind"] == kind and s["mode"] == mode]
             for s in rows:
@@ -397,7 +427,7 @@ def plots(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, out: 
     bars = []
     for mode in modes:
         for he in (False, True):
-            rows = [s for s in fed if s["mode"] == mode and s["he"] == he]
+            rows = [s for s in fed if s["mode"] == mode and s["he"] == he and s["unit"] == "patient"]
             if rows:
                 bars.append((f"{mode}\n{'CKKS' if he else 'plain'}", _mean([r["bytes_up_per_round"] for r in rows]),
                              _mean([r["bytes_down_per_round"] for r in rows])))  # fmt: skip
@@ -416,7 +446,8 @@ def plots(head: dict[str, Any], summary: list[dict[str, Any]], plan: Plan, out: 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for mode, color in zip(modes, ("tab:blue", "tab:orange")):
         for he, style in ((True, "o-"), (False, "s--")):
-            pts = sorted((pos[s["epsilon"]], s["seconds_per_round"]) for s in fed if s["mode"] == mode and s["he"] == he)
+            pts = sorted((pos[s["epsilon"]], s["seconds_per_round"]) for s in fed
+                         if s["mode"] == mode and s["he"] == he and s["unit"] == "patient")
             if pts:
                 ax.plot(*zip(*pts), style, color=color, label=f"{mode}, {'CKKS' if he else 'plain'}")
     ax.set_xticks(ticks, labels)
@@ -458,12 +489,17 @@ def _epsilon(text: str) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smaller grid: epsilon inf and 4, 3 rounds x 2 epochs")
+    parser.add_argument("--quick", action="store_true", help="a smaller grid: epsilon inf and 8, 3 rounds x 2 epochs")
     parser.add_argument("--toy", action="store_true", help="a tiny grid for tests (about a minute): 2 sites, 1 round")
     parser.add_argument("--data", type=Path, help="a folder of MSD-layout site folders (default: synthetic sites)")
     parser.add_argument("--holdout", metavar="SITE", help="leave this site out of training and score on it")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default 0)")
-    parser.add_argument("--epsilons", type=_epsilon, nargs="+", help="override the grid's epsilons (inf: no DP)")
+    parser.add_argument("--epsilons", type=_epsilon, nargs="+",
+                        help="override the grid's epsilons at patient level (inf: no DP)")
+    parser.add_argument("--slice-epsilons", type=_epsilon, nargs="*",
+                        help="epsilons of the slice-level rows, which do not protect patients (default 8; none: "
+                             "no slice-level rows)")
+    parser.add_argument("--batch-size", type=int, help="expected records per DP-SGD step (default: the demo's)")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="override the grid's modes")
     parser.add_argument("--he", nargs="+", choices=["on", "off"], help="override the grid's CKKS settings")
     parser.add_argument("--baseline-epsilons", type=_epsilon, nargs="+", help="epsilons of the baselines")
@@ -489,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from fedfms_secure.errors import FedFmsError
 
+    from fedfms_secure.demo import DEMO_DATA
+
     profile = PROFILES["toy" if args.toy else "quick" if args.quick else "default"]
+    shape, volumes, batch = profile["synth"] or DEMO_DATA["tiny" if args.preset == "tiny" else "sam"]
     try:
         clients = args.clients or (len(_training_sites(args.data, args.holdout)) if args.data else profile["clients"])
     except FedFmsError as exc:
@@ -500,17 +539,20 @@ def main(argv: list[str] | None = None) -> int:
         rounds=args.rounds or profile["rounds"],
         local_epochs=args.local_epochs or profile["local_epochs"],
         clients=clients,
-        synth_shape=tuple(profile["synth_shape"]),
+        synth_shape=tuple(shape),
+        synth_volumes=tuple(volumes),
+        batch_size=args.batch_size or batch,
         data=str(args.data.resolve()) if args.data else None,
         holdout=args.holdout,
         pretrained=not args.no_pretrained,
     )
-    if min(plan.rounds, plan.local_epochs, plan.clients) < 1:
-        print("error: --rounds, --local-epochs and --clients must be at least 1", file=sys.stderr)
+    if min(plan.rounds, plan.local_epochs, plan.clients, plan.batch_size) < 1:
+        print("error: --rounds, --local-epochs, --clients and --batch-size must be at least 1", file=sys.stderr)
         return 2
     he = tuple(h == "on" for h in args.he) if args.he else profile["he"]
     runs = build_runs(args.epsilons or profile["epsilons"], args.modes or profile["modes"], he, args.seeds,
-                      args.baseline_epsilons or profile["baseline_epsilons"], not args.no_baselines)  # fmt: skip
+                      args.baseline_epsilons or profile["baseline_epsilons"], not args.no_baselines,
+                      profile["slice_epsilons"] if args.slice_epsilons is None else args.slice_epsilons)  # fmt: skip
     name = args.name or ("privacy_budget_toy" if args.toy else "privacy_budget_quick" if args.quick else "privacy_budget")
     csv_path = args.out / f"{name}.csv"
     if args.dry_run:
@@ -549,7 +591,8 @@ def _data_for(plan: Plan, data: Path | None, seed: int, work: Path) -> Path:
 
     if data is None:
         folder = work / f"data_seed{seed}"
-        synth_federation(folder, sites=plan.clients + (plan.holdout is not None), seed=seed, shape=plan.synth_shape)
+        synth_federation(folder, sites=plan.clients + (plan.holdout is not None), seed=seed, shape=plan.synth_shape,
+                         volumes=plan.synth_volumes)
         if plan.holdout is not None and plan.holdout not in {p.name for p in find_sites(folder)}:
             raise ConfigError(f"--holdout {plan.holdout}: the synthetic sites are site_1 .. site_{plan.clients + 1}; "
                               "name one of them")  # fmt: skip
@@ -574,7 +617,7 @@ def _run_grid(args: argparse.Namespace, plan: Plan, runs: list[Run], name: str, 
     if args.fresh and csv_path.exists():
         csv_path.unlink()
     config = plan.config_id
-    done = {tuple(r.get(k, "") for k in ("config", "kind", "mode", "epsilon", "he", "seed"))
+    done = {tuple(r.get(k, "") for k in ("config", "kind", "mode", "unit", "epsilon", "he", "seed"))
             for r in _common.read_csv(csv_path)}  # fmt: skip
     commit = _common.commit()
     progress = _common.Progress(len(runs))
@@ -598,7 +641,7 @@ def _run_grid(args: argparse.Namespace, plan: Plan, runs: list[Run], name: str, 
                 row = run_baseline(run, plan, data_dirs[run.seed])
             trainable, communicated = counts[run.mode]
             row.update({
-                "kind": run.kind, "mode": run.mode, "epsilon": run.epsilon, "he": str(run.he).lower(),
+                "kind": run.kind, "mode": run.mode, "unit": run.unit, "epsilon": run.epsilon, "he": str(run.he).lower(),
                 "seed": run.seed, "trainable_params": trainable,
                 "communicated_params": communicated if run.kind == "federated" else 0,
                 "rounds": plan.rounds, "local_epochs": plan.local_epochs, "holdout": plan.holdout or "",
@@ -614,9 +657,10 @@ def _run_grid(args: argparse.Namespace, plan: Plan, runs: list[Run], name: str, 
     commits = sorted({r["commit"] for r in rows})
     head = _common.header(seeds=seeds, argv=argv, commit_of_rows=", ".join(commits), config=config,
                           plan=f"preset {plan.preset}, {plan.clients} sites, {plan.rounds} rounds x "
-                               f"{plan.local_epochs} local epochs, "
+                               f"{plan.local_epochs} local epochs, batch {plan.batch_size}, "
                                + (f"data {plan.data}" if plan.data else
-                                  f"synthetic sites (`fedfms-secure data synth`, volumes {plan.synth_shape})")
+                                  f"synthetic sites (the demo's generator: {plan.synth_volumes[0]}-{plan.synth_volumes[1]} "
+                                  f"volumes of {plan.synth_shape} per site)")
                                + (f", holdout {plan.holdout}" if plan.holdout else ""),
                           runtime=f"{time.monotonic() - started:.0f} s this invocation; the {len(rows)} runs in the CSV "
                                   f"took {sum(r['wall_seconds'] for r in rows) / 60:.1f} min in all")  # fmt: skip

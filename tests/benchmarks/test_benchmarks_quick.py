@@ -1,7 +1,7 @@
 """The benchmark scripts on toy sizes, so that they cannot rot: real federations, codecs and training.
 
-``python -m benchmarks.privacy_budget --toy`` runs one real federation (server and two site processes, mutual TLS,
-DP-SGD, packed CKKS) and two baselines, so it takes tens of seconds (more on a busy machine).
+``python -m benchmarks.privacy_budget --toy`` runs two real federations (server and two site processes, mutual TLS,
+DP-SGD, packed CKKS; patient-level DP, then slice-level) and two baselines, so it takes a minute or two.
 """
 
 from __future__ import annotations
@@ -32,13 +32,15 @@ def _run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
 def test_privacy_budget_toy_writes_csv_markdown_and_plots_and_resumes(tmp_path: Path) -> None:
     done = _run_script("--toy", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "[1/3]" in done.stderr and "ETA" in done.stderr  # progress lines
+    assert "[1/4]" in done.stderr and "ETA" in done.stderr  # progress lines
 
     with open(tmp_path / "privacy_budget_toy.csv", newline="") as fh:
         reader = csv.DictReader(fh)
         assert tuple(reader.fieldnames or ()) == privacy_budget.COLUMNS
         rows = list(reader)
-    assert [(r["kind"], r["epsilon"]) for r in rows] == [("federated", "8"), ("central", "inf"), ("local", "inf")]
+    assert [(r["kind"], r["unit"], r["epsilon"]) for r in rows] == [
+        ("federated", "patient", "8"), ("central", "patient", "8"), ("local", "patient", "8"),
+        ("federated", "slice", "8")]
     fed = rows[0]
     assert fed["he"] == "true" and fed["mode"] == "fedmsa"
     assert 0 < float(fed["epsilon_spent"]) <= 8.0 + 1e-6  # the sites' ledgers, at most the target
@@ -48,28 +50,34 @@ def test_privacy_budget_toy_writes_csv_markdown_and_plots_and_resumes(tmp_path: 
     for row in rows:
         assert 0.0 <= float(row["dice_mean"]) <= 1.0
         assert row["rounds"] == "1" and row["config"] == fed["config"]
-    assert all(float(r["bytes_up_per_round"]) == 0 for r in rows[1:])  # nothing travels in a baseline
+    assert all(float(r["bytes_up_per_round"]) == 0 for r in rows[1:3])  # nothing travels in a baseline
+    for row in rows[:3]:  # every DP run spends at most its target
+        assert 0 < float(row["epsilon_spent"]) <= 8.0 + 1e-6
 
     md = (tmp_path / "privacy_budget_toy.md").read_text()
     for key in ("- command: `", "- commit: ", "- machine: ", "- seeds: 0", "- date: "):
         assert key in md
     assert "-m benchmarks.privacy_budget --toy" in md
-    assert md.count("| federated |") == 1 and "| central |" in md and "| local |" in md
+    assert md.count("| federated |") == 2 and "| central |" in md and "| local |" in md
+    assert md.count("| patient |") == 3 and md.count("| **slice** (not patients) |") == 1
     for suffix in ("dice", "bytes", "seconds"):
         png = tmp_path / f"privacy_budget_toy_{suffix}.png"
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
 
     again = _run_script("--toy", "--out", str(tmp_path), timeout=120)  # every run is in the CSV: nothing to do
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("[skip]") == 3
-    assert len(_common.read_csv(tmp_path / "privacy_budget_toy.csv")) == 3
+    assert again.stderr.count("[skip]") == 4
+    assert len(_common.read_csv(tmp_path / "privacy_budget_toy.csv")) == 4
 
 
 def test_privacy_budget_default_grid_and_bad_input() -> None:
     runs = privacy_budget.build_runs(privacy_budget.GRID_EPSILONS, privacy_budget.MODES, (True, False), [0],
-                                     (math.inf, 8.0), True)  # fmt: skip
+                                     (math.inf, 8.0), True, (math.inf, 8.0))  # fmt: skip
     federated = [r for r in runs if r.kind == "federated"]
-    assert len(federated) == 6 * 2 * 2 and len(runs) - len(federated) == 2 * 2 * 2
+    # patient-level grid, plus one slice-level run per mode (epsilon inf has no unit: skipped)
+    assert len(federated) == 6 * 2 * 2 + 2 and len(runs) - len(federated) == 2 * 2 * 2
+    assert {r.unit for r in runs if r.kind != "federated"} == {"patient"}
+    assert [(r.mode, r.epsilon) for r in federated if r.unit == "slice"] == [("fedmsa", 8.0), ("fedsam", 8.0)]
     assert len({r.key("c") for r in runs}) == len(runs)
     done = _run_script("--toy", "--epsilons", "0", timeout=60)
     assert done.returncode == 2 and "must be positive" in done.stderr
