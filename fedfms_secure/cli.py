@@ -122,10 +122,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 # what the demo shares with the daemons: the same flags, help and checks, with the demo's defaults
-DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "image_size", "seed", "local_epochs", "learning_rate", "he",
-                        "pretrained")
-DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "device", "labels", "axis", "clip_percentiles", "keep_empty_every",
-                        "skip_bad")
+DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "image_size", "seed", "local_epochs", "batch_size",
+                        "learning_rate", "he", "pretrained")
+DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "accountant", "device", "labels", "axis", "clip_percentiles",
+                        "keep_empty_every", "skip_bad")
+# the demo's defaults that depend on the preset (DemoOptions resolves them; see demo.DEMO_DATA)
+DEMO_SHOWN = {"batch_size": "80 with the tiny preset, 4 with SAM's"}
 CONFIG_HELP = "TOML file with the same keys as the flags (underscores: learning_rate = 3e-3); flags override it"
 
 
@@ -155,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="folder of the data, the run, the logs and the report (default: %(default)s)")
     m.add_argument("--clients", type=int, default=demo["clients"],
                    help="sites that train, one process each (default: %(default)s)")
-    add_config_options(m, ServerConfig, names=DEMO_SERVER_SETTINGS, defaults=demo)
+    add_config_options(m, ServerConfig, names=DEMO_SERVER_SETTINGS, defaults=demo, shown=DEMO_SHOWN)
     add_config_options(m, ClientConfig, names=DEMO_CLIENT_SETTINGS, defaults=demo)
     m.add_argument("--data", type=Path, metavar="DIR",
                    help="existing site folders instead of generated ones (default: synthetic sites in OUT/data)")

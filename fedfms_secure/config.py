@@ -75,7 +75,8 @@ class ServerConfig:
     # DP-SGD needs large expected batches and few, large steps: on the demo's ~100 slices a site
     # samples about a third of its slices per step (see README, "What the demo shows").
     local_epochs: int = setting(5, "epochs each site trains per round")
-    batch_size: int = setting(32, "expected batch size of a site's DP-SGD step")
+    batch_size: int = setting(32, "expected records (patients; slices with privacy_unit slice) per step of a site, "
+                                  "capped at its training records; with DP the sample rate is this over the records")
     learning_rate: float = setting(FEDERATED_LEARNING_RATE, "the sites' Adam learning rate (--lr is an alias)",
                                    aliases=("--lr",))
     he: bool = setting(True, "sum CKKS ciphertexts; --no-he sums plaintext updates (a baseline, not private)")
@@ -199,12 +200,13 @@ def flag_of(name: str) -> str:
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type, *, names: Iterable[str] | None = None,
-                       defaults: Mapping[str, Any] | None = None) -> None:
+                       defaults: Mapping[str, Any] | None = None, shown: Mapping[str, str] | None = None) -> None:
     """Add one option per field of ``cls`` (or of ``names``) to ``parser``, generated from the field.
 
     Without ``defaults`` every option defaults to None, meaning "not given" (a config file or the
     field's default fills it); the help text still shows the field's default. ``defaults`` gives
-    the parser real defaults (by field name), as a command without a config file needs.
+    the parser real defaults (by field name), as a command without a config file needs. ``shown``
+    gives the help's default text where the caller resolves a None default itself.
     """
     by_name = {f.name: f for f in fields(cls)}
     for name in (names if names is not None else by_name):
@@ -212,14 +214,16 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, *, names: Ite
         meta = f.metadata["setting"]
         given = defaults is not None and name in defaults
         default = defaults[name] if given else f.default
-        if given and default is not None:
-            shown = _shown(default)
+        if shown is not None and name in shown:
+            text = shown[name]
+        elif given and default is not None:
+            text = _shown(default)
         elif f.default is dataclasses.MISSING:
-            shown = "none, required as a flag or a key of the --config file"
+            text = "none, required as a flag or a key of the --config file"
         else:  # None given: "as the field's default" (e.g. the demo's learning rate is the server's plan)
-            shown = meta["shown"] if meta["shown"] is not None else _shown(f.default)
+            text = meta["shown"] if meta["shown"] is not None else _shown(f.default)
         kwargs: dict[str, Any] = {"dest": name, "default": default if given else None,
-                                  "help": f"{meta['help']} (default: {shown})".replace("%", "%%")}
+                                  "help": f"{meta['help']} (default: {text})".replace("%", "%%")}
         if _base_type(f) == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

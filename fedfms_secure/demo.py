@@ -79,6 +79,8 @@ class DemoOptions:
     batch_size: int | None = None
     # what one DP record is: "patient" (default) or "slice" (does not protect patients)
     privacy_unit: str = "patient"
+    # the sites' privacy accountant: "rdp" (default) or "prv" (tighter: less noise for the same epsilon)
+    accountant: str = "rdp"
     timeout: float = 1800.0
     pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
@@ -122,7 +124,8 @@ class DemoOptions:
                      local_epochs=self.local_epochs, he=self.he, pretrained=self.pretrained,
                      num_classes=num_classes_of(self.labels),
                      **({} if self.learning_rate is None else {"learning_rate": self.learning_rate}))
-        ClientConfig(keys=unset, data=unset, state=unset, epsilon=self.epsilon, labels=self.labels, axis=self.axis,
+        ClientConfig(keys=unset, data=unset, state=unset, epsilon=self.epsilon, accountant=self.accountant,
+                     privacy_unit=self.privacy_unit, labels=self.labels, axis=self.axis,
                      clip_percentiles=self.clip_percentiles, keep_empty_every=self.keep_empty_every,
                      skip_bad=self.skip_bad, device=self.device)
 
@@ -228,6 +231,7 @@ def _run_demo(options: DemoOptions, console: Console | None) -> dict[str, Any]:
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
                  "--epsilon", str(options.epsilon), "--privacy-unit", options.privacy_unit,
+                 "--accountant", options.accountant,
                  "--device", options.device,
                  *(["--save-updates"] if options.save_updates else []),
                  *_data_flags(options)],
@@ -342,7 +346,7 @@ def _ckks_params(options: DemoOptions, sites: list[Path], run_dir: Path) -> Any:
         return fit_params(bound=bound, sites=len(sites), rounds=options.rounds, quant_bits=options.quant_bits)
     unset = Path("-")
     server = ServerConfig(keys=unset, state=unset, rounds=options.rounds, local_epochs=options.local_epochs,
-                          **({} if options.learning_rate is None else {"learning_rate": options.learning_rate}))
+                          batch_size=options.batch_size, **({} if options.learning_rate is None else {"learning_rate": options.learning_rate}))
     if options.local_steps is not None:
         fewest = most = options.local_steps
     else:
