@@ -1,19 +1,25 @@
-"""Federated against centralized against each site alone, on real anatomy, at equal epochs.
+"""Federated against centralized against each site alone, on real anatomy, at equal epochs, with and
+without patient-level DP, FedMSA and FedSAM.
 
-    .venv/bin/python -m benchmarks.fed_vs_central --jobs 3           # seeds 0 1 2, 25 epochs (5 rounds x 5)
-    .venv/bin/python -m benchmarks.fed_vs_central --jobs 3 --rounds 10 --levers keep-adam   # 50 epochs
+    .venv/bin/python -m benchmarks.fed_vs_central                    # seeds 0 1 2, 25 epochs (5 rounds x 5)
+    .venv/bin/python -m benchmarks.fed_vs_central --cases 3 --kinds central local federated --levers keep-adam
     .venv/bin/python -m benchmarks.fed_vs_central --seeds 0 --quick  # a look in a few minutes
 
 The data is `fedfms-secure data anatomy` (the MNI T1 template cut into deformed patients at sites
-with scanner-like shifts; white matter), written for each seed from that seed (or once from
-``--data-seed``). For each seed (the patients and scanners, the model's initialisation, every
-site's train/validation split and the batch order):
+with scanner-like shifts; white matter), ``--cases`` patients per site (default 40: 30 training and
+10 validation patients, enough for patient-level DP), written for each seed from that seed (or once
+from ``--data-seed``). For each seed (the patients and scanners, the model's initialisation, every
+site's train/validation split and the batch order), the kinds of ``--kinds`` (default: all of
+``KINDS``), every one at batch ``--batch`` (expected patients per step under DP):
 
-* ``central``: `train central`, every site's training slices pooled, ``epochs`` epochs;
-* ``local``: `train local`, each site alone on its slices, ``epochs`` epochs;
-* ``federated``: the real demo (server and site processes, mutual TLS, CKKS sums, no DP),
-  ``rounds`` x ``local_epochs`` = ``epochs``;
-* levers, in-process FedAvg (the sites' ``train_local``, exact plaintext sample-weighted mean; the
+* ``central`` / ``central-dp``: `train central`, every site's training data pooled, ``epochs`` epochs,
+  without DP / with patient-level DP at ``--epsilon`` (the pooled patients are the records);
+* ``local`` / ``local-dp``: `train local`, each site alone, likewise;
+* ``federated`` and its variants: the real demo (server and site processes, mutual TLS, CKKS
+  sums), ``rounds`` x ``local_epochs`` = ``epochs``: FedMSA without DP, FedMSA at batch 8 (4x the
+  steps), FedSAM, and with patient-level DP at ``--epsilon``: FedMSA, FedMSA with the PRV
+  accountant, FedSAM (see ``DEMOS``);
+* levers (``--levers``, none by default), in-process FedAvg (the sites' ``train_local``, exact plaintext sample-weighted mean; the
   demo's plan otherwise): ``fedavg`` as the demo does it, then one change each: Adam state kept
   at each site across rounds, another learning rate, one local epoch per round (25 rounds), a
   server step size above 1 (each site scales its weighted delta, so the server still only adds).
@@ -49,6 +55,35 @@ BATCH = 32  # the plan's batch size (ServerConfig.batch_size), as the baselines'
 
 
 @dataclass(frozen=True)
+class Demo:
+    """One federation through the real daemons (``fedfms-secure demo``)."""
+
+    label: str
+    mode: str = "fedmsa"
+    dp: bool = False  # patient-level DP-SGD at --epsilon
+    accountant: str = "rdp"
+    batch: int | None = None  # None: --batch
+
+
+DEMOS = {
+    "federated": Demo("federated FedMSA, CKKS, no DP"),
+    "federated-b8": Demo("federated FedMSA, CKKS, no DP, batch 8 at the sites", batch=8),
+    "fedsam": Demo("federated FedSAM, CKKS, no DP", mode="fedsam"),
+    "federated-dp": Demo("federated FedMSA, CKKS, patient-level DP", dp=True),
+    "federated-dp-prv": Demo("federated FedMSA, CKKS, patient-level DP, PRV accountant", dp=True, accountant="prv"),
+    "fedsam-dp": Demo("federated FedSAM, CKKS, patient-level DP", mode="fedsam", dp=True),
+}
+BASELINES = {
+    "central": "central FedMSA (`train central`), no DP",
+    "local": "local only FedMSA (`train local`, own site's model), no DP",
+    "central-dp": "central FedMSA (`train central`), patient-level DP",
+    "local-dp": "local only FedMSA (`train local`, own site's model), patient-level DP",
+}
+KINDS = ("central", "local", "federated", "federated-b8", "fedsam", "central-dp", "local-dp", "federated-dp",
+         "federated-dp-prv", "fedsam-dp")
+
+
+@dataclass(frozen=True)
 class Lever:
     """One in-process FedAvg variant."""
 
@@ -69,8 +104,8 @@ LEVERS = {
     "batch-8": Lever("batch size 8 at the sites (4x the steps per epoch)", batch=8),
     "keep-adam+server-lr-2": Lever("Adam state kept and server step size 2", keep_adam=True, server_lr=2.0),
 }
-# what a full grid runs (the demo itself is the FedAvg reference: in-process FedAvg repeats its Dice)
-DEFAULT_LEVERS = ("keep-adam", "batch-8", "server-lr-2", "lr-1e-2")
+# what the grid at 3 cases per site ran (the demo itself is the FedAvg reference: in-process FedAvg repeats its Dice)
+SMALL_DATA_LEVERS = ("keep-adam", "batch-8", "server-lr-2", "lr-1e-2")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,9 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-seed", type=int, help="seed of `data anatomy` (default: each training seed's own, "
                         "so the spread covers other patients and scanners too)")
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--cases", type=int, default=3, help="patients per site (default 3)")
+    parser.add_argument("--cases", type=int, default=40, help="patients per site (default 40)")
     parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--levers", nargs="*", default=list(DEFAULT_LEVERS), choices=list(LEVERS))
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="runs through the daemons "
+                        "and baselines (default: all)")
+    parser.add_argument("--levers", nargs="*", default=[], choices=list(LEVERS),
+                        help=f"in-process FedAvg variants (default none; the 3-case grid: {' '.join(SMALL_DATA_LEVERS)})")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="target epsilon of the DP runs (default 8)")
+    parser.add_argument("--batch", type=int, default=BATCH, help=f"batch of every run (default {BATCH})")
+    parser.add_argument("--name", help="output stem (default fed_vs_central, with the cases and epochs when "
+                        "other than 40 and 25)")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 2 local epochs, fedavg and keep-adam only")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
@@ -92,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.local_epochs, args.levers = 2, 2, ["fedavg", "keep-adam"]
     epochs = args.rounds * args.local_epochs
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "fed_vs_central" if epochs == 25 else f"fed_vs_central_{epochs}ep"
+    stem = args.name or ("fed_vs_central" + ("" if args.cases == 40 else f"_{args.cases}cases")
+                         + ("" if epochs == 25 else f"_{epochs}ep"))
     log = args.out / f"{stem}.jsonl"
     log.unlink(missing_ok=True)
-    kinds = ["central", "local", "federated", *args.levers]
+    kinds = [*args.kinds, *args.levers]
     with tempfile.TemporaryDirectory(prefix="fedfms-fvc-") as tmp:
         if args.jobs > 1:
             import multiprocessing
@@ -108,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run for part in parts for run in part]
     head = _common.header(
         seeds=args.seeds, argv=_common.script_argv(__file__, argv),
-        preset="tiny (64 px), FedMSA, no DP",
+        preset="tiny (64 px), FedMSA unless a row says FedSAM",
         data=f"`fedfms-secure data anatomy --sites {args.sites} --cases {args.cases} --slices {args.slices} "
              f"--seed {'SEED' if args.data_seed is None else args.data_seed}` (white matter; 64 x 64 x {args.slices} "
-             "per case; 2 training and 1 validation case per site)",
-        plan=f"{epochs} epochs: federated {args.rounds} rounds x {args.local_epochs} local epochs, batch {BATCH}",
+             f"per case; {_split(args.cases)} per site)",
+        plan=f"{epochs} epochs: federated {args.rounds} rounds x {args.local_epochs} local epochs, batch {args.batch} "
+             f"(expected patients per step under DP, capped at a site's training patients); DP: patient level, "
+             f"target epsilon {args.epsilon:g} for the whole run, delta min(1e-5, 1/(10 n))",
     )
     runs.sort(key=lambda r: (r["seed"], kinds.index(r["kind"])))
     summary = summarize(runs, kinds)
@@ -120,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.md").write_text(markdown(head, summary, runs, kinds))
     print((args.out / f"{stem}.md").read_text())
     return 0
+
+
+def _split(cases: int) -> str:
+    """Training and validation patients of a site of ``cases`` (the loader's 25% validation split)."""
+    val = max(1, round(cases * 0.25)) if cases > 1 else 0
+    return f"{cases - val} training and {val} validation patients"
 
 
 def _seed_runs(job: tuple[int, list[str], Path, argparse.Namespace, Path]) -> list[dict[str, Any]]:
@@ -151,22 +202,32 @@ def _seed_runs(job: tuple[int, list[str], Path, argparse.Namespace, Path]) -> li
 
 def _run(kind: str, data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     epochs = args.rounds * args.local_epochs
-    if kind in ("central", "local"):
+    if kind in BASELINES:
         from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
 
-        options = BaselineOptions(epochs=epochs, batch_size=BATCH, seed=seed, out=out)
-        result = (train_central if kind == "central" else run_local_baselines)(data, options, progress=lambda m: None)
+        dp = kind.endswith("-dp")
+        options = BaselineOptions(epochs=epochs, batch_size=args.batch, seed=seed, out=out,
+                                  epsilon=args.epsilon if dp else None)
+        central = kind.startswith("central")
+        result = (train_central if central else run_local_baselines)(data, options, progress=lambda m: None)
         per_site = {s["name"]: s["dice_mean"] for s in result["sites"]}
-        slices = {s["name"]: s["train_slices"] for s in result["sites"]}
-        if kind == "central":
-            return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
-                    "steps": {"central": epochs * math.ceil(sum(slices.values()) / BATCH)}}
-        return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
-                "steps": {n: epochs * math.ceil(k / BATCH) for n, k in slices.items()},
+        # DP steps: per epoch ceil(patients / expected patients per step); without DP, per slice batches
+        counts = {s["name"]: s["train_patients"] if dp else s["train_slices"] for s in result["sites"]}
+        extra = {"epsilon_spent": result.get("epsilon")} if dp else {}
+        if central:
+            return {"dice": statistics.fmean(per_site.values()), "per_site": per_site, **extra,
+                    "steps": {"central": epochs * _per_epoch(sum(counts.values()), args.batch)}}
+        return {"dice": statistics.fmean(per_site.values()), "per_site": per_site, **extra,
+                "steps": {n: epochs * _per_epoch(k, args.batch) for n, k in counts.items()},
                 "everywhere": _everywhere(out, data, list(per_site))}
-    if kind == "federated":
-        return _demo(data, out, seed, args)
+    if kind in DEMOS:
+        return _demo(DEMOS[kind], data, out, seed, args)
     return _fedavg(LEVERS[kind], data, seed, args)
+
+
+def _per_epoch(records: int, batch: int) -> int:
+    """Steps of one epoch over ``records`` at ``batch`` (under DP: expected records per step, capped)."""
+    return max(1, math.ceil(records / min(batch, records)))
 
 
 def _everywhere(out: Path, data: Path, sites: list[str]) -> dict[str, float]:
@@ -180,25 +241,32 @@ def _everywhere(out: Path, data: Path, sites: list[str]) -> dict[str, float]:
         for model_site in sites}
 
 
-def _demo(data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
 
     from fedfms_secure.demo import DemoOptions, run_demo
 
-    report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds,
-                                  local_epochs=args.local_epochs, epsilon=math.inf, he=True, seed=seed),
+    batch = demo.batch or args.batch
+    report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds, mode=demo.mode,
+                                  local_epochs=args.local_epochs, epsilon=args.epsilon if demo.dp else math.inf,
+                                  accountant=demo.accountant, batch_size=batch, he=True, seed=seed),
                       console=Console(file=io.StringIO()))
     per_site = {name: site["dice_mean"] for name, site in report["final"]["sites"].items()}
-    slices = {name: _train_slices(out / "run" / name / "split.json", data / name) for name in per_site}
+    counts = {name: _train_records(out / "run" / name / "split.json", data / name, patients=demo.dp)
+              for name in per_site}
     return {"dice": report["rounds"][-1]["dice_mean"], "per_site": per_site, "dice_initial": report["dice_initial"],
             "dice_per_round": [r["dice_mean"] for r in report["rounds"]],
-            "steps": {n: args.rounds * args.local_epochs * math.ceil(k / BATCH) for n, k in slices.items()}}
+            **({"epsilon_spent": report.get("epsilon_final_max")} if demo.dp else {}),
+            "steps": {n: args.rounds * args.local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
 
 
-def _train_slices(split_file: Path, site: Path) -> int:
+def _train_records(split_file: Path, site: Path, *, patients: bool) -> int:
+    """A site's training slices, or its training patients (the DP records)."""
     from fedfms_secure.data import load_site
+    from fedfms_secure.privacy.units import records
 
-    return len(load_site(site, image_size=64, split_file=split_file).train)
+    train = load_site(site, image_size=64, split_file=split_file).train
+    return records(train, "patient") if patients else len(train)
 
 
 def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -267,6 +335,23 @@ def summarize(runs: list[dict[str, Any]], kinds: list[str]) -> dict[str, dict[st
     return out
 
 
+def site_gains(runs: list[dict[str, Any]], kind: str, base: str) -> dict[str, Any]:
+    """``kind``'s model against ``base``'s on each site's validation patients, seed by seed (the
+    federation's global model on site k against site k's own model, for ``base`` local): the mean
+    gain per site, and how many (seed, site) pairs ``kind`` wins."""
+    by_seed = {r["seed"]: r for r in runs if r["kind"] == base}
+    diffs: dict[str, list[float]] = {}
+    for r in runs:
+        if r["kind"] != kind or r["seed"] not in by_seed:
+            continue
+        for site, dice in r["per_site"].items():
+            if site in by_seed[r["seed"]]["per_site"]:
+                diffs.setdefault(site, []).append(dice - by_seed[r["seed"]]["per_site"][site])
+    pairs = [d for values in diffs.values() for d in values]
+    return {"per_site": {site: statistics.fmean(v) for site, v in diffs.items()},
+            "wins": sum(d > 0 for d in pairs), "pairs": len(pairs)}
+
+
 def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
              kinds: list[str]) -> str:
     def pm(mean: float, std: float) -> str:
@@ -285,16 +370,29 @@ def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: lis
         if kind not in summary:
             continue
         s = summary[kind]
-        label = {"central": "central (`train central`)", "local": "local only (`train local`, own site's model)",
-                 "federated": "federated, demo: CKKS, no DP"}.get(kind, f"in-process FedAvg: {LEVERS[kind].label}"
-                                                                    if kind in LEVERS else kind)
+        label = (BASELINES.get(kind) or (DEMOS[kind].label if kind in DEMOS else None)
+                 or (f"in-process FedAvg: {LEVERS[kind].label}" if kind in LEVERS else kind))
         best = ""
-        if kind == "local":
+        if kind.startswith("local"):
             best = pm(s["best_site_mean"], s["best_site_std"])
             if "best_everywhere_mean" in s:
                 best += " / " + pm(s["best_everywhere_mean"], s["best_everywhere_std"])
         lines.append(f"| {label} | {pm(s['dice_mean'], s['dice_std'])} | "
                      f"{', '.join(f'{d:.3f}' for d in s['dice'])} | {best} | {steps(s['steps'])} |")
+    bases = [(k, b) for k in kinds if k in DEMOS or k in LEVERS
+             for b in (("local-dp",) if (k in DEMOS and DEMOS[k].dp) else ("local",)) if b in kinds]
+    gains = [(k, b, site_gains(runs, k, b)) for k, b in bases]
+    gains = [(k, b, g) for k, b, g in gains if g["pairs"]]
+    if gains:
+        sites = sorted({site for _, _, g in gains for site in g["per_site"]})
+        lines += ["", "Each site alone against the federation, on that site's validation patients: the federation's "
+                  "Dice minus the site's own model's (local, or local with DP for the DP rows), mean over seeds, and "
+                  "the (seed, site) pairs the federation wins.", "",
+                  "| run | against | " + " | ".join(sites) + " | wins |",
+                  "| --- | --- | " + " | ".join("---" for _ in sites) + " | --- |"]
+        for k, b, g in gains:
+            cells = [f"{g['per_site'][site]:+.3f}" if site in g["per_site"] else "" for site in sites]
+            lines.append(f"| {k} | {b} | " + " | ".join(cells) + f" | {g['wins']} of {g['pairs']} |")
     lines += ["", "## Per run", "", "| seed | run | Dice | per site | Dice per round | wall s |",
               "| --- | --- | --- | --- | --- | --- |"]
     for r in runs:
@@ -302,7 +400,9 @@ def markdown(head: dict[str, Any], summary: dict[str, dict[str, Any]], runs: lis
         sites = ", ".join(f"{n} {d:.3f}" for n, d in r["per_site"].items())
         if "everywhere" in r:
             sites += "; each model on all sites: " + ", ".join(f"{n} {d:.3f}" for n, d in r["everywhere"].items())
-        lines.append(f"| {r['seed']} | {r['kind']} | {r['dice']:.4f} | {sites} | {rounds} | {r['wall_seconds']:.0f} |")
+        eps = f" (epsilon {r['epsilon_spent']:.2f})" if r.get("epsilon_spent") is not None else ""
+        lines.append(f"| {r['seed']} | {r['kind']}{eps} | {r['dice']:.4f} | {sites} | {rounds} | "
+                     f"{r['wall_seconds']:.0f} |")
     initial = [r["dice_initial"] for r in runs if "dice_initial" in r]
     if initial:
         lines += ["", f"Dice before training (the demo's round 0): {', '.join(f'{d:.3f}' for d in initial)}."]

@@ -20,7 +20,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(**kw) -> argparse.Namespace:
-    return argparse.Namespace(**{"rounds": 2, "local_epochs": 1, **kw})
+    return argparse.Namespace(**{"rounds": 2, "local_epochs": 1, "batch": 32, "epsilon": 8.0, "sites": 2, **kw})
 
 
 def test_local_scores_each_model_everywhere_and_counts_steps(toy: Path) -> None:
@@ -56,3 +56,32 @@ def test_summary_and_markdown_give_mean_std_and_steps() -> None:
     text = fvc.markdown({"command": "x"}, summary, runs, ["central", "local"])
     assert "| 0.720 ± 0.028 | 0.700, 0.740 |  | 75 |" in text
     assert "0.710 ± 0.014 / 0.600 ± 0.000" in text and "25 / 25 per site" in text
+
+
+def test_dp_baseline_counts_patient_steps_and_spends_at_most_its_target(toy: Path) -> None:
+    run = fvc._run("local-dp", toy / "data", toy / "local-dp", 0, _args(epsilon=8.0, batch=32))
+    # one training patient per site: q = 1, one DP-SGD step per epoch whatever its slices
+    assert run["steps"] == {"site_1": 2, "site_2": 2}
+    assert 0 < run["epsilon_spent"] <= 8.0 + 1e-6
+    assert set(run["everywhere"]) == {"site_1", "site_2"}
+
+
+@pytest.mark.timeout(300)
+def test_dp_federation_through_the_daemons_reports_epsilon_and_patient_steps(toy: Path) -> None:
+    run = fvc._run("federated-dp-prv", toy / "data", toy / "fed-dp", 0, _args(epsilon=4.0))
+    assert len(run["dice_per_round"]) == 2 and set(run["per_site"]) == {"site_1", "site_2"}
+    assert 0 < run["epsilon_spent"] <= 4.0 + 1e-6
+    assert run["steps"] == {"site_1": 2, "site_2": 2}  # patients, not slices, make the steps under DP
+    report = (toy / "fed-dp" / "report.json").read_text()
+    assert '"accountant": "prv"' in report and '"batch_size": 32' in report
+
+
+def test_site_gains_compare_each_site_with_its_own_model_seed_by_seed() -> None:
+    runs = [{"kind": "local", "seed": 0, "per_site": {"a": 0.60, "b": 0.80}},
+            {"kind": "local", "seed": 1, "per_site": {"a": 0.62, "b": 0.70}},
+            {"kind": "federated", "seed": 0, "per_site": {"a": 0.70, "b": 0.75}},
+            {"kind": "federated", "seed": 1, "per_site": {"a": 0.66, "b": 0.74}}]
+    gains = fvc.site_gains(runs, "federated", "local")
+    assert gains["per_site"] == pytest.approx({"a": 0.07, "b": -0.005})
+    assert (gains["wins"], gains["pairs"]) == (3, 4)
+    assert fvc.site_gains(runs, "federated", "local-dp")["pairs"] == 0
