@@ -181,10 +181,11 @@ def _seed_runs(job: tuple[int, list[str], Path, argparse.Namespace, Path]) -> li
     data_seed = seed if args.data_seed is None else args.data_seed
     data = tmp / f"data-{seed}"
     anatomy_federation(data, sites=args.sites, cases=args.cases, seed=data_seed, slices=args.slices)
-    if args.jobs > 1:  # share the cores between the seeds' processes
-        import torch
+    # one thread: the demo's site processes run one each too, and a multi-threaded torch on cores
+    # that other processes share spends most of its time waiting (4x slower measured here)
+    import torch
 
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     epochs = args.rounds * args.local_epochs
     progress = _common.Progress(len(kinds))
     runs = []

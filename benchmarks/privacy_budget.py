@@ -198,8 +198,13 @@ def _scores(mean: dict[str, Any], fallback_dice: float | None = None) -> dict[st
 
 
 def run_baseline(run: Run, plan: Plan, data_dir: Path) -> dict[str, Any]:
-    """A centralized or local-only baseline with the federated runs' epochs budget."""
+    """A centralized or local-only baseline with the federated runs' epochs budget (one torch thread, as
+    each site process of a federated run has)."""
+    import torch
+
     from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
+
+    torch.set_num_threads(1)
 
     options = BaselineOptions(mode=run.mode, preset=plan.preset, epochs=plan.rounds * plan.local_epochs,
                               batch_size=plan.batch_size, privacy_unit=run.unit,

@@ -137,6 +137,9 @@ class ClientConfig:
     privacy_unit: str = setting("patient", "what one DP record is: a patient (a case: one volume, or the 2-D files "
                                            "of one patient) or a slice (per-slice epsilon: does not protect "
                                            "patients)", choices=("patient", "slice"))
+    slices_per_patient: int = setting(1, "patient-level DP: slices of a sampled patient whose gradients are "
+                                         "averaged before clipping (still one clipped gradient per patient)",
+                                      metavar="M")
     patient_pattern: str | None = setting(None, "regular expression giving a 2-D file's patient from its name "
                                                 "(group 'patient' or the first group), e.g. '^(\\w+?)_'",
                                           metavar="REGEX", shown="dataset.json's patient key, else one file each")
@@ -169,6 +172,9 @@ class ClientConfig:
         _require(self.max_grad_norm > 0, "max_grad_norm must be positive")
         _require(self.accountant in ACCOUNTANTS, "accountant must be rdp or prv")
         _require(self.privacy_unit in ("patient", "slice"), "privacy_unit must be patient or slice")
+        _require(self.slices_per_patient >= 1, "slices_per_patient must be at least 1")
+        _require(self.slices_per_patient == 1 or self.privacy_unit == "patient",
+                 "slices_per_patient applies to patient-level DP only (privacy_unit patient)")
         check_address(self.server, flag="--server", listen=False)
         object.__setattr__(self, "device", check_device_spec(self.device))
         _require(self.site is None or self.insecure, "site is only set with --insecure; "

@@ -81,6 +81,8 @@ class DemoOptions:
     privacy_unit: str = "patient"
     # the sites' privacy accountant: "rdp" (default) or "prv" (tighter: less noise for the same epsilon)
     accountant: str = "rdp"
+    # patient-level DP: slices of a sampled patient averaged before clipping
+    slices_per_patient: int = 1
     timeout: float = 1800.0
     pretrained: bool = True
     # keep each site's per-round delta, weight and decrypted aggregate (STATE/updates) for audits
@@ -125,6 +127,7 @@ class DemoOptions:
                      num_classes=num_classes_of(self.labels),
                      **({} if self.learning_rate is None else {"learning_rate": self.learning_rate}))
         ClientConfig(keys=unset, data=unset, state=unset, epsilon=self.epsilon, accountant=self.accountant,
+                     slices_per_patient=self.slices_per_patient,
                      privacy_unit=self.privacy_unit, labels=self.labels, axis=self.axis,
                      clip_percentiles=self.clip_percentiles, keep_empty_every=self.keep_empty_every,
                      skip_bad=self.skip_bad, device=self.device)
@@ -231,7 +234,7 @@ def _run_demo(options: DemoOptions, console: Console | None) -> dict[str, Any]:
                 [sys.executable, "-m", "fedfms_secure", "client", "--keys", str(bundles / name),
                  "--server", address, "--data", str(site), "--state", str(run_dir / name),
                  "--epsilon", str(options.epsilon), "--privacy-unit", options.privacy_unit,
-                 "--accountant", options.accountant,
+                 "--accountant", options.accountant, "--slices-per-patient", str(options.slices_per_patient),
                  "--device", options.device,
                  *(["--save-updates"] if options.save_updates else []),
                  *_data_flags(options)],

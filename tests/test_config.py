@@ -28,7 +28,7 @@ SERVER_VALUES: dict[str, Any] = {
 CLIENT_VALUES: dict[str, Any] = {
     "keys": "k", "data": "d", "state": "s", "server": "host:1", "insecure": True, "site": "a", "device": "cpu", "epsilon": 4.0,
     "delta": 1e-6, "max_grad_norm": 0.5, "accountant": "prv", "privacy_unit": "slice",
-    "patient_pattern": "^(\\w+?)_", "save_updates": True, "labels": "1,2", "axis": 0,
+    "slices_per_patient": 1, "patient_pattern": "^(\\w+?)_", "save_updates": True, "labels": "1,2", "axis": 0,
     "clip_percentiles": "1,99", "keep_empty_every": 0, "skip_bad": True, "cache": "c", "connect_timeout": 5.0,
     "round_timeout": 6.0, "call_timeout": 7.0, "reconnect_timeout": 8.0, "passphrase_file": "p",
     "log_file": "site.log",
@@ -79,7 +79,8 @@ def test_a_toml_with_every_key_loads_as_the_same_flags(command: str, cls: type, 
     from_flags = load_config(cls, None, flag_overrides(cls, args))
     assert from_toml == from_flags
     for f in dataclasses.fields(cls):  # every value is really set (none is the default)
-        if f.name not in ("keys", "state", "data"):
+        # slices_per_patient > 1 needs privacy_unit patient, the default: set in its own test below
+        if f.name not in ("keys", "state", "data", "slices_per_patient"):
             assert getattr(from_toml, f.name) != getattr(defaults, f.name), f.name
 
 
@@ -179,3 +180,14 @@ def test_device_is_checked_and_normalised_without_a_gpu() -> None:
     assert load_config(ClientConfig, None, base).device == "auto"
     with pytest.raises(ConfigError, match="not one of auto, cpu, cuda, cuda:N"):
         load_config(ClientConfig, None, {**base, "device": "gpu"})
+
+
+def test_slices_per_patient_needs_patient_level_dp() -> None:
+    base = {"keys": Path("k"), "data": Path("d"), "state": Path("s")}
+    assert ClientConfig(**base, slices_per_patient=4).slices_per_patient == 4
+    args = _parser().parse_args(["client", "--slices-per-patient", "3"])
+    assert load_config(ClientConfig, None, {**flag_overrides(ClientConfig, args), **base}).slices_per_patient == 3
+    with pytest.raises(ConfigError, match="patient-level DP only"):
+        ClientConfig(**base, slices_per_patient=4, privacy_unit="slice")
+    with pytest.raises(ConfigError, match="at least 1"):
+        ClientConfig(**base, slices_per_patient=0)

@@ -51,6 +51,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument("--privacy-unit", choices=["patient", "slice"], default="patient",
                        help="DP record: a patient (default; --batch-size is then expected patients per step) "
                             "or a slice (per-slice epsilon; does not protect patients)")
+        p.add_argument("--slices-per-patient", type=int, default=1, metavar="M",
+                       help="patient-level DP: slices of a sampled patient whose gradients are averaged before "
+                            "clipping (default: 1)")
         p.add_argument("--patient-pattern", metavar="REGEX",
                        help="a 2-D file's patient from its name (group 'patient' or the first group; default: dataset.json, else one file each)")
         p.add_argument("--max-grad-norm", type=float, default=1.0,
@@ -112,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pretrained=not args.no_pretrained, holdout=args.holdout, image_size=args.image_size, axis=args.axis,
         keep_empty_every=args.keep_empty_every, labels=args.labels, clip_percentiles=args.clip_percentiles,
         val_fraction=args.val_fraction, skip_bad=args.skip_bad, cache=args.cache,
-        max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit,
+        max_grad_norm=args.max_grad_norm, privacy_unit=args.privacy_unit, slices_per_patient=args.slices_per_patient,
         patient_pattern=args.patient_pattern, out=args.out, device=args.device,
     )
     run = train_central if args.kind == "central" else run_local_baselines

@@ -118,14 +118,31 @@ class PrivateTrainer:
     batches: SingleUseBatches
     clipping: str = "standard"
 
-    def backward(self, per_image_losses: Tensor) -> None:
+    def backward(self, per_image_losses: Tensor, images_per_record: int = 1) -> None:
         """Backpropagates the mean of ``per_image_losses`` (one term per image of the physical
         batch) as the clipping mode needs: once (standard), or twice with the records' clipping
-        weights in between (ghost)."""
+        weights in between (ghost).
+
+        ``images_per_record`` m > 1 (standard clipping only): the batch holds m consecutive images
+        of each record (a patient's slices); their per-image gradients are averaged into the
+        record's one gradient here, before the optimizer clips it, so each record still gives one
+        clipped gradient of norm at most C."""
         if self.clipping == "ghost":
+            if images_per_record != 1:
+                raise ConfigError("several images per record need standard clipping, not ghost clipping")
             DPTensorFastGradientClipping(self.module, self.optimizer, per_image_losses, "mean").backward()
-        else:
-            per_image_losses.mean().backward()
+            return
+        if len(per_image_losses) % images_per_record:
+            raise ConfigError(f"{len(per_image_losses)} images do not split into records of {images_per_record}")
+        per_image_losses.mean().backward()
+        if images_per_record > 1:
+            for p in self.optimizer.params:
+                sample = getattr(p, "grad_sample", None)
+                if sample is None:
+                    continue
+                if not isinstance(sample, Tensor):  # one per forward pass: this trainer makes one
+                    raise ConfigError("several forward passes per step are not supported with images_per_record")
+                p.grad_sample = sample.reshape(-1, images_per_record, *sample.shape[1:]).mean(dim=1)
 
     def empty_step(self) -> None:
         """A noise-only step for an empty Poisson batch."""

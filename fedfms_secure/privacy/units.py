@@ -87,13 +87,19 @@ def case_ids(dataset: Dataset) -> list[str]:
 
 
 class PatientDataset(Dataset):
-    """A slice dataset indexed by patient: item ``i`` is one slice of patient ``i``.
+    """A slice dataset indexed by patient: item ``i`` is one slice of patient ``i`` (``per_patient``
+    = 1), or ``per_patient`` of its slices stacked (images ``[m, C, H, W]``, labels ``[m, H, W]``).
 
-    The slice is drawn uniformly from the patient's training slices with the OS CSPRNG at each
-    access, so each Poisson step a sampled patient contributes one slice, one gradient.
+    Slices are drawn uniformly from the patient's training slices with the OS CSPRNG at each
+    access (m distinct ones, or with replacement when the patient has fewer than m), so each
+    Poisson step a sampled patient contributes one item: the training loop averages its m slices'
+    gradients before clipping, so it is still one clipped gradient per patient.
     """
 
-    def __init__(self, slices: Dataset) -> None:
+    def __init__(self, slices: Dataset, per_patient: int = 1) -> None:
+        if per_patient < 1:
+            raise ConfigError(f"slices per patient must be at least 1, got {per_patient}")
+        self.per_patient = per_patient
         self.slices = slices
         groups: dict[str, list[int]] = {}
         for index, patient in enumerate(case_ids(slices)):
@@ -106,7 +112,15 @@ class PatientDataset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         members = self.members[index]
-        return self.slices[members[secrets.randbelow(len(members))]]
+        if self.per_patient == 1:
+            return self.slices[members[secrets.randbelow(len(members))]]
+        if len(members) >= self.per_patient:
+            pool = list(members)
+            chosen = [pool.pop(secrets.randbelow(len(pool))) for _ in range(self.per_patient)]
+        else:
+            chosen = [members[secrets.randbelow(len(members))] for _ in range(self.per_patient)]
+        items = [self.slices[i] for i in chosen]
+        return tuple(torch.stack([torch.as_tensor(item[k]) for item in items]) for k in range(len(items[0])))
 
 
 def records(dataset: Dataset, unit: str) -> int:
@@ -116,9 +130,14 @@ def records(dataset: Dataset, unit: str) -> int:
     return len(set(case_ids(dataset)))
 
 
-def record_dataset(dataset: Dataset, unit: str) -> Dataset:
-    """The dataset DP-SGD samples records from: :class:`PatientDataset` or ``dataset`` itself."""
-    return PatientDataset(dataset) if check_unit(unit) == "patient" else dataset
+def record_dataset(dataset: Dataset, unit: str, per_patient: int = 1) -> Dataset:
+    """The dataset DP-SGD samples records from: :class:`PatientDataset` (``per_patient`` slices of
+    a patient per item) or ``dataset`` itself (slice level, where ``per_patient`` must be 1)."""
+    if check_unit(unit) == "patient":
+        return PatientDataset(dataset, per_patient)
+    if per_patient != 1:
+        raise ConfigError("slices per patient applies to patient-level DP only (privacy unit 'patient')")
+    return dataset
 
 
 __all__ = ["DEFAULT_UNIT", "UNITS", "PatientDataset", "case_ids", "check_unit", "entropy_generator",

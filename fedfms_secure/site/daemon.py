@@ -179,6 +179,7 @@ class _Site:
             batch_size=self.records.expected_per_step,
             lr=self.plan.learning_rate,
             seed=self.plan.seed,
+            slices_per_patient=self.config.slices_per_patient,
         )
         self.privacy = self._open_privacy()
 

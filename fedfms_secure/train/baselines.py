@@ -66,6 +66,7 @@ class BaselineOptions:
     # what one DP record is: "patient" (default; batch_size is then expected patients per step)
     # or "slice" (the epsilon then does not protect patients)
     privacy_unit: str = "patient"
+    slices_per_patient: int = 1  # patient-level DP: slices averaged per sampled patient before clipping
     patient_pattern: str | None = None  # a 2-D file's patient from its name (see fedfms_secure.data.layout)
     out: Path | None = None  # if set: splits, the trained model(s) and the result JSON go here
 
@@ -81,6 +82,9 @@ class BaselineOptions:
             raise ConfigError(f"epsilon must be positive (omit it to train without DP), got {self.epsilon}")
         if self.privacy_unit not in ("patient", "slice"):
             raise ConfigError(f"privacy_unit must be patient or slice, not {self.privacy_unit!r}")
+        if self.slices_per_patient < 1 or (self.slices_per_patient > 1 and self.privacy_unit != "patient"):
+            raise ConfigError(f"slices_per_patient {self.slices_per_patient}: at least 1, and above 1 only with "
+                              "privacy_unit patient")
         object.__setattr__(self, "clip_percentiles", check_percentiles(self.clip_percentiles))
         num_classes_of(self.labels)  # a malformed label spec fails here, before any data is read
 
@@ -201,7 +205,7 @@ def _train(model: Any, dataset: Any, options: BaselineOptions, state: Path, say:
 
     plan = plan_records(dataset, unit=options.privacy_unit if options.dp else "slice", batch_size=options.batch_size)
     config = TrainConfig(epochs=options.epochs, batch_size=plan.expected_per_step, lr=options.learning_rate,
-                         seed=options.seed)
+                         seed=options.seed, slices_per_patient=options.slices_per_patient)
     privacy = None
     if options.dp:
         assert options.epsilon is not None

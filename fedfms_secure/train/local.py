@@ -47,9 +47,12 @@ class TrainConfig:
     max_physical_batch: int = 16
     box_jitter: float = DEFAULT_BOX_JITTER  # only for models built with prompt="box"
     clipping: str = "standard"  # DP-SGD: "standard" per-sample gradients or Opacus' "ghost" clipping
+    # patient-level DP-SGD: slices of a sampled patient whose gradients are averaged before clipping
+    # (one clipped gradient per patient either way); no effect without DP or at slice level
+    slices_per_patient: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_physical_batch"):
+        for name in ("epochs", "batch_size", "max_physical_batch", "slices_per_patient"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -57,6 +60,9 @@ class TrainConfig:
         if self.clipping not in CLIPPING_MODES:
             raise ConfigError(f"TrainConfig.clipping must be one of {', '.join(CLIPPING_MODES)}, got "
                               f"{self.clipping!r}")
+        if self.slices_per_patient > 1 and self.clipping == "ghost":
+            raise ConfigError("TrainConfig.slices_per_patient > 1 needs clipping 'standard' (per-sample "
+                              "gradients are averaged per patient before clipping)")
         if not 0 <= self.box_jitter <= 1:
             raise ConfigError(f"TrainConfig.box_jitter must be in [0, 1], got {self.box_jitter}")
 
@@ -114,7 +120,8 @@ def train_local(
     """
     params = check_trainable(model, dataset)
     if privacy is not None:
-        dataset = record_dataset(dataset, privacy.config.unit)
+        per_patient = config.slices_per_patient if privacy.config.unit == "patient" else 1
+        dataset = record_dataset(dataset, privacy.config.unit, per_patient)
         _check_sample_rate(privacy, config, len(dataset))  # type: ignore[arg-type]
     num_samples = len(dataset)  # type: ignore[arg-type]
     per_epoch = steps_per_epoch(num_samples, config.batch_size)
@@ -237,13 +244,17 @@ def _train_private(
     done = 0  # logical steps finished; step ``done`` belongs to epoch ``done // per_epoch``
     step_loss, step_count = 0.0, 0
     jitter_gen = torch.Generator().manual_seed(config.seed + 1)
+    # m slices of each sampled patient (PatientDataset stacks them): physical batches count patients
+    m = getattr(dataset, "per_patient", 1)
     with make_private_trainer(
         model, optimizer, dataset, privacy,
-        steps=config.epochs * per_epoch, max_physical_batch=config.max_physical_batch,
+        steps=config.epochs * per_epoch, max_physical_batch=max(1, config.max_physical_batch // m),
         clipping=config.clipping,
     ) as dp:  # fmt: skip
         device = _device_of(model)
         for images, labels in dp.batches:
+            if m > 1:  # [patients, m, ...] -> [patients * m, ...], a patient's slices consecutive
+                images, labels = images.flatten(0, 1), labels.flatten(0, 1)
             images, labels = images.to(device), labels.to(device)
             if len(images) == 0:
                 dp.empty_step()
@@ -252,7 +263,7 @@ def _train_private(
                 continue
             losses = per_image_loss(dp.module, model, images, labels, box_jitter=config.box_jitter,
                                     generator=jitter_gen)  # fmt: skip
-            dp.backward(losses)
+            dp.backward(losses, images_per_record=m)
             loss = losses.mean()
             dp.optimizer.step()
             dp.optimizer.zero_grad()

@@ -167,3 +167,73 @@ def test_ghost_clipping_trains_with_empty_steps_and_an_unknown_mode_is_refused(t
     with pytest.raises(Exception, match="clipping 'fast' is not one of standard, ghost"):
         with make_private_trainer(model, _adam(model), ellipses(3), site, steps=1, clipping="fast"):
             pass
+
+
+class _Patients(torch.utils.data.Dataset):
+    """Slices with a patient each: ``per`` consecutive slices per patient."""
+
+    def __init__(self, data, per: int) -> None:
+        self.data, self.patients = data, [f"p{i // per}" for i in range(len(data))]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return self.data[i]
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e3])  # every patient clipped; none clipped
+def test_slices_per_patient_average_a_patients_gradients_before_clipping(tmp_path, ellipses, clip) -> None:
+    from fedfms_secure.privacy.units import PatientDataset
+    from fedfms_secure.train.local import per_image_loss as loss_of
+
+    slices = _Patients(ellipses(6), per=2)
+    patients = PatientDataset(slices, per_patient=2)
+    images, labels = patients[0]
+    assert images.shape[0] == labels.shape[0] == 2  # both of patient 0's slices, stacked
+    # the reference: each patient's mean gradient over its two slices, clipped to C as a whole, summed
+    model = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.zeros(sum(p.numel() for p in params))
+    for k in range(3):
+        x = torch.stack([slices[2 * k][0], slices[2 * k + 1][0]])
+        y = torch.stack([slices[2 * k][1], slices[2 * k + 1][1]])
+        grads = torch.autograd.grad(loss_of(model, model, x, y).mean(), params)
+        g = torch.cat([t.flatten() for t in grads])
+        expected += g * min(1.0, clip / (float(g.norm()) + 1e-6))
+    site = SitePrivacy.open(tmp_path, PrivacyConfig(target_epsilon=1e4, max_grad_norm=clip), sample_rate=1.0,
+                            planned_steps=1)  # fmt: skip
+    seen: list[torch.Tensor] = []
+    with make_private_trainer(model, _adam(model), patients, site, steps=1) as dp:
+        add_noise = dp.optimizer.add_noise
+
+        def spy() -> None:
+            seen.append(torch.cat([p.summed_grad.flatten() for p in dp.optimizer.params]).detach().clone())
+            add_noise()
+
+        dp.optimizer.add_noise = spy
+        for x, y in dp.batches:
+            assert x.shape[:2] == (3, 2)  # sample rate 1: three patients of two slices
+            dp.backward(per_image_loss(dp.module, model, x.flatten(0, 1), y.flatten(0, 1)), images_per_record=2)
+            dp.optimizer.step()
+            dp.optimizer.zero_grad()
+    assert _no_opacus_left(model) and len(seen) == 1
+    if clip < 1:
+        assert float(seen[0].norm()) <= clip * 3 * (1 + 1e-4)  # three records, not six
+    torch.testing.assert_close(seen[0], expected, rtol=2e-3, atol=1e-8)
+
+
+def test_slices_per_patient_is_refused_where_it_cannot_hold(tmp_path, ellipses) -> None:
+    from fedfms_secure.errors import ConfigError
+    from fedfms_secure.privacy.units import PatientDataset, record_dataset
+    from fedfms_secure.train.local import TrainConfig
+
+    with pytest.raises(ConfigError, match="at least 1"):
+        PatientDataset(_Patients(ellipses(2), per=1), per_patient=0)
+    with pytest.raises(ConfigError, match="patient-level DP only"):
+        record_dataset(_Patients(ellipses(2), per=1), "slice", 2)
+    with pytest.raises(ConfigError, match="needs clipping 'standard'"):
+        TrainConfig(slices_per_patient=2, clipping="ghost")
+    # a patient with fewer slices than m: drawn with replacement, still m images
+    one = PatientDataset(_Patients(ellipses(3), per=3), per_patient=5)
+    assert len(one) == 1 and one[0][0].shape[0] == 5
