@@ -63,6 +63,9 @@ class Demo:
     dp: bool = False  # patient-level DP-SGD at --epsilon
     accountant: str = "rdp"
     batch: int | None = None  # None: --batch
+    lr: float | None = None  # None: the plan's default
+    slices_per_patient: int = 1
+    epsilon: float | None = None  # None: --epsilon (DP runs only)
 
 
 DEMOS = {
@@ -72,6 +75,13 @@ DEMOS = {
     "federated-dp": Demo("federated FedMSA, CKKS, patient-level DP", dp=True),
     "federated-dp-prv": Demo("federated FedMSA, CKKS, patient-level DP, PRV accountant", dp=True, accountant="prv"),
     "fedsam-dp": Demo("federated FedSAM, CKKS, patient-level DP", mode="fedsam", dp=True),
+    # DP levers (``--kinds``; not in the default grid)
+    "federated-dp-b8": Demo("federated FedMSA, patient-level DP, 8 expected patients per step", dp=True, batch=8),
+    "federated-dp-lr1e-2": Demo("federated FedMSA, patient-level DP, learning rate 1e-2", dp=True, lr=1e-2),
+    "federated-dp-m4": Demo("federated FedMSA, patient-level DP, 4 slices per patient averaged before clipping",
+                            dp=True, slices_per_patient=4),
+    "federated-dp-eps1000": Demo("federated FedMSA, patient-level DP at epsilon 1000 (almost no noise: the "
+                                 "clipping and sampling alone)", dp=True, epsilon=1000.0),
 }
 BASELINES = {
     "central": "central FedMSA (`train central`), no DP",
@@ -81,6 +91,7 @@ BASELINES = {
 }
 KINDS = ("central", "local", "federated", "federated-b8", "fedsam", "central-dp", "local-dp", "federated-dp",
          "federated-dp-prv", "fedsam-dp")
+DP_LEVERS = ("federated-dp-b8", "federated-dp-lr1e-2", "federated-dp-m4", "federated-dp-eps1000")
 
 
 @dataclass(frozen=True)
@@ -118,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--cases", type=int, default=40, help="patients per site (default 40)")
     parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=KINDS, help="runs through the daemons "
-                        "and baselines (default: all)")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=(*KINDS, *DP_LEVERS),
+                        help=f"runs through the daemons and baselines (default: {' '.join(KINDS)}; DP levers: "
+                             f"{' '.join(DP_LEVERS)})")
     parser.add_argument("--levers", nargs="*", default=[], choices=list(LEVERS),
                         help=f"in-process FedAvg variants (default none; the 3-case grid: {' '.join(SMALL_DATA_LEVERS)})")
     parser.add_argument("--epsilon", type=float, default=8.0, help="target epsilon of the DP runs (default 8)")
@@ -248,9 +260,11 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
     from fedfms_secure.demo import DemoOptions, run_demo
 
     batch = demo.batch or args.batch
+    epsilon = (demo.epsilon or args.epsilon) if demo.dp else math.inf
     report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds, mode=demo.mode,
-                                  local_epochs=args.local_epochs, epsilon=args.epsilon if demo.dp else math.inf,
-                                  accountant=demo.accountant, batch_size=batch, he=True, seed=seed),
+                                  local_epochs=args.local_epochs, epsilon=epsilon, accountant=demo.accountant,
+                                  batch_size=batch, learning_rate=demo.lr, slices_per_patient=demo.slices_per_patient,
+                                  he=True, seed=seed),
                       console=Console(file=io.StringIO()))
     per_site = {name: site["dice_mean"] for name, site in report["final"]["sites"].items()}
     counts = {name: _train_records(out / "run" / name / "split.json", data / name, patients=demo.dp)
