@@ -12,6 +12,7 @@ one shorter. The server side (``PayloadAggregator``) lives in ``aggregator.py`` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -55,6 +56,10 @@ class UpdateCodec(Protocol):
     scheme: str
     fingerprint: str
     chunk_values: int
+    # the magnitude values are clipped to before encoding (inf: none) and the quantisation step
+    # (0.0: none); the site clips its weighted update to ``bound`` and records both with it
+    bound: float
+    step: float
 
     def encrypt_vector(self, vec: np.ndarray) -> list[bytes]:
         """One payload per ``chunk_values`` values of a non-empty 1-D vector."""
@@ -89,6 +94,7 @@ class CkksCodec:
         self.params = params_of(ctx)
         self.chunk_values = self.params.slots
         self.bound = self.params.value_bound
+        self.step = 0.0  # no quantisation: CKKS encodes the values themselves
         # A sum wraps once it passes about twice the capacity, so no correct decryption is larger;
         # a ciphertext that is corrupt or made under another key decrypts to noise ~ sqrt(N) * q / scale,
         # far beyond it in almost every slot.
@@ -264,6 +270,8 @@ class PlainCodec:
 
     scheme = "plain"
     fingerprint = "plain"
+    bound = math.inf  # plaintext float64: nothing to fit
+    step = 0.0
 
     def __init__(self, chunk_values: int = PLAIN_CHUNK_VALUES) -> None:
         if chunk_values < 1:

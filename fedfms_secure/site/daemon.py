@@ -360,7 +360,7 @@ class _Site:
 
     def _codec_bound(self) -> float | None:
         """The bound the CKKS codec clips weighted updates to (None: plaintext, or no bound)."""
-        return None if self.codec.scheme == "plain" else getattr(self.codec, "bound", None)
+        return None if self.codec.scheme == "plain" or math.isinf(self.codec.bound) else self.codec.bound
 
     def _bounded(self, update: np.ndarray, round_: int) -> np.ndarray:
         """Clips the weighted update to the codec's bound (post-processing: DP is unaffected)."""
@@ -491,7 +491,7 @@ class _Site:
         # the bound the weighted update was clipped to and the quantisation step (0 and inf: none)
         bound = self._codec_bound()
         np.savez(buffer, delta=delta, n=n, weight=weight, aggregate=aggregate,
-                 bound=np.inf if bound is None else bound, step=getattr(self.codec, "step", 0.0))
+                 bound=np.inf if bound is None else bound, step=self.codec.step)
         write_atomic(folder / f"round_{round_}.npz", buffer.getvalue())
 
     def _write_json(self, name: str, data: dict) -> None:

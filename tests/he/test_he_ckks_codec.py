@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import math
+
 import numpy as np
 import pytest
 import tenseal as ts
@@ -262,3 +264,13 @@ def test_plain_weights_of_large_sites_sum_exactly() -> None:
     chunks = [aggregator.parse(codec.encrypt_scalar(float(n))) for n in counts]
     total = aggregator.add(aggregator.add(chunks[0], chunks[1]), chunks[2])
     assert codec.decrypt_scalar(aggregator.dump(total)) == float(sum(counts))
+
+
+def test_every_codec_states_its_bound_and_step(site_ctx: ts.Context, fingerprint: str) -> None:
+    """The site clips to ``bound`` and records ``step`` through the interface, whatever the codec."""
+    plain = PlainCodec()
+    assert (plain.bound, plain.step) == (math.inf, 0.0)
+    ckks = make_site_codec("ckks", site_ctx, fingerprint)
+    assert 0 < ckks.bound < math.inf and ckks.step == 0.0
+    for codec in (plain, ckks):
+        assert isinstance(codec.bound, float) and isinstance(codec.step, float)
