@@ -66,6 +66,7 @@ class Demo:
     lr: float | None = None  # None: the plan's default
     slices_per_patient: int = 1
     epsilon: float | None = None  # None: --epsilon (DP runs only)
+    epoch_factor: int = 1  # local epochs x this (more DP-SGD steps: one epoch is one pass over the patients)
 
 
 DEMOS = {
@@ -82,6 +83,10 @@ DEMOS = {
                             dp=True, slices_per_patient=4),
     "federated-dp-eps1000": Demo("federated FedMSA, patient-level DP at epsilon 1000 (almost no noise: the "
                                  "clipping and sampling alone)", dp=True, epsilon=1000.0),
+    "federated-dp-b8-x4": Demo("federated FedMSA, patient-level DP, 8 expected patients per step, 4x the local "
+                               "epochs (16x the steps)", dp=True, batch=8, epoch_factor=4),
+    "federated-dp-eps1000-b8-x4": Demo("federated FedMSA, patient-level DP at epsilon 1000, 8 patients per step, "
+                                       "4x the local epochs", dp=True, epsilon=1000.0, batch=8, epoch_factor=4),
 }
 BASELINES = {
     "central": "central FedMSA (`train central`), no DP",
@@ -91,7 +96,8 @@ BASELINES = {
 }
 KINDS = ("central", "local", "federated", "federated-b8", "fedsam", "central-dp", "local-dp", "federated-dp",
          "federated-dp-prv", "fedsam-dp")
-DP_LEVERS = ("federated-dp-b8", "federated-dp-lr1e-2", "federated-dp-m4", "federated-dp-eps1000")
+DP_LEVERS = ("federated-dp-b8", "federated-dp-lr1e-2", "federated-dp-m4", "federated-dp-eps1000",
+             "federated-dp-b8-x4", "federated-dp-eps1000-b8-x4")
 
 
 @dataclass(frozen=True)
@@ -261,8 +267,9 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
 
     batch = demo.batch or args.batch
     epsilon = (demo.epsilon or args.epsilon) if demo.dp else math.inf
+    local_epochs = args.local_epochs * demo.epoch_factor
     report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds, mode=demo.mode,
-                                  local_epochs=args.local_epochs, epsilon=epsilon, accountant=demo.accountant,
+                                  local_epochs=local_epochs, epsilon=epsilon, accountant=demo.accountant,
                                   batch_size=batch, learning_rate=demo.lr, slices_per_patient=demo.slices_per_patient,
                                   he=True, seed=seed),
                       console=Console(file=io.StringIO()))
@@ -272,7 +279,7 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
     return {"dice": report["rounds"][-1]["dice_mean"], "per_site": per_site, "dice_initial": report["dice_initial"],
             "dice_per_round": [r["dice_mean"] for r in report["rounds"]],
             **({"epsilon_spent": report.get("epsilon_final_max")} if demo.dp else {}),
-            "steps": {n: args.rounds * args.local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
+            "steps": {n: args.rounds * local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
 
 
 def _train_records(split_file: Path, site: Path, *, patients: bool) -> int:
