@@ -194,6 +194,9 @@ class _Site:
         )
         if privacy.config.unit == "slice":
             log.warning("privacy unit is the SLICE: epsilon holds per slice and does NOT protect patients")
+        elif self.config.slices_per_patient > 1:
+            log.info("each sampled patient's gradient averages %d of its slices before clipping",
+                     self.config.slices_per_patient)
         log.info("privacy calibrated", extra={"noise_multiplier": privacy.noise_multiplier,
                                                "delta": privacy.config.delta, "unit": privacy.config.unit,
                                                "records": self.records.records,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def test_dp_federation_through_the_daemons_reports_epsilon_and_patient_steps(toy
     assert run["steps"] == {"site_1": 2, "site_2": 2}  # patients, not slices, make the steps under DP
     report = (toy / "fed-dp" / "report.json").read_text()
     assert '"accountant": "prv"' in report and '"batch_size": 32' in report
+    for site in ("site_1", "site_2"):  # the site daemons themselves ran the PRV accountant
+        privacy = json.loads((toy / "fed-dp" / "run" / site / "privacy.json").read_text())
+        assert privacy["config"]["accountant"] == "prv" and privacy["unit"] == "patient"
 
 
 def test_site_gains_compare_each_site_with_its_own_model_seed_by_seed() -> None:
