@@ -67,12 +67,15 @@ class Demo:
     slices_per_patient: int = 1
     epsilon: float | None = None  # None: --epsilon (DP runs only)
     epoch_factor: int = 1  # local epochs x this (more DP-SGD steps: one epoch is one pass over the patients)
+    per_round: int | None = None  # local epochs per round, the rounds then making the same epochs (None: the plan's)
 
 
 DEMOS = {
     "federated": Demo("federated FedMSA, CKKS, no DP"),
     "federated-b8": Demo("federated FedMSA, CKKS, no DP, batch 8 at the sites", batch=8),
     "fedsam": Demo("federated FedSAM, CKKS, no DP", mode="fedsam"),
+    "federated-b8-r25": Demo("federated FedMSA, CKKS, no DP, batch 8, one local epoch per round (5x the rounds)",
+                             batch=8, per_round=1),
     "federated-dp": Demo("federated FedMSA, CKKS, patient-level DP", dp=True),
     "federated-dp-prv": Demo("federated FedMSA, CKKS, patient-level DP, PRV accountant", dp=True, accountant="prv"),
     "fedsam-dp": Demo("federated FedSAM, CKKS, patient-level DP", mode="fedsam", dp=True),
@@ -144,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH, help=f"batch of every run (default {BATCH})")
     parser.add_argument("--name", help="output stem (default fed_vs_central, with the cases and epochs when "
                         "other than 40 and 25)")
+    parser.add_argument("--with", dest="merge", type=Path, metavar="JSONL",
+                        help="keep the runs of an earlier invocation (its .jsonl, same seeds and data) whose kinds "
+                             "this one does not run, and report them together")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 2 local epochs, fedavg and keep-adam only")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     parser.add_argument("--out", type=Path, default=_common.RESULTS)
@@ -155,19 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.name or ("fed_vs_central" + ("" if args.cases == 40 else f"_{args.cases}cases")
                          + ("" if epochs == 25 else f"_{epochs}ep"))
     log = args.out / f"{stem}.jsonl"
+    kinds = to_run = [*args.kinds, *args.levers]
+    kept = []
+    if args.merge is not None:
+        kept = [r for r in map(json.loads, args.merge.read_text().splitlines())
+                if r["seed"] in args.seeds and r["kind"] not in kinds]
     log.unlink(missing_ok=True)
-    kinds = [*args.kinds, *args.levers]
+    if kept:
+        log.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        order = [*KINDS, *DEMOS, *LEVERS]
+        kinds = sorted({r["kind"] for r in kept} | set(kinds), key=lambda k: order.index(k) if k in order else 99)
     with tempfile.TemporaryDirectory(prefix="fedfms-fvc-") as tmp:
         if args.jobs > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                parts = list(pool.map(_seed_runs, [(seed, kinds, Path(tmp), args, log) for seed in args.seeds]))
+                parts = list(pool.map(_seed_runs, [(seed, to_run, Path(tmp), args, log) for seed in args.seeds]))
         else:
-            parts = [_seed_runs((seed, kinds, Path(tmp), args, log)) for seed in args.seeds]
-    runs = [run for part in parts for run in part]
-    head = _common.header(
+            parts = [_seed_runs((seed, to_run, Path(tmp), args, log)) for seed in args.seeds]
+    runs = kept + [run for part in parts for run in part]
+    merged = ({"merged": f"the {', '.join(sorted({r['kind'] for r in kept}))} runs are read from {args.merge.name} "
+                         "(an earlier invocation on the same seeds and data)"} if kept else {})
+    head = _common.header(**merged,
         seeds=args.seeds, argv=_common.script_argv(__file__, argv),
         preset="tiny (64 px), FedMSA unless a row says FedSAM",
         data=f"`fedfms-secure data anatomy --sites {args.sites} --cases {args.cases} --slices {args.slices} "
@@ -267,8 +283,10 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
 
     batch = demo.batch or args.batch
     epsilon = (demo.epsilon or args.epsilon) if demo.dp else math.inf
-    local_epochs = args.local_epochs * demo.epoch_factor
-    report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=args.rounds, mode=demo.mode,
+    rounds, local_epochs = args.rounds, args.local_epochs * demo.epoch_factor
+    if demo.per_round is not None:  # the same epochs in more, shorter rounds
+        rounds, local_epochs = rounds * local_epochs // demo.per_round, demo.per_round
+    report = run_demo(DemoOptions(out=out, data=data, clients=args.sites, rounds=rounds, mode=demo.mode,
                                   local_epochs=local_epochs, epsilon=epsilon, accountant=demo.accountant,
                                   batch_size=batch, learning_rate=demo.lr, slices_per_patient=demo.slices_per_patient,
                                   he=True, seed=seed),
@@ -279,7 +297,8 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
     return {"dice": report["rounds"][-1]["dice_mean"], "per_site": per_site, "dice_initial": report["dice_initial"],
             "dice_per_round": [r["dice_mean"] for r in report["rounds"]],
             **({"epsilon_spent": report.get("epsilon_final_max")} if demo.dp else {}),
-            "steps": {n: args.rounds * local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
+            "rounds": rounds, "local_epochs": local_epochs,
+            "steps": {n: rounds * local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
 
 
 def _train_records(split_file: Path, site: Path, *, patients: bool) -> int:

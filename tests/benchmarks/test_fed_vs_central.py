@@ -89,3 +89,19 @@ def test_site_gains_compare_each_site_with_its_own_model_seed_by_seed() -> None:
     assert gains["per_site"] == pytest.approx({"a": 0.07, "b": -0.005})
     assert (gains["wins"], gains["pairs"]) == (3, 4)
     assert fvc.site_gains(runs, "federated", "local-dp")["pairs"] == 0
+
+
+def test_with_keeps_an_earlier_invocations_runs_and_reports_them_together(tmp_path: Path) -> None:
+    earlier = tmp_path / "earlier.jsonl"
+    runs = [{"kind": "local", "seed": 0, "dice": 0.70, "per_site": {"site_1": 0.7, "site_2": 0.7},
+             "steps": {"site_1": 5, "site_2": 5}, "wall_seconds": 1.0},
+            {"kind": "federated", "seed": 0, "dice": 0.72, "per_site": {"site_1": 0.75, "site_2": 0.69},
+             "steps": {"site_1": 5, "site_2": 5}, "wall_seconds": 1.0},
+            {"kind": "federated", "seed": 7, "dice": 0.1, "per_site": {"site_1": 0.1}, "steps": {}, "wall_seconds": 1.0}]
+    earlier.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    assert fvc.main(["--seeds", "0", "--kinds", "--with", str(earlier), "--out", str(tmp_path), "--name", "merged",
+                     "--sites", "2", "--cases", "2", "--slices", "6"]) == 0
+    kept = [json.loads(line) for line in (tmp_path / "merged.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["seed"]) for r in kept] == [("local", 0), ("federated", 0)]  # seed 7 is not asked for
+    md = (tmp_path / "merged.md").read_text()
+    assert "read from earlier.jsonl" in md and "| federated | local | +0.050 | -0.010 | 1 of 2 |" in md
