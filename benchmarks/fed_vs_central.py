@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--cases", type=int, default=40, help="patients per site (default 40)")
     parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=(*KINDS, *DP_LEVERS),
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=(*BASELINES, *DEMOS),
                         help=f"runs through the daemons and baselines (default: {' '.join(KINDS)}; DP levers: "
                              f"{' '.join(DP_LEVERS)})")
     parser.add_argument("--levers", nargs="*", default=[], choices=list(LEVERS),
