@@ -239,6 +239,7 @@ def _run(kind: str, data: Path, out: Path, seed: int, args: argparse.Namespace) 
     epochs = args.rounds * args.local_epochs
     if kind in BASELINES:
         from fedfms_secure.train.baselines import BaselineOptions, run_local_baselines, train_central
+        from fedfms_secure.train.local import steps_per_epoch
 
         dp = kind.endswith("-dp")
         options = BaselineOptions(epochs=epochs, batch_size=args.batch, seed=seed, out=out,
@@ -251,18 +252,14 @@ def _run(kind: str, data: Path, out: Path, seed: int, args: argparse.Namespace) 
         extra = {"epsilon_spent": result.get("epsilon")} if dp else {}
         if central:
             return {"dice": statistics.fmean(per_site.values()), "per_site": per_site, **extra,
-                    "steps": {"central": epochs * _per_epoch(sum(counts.values()), args.batch)}}
+                    "steps": {"central": epochs * steps_per_epoch(sum(counts.values()), args.batch)}}
         return {"dice": statistics.fmean(per_site.values()), "per_site": per_site, **extra,
-                "steps": {n: epochs * _per_epoch(k, args.batch) for n, k in counts.items()},
+                "steps": {n: epochs * steps_per_epoch(k, args.batch) for n, k in counts.items()},
                 "everywhere": _everywhere(out, data, list(per_site))}
     if kind in DEMOS:
         return _demo(DEMOS[kind], data, out, seed, args)
     return _fedavg(LEVERS[kind], data, seed, args)
 
-
-def _per_epoch(records: int, batch: int) -> int:
-    """Steps of one epoch over ``records`` at ``batch`` (under DP: expected records per step, capped)."""
-    return max(1, math.ceil(records / min(batch, records)))
 
 
 def _everywhere(out: Path, data: Path, sites: list[str]) -> dict[str, float]:
@@ -280,6 +277,7 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
     from rich.console import Console
 
     from fedfms_secure.demo import DemoOptions, run_demo
+    from fedfms_secure.train.local import steps_per_epoch
 
     batch = demo.batch or args.batch
     epsilon = (demo.epsilon or args.epsilon) if demo.dp else math.inf
@@ -298,7 +296,7 @@ def _demo(demo: Demo, data: Path, out: Path, seed: int, args: argparse.Namespace
             "dice_per_round": [r["dice_mean"] for r in report["rounds"]],
             **({"epsilon_spent": report.get("epsilon_final_max")} if demo.dp else {}),
             "rounds": rounds, "local_epochs": local_epochs,
-            "steps": {n: rounds * local_epochs * _per_epoch(k, batch) for n, k in counts.items()}}
+            "steps": {n: rounds * local_epochs * steps_per_epoch(k, batch) for n, k in counts.items()}}
 
 
 def _train_records(split_file: Path, site: Path, *, patients: bool) -> int:
@@ -317,7 +315,7 @@ def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> di
     from fedfms_secure.model.modes import apply_mode
     from fedfms_secure.model.registry import build_model
     from fedfms_secure.model.vector import flatten, load_vector
-    from fedfms_secure.train.local import TrainConfig, train_local
+    from fedfms_secure.train.local import TrainConfig, steps_per_epoch, train_local
     from fedfms_secure.train.metrics import score_model, summarize as summarize_scores
 
     epochs = args.rounds * args.local_epochs
@@ -350,7 +348,7 @@ def _fedavg(lever: Lever, data: Path, seed: int, args: argparse.Namespace) -> di
     return {"dice": statistics.fmean(per_site.values()), "per_site": per_site,
             "dice_per_round": per_round if rounds <= 10 else per_round[local_epochs * 4::5],
             "rounds": rounds, "local_epochs": local_epochs,
-            "steps": {n: rounds * local_epochs * math.ceil(len(s.train) / configs[n].batch_size)
+            "steps": {n: rounds * local_epochs * steps_per_epoch(len(s.train), configs[n].batch_size)
                       for n, s in sites.items()}}
 
 
