@@ -86,6 +86,9 @@ def case_ids(dataset: Dataset) -> list[str]:
     return [str(c) for c in ids]
 
 
+_OS_RANDOM = secrets.SystemRandom()  # draws from os.urandom, like ``secrets``
+
+
 class PatientDataset(Dataset):
     """A slice dataset indexed by patient: item ``i`` is one slice of patient ``i`` (``per_patient``
     = 1), or ``per_patient`` of its slices stacked (images ``[m, C, H, W]``, labels ``[m, H, W]``).
@@ -114,12 +117,8 @@ class PatientDataset(Dataset):
         members = self.members[index]
         if self.per_patient == 1:
             return self.slices[members[secrets.randbelow(len(members))]]
-        if len(members) >= self.per_patient:
-            pool = list(members)
-            chosen = [pool.pop(secrets.randbelow(len(pool))) for _ in range(self.per_patient)]
-        else:
-            chosen = [members[secrets.randbelow(len(members))] for _ in range(self.per_patient)]
-        items = [self.slices[i] for i in chosen]
+        draw = _OS_RANDOM.sample if len(members) >= self.per_patient else _OS_RANDOM.choices
+        items = [self.slices[i] for i in draw(members, k=self.per_patient)]
         return tuple(torch.stack([torch.as_tensor(item[k]) for item in items]) for k in range(len(items[0])))
 
 

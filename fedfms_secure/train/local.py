@@ -119,8 +119,9 @@ def train_local(
     zero.
     """
     params = check_trainable(model, dataset)
+    # slices of a sampled patient in one DP record (patient level only)
+    per_patient = config.slices_per_patient if privacy is not None and privacy.config.unit == "patient" else 1
     if privacy is not None:
-        per_patient = config.slices_per_patient if privacy.config.unit == "patient" else 1
         dataset = record_dataset(dataset, privacy.config.unit, per_patient)
         _check_sample_rate(privacy, config, len(dataset))  # type: ignore[arg-type]
     num_samples = len(dataset)  # type: ignore[arg-type]
@@ -136,7 +137,7 @@ def train_local(
         if privacy is None:
             epoch_losses = _train_plain(model, dataset, config, optimizer)
         else:
-            epoch_losses = _train_private(model, dataset, config, optimizer, privacy, per_epoch)
+            epoch_losses = _train_private(model, dataset, config, optimizer, privacy, per_epoch, per_patient)
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
@@ -238,14 +239,15 @@ def _train_private(
     optimizer: torch.optim.Optimizer,
     privacy: SitePrivacy,
     per_epoch: int,
+    per_patient: int = 1,
 ) -> list[list[float]]:
-    """Losses of every logical step (NaN for an empty Poisson batch), grouped by epoch."""
+    """Losses of every logical step (NaN for an empty Poisson batch), grouped by epoch. Each item of
+    ``dataset`` stacks ``per_patient`` slices of one patient when that is above 1."""
     epoch_losses: list[list[float]] = [[] for _ in range(config.epochs)]
     done = 0  # logical steps finished; step ``done`` belongs to epoch ``done // per_epoch``
     step_loss, step_count = 0.0, 0
     jitter_gen = torch.Generator().manual_seed(config.seed + 1)
-    # m slices of each sampled patient (PatientDataset stacks them): physical batches count patients
-    m = getattr(dataset, "per_patient", 1)
+    m = per_patient  # physical batches count patients, m slices each
     with make_private_trainer(
         model, optimizer, dataset, privacy,
         steps=config.epochs * per_epoch, max_physical_batch=max(1, config.max_physical_batch // m),

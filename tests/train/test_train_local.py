@@ -318,3 +318,36 @@ def test_patient_records_need_to_know_the_patients(tmp_path, ellipses) -> None:
         train_local(model, ellipses(8), TrainConfig(batch_size=4), site)
     assert site.steps_taken == 0
     _assert_plain_module(model)
+
+
+def test_slices_per_patient_gives_each_sampled_patient_m_distinct_consecutive_slices(
+    tmp_path, ellipses, monkeypatch
+) -> None:
+    data = _patients(ellipses(60), per_patient=3)  # 20 patients of 3 slices
+    _RecordingSampler.built, _RecordingSampler.drawn = [], []
+    monkeypatch.setattr(engine, "UniformWithReplacementSampler", _RecordingSampler)
+    seen: list[list[tuple[str, int]]] = []
+    patient_of = _patient_of(data)
+    real_loss = local.per_image_loss
+
+    def recording_loss(module, model, images, labels, **kw):
+        seen.append([patient_of(x) for x in images])
+        return real_loss(module, model, images, labels, **kw)
+
+    monkeypatch.setattr(local, "per_image_loss", recording_loss)
+    model = build_model()
+    apply_mode(model, "fedmsa")
+    site = _site(tmp_path, 20, 5, steps=4 * steps_per_epoch(20, 5), epsilon=50.0, unit="patient")
+    config = TrainConfig(epochs=4, batch_size=5, max_physical_batch=64, slices_per_patient=2)
+    result = train_local(model, data, config, site)
+    # still one record per patient: the sampler runs over the 20 patients at q = 5 / 20
+    assert _RecordingSampler.built == [(20, 0.25, 16)] and result.steps == 16 == site.steps_taken
+    nonempty = [b for b in _RecordingSampler.drawn if b]
+    assert len(seen) == len(nonempty)
+    for step, batch in zip(seen, nonempty, strict=True):
+        assert len(step) == 2 * len(batch)
+        pairs = [step[i : i + 2] for i in range(0, len(step), 2)]
+        assert sorted(a[0] for a, _ in pairs) == sorted(f"p{i:03d}" for i in batch)
+        for (pa, ia), (pb, ib) in pairs:  # two distinct slices of the same patient, side by side
+            assert pa == pb and ia != ib
+    _assert_plain_module(model)
