@@ -124,8 +124,8 @@ class _Parser(argparse.ArgumentParser):
 # what the demo shares with the daemons: the same flags, help and checks, with the demo's defaults
 DEMO_SERVER_SETTINGS = ("rounds", "mode", "preset", "image_size", "seed", "local_epochs", "batch_size",
                         "learning_rate", "he", "pretrained")
-DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "accountant", "slices_per_patient", "device", "labels", "axis", "clip_percentiles",
-                        "keep_empty_every", "skip_bad")
+DEMO_CLIENT_SETTINGS = ("epsilon", "privacy_unit", "accountant", "slices_per_patient", "device", "labels", "axis",
+                        "clip_percentiles", "keep_empty_every", "skip_bad")
 # the demo's defaults that depend on the preset (DemoOptions resolves them; see demo.DEMO_DATA)
 DEMO_SHOWN = {"batch_size": "80 with the tiny preset, 4 with SAM's"}
 CONFIG_HELP = "TOML file with the same keys as the flags (underscores: learning_rate = 3e-3); flags override it"

@@ -349,7 +349,8 @@ def _ckks_params(options: DemoOptions, sites: list[Path], run_dir: Path) -> Any:
         return fit_params(bound=bound, sites=len(sites), rounds=options.rounds, quant_bits=options.quant_bits)
     unset = Path("-")
     server = ServerConfig(keys=unset, state=unset, rounds=options.rounds, local_epochs=options.local_epochs,
-                          batch_size=options.batch_size, **({} if options.learning_rate is None else {"learning_rate": options.learning_rate}))
+                          batch_size=options.batch_size,
+                          **({} if options.learning_rate is None else {"learning_rate": options.learning_rate}))
     if options.local_steps is not None:
         fewest = most = options.local_steps
     else:
